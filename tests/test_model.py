@@ -1,0 +1,88 @@
+"""The model: parameter count, init, carried state, and the one-step shift of the dataset."""
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import abctext
+import musicrnn
+
+
+def test_parameter_count_of_the_reports_configuration():
+    model = musicrnn.MusicRNN(vocab_size=682, embedding_dim=128, hidden_dim=512, num_layers=1)
+    counts = [sum(p.numel() for p in m.parameters()) for m in (model.embedding, model.lstm, model.to_logits)]
+    assert counts == [87_296, 1_314_816, 349_866]
+    assert sum(p.numel() for p in model.parameters()) == 1_751_978
+    assert "1,751,978" in musicrnn.parameter_summary(model)
+
+
+def test_init_opens_the_forget_gate_and_zeroes_other_biases():
+    torch.manual_seed(0)
+    model = musicrnn.MusicRNN(vocab_size=20, embedding_dim=8, hidden_dim=16, num_layers=2)
+    for layer in range(2):
+        b_ih, b_hh = getattr(model.lstm, f"bias_ih_l{layer}"), getattr(model.lstm, f"bias_hh_l{layer}")
+        assert torch.all(b_ih[16:32] == 1) and torch.all(b_ih[:16] == 0) and torch.all(b_ih[32:] == 0)
+        assert torch.all(b_hh == 0)
+        w = getattr(model.lstm, f"weight_hh_l{layer}")  # (4H, H), orthogonal columns
+        assert torch.allclose(w.T @ w, torch.eye(16), atol=1e-5)
+    assert torch.all(model.to_logits.bias == 0)
+
+
+def test_stepwise_logits_equal_the_full_sequence_forward():
+    """Generation feeds one token and (h, c) per step; it must see exactly what training saw."""
+    torch.manual_seed(0)
+    model = musicrnn.MusicRNN(vocab_size=30, embedding_dim=8, hidden_dim=16, num_layers=2).eval()
+    x = torch.randint(0, 30, (3, 25))                      # (B, T)
+    with torch.no_grad():
+        full, _ = model(x)                                 # (B, T, V)
+        state, steps = None, []
+        for t in range(x.shape[1]):
+            logits, state = model(x[:, t:t + 1], state)    # (B, 1, V)
+            steps.append(logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    # and dropping the state (the report's bug) gives something else
+    with torch.no_grad():
+        stateless = torch.cat([model(x[:, t:t + 1])[0] for t in range(x.shape[1])], dim=1)
+    assert not torch.allclose(stateless, full, atol=1e-3)
+
+
+def test_dataset_shift_and_padding_are_ignored_by_the_loss():
+    vocab = abctext.Vocabulary.build(["ABC|", "AB|"], "char")
+    ds = musicrnn.MusicDataset(["ABC|", "AB|"], vocab)
+    x, y = ds[0]
+    assert x[0] == vocab.eos_id and y[-1] == vocab.eos_id   # <eos> starts and ends a tune
+    assert x[1:] == y[:-1]                                   # y is x shifted by one
+    assert vocab.decode(y) == "ABC|"
+    xb, yb = musicrnn.collate([ds[0], ds[1]], vocab.pad_id)  # (2, 5)
+    assert xb.shape == (2, 5) and yb[1, -1] == vocab.pad_id
+    torch.manual_seed(0)
+    model = musicrnn.MusicRNN(len(vocab), 8, 16)
+    logits, _ = model(xb)
+    loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=vocab.pad_id)
+    shorter, _ = model(xb[1:, :4])
+    loss_no_pad_row = F.cross_entropy(shorter.flatten(0, 1), yb[1:, :4].flatten(), reduction="sum")
+    loss_first_row = F.cross_entropy(logits[0], yb[0], reduction="sum")
+    assert torch.isclose(loss, (loss_no_pad_row + loss_first_row) / 9, atol=1e-6)
+
+
+def test_length_batches_cover_every_tune_once_with_little_padding():
+    lengths = np.random.default_rng(0).integers(50, 1500, size=1000)
+    batches = musicrnn.length_batches(lengths, 32, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert musicrnn.padding_fraction(lengths, batches) < 0.05
+    # the report's way: every tune padded to the longest one
+    assert 1 - lengths.sum() / (len(lengths) * lengths.max()) > 0.4
+
+
+def test_evaluate_bits_per_char_counts_every_token_and_character(fixture_tunes):
+    vocab = abctext.Vocabulary.build(fixture_tunes, "abc")
+    ds = musicrnn.MusicDataset(fixture_tunes, vocab)
+    torch.manual_seed(0)
+    model = musicrnn.MusicRNN(len(vocab), 8, 16)
+    metrics = musicrnn.evaluate(model, ds, vocab.pad_id, torch.device("cpu"), batch_size=3)
+    assert metrics["chars"] == sum(map(len, fixture_tunes))
+    assert metrics["tokens"] == sum(len(vocab.encode(t)) + 1 for t in fixture_tunes)
+    assert np.isclose(metrics["bits_per_char"], metrics["loss"] * metrics["tokens"] / np.log(2) / metrics["chars"])
+    assert np.isclose(metrics["perplexity"], np.exp(metrics["loss"]))
+    # an untrained model is close to uniform over the vocabulary
+    assert abs(metrics["loss"] - np.log(len(vocab))) < 0.5

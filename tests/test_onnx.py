@@ -1,0 +1,124 @@
+"""The step-wise ONNX export: parity with torch, the same tunes, and a runtime without torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import abctext
+import export
+import infer_onnx
+import musicrnn
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run):
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tiny_run / "best.pt")))
+    path = tiny_run / "musicrnn.onnx"
+    export.export_onnx(model, cfg, vocab, path)
+    return model, cfg, vocab, path
+
+
+def test_graph_is_valid_dynamic_and_self_describing(exported):
+    model, cfg, vocab, path = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["tokens", "h0", "c0"]
+    assert [o.name for o in proto.graph.output] == ["logits", "h1", "c1"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+    assert "LSTM" in {node.op_type for node in proto.graph.node}
+    assert {"musicrnn.format", "musicrnn.vocab", "musicrnn.config"} <= {p.key for p in proto.metadata_props}
+    session, got_vocab, config = infer_onnx.load_model(str(path))
+    assert got_vocab.tokens == vocab.tokens and config["hidden_dim"] == cfg.hidden_dim
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_logits_and_state_match_torch_over_200_steps(exported, batch):
+    model, cfg, vocab, path = exported
+    session, _, config = infer_onnx.load_model(str(path))
+    onnx_step = infer_onnx.onnx_step(session, config)
+    torch_step = musicrnn.torch_step(model, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    tokens = np.full((batch, 1), vocab.eos_id, dtype=np.int64)
+    onnx_state = torch_state = None
+    worst = 0.0
+    for _ in range(200):
+        a, onnx_state = onnx_step(tokens, onnx_state)
+        b, torch_state = torch_step(tokens, torch_state)
+        diffs = [np.abs(a - b).max()] + [np.abs(o - t.numpy()).max() for o, t in zip(onnx_state, torch_state)]
+        worst = max(worst, *diffs)
+        tokens = abctext.sample_next(b, rng)[:, None]  # autoregressive: feed back what was sampled
+    assert worst < 1e-5
+
+
+def test_same_seed_same_tunes_from_torch_and_onnx(exported):
+    model, cfg, vocab, path = exported
+    session, _, config = infer_onnx.load_model(str(path))
+    kwargs = dict(num=6, prompt="X:1\nL:1/8\nM:6/8\nK:D\n", max_tokens=150, temperature=1.0, seed=11)
+    from_onnx = infer_onnx.generate(session, vocab, config, **kwargs)
+    from_torch = musicrnn.generate(model, vocab, torch.device("cpu"), **kwargs)
+    assert from_onnx == from_torch
+    assert len(set(from_onnx)) > 1  # rows of one batch differ
+
+
+def run_without_torch(*args):
+    """infer_onnx.py in a fresh interpreter where `import torch` fails."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = ['infer_onnx.py'] + {list(args)!r}; "
+            "runpy.run_path('infer_onnx.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_runtime_works_with_torch_unimportable(exported, tmp_path):
+    *_, path = exported
+    out = tmp_path / "tunes.abc"
+    result = run_without_torch("--model", str(path), "--num", "3", "--max-tokens", "40", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [ln for ln in out.read_text().splitlines() if ln.startswith("X:")] == ["X:1", "X:2", "X:3"]
+    imports = subprocess.run([sys.executable, "-c", "import infer_onnx, sys; print('torch' in sys.modules)"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert imports.stdout.strip() == "False"
+
+
+def test_bad_models_and_flags_get_one_line_and_exit_2(exported, tmp_path):
+    model, cfg, vocab, path = exported
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(path.read_bytes()[:500])
+    bare = tmp_path / "bare.onnx"
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(bare))
+    damaged = tmp_path / "damaged.onnx"
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "musicrnn.vocab":
+            prop.value = '{"kind": "abc", "tokens": ["x"'
+    onnx.save(proto, str(damaged))
+    cases = [
+        (["--model", str(tmp_path / "missing.onnx")], "no such model"),
+        (["--model", str(corrupt)], "not a readable ONNX model"),
+        (["--model", str(bare)], "not a musicrnn export"),
+        (["--model", str(damaged)], "damaged musicrnn metadata"),
+        (["--model", str(path), "--prompt", "X:1\nK:D\n\u00e9"], "'\u00e9'"),
+        (["--model", str(path), "--num", "0"], "--num"),
+        (["--model", str(path), "--temperature", "0"], "--temperature"),
+    ]
+    for args, message in cases:
+        result = run_without_torch(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_int8_quantizes_the_lstm_and_stays_close(exported, tmp_path):
+    *_, path = exported
+    int8 = tmp_path / "musicrnn.int8.onnx"
+    export.quantize_int8(path, int8)
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert int8.stat().st_size < path.stat().st_size
+    assert infer_onnx.load_model(str(int8))[1].tokens == infer_onnx.load_model(str(path))[1].tokens
+    assert export.argmax_agreement(path, int8, tokens=200) > 0.8

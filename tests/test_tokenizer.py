@@ -1,0 +1,110 @@
+"""The ABC tokenizer is lossless, finds musical tokens, and the vocabulary reads unseen symbols."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import abctext
+from abctext import Vocabulary, tokenize_abc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_round_trip_on_fixture_tunes(fixture_tunes):
+    for tune in fixture_tunes:
+        assert "".join(tokenize_abc(tune)) == tune
+
+
+@pytest.mark.parametrize("name", ["train.json", "validation.json", "essen.json"])
+def test_round_trip_on_every_corpus_tune(name):
+    path = ROOT / "data" / name
+    if not path.exists():
+        pytest.skip(f"{path} not built (make data)")
+    tunes = [r["abc notation"] for r in json.loads(path.read_text())]
+    broken = [t for t in tunes if "".join(tokenize_abc(t)) != t]
+    assert tunes and not broken
+
+
+ABC_ALPHABET = st.sampled_from(list("ABCDEFGabcdefgzxZ^_=,'/0123456789|:[]()<>{}!\"+-~. \nKLMXT#bm"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(ABC_ALPHABET, max_size=80) | st.text(max_size=40))
+def test_round_trip_on_random_strings(text):
+    tokens = tokenize_abc(text)
+    assert "".join(tokens) == text
+    assert all(tokens)  # no empty tokens
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("^c'3/2", ["^c'3/2"]),
+    ("__B,,/", ["__B,,/"]),
+    ("z2 x/ Z4", ["z2", " ", "x/", " ", "Z4"]),
+    ("A>B", ["A", ">", "B"]),
+    ("A<<B", ["A", "<<", "B"]),
+    ("(3abc", ["(3", "a", "b", "c"]),
+    ("(3:2:3abc", ["(3:2:3", "a", "b", "c"]),
+    ("|:A:|2B||", ["|:", "A", ":|2", "B", "||"]),
+    ("|1 A :: B |]", ["|1", " ", "A", " ", "::", " ", "B", " ", "|]"]),
+    ("[1A[2B", ["[1", "A", "[2", "B"]),
+    ("[CEG]2", ["[", "C", "E", "G", "]2"]),
+    ('"Am"A "G/B"B', ['"Am"', "A", " ", '"G/B"', "B"]),
+    ("!trill!A ~B", ["!trill!", "A", " ", "~", "B"]),
+    ("{ag}A", ["{ag}", "A"]),
+    ("A[K:G]B", ["A", "[K:G]", "B"]),
+    ("X:1\nK:Dmix\nA", ["X:1", "\n", "K:Dmix", "\n", "A"]),
+    ("A2-A", ["A2", "-", "A"]),
+])
+def test_musical_tokens(text, expected):
+    assert tokenize_abc(text) == expected
+
+
+def test_body_line_starting_with_note_and_repeat_is_not_a_header():
+    assert tokenize_abc("G:|") == ["G", ":|"]
+
+
+def test_token_kinds():
+    assert abctext.token_kind("^c'3/2") == "note"
+    assert abctext.token_kind(":|2") == "bar"
+    assert abctext.token_kind("(3") == "tuplet"
+    assert abctext.token_kind("z2") == "rest"
+    assert abctext.token_kind('"Am"') == "chord_symbol"
+
+
+def test_vocabulary_reads_unseen_whole_tokens_from_their_parts():
+    vocab = Vocabulary.build(["X:1\nK:D\n\"D\"d2 f#\n"] * 5, "abc")
+    assert "K:D" in vocab.index
+    ids = vocab.encode("K:F#dor")  # never seen whole: spelled with characters
+    assert vocab.unk_id not in ids[:2] and vocab.decode(ids) == "K:" + "" .join(
+        ch if ch in vocab.index else "" for ch in "F#dor")
+    assert vocab.encode('"D"') == [vocab.index['"D"']]
+    assert vocab.decode(vocab.encode("K:D\nd2")) == "K:D\nd2"
+
+
+def test_unseen_character_becomes_unk_and_a_prompt_with_it_is_refused():
+    vocab = Vocabulary.build(["ABC|"], "char")
+    assert vocab.encode("AQ") == [vocab.index["A"], vocab.unk_id]
+    with pytest.raises(abctext.PromptError, match="'Q'"):
+        abctext.encode_prompt(vocab, "AQ")
+
+
+def test_vocabulary_round_trips_through_json():
+    vocab = Vocabulary.build(["X:1\nK:G\nG2 B|\n"] * 3, "abc")
+    again = Vocabulary.from_json(vocab.to_json())
+    assert again.tokens == vocab.tokens and again.kind == "abc"
+
+
+def test_char_teaching_path_matches_vocabulary():
+    import musicrnn
+
+    texts = ["abc|", "cab"]
+    index = musicrnn.char_to_idx(texts)
+    assert musicrnn.idx_to_char(index) == ["a", "b", "c", "|"]
+    assert musicrnn.vectorize_string("cab", index) == [2, 0, 1]
+    assert musicrnn.pad_or_truncate([1, 2, 3], 5, 0) == [1, 2, 3, 0, 0]
+    assert musicrnn.pad_or_truncate([1, 2, 3], 2, 0) == [1, 2]
+    vocab = Vocabulary.build(texts, "char")
+    assert [vocab.tokens[i] for i in vocab.encode("cab")] == ["c", "a", "b"]

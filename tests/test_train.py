@@ -1,0 +1,175 @@
+"""Training, checkpoints, evaluation and generation on a tiny model and the fixture tunes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import abctext
+import musicrnn
+from conftest import ROOT, tiny_config
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "musicrnn.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_training_lowers_both_losses_and_writes_loadable_checkpoints(tiny_run):
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(tiny_run / name, weights_only=True)
+        assert musicrnn.CHECKPOINT_KEYS <= ckpt.keys()
+        assert ckpt["config"]["hidden_dim"] == 32 and ckpt["vocab"]["kind"] == "char"
+    history = torch.load(tiny_run / "last.pt", weights_only=True)["history"]
+    assert len(history) == 3
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert history[0]["train_loss"] != history[0]["val_loss"]  # the report printed the same number twice
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+
+
+def test_training_is_reproducible(tmp_path, fixture_data):
+    quiet = lambda *a: None  # noqa: E731
+    a = musicrnn.train(tiny_config(fixture_data, tmp_path / "a", epochs=1), log=quiet)
+    b = musicrnn.train(tiny_config(fixture_data, tmp_path / "b", epochs=1), log=quiet)
+    assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, fixture_data):
+    quiet = lambda *a: None  # noqa: E731
+    # the plateau schedule does not depend on the number of epochs, so 1 + 1 must equal 2
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1, schedule="plateau"), log=quiet)
+    with pytest.raises(musicrnn.UserError, match="--resume"):
+        musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2, schedule="plateau"), log=quiet)
+    last = musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=quiet)
+    assert last["epoch"] == 2
+    straight = musicrnn.train(tiny_config(fixture_data, tmp_path / "straight", epochs=2, schedule="plateau"),
+                              log=quiet)
+    assert np.isclose(last["val_loss"], straight["val_loss"], atol=1e-5)  # per-epoch seeds replay exactly
+
+
+def test_early_stopping(tmp_path, fixture_data):
+    logs = []
+    cfg = tiny_config(fixture_data, tmp_path, epochs=30, lr=0.5, patience=1, schedule="plateau")
+    history = musicrnn.train(cfg, log=logs.append)
+    assert history["epoch"] < 30 and any("early stop" in line for line in logs)
+
+
+def test_evaluate_json(tiny_run, fixture_data):
+    result = run_cli("evaluate", "--checkpoint", str(tiny_run / "best.pt"), "--data", fixture_data["val"], "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"loss", "perplexity", "bits_per_char", "tunes", "chars", "unknown"}
+    assert metrics["tunes"] == 2 and metrics["unknown"] == 0 and metrics["bits_per_char"] > 0
+
+
+def test_evaluate_scores_tunes_with_unseen_symbols(tiny_run, tmp_path):
+    path = tmp_path / "other.abc"
+    path.write_text("X:1\nK:D\nABc|\u00e9\u00e9|\n")
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tiny_run / "best.pt")))
+    ds = musicrnn.MusicDataset(musicrnn.load_tunes(str(path)), vocab)
+    metrics = musicrnn.evaluate(model, ds, vocab.pad_id, torch.device("cpu"))
+    assert metrics["unknown"] == 2 and metrics["chars"] == len("X:1\nK:D\nABc|\u00e9\u00e9|\n")
+
+
+def test_generate_writes_a_numbered_tunebook_reproducibly(tiny_run, tmp_path):
+    out = tmp_path / "tunes.abc"
+    args = ["generate", "--checkpoint", str(tiny_run / "best.pt"), "--num", "3", "--seed", "5",
+            "--max-tokens", "60", "--meter", "6/8", "--key", "G", "--out", str(out)]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    text = out.read_text()
+    assert [line for line in text.splitlines() if line.startswith("X:")] == ["X:1", "X:2", "X:3"]
+    assert text.count("M:6/8\nK:G\n") == 3
+
+
+def test_generation_stops_at_eos():
+    vocab = abctext.Vocabulary.build(["AB"], "char")
+
+    def step(tokens, state):  # always certain that the tune ends now
+        logits = np.full((len(tokens), len(vocab)), -30.0, dtype=np.float32)
+        logits[:, vocab.eos_id] = 30.0
+        return logits, state
+
+    ids = abctext.generate_ids(step, vocab, [vocab.eos_id], 4, 100, np.random.default_rng(0))
+    assert ids == [[], [], [], []]
+
+
+def test_sampler_respects_temperature_and_top_k():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.2]] * 20000))
+    counts = np.bincount(abctext.sample_next(logits, rng), minlength=3) / 20000
+    assert np.allclose(counts, [0.5, 0.3, 0.2], atol=0.02)
+    assert set(abctext.sample_next(logits, rng, top_k=1)) == {0}
+    cold = np.bincount(abctext.sample_next(logits, rng, temperature=0.1), minlength=3) / 20000
+    assert cold[0] > 0.98
+    with pytest.raises(ValueError):
+        abctext.sample_next(logits, rng, temperature=0)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "generate", "stats"])
+def test_help_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        musicrnn.main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """musicrnn.main in this process (no torch import per case): exit code and stderr."""
+    try:
+        code = musicrnn.main(list(args))
+    except SystemExit as e:  # argparse refuses a flag
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_clear_line(code: int, stderr: str) -> bool:
+    lines = stderr.strip().splitlines()
+    return code == 2 and bool(lines) and lines[-1].startswith(("error:", "musicrnn.py")) and "Traceback" not in stderr
+
+
+def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tiny_run / "best.pt").read_bytes()[:2000])
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a whole module: refused, never unpickled
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    malformed = tmp_path / "bad.json"
+    malformed.write_text("[{")
+    best = str(tiny_run / "best.pt")
+    cases = [
+        (["evaluate", "--checkpoint", str(tmp_path / "missing.pt")], "no such checkpoint"),
+        (["evaluate", "--checkpoint", str(truncated)], "not a readable musicrnn checkpoint"),
+        (["evaluate", "--checkpoint", str(pickled)], "not a readable musicrnn checkpoint"),
+        (["evaluate", "--checkpoint", str(foreign)], "not a musicrnn checkpoint"),
+        (["evaluate", "--checkpoint", best, "--data", str(malformed)], "not an IrishMAN JSON"),
+        (["evaluate", "--checkpoint", best, "--data", str(tmp_path / "none.json")], "no such file"),
+        (["generate", "--checkpoint", best, "--temperature", "0"], "must be > 0"),
+        (["generate", "--checkpoint", best, "--prompt", "X:1\nK:D\n\u00e9"], "'\u00e9'"),
+        (["generate", "--checkpoint", best, "--prompt", "X:1", "--key", "D"], "cannot be combined"),
+        (["stats", "--data", str(malformed)], "not an IrishMAN JSON"),
+    ]
+    for args, message in cases:
+        code, stderr = run_main(capsys, *args)
+        assert one_clear_line(code, stderr) and message in stderr, (args, code, stderr)
+
+
+def test_bad_input_from_the_shell_is_one_line_without_traceback(tmp_path):
+    result = run_cli("evaluate", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_bad_input_overwrites_nothing(tiny_run, tmp_path):
+    out = tmp_path / "keep.abc"
+    out.write_text("precious")
+    assert musicrnn.main(["generate", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    assert out.read_text() == "precious"
+    before = (tiny_run / "best.pt").read_bytes()
+    code = musicrnn.main(["train", "--train-data", str(tmp_path / "missing.json"), "--out", str(tiny_run), "--overwrite"])
+    assert code == 2 and (tiny_run / "best.pt").read_bytes() == before
