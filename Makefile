@@ -2,11 +2,12 @@
 #   make train     venv + data + train the default model (~10 min on 2 cores), export it, print a tune
 #   make test      venv + the test suite (fixture data only; no `make data` needed)
 #   make generate  runs/tunes.abc through onnxruntime
+#   make bench     generation speed, side by side (runs/bench.json)
 
 PYTHON := .venv/bin/python
 SOURCES := musicrnn.py abctext.py
 
-.PHONY: venv data train export generate test clean
+.PHONY: venv data train export generate bench test clean
 
 venv: .venv/installed
 .venv/installed: requirements.txt
@@ -31,6 +32,9 @@ train: runs/musicrnn.onnx
 
 generate: runs/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 10 --seed 0 --out runs/tunes.abc
+
+bench: runs/musicrnn.onnx
+	$(PYTHON) bench.py
 
 test: venv
 	$(PYTHON) -m pytest -q tests

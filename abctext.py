@@ -14,12 +14,14 @@ share one implementation of each idea instead of two copies that drift apart.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -207,28 +209,36 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
 
 
 def generate_ids(step, vocab: Vocabulary, prompt_ids: list[int], num: int, max_tokens: int,
-                 rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> list[list[int]]:
+                 rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
+                 constraint: "AbcConstraint | None" = None) -> list[list[int]]:
     """Autoregressive generation of `num` tunes as one batch, carrying the LSTM state.
 
     step(tokens (B, 1) int64, state) -> (logits (B, V) float32 numpy, state) is the model:
     torch in musicrnn.py, onnxruntime in infer_onnx.py. state=None means zeros. The
     prompt is fed one token at a time too, so both back ends run the same code path.
-    Rows stop independently at <eos>.
+    Rows stop independently at <eos>. With a constraint, illegal tokens get -inf first.
     """
     state = None
     for tok in prompt_ids[:-1]:
         _, state = step(np.full((num, 1), tok, dtype=np.int64), state)
+    tunes = [constraint.start(vocab.decode(prompt_ids)) for _ in range(num)] if constraint else []
     tokens = np.full(num, prompt_ids[-1], dtype=np.int64)             # (B,)
     out = [[] for _ in range(num)]
     done = np.zeros(num, dtype=bool)
-    for _ in range(max_tokens):
+    for t in range(max_tokens):
         logits, state = step(tokens[:, None], state)                  # (B, V)
+        if constraint:
+            legal = np.stack([constraint.mask(tune, max_tokens - t) if not tune.ended else np.ones(len(vocab), bool)
+                              for tune in tunes])                     # (B, V)
+            logits = np.where(legal, logits, -np.inf)
         tokens = sample_next(logits, rng, temperature, top_k)         # (B,)
         for b in np.flatnonzero(~done):
             if tokens[b] == vocab.eos_id:
                 done[b] = True
             else:
                 out[b].append(int(tokens[b]))
+            if constraint:
+                constraint.advance(tunes[b], int(tokens[b]))
         if done.all():
             break
     return out
@@ -241,6 +251,472 @@ def tunebook(bodies: list[str]) -> str:
         text = re.sub(r"\AX:[^\n]*\n?", "", text)  # the model writes its own X:1
         tunes.append(f"X:{n}\n{text.rstrip()}\n")
     return "\n".join(tunes)
+
+
+# -----------------------------------------------------------------------------
+# constrained sampling: mask every token that would break the tune
+#
+# An automaton follows the ABC being written and gives -inf to every token that would
+# make the tune invalid: a note that overflows the bar, a bar line before the bar is
+# full, an unclosed chord, an <eos> in mid-section. It reads characters, so it serves
+# both vocabularies: a character model writes a token over several steps (the token
+# not yet finished is `pending`), an ABC-token model in one. A mask depends only on a
+# small state, so masks are cached and most steps cost a dictionary look-up.
+
+TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
+GRANULE = TICKS // 4  # every duration is a multiple of L/4, so any bar can be filled exactly
+LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24, "/2": 24,
+                "//": 12, "/4": 12, "3/": 72, "3/2": 72}
+
+(NOTE, REST, BAR, TUPLET, BROKEN, CHORD_OPEN, CHORD_CLOSE, GRACE_OPEN, GRACE_CLOSE,
+ TIE, DECORATION, SPACE, NEWLINE) = range(13)
+
+SECTION_ENDS = (":|", "||", "|]")
+BAR_LINES = ("|", "||", "|]", "|:", ":|", "::", "|1", ":|2")
+# no fermata (H, !fermata!): abc2midi lengthens the note, which breaks the bar and broken rhythm;
+DECORATIONS = ("~", "T", "u", "v", "!trill!", "!accent!")  # no staccato either: abc2midi shortens the note
+HEADER_LINES = [  # the header the constraint writes: X, L, M, K in this order
+    ["X:1"],
+    ["L:1/8", "L:1/16", "L:1/4"],
+    ["M:" + m for m in ("2/4", "3/4", "4/4", "6/8", "9/8", "12/8", "3/8", "2/2", "C", "C|", "3/2", "6/4")],
+    ["K:" + root + mode for root in ("C", "D", "E", "F", "G", "A", "B", "Bb", "Eb", "Ab", "F#", "C#")
+     for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")],
+]
+HEADER_ORDER = "XLMK"
+
+
+def body_tokens() -> dict[str, tuple[int, int]]:
+    """Every token a constrained body may contain: text -> (kind, ticks).
+
+    No chord symbols ("Am"): with them abc2midi adds an accompaniment track that, measured
+    on random tunes, can outlast the melody ("Sustained notes beyond end of track").
+    """
+    tokens = {}
+    for acc in ("", "^", "_", "="):
+        for letter in "CDEFGABcdefgab":
+            for octave in ("", ",") if letter.isupper() else ("", "'"):
+                for suffix, ticks in LENGTH_TICKS.items():
+                    tokens[acc + letter + octave + suffix] = (NOTE, ticks)
+    for suffix, ticks in LENGTH_TICKS.items():
+        tokens["z" + suffix] = (REST, ticks)
+        tokens["]" + suffix] = (CHORD_CLOSE, ticks)
+    tokens.update({bar: (BAR, 0) for bar in BAR_LINES})
+    tokens.update({d: (DECORATION, 0) for d in DECORATIONS})
+    tokens.update({"(3": (TUPLET, 0), ">": (BROKEN, 0), "<": (BROKEN, 0), "[": (CHORD_OPEN, 0),
+                   "{": (GRACE_OPEN, 0), "}": (GRACE_CLOSE, 0),
+                   "-": (TIE, 0), " ": (SPACE, 0), "\n": (NEWLINE, 0)})
+    return tokens
+
+
+def bar_ticks(meter: str, unit: str | None) -> int:
+    """Ticks in a full bar: the meter in units of L (M:C = 4/4, M:C| = 2/2; L defaults as ABC says)."""
+    meter = {"C": "4/4", "C|": "2/2"}.get(meter.strip(), meter.strip())
+    m = re.fullmatch(r"(\d+)/(\d+)", meter)
+    if not m or int(m.group(1)) == 0:
+        raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter}")
+    bar = Fraction(int(m.group(1)), int(m.group(2)))
+    unit = unit.strip() if unit else ("1/16" if bar < Fraction(3, 4) else "1/8")
+    u = re.fullmatch(r"1/(\d+)", unit)
+    ticks = bar * int(u.group(1)) * TICKS if u else Fraction(1, 3)
+    if ticks.denominator != 1 or ticks % GRANULE:
+        raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
+    return int(ticks)
+
+
+class _PrefixTable:
+    """Sorted strings; the strings under a prefix are one contiguous range, so "is any
+    legal string under prefix+c" is a difference of prefix sums."""
+
+    def __init__(self, strings, char_ids: dict[str, int]):
+        self.strings = sorted(s for s in set(strings) if all(ch in char_ids for ch in s))
+        self.index = {s: i for i, s in enumerate(self.strings)}
+        self.prefixes = {s[:k] for s in self.strings for k in range(len(s) + 1)}
+        self.char_ids = char_ids
+        self._children: dict[str, tuple] = {}
+
+    def children(self, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vocabulary ids of the chars c that extend prefix, range starts, range ends)."""
+        if prefix not in self._children:
+            chars = sorted({s[len(prefix)] for s in self.strings if len(s) > len(prefix) and s.startswith(prefix)})
+            lo = [bisect.bisect_left(self.strings, prefix + c) for c in chars]
+            hi = [bisect.bisect_left(self.strings, prefix + c + "\U0010ffff") for c in chars]
+            self._children[prefix] = (np.array([self.char_ids[c] for c in chars], dtype=np.int64),
+                                      np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64))
+        return self._children[prefix]
+
+
+@dataclass
+class TuneState:
+    """Where the automaton stands in one tune."""
+
+    phase: int = 0                 # 0..3: the header line being written (X, L, M, K); 4: the body
+    pending: str = ""              # the token being written, not yet committed
+    pending_must_end: bool = False # must_end as it was when the pending token began
+    meter: str | None = None       # M: and L: as written
+    unit: str | None = None
+    full: int = 0                  # ticks in a full bar
+    bar: int = 0                   # ticks so far in this bar
+    first_bar: bool = True         # no bar line yet: this bar may be a pickup
+    pickup: int = 0                # ticks of the pickup bar (0: none)
+    full_bars: int = 0
+    section_ends: int = 0
+    repeat_open: bool = False      # a |: waits for its :|
+    ending: int = 0                # 1 inside a first ending |1, 2 inside :|2
+    last: int = -1                 # kind of the last committed token (-1: none yet)
+    last_bar: str = ""             # the last bar line
+    last_note: int = 0             # ticks of the last plain note, for broken rhythm (0: none)
+    tuplet_left: int = 0           # notes still to come in a (3
+    tuplet_len: int = 0            # their length, set by the first
+    broken_len: int = 0            # after > or <: the partner note has this length
+    chord: int = 0                 # notes in an open [chord] (-1: just opened)
+    chord_len: int = 0             # their length, set by the first
+    grace: int = 0                 # notes in an open {grace group} (-1: just opened)
+    last_pitch: int = -1           # pitch id of the last plain note
+    tie_pitch: int = -1            # after a tie -: the next note must have this pitch (-1: no tie)
+    short_next: int = 0            # after a short :|, the next bar is a pickup of this many ticks
+    line_letter: bool = False      # the line so far is one bare letter: "A:|" would read as a field "A:"
+    need_note: bool = False        # after a decoration or a grace group
+    final: bool = False            # a short last bar was closed: only the end may follow
+    ended: bool = False            # <eos> was written
+    must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
+
+    def key(self, must_end: bool) -> tuple:
+        """Everything a mask depends on."""
+        return (self.phase, self.pending, self.pending_must_end, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
+                self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
+                self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
+                self.last_pitch, self.tie_pitch, self.short_next, self.line_letter, self.need_note, self.final,
+                min(self.full_bars, 4), must_end)
+
+    def can_end(self) -> bool:
+        return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE)
+                and self.full_bars >= 4 and self.ending != 1 and not self.repeat_open and self.tie_pitch < 0)
+
+
+class AbcConstraint:
+    """Masks a vocabulary's tokens so that a sampled tune is valid ABC whose bars are full.
+
+    start(prompt) -> TuneState; mask(state, tokens_left) -> (V,) bool; advance(state, id).
+    """
+
+    END_RESERVE = 120  # tokens kept to finish the bar and close the tune
+
+    def __init__(self, vocab: Vocabulary, max_bars: int = 32):
+        self.vocab, self.max_bars = vocab, max_bars
+        char_ids = {t: i for i, t in enumerate(vocab.tokens) if len(t) == 1 and i >= len(SPECIALS)}
+        missing = sorted(set("|\nXLMK:1/8CDEFGABcdefgab") - set(char_ids))
+        if missing:
+            raise PromptError("--constrained: the model's vocabulary lacks " + " ".join(map(repr, missing)))
+        self.char_ids = char_ids
+        info = body_tokens()
+        self.body = _PrefixTable(info, char_ids)  # only what this vocabulary can spell
+        self.headers = [_PrefixTable(lines, char_ids) for lines in HEADER_LINES]
+        if not all(table.strings for table in self.headers):
+            raise PromptError("--constrained: the model's vocabulary cannot spell a header")
+        self.kind = np.array([info[s][0] for s in self.body.strings], dtype=np.int8)    # (N,)
+        self.ticks = np.array([info[s][1] for s in self.body.strings], dtype=np.int64)  # (N,)
+        self.info = {s: info[s] for s in self.body.strings}
+        self.is_note, self.is_rest = self.kind == NOTE, self.kind == REST
+        # a note's pitch as written (accidental, letter, octave), for ties: "^c'3/2" -> "^c'"
+        pitches = [re.sub(r"[\d/]+$", "", s) if info[s][0] == NOTE else "" for s in self.body.strings]
+        self.pitch_ids = {p: i for i, p in enumerate(sorted(set(pitches)))}
+        self.pitch = np.array([self.pitch_ids[p] for p in pitches], dtype=np.int64)  # (N,)
+        self.fits_granule = self.ticks % GRANULE == 0
+        self.at = self.body.index
+        # tokens longer than one character (ABC-token vocabularies) are judged whole
+        self.whole_ids = np.array([i for i, t in enumerate(vocab.tokens) if len(t) > 1 and i >= len(SPECIALS)],
+                                  dtype=np.int64)
+        whole = [vocab.tokens[i] for i in self.whole_ids]
+        self.whole_body = np.array([self.at.get(t, -1) for t in whole], dtype=np.int64)
+        self.whole_first = np.array([self.char_ids.get(t[0], -1) for t in whole], dtype=np.int64)
+        self.whole_header = [np.array([t in set(lines) for t in whole], dtype=bool) for lines in HEADER_LINES]
+        self.cache: dict[tuple, np.ndarray] = {}
+
+    # --- state ------------------------------------------------------------------
+
+    def start(self, prompt: str) -> TuneState:
+        """The state after the prompt; refuses a prompt that the constraints would not allow."""
+        state = TuneState()
+        for i, ch in enumerate(prompt):
+            if ch not in self.char_ids:
+                raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write")
+            if state.phase < 4:
+                self._advance_header(state, ch)
+            elif not self.mask(state, 10**6)[self.char_ids[ch]]:
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i + 1]!r}")
+            else:
+                self.advance(state, self.char_ids[ch])
+        return state
+
+    def advance(self, state: TuneState, token_id: int) -> None:
+        if token_id == self.vocab.eos_id:
+            state.ended = True
+            return
+        token = self.vocab.tokens[token_id]
+        if state.phase < 4:
+            self._advance_header(state, token)
+        elif len(token) == 1 and state.pending + token in self.body.prefixes:
+            state.pending += token
+        else:
+            if state.pending:
+                self._commit(state, state.pending)
+            state.pending, state.pending_must_end = token, state.must_end
+
+    def _advance_header(self, state: TuneState, text: str) -> None:
+        for ch in text:
+            if ch != "\n":
+                state.pending += ch
+                continue
+            line, state.pending = state.pending, ""
+            letter, value = line[:1], line[2:]
+            if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
+                raise PromptError(f"--constrained: the header must be X:, L:, M:, K: in order, not {line!r}")
+            if letter == "L":
+                state.unit = value
+            elif letter == "M":
+                state.meter = value
+            state.phase = HEADER_ORDER.index(letter) + 1
+            if letter == "K":
+                if state.meter is None:
+                    raise PromptError("--constrained: the header needs an M: line before K:")
+                state.full = bar_ticks(state.meter, state.unit)
+
+    def _commit(self, s: TuneState, text: str) -> None:
+        kind, ticks = self.info[text]
+        if kind in (NOTE, REST):
+            if s.grace:
+                s.grace = max(s.grace, 0) + 1
+            elif s.chord:
+                s.chord_len = s.chord_len or ticks
+                s.chord = max(s.chord, 0) + 1
+            elif s.tuplet_left:
+                if not s.tuplet_len:
+                    s.tuplet_len = ticks
+                    s.bar += 2 * ticks  # (3: three notes in the time of two
+                s.tuplet_left -= 1
+                s.tuplet_len = s.tuplet_len if s.tuplet_left else 0
+                s.last_note = 0
+            else:
+                s.bar += ticks
+                # no broken rhythm after a rest, a partner, a decorated or a tied note (abc2midi
+                # fails on ~A>B and miscounts A-A>B)
+                tied = s.tie_pitch >= 0
+                s.last_note = 0 if (s.broken_len or kind == REST or s.need_note or tied) else ticks
+                s.broken_len = 0
+            # a note may start a tie unless it ends one (abc2midi miscounts A-A-A)
+            outside = not (s.grace or s.chord)
+            plain = kind == NOTE and outside and s.tie_pitch < 0
+            s.last_pitch = self.pitch_ids[re.sub(r"[\d/]+$", "", text)] if plain else -1
+            s.tie_pitch = -1 if outside else s.tie_pitch
+            s.need_note = False
+        elif kind == CHORD_OPEN:
+            s.chord, s.chord_len, s.need_note = -1, 0, False
+        elif kind == CHORD_CLOSE:
+            s.bar += s.chord_len * ticks // TICKS  # a chord lasts as long as its first note
+            s.chord, s.chord_len, s.last_note = 0, 0, 0
+        elif kind == GRACE_OPEN:
+            s.grace, s.need_note = -1, False
+        elif kind == GRACE_CLOSE:
+            s.grace, s.need_note = 0, True
+        elif kind == TUPLET:
+            s.tuplet_left, s.tuplet_len = 3, 0
+        elif kind == BROKEN:
+            s.broken_len, s.last_note = s.last_note, 0  # A>B with equal lengths fills 2 x A
+        elif kind == TIE:
+            s.tie_pitch = s.last_pitch  # the tied note must sound the same pitch
+        elif kind == DECORATION:
+            s.need_note = True
+        elif kind == BAR:
+            self._commit_bar(s, text)
+        s.line_letter = s.last in (NEWLINE, -1) and len(text) == 1 and text.isalpha()
+        s.last = kind
+
+    def _commit_bar(self, s: TuneState, bar: str) -> None:
+        if s.bar == 0:
+            pass  # |: before any note
+        elif s.short_next:
+            s.short_next = 0
+        elif s.bar == s.full:
+            s.full_bars += 1
+        elif s.first_bar:
+            s.pickup = s.bar
+        elif bar == ":|":
+            s.short_next = s.pickup  # the short bar is completed by the next section's pickup
+        else:
+            s.final = True  # || or |] on the short bar: the end of the tune
+        if bar in SECTION_ENDS:
+            s.section_ends += 1
+        if bar in ("|:", "::"):
+            s.repeat_open = True
+        if bar in (":|", ":|2"):
+            s.repeat_open = False
+        s.ending = {"|1": 1, ":|2": 2}.get(bar, 0 if bar in ("||", "|]") else s.ending)
+        s.bar, s.first_bar, s.last_bar, s.last_note = 0, False, bar, 0
+
+    # --- masks ------------------------------------------------------------------
+
+    def mask(self, state: TuneState, tokens_left: int) -> np.ndarray:
+        """(V,) bool: the tokens that keep this tune valid."""
+        must_end = state.full_bars >= self.max_bars or tokens_left < self.END_RESERVE
+        state.must_end = must_end
+        key = state.key(must_end)
+        mask = self.cache.get(key)
+        if mask is None:
+            mask = self._header_mask(state) if state.phase < 4 else self._body_mask(state, must_end)
+            if len(self.cache) > 200_000:
+                self.cache.clear()
+            self.cache[key] = mask
+        return mask
+
+    def _header_mask(self, s: TuneState) -> np.ndarray:
+        mask = np.zeros(len(self.vocab), dtype=bool)
+        table = self.headers[s.phase]
+        mask[table.children(s.pending)[0]] = True
+        if s.pending in table.index:
+            mask[self.char_ids["\n"]] = True
+        if not s.pending:
+            mask[self.whole_ids[self.whole_header[s.phase]]] = True
+        return mask
+
+    def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:
+        mask = np.zeros(len(self.vocab), dtype=bool)
+        # a token already begun finishes under the rules it began under
+        legal = self._legal(s, s.pending_must_end)                    # (N,) what may be committed now
+        ids, lo, hi = self.body.children(s.pending)
+        mask[ids] = _any_in_ranges(legal, lo, hi)                     # the pending token grows
+        if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
+            return mask
+        after = s
+        if s.pending:                                                 # or it is finished ...
+            after = _copy(s)
+            self._commit(after, s.pending)
+        legal_after = self._legal(after, must_end)
+        start_ids, lo, hi = self.body.children("")
+        starts = _any_in_ranges(legal_after, lo, hi) & ~np.isin(start_ids, ids)  # ... and a new one starts
+        mask[start_ids[starts]] = True
+        whole = (self.whole_body >= 0) & ~np.isin(self.whole_first, ids)
+        whole[whole] = legal_after[self.whole_body[whole]]
+        mask[self.whole_ids[whole]] = True
+        if after.can_end():
+            if must_end:  # time to stop: nothing else
+                mask[:] = False
+            mask[self.vocab.eos_id] = True
+        return mask
+
+    def _legal(self, s: TuneState, must_end: bool) -> np.ndarray:
+        """(N,) bool over the body tokens: which may be committed next."""
+        legal = np.zeros(len(self.kind), dtype=bool)
+        rem = self._bar_target(s, must_end) - s.bar
+
+        def put(text: str, value: bool) -> None:  # a token this vocabulary cannot spell stays illegal
+            if text in self.at:
+                legal[self.at[text]] = value
+
+        if s.final:
+            put("\n", s.last != NEWLINE)
+            return legal
+        if s.grace:
+            legal |= self.is_note & (self.ticks == TICKS) & (s.grace < 4)
+            put("}", s.grace > 0)
+            return legal
+        if s.chord:
+            if max(s.chord, 0) < 4:
+                legal |= self.is_note & ((self.ticks == s.chord_len) if s.chord_len
+                                         else (self.ticks <= rem) & self.fits_granule)
+            if s.chord > 0:
+                # abc2midi takes an outer length ([CE]2) instead of the inner one, the standard
+                # multiplies them: allow an outer length only on plain inner notes, where both agree
+                length = s.chord_len * self.ticks
+                outer_ok = (self.ticks == TICKS) | (s.chord_len == TICKS)
+                legal |= (self.kind == CHORD_CLOSE) & outer_ok & (length % (TICKS * GRANULE) == 0) \
+                    & (length <= rem * TICKS)
+            return legal
+        if s.broken_len:
+            return self.is_note & (self.ticks == s.broken_len)
+        if s.tuplet_left:
+            fits = (self.ticks == s.tuplet_len) if s.tuplet_len else (2 * self.ticks <= rem) & self.fits_granule
+            return (self.is_note | self.is_rest) & fits
+        fits = (self.ticks <= rem) & self.fits_granule
+        if s.short_next and s.bar == 0 and not s.repeat_open:
+            put("|:", True)  # the next section opens its repeat before its pickup
+            put("\n", s.last != NEWLINE)
+            return legal
+        if must_end and rem >= TICKS:  # finish the bar in few tokens: no ornaments, notes of L or longer
+            fits &= self.ticks >= TICKS
+        if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
+            return self.is_note & fits & (self.pitch == s.tie_pitch)
+        if s.need_note:
+            legal |= self.is_note & fits
+            put("[", rem >= GRANULE and s.last != DECORATION)  # abc2midi: no rolls or trills on chords
+            return legal
+        legal |= (self.is_note | self.is_rest) & fits
+        if rem >= GRANULE and not must_end:
+            for text in ("[", "{") + DECORATIONS:
+                put(text, True)
+        put("(3", rem >= 2 * GRANULE and not must_end)
+        if s.last == NOTE and s.last_note and not must_end:
+            put(">", rem >= s.last_note)  # room for the partner note, of the same length
+            put("<", rem >= s.last_note)
+        put("-", s.last == NOTE and s.last_pitch >= 0 and rem > 0)
+        put(" ", s.last not in (-1, SPACE, NEWLINE))
+        put("\n", s.last not in (-1, SPACE, NEWLINE))
+        for bar in self._bar_lines(s, must_end):
+            put(bar, not (s.line_letter and bar.startswith(":")))
+        return legal
+
+    @staticmethod
+    def _bar_target(s: TuneState, must_end: bool) -> int:
+        """Ticks the current bar must reach: a full bar, a pickup, or (ending a tune that
+        has a pickup) the short bar that completes it."""
+        if s.short_next:
+            return s.short_next
+        inside = s.chord or s.grace or s.tuplet_left or s.broken_len or s.tie_pitch >= 0 or s.need_note
+        if must_end and s.pickup and s.bar <= s.full - s.pickup and not inside:
+            return s.full - s.pickup  # (not in mid-chord: what was begun under the old target finishes)
+        return s.full
+
+    @staticmethod
+    def _bar_lines(s: TuneState, must_end: bool) -> list[str]:
+        """The bar lines allowed now. abc2midi's reading decides the form, measured: a tune
+        with a pickup is only clean if every section ends on the short bar that completes
+        the pickup (with :| then |: and the pickup again, or |] at the very end)."""
+        if s.bar == 0:  # a repeat may open the tune or follow a section's end, before any note
+            start = s.first_bar or s.last_bar in SECTION_ENDS
+            return ["|:"] if start and not s.repeat_open and (not must_end or s.short_next) else []
+        if s.short_next:  # the pickup that completes the previous section's short bar
+            return ["|"] if s.bar == s.short_next else []
+        if s.first_bar and s.bar < s.full:  # the tune's pickup
+            return ["|"]
+        full = s.bar == s.full
+        bars = ["|"] if full and not (must_end and s.full_bars >= 4 and not s.pickup) else []
+        if s.pickup:
+            if s.bar == s.full - s.pickup:
+                bars.append(":|")
+                if not s.repeat_open and s.full_bars >= 4:
+                    bars += ["||", "|]"]  # the end of the tune
+            return bars
+        if full:
+            if not s.repeat_open and not s.ending and not must_end:
+                bars.append("|:")
+            if s.ending == 0 and (s.repeat_open or not s.section_ends):
+                bars.append(":|")
+                if not must_end:
+                    bars += ["::", "|1"]
+            if s.ending == 1:
+                bars.append(":|2")
+            if not s.repeat_open and s.ending != 1:
+                bars += ["||", "|]"]
+        return bars
+
+
+def _any_in_ranges(legal: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For each [lo, hi): is any legal[i] true in it."""
+    counts = np.concatenate(([0], np.cumsum(legal)))
+    return counts[hi] > counts[lo]
+
+
+def _copy(state: TuneState) -> TuneState:
+    return TuneState(**vars(state))
 
 
 # -----------------------------------------------------------------------------
@@ -269,6 +745,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens only")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--max-tokens", type=positive_int, default=1000, help="tokens per tune at most (default 1000)")
+    group.add_argument("--constrained", action="store_true",
+                       help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
+    group.add_argument("--max-bars", type=positive_int, default=32,
+                       help="with --constrained: end the tune cleanly after this many bars (default 32)")
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8"')
     start.add_argument("--key", help='prime the header with this key, e.g. "D" or "Ador"')

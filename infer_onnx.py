@@ -28,15 +28,17 @@ class ModelError(Exception):
     """An .onnx file that is missing, unreadable, or not a musicrnn export."""
 
 
-def load_model(path: str, threads: int = 1) -> tuple[ort.InferenceSession, abctext.Vocabulary, dict]:
+def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSession, abctext.Vocabulary, dict]:
     """An onnxruntime session, the vocabulary and the model config from the file's metadata.
 
-    One intra-op thread is fastest for one small LSTM step at a time (see README: bench).
+    threads=None lets onnxruntime use one thread per physical core, which measured fastest
+    here even for one token at a time (README: bench).
     """
     if not Path(path).is_file():
         raise ModelError(f"{path}: no such model (run `make export` first)")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
@@ -70,19 +72,22 @@ def onnx_step(session: ort.InferenceSession, config: dict):
 
 
 def generate(session, vocab: abctext.Vocabulary, config: dict, num: int = 1, prompt: str = "",
-             max_tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> list[str]:
+             max_tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+             constrained: bool = False, max_bars: int = 32) -> list[str]:
     """num tunes as one batch: the same function as musicrnn.generate, over onnxruntime."""
     prompt_ids = abctext.encode_prompt(vocab, prompt)
+    constraint = abctext.AbcConstraint(vocab, max_bars) if constrained else None
     rng = np.random.default_rng(seed)
     ids = abctext.generate_ids(onnx_step(session, config), vocab, prompt_ids, num, max_tokens, rng,
-                               temperature, top_k)
+                               temperature, top_k, constraint)
     return [prompt + vocab.decode(row) for row in ids]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer_onnx.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default="runs/musicrnn.onnx", help="default: runs/musicrnn.onnx")
-    parser.add_argument("--threads", type=abctext.positive_int, default=1, help="onnxruntime threads (default 1)")
+    parser.add_argument("--threads", type=abctext.positive_int, default=None,
+                        help="onnxruntime threads (default: one per core)")
     abctext.add_sampling_flags(parser)
     return parser
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session, vocab, config = load_model(args.model, args.threads)
         tunes = generate(session, vocab, config, args.num, abctext.start_text(args), args.max_tokens,
-                         args.temperature, args.top_k, args.seed)
+                         args.temperature, args.top_k, args.seed, args.constrained, args.max_bars)
         abctext.write_tunebook(abctext.tunebook(tunes), args.out)
     except (ModelError, abctext.PromptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
