@@ -18,6 +18,9 @@ import bisect
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -272,6 +275,7 @@ LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24
  TIE, DECORATION, SPACE, NEWLINE) = range(13)
 
 SECTION_ENDS = (":|", "||", "|]")
+MIN_NOTES = 16  # a tune ends only after 4 full bars and this many notes
 BAR_LINES = ("|", "||", "|]", "|:", ":|", "::", "|1", ":|2")
 # no fermata (H, !fermata!): abc2midi lengthens the note, which breaks the bar and broken rhythm;
 DECORATIONS = ("~", "T", "u", "v", "!trill!", "!accent!")  # no staccato either: abc2midi shortens the note
@@ -359,6 +363,7 @@ class TuneState:
     first_bar: bool = True         # no bar line yet: this bar may be a pickup
     pickup: int = 0                # ticks of the pickup bar (0: none)
     full_bars: int = 0
+    notes: int = 0                 # notes and chords written (grace notes aside)
     section_ends: int = 0
     repeat_open: bool = False      # a |: waits for its :|
     ending: int = 0                # 1 inside a first ending |1, 2 inside :|2
@@ -386,11 +391,12 @@ class TuneState:
                 self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
                 self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
                 self.last_pitch, self.tie_pitch, self.short_next, self.line_letter, self.need_note, self.final,
-                min(self.full_bars, 4), must_end)
+                min(self.full_bars, 4), min(self.notes, MIN_NOTES), must_end)
 
     def can_end(self) -> bool:
-        return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE)
-                and self.full_bars >= 4 and self.ending != 1 and not self.repeat_open and self.tie_pitch < 0)
+        return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE) and self.bar == 0
+                and self.full_bars >= 4 and self.notes >= MIN_NOTES and self.ending != 1 and not self.repeat_open
+                and self.tie_pitch < 0)
 
 
 class AbcConstraint:
@@ -508,11 +514,13 @@ class AbcConstraint:
             plain = kind == NOTE and outside and s.tie_pitch < 0
             s.last_pitch = self.pitch_ids[re.sub(r"[\d/]+$", "", text)] if plain else -1
             s.tie_pitch = -1 if outside else s.tie_pitch
+            s.notes += kind == NOTE and not (s.grace or s.chord)
             s.need_note = False
         elif kind == CHORD_OPEN:
             s.chord, s.chord_len, s.need_note = -1, 0, False
         elif kind == CHORD_CLOSE:
             s.bar += s.chord_len * ticks // TICKS  # a chord lasts as long as its first note
+            s.notes += 1
             s.chord, s.chord_len, s.last_note = 0, 0, 0
         elif kind == GRACE_OPEN:
             s.grace, s.need_note = -1, False
@@ -755,6 +763,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--prompt", help="start from this ABC text instead of --meter/--key")
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="also write the tunebook to this .abc file")
+    output.add_argument("--render", action="store_true",
+                        help="with --out: also write MIDI (abc2midi) and SVG scores (abcm2ps) beside it")
 
 
 def start_text(args: argparse.Namespace) -> str:
@@ -778,7 +788,28 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_tunebook(text: str, out: str | None) -> None:
+def write_tunebook(text: str, out: str | None, render: bool = False) -> None:
     print(text)
     if out:
         write_atomic(Path(out), text.encode("utf-8"))
+        if render:
+            for line in render_tunebook(Path(out)):
+                print(line, file=sys.stderr)
+
+
+def render_tunebook(path: Path) -> list[str]:
+    """MIDI files (abc2midi) and SVG scores (abcm2ps -g, in its secure mode -S) beside a
+    tunebook, where the tools are installed. Returns one line per tool to show the user."""
+    folder, name, stem = path.parent, path.name, path.stem
+    lines = []
+    if shutil.which("abc2midi"):
+        subprocess.run(["abc2midi", name], cwd=folder, capture_output=True, timeout=300)
+        lines.append(f"MIDI: {len(list(folder.glob(stem + '*.mid')))} files {folder / stem}N.mid")
+    else:
+        lines.append("no MIDI written: abc2midi is not installed (apt-get install abcmidi)")
+    if shutil.which("abcm2ps"):
+        subprocess.run(["abcm2ps", "-S", "-g", name, "-O", stem + ".svg"], cwd=folder, capture_output=True, timeout=300)
+        lines.append(f"SVG: {len(list(folder.glob(stem + '[0-9][0-9][0-9].svg')))} scores {folder / stem}NNN.svg")
+    else:
+        lines.append("no SVG written: abcm2ps is not installed (apt-get install abcm2ps)")
+    return lines

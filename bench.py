@@ -84,6 +84,31 @@ def prefix_ms_per_token(model, vocab, stride: int = 10) -> float:
     return (time.perf_counter() - start) * stride / TUNE_TOKENS * 1e3
 
 
+def constraint_overhead(onnx_path: str, tunes: int = 10) -> dict:
+    """Whole generation steps (model, mask, sampler) at batch 1, with and without --constrained.
+
+    The masks are cached by automaton state; a few tunes warm the cache first, as in any
+    session that writes more than one tune.
+    """
+    session, vocab, config = infer_onnx.load_model(onnx_path)
+    step = infer_onnx.onnx_step(session, config)
+    constraint = abctext.AbcConstraint(vocab)
+
+    def ms_per_token(c, seeds) -> float:
+        tokens, start = 0, time.perf_counter()
+        for seed in seeds:
+            ids = abctext.generate_ids(step, vocab, [vocab.eos_id], 1, TUNE_TOKENS, np.random.default_rng(seed),
+                                       constraint=c)
+            tokens += len(ids[0]) + 1
+        return (time.perf_counter() - start) / tokens * 1e3
+
+    cold = ms_per_token(constraint, range(1000, 1001))
+    ms_per_token(constraint, range(1001, 1005))
+    free, constrained = ms_per_token(None, range(tunes)), ms_per_token(constraint, range(tunes))
+    return {"gen_ms_per_token_sampled_ort": free, "gen_ms_per_token_constrained_ort": constrained,
+            "gen_ms_per_token_constrained_cold_ort": cold, "constraint_overhead": constrained / free - 1}
+
+
 def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
     torch_ms, torch_best = torch_ms_per_token(model, vocab)
@@ -99,6 +124,7 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
         "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,
         "ort_speedup_over_torch": torch_ms / ort_ms,
         "state_speedup_over_prefix": prefix_ms / ort_ms,
+        **constraint_overhead(onnx_path),
     }
 
 
@@ -111,6 +137,11 @@ def markdown(results: dict) -> str:
         ("onnxruntime fp32, batch 32", results["gen_tokens_per_s_batch32_ort"], "tokens/s"),
         ("onnxruntime speed-up over torch eager (target >= 2)", results["ort_speedup_over_torch"], "x"),
         ("carried state speed-up over prefix recompute (target >= 50)", results["state_speedup_over_prefix"], "x"),
+        ("sampled step (model + sampler), batch 1, onnxruntime", results["gen_ms_per_token_sampled_ort"], "ms/token"),
+        ("the same with --constrained (mask cache warm)", results["gen_ms_per_token_constrained_ort"], "ms/token"),
+        ("the same with --constrained, first tune (cache cold)", results["gen_ms_per_token_constrained_cold_ort"],
+         "ms/token"),
+        ("constraint overhead (target <= 20%)", 100 * results["constraint_overhead"], "%"),
     ]
     lines = ["| measurement | value | unit |", "|---|---:|---|"]
     lines += [f"| {name} | {value:,.3f} | {unit} |" for name, value, unit in rows]

@@ -13,8 +13,10 @@ needs. After writing it, onnxruntime is checked against torch on a random batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -117,7 +119,8 @@ def quantize_int8(fp32: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet, \
+            contextlib.redirect_stdout(quiet), _root_log_level(logging.ERROR):  # the quantizer's chatter
         prepared = Path(tmp) / "prepared.onnx"
         quantized = Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32), str(prepared))
@@ -125,6 +128,17 @@ def quantize_int8(fp32: Path, out: Path) -> None:
         proto = onnx.load(str(quantized))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(fp32)).metadata_props})
     abctext.write_atomic(out, proto.SerializeToString())
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
 
 
 def ms_per_step(path: Path, steps: int = 300) -> float:

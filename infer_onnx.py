@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         session, vocab, config = load_model(args.model, args.threads)
         tunes = generate(session, vocab, config, args.num, abctext.start_text(args), args.max_tokens,
                          args.temperature, args.top_k, args.seed, args.constrained, args.max_bars)
-        abctext.write_tunebook(abctext.tunebook(tunes), args.out)
+        abctext.write_tunebook(abctext.tunebook(tunes), args.out, args.render)
     except (ModelError, abctext.PromptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -495,8 +495,12 @@ def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float) -> 
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def log_line(*args) -> None:
+    print(*args, flush=True)  # one line per epoch, visible at once even when piped to a file
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
-          log=print) -> dict:
+          log=log_line) -> dict:
     """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the final metrics."""
     out = Path(cfg.out_dir)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -582,7 +586,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
             stale += 1
             lr_scale *= 0.5  # only the plateau schedule reads it
         save_checkpoint(last_path, model, optimizer, cfg, vocab, epoch, step, best_val, history, lr_scale)
-        if stale >= cfg.patience:
+        if stale >= cfg.patience and epoch < cfg.epochs:
             log(f"early stop: no better validation loss for {cfg.patience} epochs")
             break
     plot_history(history, out / "loss.png")
@@ -667,6 +671,100 @@ def check_with_abc2midi(tune: str) -> dict:
     return {"valid": valid, "bar_clean": valid and not bar_warnings, "messages": lines}
 
 
+def tune_body(tune: str) -> str:
+    """The music after the K: line."""
+    parts = re.split(r"(?m)^K:[^\n]*\n", tune, maxsplit=1)
+    return parts[1] if len(parts) == 2 else tune
+
+
+def note_tokens(tune: str) -> list[str]:
+    return [t for t in tokenize_abc(tune_body(tune)) if abctext.token_kind(t) == "note"]
+
+
+_PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def pitch_class(note: str) -> int:
+    """Written pitch class: letter and explicit accidental (the key signature is not applied)."""
+    letter = next(ch for ch in note if ch.isalpha())
+    shift = note.count("^") - note.count("_")
+    return (_PITCH_CLASS[letter.upper()] + shift) % 12
+
+
+def pitch_class_histogram(tunes: list[str]) -> np.ndarray:
+    counts = np.zeros(12)
+    for tune in tunes:
+        for note in note_tokens(tune):
+            counts[pitch_class(note)] += 1
+    return counts / max(1.0, counts.sum())
+
+
+def first_bars(tune: str, n: int = 8) -> str:
+    """The first n bars' music, spaces and line breaks removed: a fingerprint for copying."""
+    bars = re.split(r":*\[?\|[\]|:]*\d*|::", tune_body(tune))
+    bars = [re.sub(r"\s+", "", b) for b in bars]
+    return "|".join([b for b in bars if b][:n])
+
+
+def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> dict:
+    """The report's temperature table, with numbers: validity, bars, diversity, copying."""
+    notes = [note_tokens(t) for t in tunes]
+    pitches = [[re.sub(r"[\d/]+$", "", n) for n in row] for row in notes]
+    grams = [tuple(row[i:i + 4]) for row in pitches for i in range(len(row) - 3)]
+    train_hist = pitch_class_histogram(training_tunes)
+    known_openings = {first_bars(t) for t in training_tunes}
+    metrics = {
+        "tunes": len(tunes),
+        "mean_notes": float(np.mean([len(row) for row in notes])) if tunes else 0.0,
+        "min16_notes": float(np.mean([len(row) >= 16 for row in notes])) if tunes else 0.0,
+        "section_end": float(np.mean([tune_body(t).rstrip().endswith((":|", "||", "|]")) for t in tunes])),
+        "distinct_4grams": len(set(grams)) / max(1, len(grams)),
+        # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common
+        "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum()),
+        "copies_first_8_bars": float(np.mean([first_bars(t) in known_openings for t in tunes])),
+    }
+    if judge:
+        results = [check_with_abc2midi(t) for t in tunes]
+        metrics["valid"] = float(np.mean([r["valid"] for r in results]))
+        metrics["bar_clean"] = float(np.mean([r["bar_clean"] for r in results]))
+    return metrics
+
+
+def sweep(generate_fn, training_tunes: list[str], num: int, seed: int,
+          temperatures=(0.5, 0.8, 1.0, 1.2), log=print) -> list[dict]:
+    """generate_fn(num, temperature, seed, constrained) -> tunes, for each setting of the table."""
+    judge = abc2midi_available()
+    if not judge:
+        log("abc2midi is not installed (apt-get install abcmidi): the valid and bar-clean columns are missing")
+    rows = []
+    for temperature in temperatures:
+        for constrained in (False, True):
+            tunes = generate_fn(num, temperature, seed, constrained)
+            rows.append({"temperature": temperature, "constrained": constrained,
+                         **tune_metrics(tunes, training_tunes, judge)})
+            log(f"temperature {temperature} {'constrained' if constrained else 'free':>11}: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items() if k not in ("temperature", "constrained")))
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    columns = [("temperature", "T"), ("constrained", "constrained"), ("valid", "valid"), ("bar_clean", "bar-clean"),
+               ("min16_notes", ">=16 notes"), ("section_end", "ends a section"), ("mean_notes", "notes/tune"),
+               ("distinct_4grams", "distinct 4-grams"), ("pitch_class_distance", "pitch-class dist."),
+               ("copies_first_8_bars", "copies 8 bars")]
+    columns = [(k, name) for k, name in columns if k in rows[0]]
+    lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row[key]
+            cells.append("yes" if value is True else "no" if value is False else
+                         f"{value:.0%}" if key in ("valid", "bar_clean", "min16_notes", "section_end",
+                                                   "copies_first_8_bars") else f"{value:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -720,6 +818,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     abctext.add_sampling_flags(p)
 
+    p = sub.add_parser("sweep", help="judge generated tunes per temperature, with and without --constrained")
+    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
+    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+    p.add_argument("--train-data", default="data/train.json", help="for pitch classes and copying (default: data/train.json)")
+    p.add_argument("--num", type=abctext.positive_int, default=50, help="tunes per setting (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=abctext.positive_int, default=1000)
+    p.add_argument("--temperatures", type=abctext.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
+
     p = sub.add_parser("stats", help="corpus statistics: tunes, lengths, frequent tokens")
     p.add_argument("--data", default="data/train.json", help="default: data/train.json")
     p.add_argument("--plot", help="also draw the length histogram and token counts to this PNG")
@@ -751,7 +859,7 @@ def cmd_generate(args) -> None:
                          args.temperature, args.top_k, args.seed, args.constrained, args.max_bars)
     except abctext.PromptError as e:
         raise UserError(str(e)) from None
-    abctext.write_tunebook(abctext.tunebook(tunes), args.out)
+    abctext.write_tunebook(abctext.tunebook(tunes), args.out, args.render)
 
 
 def cmd_stats(args) -> None:
@@ -768,7 +876,34 @@ def cmd_stats(args) -> None:
         print(f"plot written to {args.plot}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "stats": cmd_stats}
+def cmd_sweep(args) -> None:
+    training_tunes = load_tunes(args.train_data)
+    if args.onnx:
+        import infer_onnx  # onnxruntime only; the same sampler as below
+
+        try:
+            session, vocab, config = infer_onnx.load_model(args.onnx)
+        except infer_onnx.ModelError as e:
+            raise UserError(str(e)) from None
+
+        def generate_fn(num, temperature, seed, constrained):
+            return infer_onnx.generate(session, vocab, config, num, "", args.max_tokens, temperature, None, seed,
+                                       constrained)
+    else:
+        device = torch.device("cpu")
+        model, cfg, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
+
+        def generate_fn(num, temperature, seed, constrained):
+            return generate(model, vocab, device, num, "", args.max_tokens, temperature, None, seed, constrained)
+
+    rows = sweep(generate_fn, training_tunes, args.num, args.seed, args.temperatures)
+    print(sweep_table(rows))
+    abctext.write_atomic(Path(args.out), json.dumps(rows, indent=2).encode())
+    print(f"written to {args.out}")
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_sweep,
+            "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:

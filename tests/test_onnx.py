@@ -55,10 +55,12 @@ def test_logits_and_state_match_torch_over_200_steps(exported, batch):
     assert worst < 1e-5
 
 
-def test_same_seed_same_tunes_from_torch_and_onnx(exported):
+@pytest.mark.parametrize("constrained", [False, True])
+def test_same_seed_same_tunes_from_torch_and_onnx(exported, constrained):
     model, cfg, vocab, path = exported
     session, _, config = infer_onnx.load_model(str(path))
-    kwargs = dict(num=6, prompt="X:1\nL:1/8\nM:6/8\nK:D\n", max_tokens=150, temperature=1.0, seed=11)
+    kwargs = dict(num=6, prompt="X:1\nL:1/8\nM:6/8\nK:D\n", max_tokens=300, temperature=1.0, seed=11,
+                  constrained=constrained)
     from_onnx = infer_onnx.generate(session, vocab, config, **kwargs)
     from_torch = musicrnn.generate(model, vocab, torch.device("cpu"), **kwargs)
     assert from_onnx == from_torch

@@ -1,0 +1,174 @@
+"""Constrained sampling: the automaton on hand-written cases, and 500 tunes from random logits."""
+
+import numpy as np
+import pytest
+
+import abctext
+import musicrnn
+from abctext import AbcConstraint, PromptError, Vocabulary
+
+ABC_CHARS = sorted(set("ABCDEFGabcdefgzxZ^_=,'/0123456789|:[](){}<>-~.!\"+ \nXLMKTHuvmrtilcoenad#bjs"))
+VOCAB = Vocabulary("char", abctext.SPECIALS + ABC_CHARS)
+HEAD = "X:1\nL:1/8\nM:2/4\nK:D\n"  # a full bar is 4 units of L
+FULL = "defg|"  # a full first bar: after it, a short bar is an error, not a pickup
+
+
+@pytest.fixture(scope="module")
+def constraint():
+    return AbcConstraint(VOCAB, max_bars=32)
+
+
+def accepts(constraint, body: str, head: str = HEAD) -> bool:
+    try:
+        constraint.start(head + body)
+        return True
+    except PromptError:
+        return False
+
+
+def legal_chars(constraint, text: str) -> set[str]:
+    state = constraint.start(text)
+    return {VOCAB.tokens[i] for i in np.flatnonzero(constraint.mask(state, 10**6))}
+
+
+@pytest.mark.parametrize("meter, unit, units", [
+    ("C", "1/8", 8), ("C|", "1/8", 8), ("6/8", None, 6), ("2/4", None, 8), ("3/4", "1/4", 3), ("9/8", "1/16", 18),
+])
+def test_bar_length_in_units_of_L(meter, unit, units):
+    assert abctext.bar_ticks(meter, unit) == units * abctext.TICKS
+
+
+@pytest.mark.parametrize("meter", ["C", "C|"])
+def test_common_and_cut_time(constraint, meter):
+    head = f"X:1\nL:1/8\nM:{meter}\nK:G\n"
+    assert accepts(constraint, "ABcd efga|", head)
+    assert not accepts(constraint, "ABcd efga|ABcd efg|", head)
+    assert not accepts(constraint, "ABcd efgab", head)  # a ninth unit overflows the bar
+
+
+def test_a_bar_line_only_when_the_bar_is_full(constraint):
+    assert "|" not in legal_chars(constraint, HEAD + FULL + "d2")
+    assert "|" in legal_chars(constraint, HEAD + FULL + "d2fe")
+    assert accepts(constraint, "d2fe|d2fe|")
+
+
+@pytest.mark.parametrize("body, ok", [
+    ("(3ABc d2|", True),     # three in the time of two: 2 + 2
+    ("(3ABc d|", False),     # 3 units
+    ("(3A/B/c/ d3|", True),  # 1 + 3
+    ("(3AB2c", False),       # unequal notes in a triplet
+])
+def test_tuplets(constraint, body, ok):
+    assert accepts(constraint, FULL + body) == ok
+
+
+@pytest.mark.parametrize("body, ok", [
+    ("A>B c2|", True),   # 3/2 + 1/2 + 2
+    ("A<B c2|", True),
+    ("A2>B2|", True),
+    ("A>B2", False),     # partners of unequal length: abc2midi refuses them
+    ("z>A", False),      # broken rhythm needs a note first
+    ("A>B>c", False),    # no chains
+])
+def test_broken_rhythm(constraint, body, ok):
+    assert accepts(constraint, FULL + body) == ok
+
+
+@pytest.mark.parametrize("body, ok", [
+    ("[CEG]2 A2|", True),     # a chord lasts as long as its first note, here x2
+    ("[C2E2G2] A2|", True),
+    ("[CEG]3 A2", False),     # 3 + 2 overflows
+    ("[C2E2]3", False),       # outer length on inner lengths: abc2midi and the standard disagree
+    ("[CE|", False),          # a chord must close
+    ("[C2E]", False),         # inner notes share the first one's length
+])
+def test_chords(constraint, body, ok):
+    assert accepts(constraint, FULL + body) == ok
+
+
+def test_ties_join_the_same_pitch_within_the_bar(constraint):
+    assert accepts(constraint, FULL + "A-A B2|")
+    assert not accepts(constraint, FULL + "A-B B2|")
+    assert not accepts(constraint, FULL + "A-A-A B|")  # abc2midi miscounts chained ties
+
+
+def test_grace_notes_take_no_time(constraint):
+    assert accepts(constraint, FULL + "{ag}A B c2|")
+    assert not accepts(constraint, FULL + "{ag}|")
+
+
+@pytest.mark.parametrize("body, ok", [
+    ("A|d2f2|d2f2|d2f2|d2f:|", True),            # pickup; the section ends on the short bar
+    ("A|d2f2|d2f2|d2f2|d2f2:|", False),          # a full bar before :| would replay the pickup
+    ("A|d2f2|d2f2|d2f2|d2f:|\n|:g|a2f2|", True),  # the next section starts with the pickup again
+    ("A|d2f2|d2f|", False),                      # no short bar in mid-section
+    ("d2f2|A|", False),                          # only the first bar may be a pickup
+])
+def test_pickups(constraint, body, ok):
+    assert accepts(constraint, body) == ok
+
+
+def test_header_order_and_meter_are_checked(constraint):
+    with pytest.raises(PromptError, match="order"):
+        constraint.start("X:1\nM:6/8\nL:1/8\nK:D\n")
+    with pytest.raises(PromptError, match="meter"):
+        constraint.start("X:1\nL:1/8\nM:none\nK:D\n")
+    assert legal_chars(constraint, "") == {"X"}
+    assert legal_chars(constraint, "X:1\nL:1/") == {"4", "8", "1"}
+
+
+def test_the_end_comes_after_four_full_bars_16_notes_and_a_section_end(constraint):
+    def can_end(body):
+        return constraint.mask(constraint.start(HEAD + body), 10**6)[VOCAB.eos_id]
+
+    assert not can_end("defg|defg|defg|]")           # 3 bars
+    assert not can_end("defg|defg|defg|defg|")       # | does not end a section
+    assert not can_end("d2f2|d2f2|d2f2|d2f2|]")      # 8 notes
+    assert can_end("defg|defg|defg|defg|]")
+    assert can_end("|:defg|defg|defg|defg:|\n")
+
+
+def test_a_char_model_is_constrained_character_by_character(constraint):
+    # "f" is still being written with 2 units left: it may grow to f2, f/ or f3/ (3/2),
+    # not to f4, and the bar may not close on it
+    legal = legal_chars(constraint, HEAD + "d2f2|d2f")
+    assert {"2", "/", "3"} <= legal and not {"4", "6", "8", "|"} & legal
+    assert {"|", ":"} <= legal_chars(constraint, HEAD + "d2f2|d2f2")
+
+
+def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+
+    def step(tokens, state):  # a "model" that knows nothing: any token, any time
+        return rng.normal(size=(len(tokens), len(vocab))).astype(np.float32) * 3, state
+
+    constraint = AbcConstraint(vocab, max_bars=16)
+    return abctext.generate_ids(step, vocab, [vocab.eos_id], n, max_tokens, np.random.default_rng(seed + 1),
+                                constraint=constraint)
+
+
+def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
+    """The mask never leaves zero legal tokens, every tune ends, and abc2midi agrees."""
+    ids = random_tunes(VOCAB, 500, seed=0)
+    tunes = [VOCAB.decode(row) for row in ids]
+    assert all(len(row) < 800 for row in ids)  # each ended with <eos> before the budget
+    assert all(t.rstrip().endswith((":|", "||", "|]")) for t in tunes)
+    assert all(set(row).isdisjoint({VOCAB.pad_id, VOCAB.unk_id}) for row in ids)
+    if not musicrnn.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    results = [musicrnn.check_with_abc2midi(t) for t in tunes]
+    broken = [(t, [m for m in r["messages"] if "Error" in m or "time units" in m])
+              for t, r in zip(tunes, results) if not r["bar_clean"]]
+    assert not broken, broken[:2]
+
+
+def test_abc_token_vocabularies_are_constrained_too(fixture_tunes):
+    vocab = Vocabulary.build(fixture_tunes * 3, "abc", min_count=1)
+    ids = random_tunes(vocab, 100, seed=3)
+    assert all(len(row) < 800 for row in ids)
+    assert all(vocab.decode(row).rstrip().endswith((":|", "||", "|]")) for row in ids)
+
+
+def test_a_vocabulary_without_bar_lines_is_refused():
+    with pytest.raises(PromptError, match="lacks"):
+        AbcConstraint(Vocabulary("char", abctext.SPECIALS + list("ABCabc")))
