@@ -231,9 +231,9 @@ def generate_ids(step, vocab: Vocabulary, prompt_ids: list[int], num: int, max_t
     for t in range(max_tokens):
         logits, state = step(tokens[:, None], state)                  # (B, V)
         if constraint:
-            legal = np.stack([constraint.mask(tune, max_tokens - t) if not tune.ended else np.ones(len(vocab), bool)
-                              for tune in tunes])                     # (B, V)
-            logits = np.where(legal, logits, -np.inf)
+            for row, tune in zip(logits, tunes):                      # (V,) each, masked in place
+                if not tune.ended:
+                    row[~constraint.mask(tune, max_tokens - t)] = -np.inf
         tokens = sample_next(logits, rng, temperature, top_k)         # (B,)
         for b in np.flatnonzero(~done):
             if tokens[b] == vocab.eos_id:
@@ -349,6 +349,13 @@ class _PrefixTable:
         return self._children[prefix]
 
 
+_NOTE_PITCH = re.compile(r"\A(?:\^\^|\^|__|_|=)?([A-Ga-g])")
+
+
+def _pitch_shape(m: re.Match) -> str:
+    return "C" if m.group(1).isupper() else "c"  # octave marks and lengths follow alike
+
+
 @dataclass
 class TuneState:
     """Where the automaton stands in one tune."""
@@ -386,12 +393,19 @@ class TuneState:
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
 
     def key(self, must_end: bool) -> tuple:
-        """Everything a mask depends on."""
-        return (self.phase, self.pending, self.pending_must_end, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
-                self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
-                self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
-                self.last_pitch, self.tie_pitch, self.short_next, self.line_letter, self.need_note, self.final,
-                min(self.full_bars, 4), min(self.notes, MIN_NOTES), must_end)
+        """What a mask depends on, and no more, so that masks can be cached and shared.
+
+        A note being written counts by its shape, not its pitch ("^f2" as "c2"), and the
+        last pitch only by whether there is one, except around a tie, where it decides.
+        """
+        tie = self.tie_pitch >= 0 or self.pending == "-"
+        pending = self.pending if tie or self.phase < 4 else _NOTE_PITCH.sub(_pitch_shape, self.pending)
+        return (self.phase, pending, self.pending_must_end, self.full, self.bar, self.first_bar, self.pickup,
+                self.section_ends > 0, self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS,
+                self.last_note, self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len,
+                self.grace, (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
+                self.line_letter, self.need_note, self.final, min(max(self.full_bars, 3), 4),
+                min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end)
 
     def can_end(self) -> bool:
         return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE) and self.bar == 0
@@ -599,10 +613,12 @@ class AbcConstraint:
             after = _copy(s)
             self._commit(after, s.pending)
         legal_after = self._legal(after, must_end)
+        extends = np.zeros(len(self.vocab) + 1, dtype=bool)           # (V + 1,) index -1: no character
+        extends[ids] = True
         start_ids, lo, hi = self.body.children("")
-        starts = _any_in_ranges(legal_after, lo, hi) & ~np.isin(start_ids, ids)  # ... and a new one starts
+        starts = _any_in_ranges(legal_after, lo, hi) & ~extends[start_ids]  # ... and a new one starts
         mask[start_ids[starts]] = True
-        whole = (self.whole_body >= 0) & ~np.isin(self.whole_first, ids)
+        whole = (self.whole_body >= 0) & ~extends[self.whole_first]
         whole[whole] = legal_after[self.whole_body[whole]]
         mask[self.whole_ids[whole]] = True
         if after.can_end():
