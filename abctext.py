@@ -64,6 +64,11 @@ def tokenize_abc(text: str) -> list[str]:
     return [m.group() for m in _TOKEN_RE.finditer(text)]
 
 
+def tokenize_abc_kinds(text: str) -> list[tuple[str, str]]:
+    """(token, kind) pairs; the kind comes from context ("[" opens a chord only before a note)."""
+    return [(m.group(), m.lastgroup) for m in _TOKEN_RE.finditer(text)]
+
+
 def token_kind(token: str) -> str:
     """The kind of one token, as named in _TOKEN_PATTERNS ("note", "bar", ...)."""
     m = _TOKEN_RE.fullmatch(token)

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ class Config:
     limit: int | None = None                    # use only the first N training tunes (None = all)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
+    augment: bool = False                       # each epoch, each training tune in a random key and unit length
     # model
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 256                       # LSTM state size (512 scored the same, generates 4x slower)
@@ -130,7 +132,7 @@ def normalize_tune(lines: list[str]) -> str | None:
             line = clean_body_line(raw)
             if line:
                 body.append(line)
-    if "K" not in header or not any(abctext.token_kind(t) == "note" for t in tokenize_abc("\n".join(body))):
+    if "K" not in header or not any(kind == "note" for _, kind in abctext.tokenize_abc_kinds("\n".join(body))):
         return None
     head = ["X:1"] + [f"{k}:{header[k]}" for k in "LMK" if k in header]
     return "\n".join(head + body) + "\n"
@@ -544,6 +546,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     while epoch < cfg.epochs and not out_of_time:
         rng = np.random.default_rng(cfg.seed + epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(cfg.seed + epoch)
+        if cfg.augment:  # the training split only; validation stays as written
+            train_set = MusicDataset([augment_tune(t, rng) for t in train_tunes], vocab)
         loader, batches = batch_loader(train_set, cfg.batch_size, vocab.pad_id, rng)
         model.train()
         epoch_start, sum_loss, sum_tokens = time.time(), 0.0, 0
@@ -678,7 +682,7 @@ def tune_body(tune: str) -> str:
 
 
 def note_tokens(tune: str) -> list[str]:
-    return [t for t in tokenize_abc(tune_body(tune)) if abctext.token_kind(t) == "note"]
+    return [t for t, kind in abctext.tokenize_abc_kinds(tune_body(tune)) if kind == "note"]
 
 
 _PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -766,6 +770,368 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 # -----------------------------------------------------------------------------
+# augmentation: transposition, rhythm and unit length, right by construction
+#
+# Every function rewrites the tokens of abctext's tokenizer and leaves all else as it is.
+# Pitches are tracked the way ABC defines them: key signature, then accidentals that
+# hold to the end of the bar for that pitch and octave. The tests check every function
+# against abc2midi, an independent ABC parser.
+
+_NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_LETTERS = "CDEFGAB"
+_ALTERATION = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
+_ACCIDENTAL = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}
+_NOTE_PARTS = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)(.*)", re.S)
+_MODES = {"": 0, "maj": 0, "ion": 0, "mix": -1, "dor": -2, "m": -3, "min": -3, "aeo": -3, "phr": -4, "loc": -5,
+          "lyd": 1}  # fifths from the major key of the same tonic
+_KEY = re.compile(r"\s*([A-G])([#b]?)\s*([A-Za-z]*)(.*)", re.S)
+_CHORD_ROOT = re.compile(r'(")([A-G])([#b]?)([^"/]*)(?:/([A-G])([#b]?))?(")')
+
+
+class TransposeError(ValueError):
+    """A tune that cannot be transposed as asked (its notes would leave the playable range)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    tonic: int        # letter index, C=0 .. B=6
+    alter: int        # -1 flat, 0, +1 sharp tonic
+    mode: str         # as written ("m", "dor", "Mixolydian"...)
+    rest: str         # anything after the key (clef=..., spaces)
+    fifths: int       # sharps (>0) or flats (<0) of the signature
+
+    def signature(self) -> dict[int, int]:
+        """letter index -> alteration from the key signature."""
+        order = "FCGDAEB" if self.fifths > 0 else "BEADGCF"
+        return {_LETTERS.index(ch): (1 if self.fifths > 0 else -1) for ch in order[:abs(self.fifths)]}
+
+    def text(self) -> str:
+        return _LETTERS[self.tonic] + {1: "#", -1: "b", 0: ""}[self.alter] + self.mode + self.rest
+
+
+def parse_key(value: str) -> Key | None:
+    """K: value -> Key, or None for K:none (and keys this module does not know, e.g. K:HP)."""
+    m = _KEY.fullmatch(value)
+    if not m:
+        return None
+    mode = m.group(3)
+    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower())
+    if offset is None:
+        return None
+    tonic, alter = _LETTERS.index(m.group(1)), {"#": 1, "b": -1, "": 0}[m.group(2)]
+    fifths = [0, 2, 4, -1, 1, 3, 5][tonic] + 7 * alter + offset
+    return Key(tonic, alter, mode, m.group(4), fifths)
+
+
+def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
+    """The key a number of semitones away, spelled with the fewest accidentals, and the
+    number of letter steps between the two tonics."""
+    pitch = (_NATURAL[_LETTERS[key.tonic]] + key.alter + semitones) % 12
+    best = None
+    for steps in range(-7, 8):
+        letter = (key.tonic + steps) % 7
+        alter = (pitch - _NATURAL[_LETTERS[letter]] + 6) % 12 - 6
+        if abs(alter) > 1:
+            continue
+        fifths = [0, 2, 4, -1, 1, 3, 5][letter] + 7 * alter + (key.fifths - [0, 2, 4, -1, 1, 3, 5][key.tonic]
+                                                               - 7 * key.alter)
+        # the interval from the old tonic to this one must be the shift (up to octaves)
+        interval = _letter_semitones(key.tonic, steps) + alter - key.alter
+        if (interval - semitones) % 12:
+            continue
+        cost = (abs(fifths), abs(interval - semitones))
+        if best is None or cost < best[0]:
+            best = (cost, Key(letter, alter, key.mode, key.rest, fifths), steps)
+    return best[1], best[2]
+
+
+def _letter_semitones(letter: int, steps: int) -> int:
+    """Semitones between the natural notes `steps` letters apart, starting at `letter`."""
+    start = _NATURAL[_LETTERS[letter]]
+    total = letter + steps
+    return _NATURAL[_LETTERS[total % 7]] + 12 * (total // 7) - start
+
+
+@dataclass
+class _Pitch:
+    letter: int    # diatonic index from C of octave 0: octave * 7 + letter
+    midi: int
+
+
+def _note_pitch(acc, letter, octave_marks, signature, bar_alter) -> _Pitch:
+    octave = (5 if letter.islower() else 4) + octave_marks.count("'") - octave_marks.count(",")
+    index = _LETTERS.index(letter.upper())
+    step = octave * 7 + index
+    if acc:
+        bar_alter[step] = _ALTERATION[acc]
+    alter = bar_alter.get(step, signature.get(index, 0))
+    return _Pitch(step, 12 * (octave + 1) + _NATURAL[letter.upper()] + alter)
+
+
+def _spell(pitch: _Pitch, steps: int, semitones: int, signature, bar_alter) -> str:
+    """The note `semitones` above pitch, on the letter `steps` above, with the accidental
+    that this bar and key signature need (none where they already give it)."""
+    step = pitch.letter + steps
+    octave, index = divmod(step, 7)
+    natural = 12 * (octave + 1) + _NATURAL[_LETTERS[index]]
+    alter = pitch.midi + semitones - natural
+    if abs(alter) > 2:  # only in keyless tunes: choose the nearest letter instead
+        step += 1 if alter > 0 else -1
+        octave, index = divmod(step, 7)
+        natural = 12 * (octave + 1) + _NATURAL[_LETTERS[index]]
+        alter = pitch.midi + semitones - natural
+    accidental = ""
+    if bar_alter.get(step, signature.get(index, 0)) != alter:
+        accidental = _ACCIDENTAL[alter]
+        bar_alter[step] = alter
+    letter = _LETTERS[index] if octave <= 4 else _LETTERS[index].lower()
+    marks = "," * max(0, 4 - octave) + "'" * max(0, octave - 5)
+    return accidental + letter + marks
+
+
+def _transpose_chord_symbol(text: str, semitones: int, sharps: bool) -> str:
+    def name(letter: str, acc: str) -> str:
+        pc = (_NATURAL[letter] + {"#": 1, "b": -1, "": 0}[acc] + semitones) % 12
+        names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"] if sharps else \
+            ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
+        return names[pc]
+
+    def repl(m: re.Match) -> str:
+        bass = "/" + name(m.group(5), m.group(6)) if m.group(5) else ""
+        return m.group(1) + name(m.group(2), m.group(3)) + m.group(4) + bass + m.group(7)
+
+    return _CHORD_ROOT.sub(repl, text)
+
+
+def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 96) -> str:
+    """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
+
+    Notes move to the letters of the new key (C -> D in a whole step), with only the
+    accidentals the new key and bar need. Raises TransposeError when a note would leave
+    [low, high] (MIDI; default G, to c''').
+    """
+    key = None
+    new_key, steps = None, _steps_without_key(semitones)
+    out, bar_in, bar_out = [], {}, {}
+    in_body = False
+    for token, kind in abctext.tokenize_abc_kinds(abc):
+        if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
+            value = token.lstrip("[")[2:].rstrip("]") if kind == "inline_field" else token[2:]
+            key = parse_key(value)
+            if key is None and value.strip() not in ("none", ""):
+                raise TransposeError(f"cannot transpose the key K:{value}")
+            new_key, steps = transpose_key(key, semitones) if key else (None, _steps_without_key(semitones))
+            text = f"K:{new_key.text()}" if new_key else f"K:{value}"
+            out.append(f"[{text}]" if kind == "inline_field" else text)
+            in_body, bar_in, bar_out = True, {}, {}
+            continue
+        if not in_body:
+            out.append(token)
+            continue
+        signature_in = key.signature() if key else {}
+        signature_out = new_key.signature() if new_key else {}
+        if kind == "bar":
+            bar_in, bar_out = {}, {}
+            out.append(token)
+        elif kind == "note" or kind == "grace":
+            notes = _NOTE_IN_TEXT.sub(lambda m: _move(m, steps, semitones, signature_in, signature_out, bar_in, bar_out),
+                                      token)
+            out.append(notes)
+        elif kind == "chord_symbol":
+            out.append(_transpose_chord_symbol(token, semitones, sharps=(new_key.fifths >= 0) if new_key else semitones >= 0))
+        else:
+            out.append(token)
+    result = "".join(out)
+    midis = _midi_range(result)
+    if midis and (midis[0] < low or midis[1] > high):
+        raise TransposeError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
+    return result
+
+
+def _steps_without_key(semitones: int) -> int:
+    """Letter steps for a keyless tune: the nearest diatonic interval."""
+    return round(semitones * 7 / 12)
+
+
+_NOTE_IN_TEXT = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)")
+
+
+def _move(m: re.Match, steps, semitones, signature_in, signature_out, bar_in, bar_out) -> str:
+    pitch = _note_pitch(m.group(1), m.group(2), m.group(3), signature_in, bar_in)
+    return _spell(pitch, steps, semitones, signature_out, bar_out)
+
+
+def _midi_range(abc: str) -> tuple[int, int] | None:
+    """Lowest and highest sounding MIDI pitch of a tune, key signature and accidentals applied."""
+    key, bar, pitches = None, {}, []
+    for token, kind in abctext.tokenize_abc_kinds(abc):
+        if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
+            key, bar = parse_key(token.lstrip("[")[2:].rstrip("]")), {}
+        elif kind == "bar":
+            bar = {}
+        elif kind in ("note", "grace"):
+            signature = key.signature() if key else {}
+            pitches += [_note_pitch(*m.groups(), signature, bar).midi for m in _NOTE_IN_TEXT.finditer(token)]
+    return (min(pitches), max(pitches)) if pitches else None
+
+
+def _parse_length(text: str) -> Fraction:
+    """ABC length suffix -> multiple of L: "" 1, "3" 3, "/" 1/2, "//" 1/4, "3/2" 3/2, "3/" 3/2."""
+    m = re.fullmatch(r"(\d*)(/*)(\d*)", text)
+    num = int(m.group(1)) if m.group(1) else 1
+    slashes = len(m.group(2))
+    if not slashes:
+        return Fraction(num)
+    den = int(m.group(3)) * 2 ** (slashes - 1) if m.group(3) else 2 ** slashes
+    return Fraction(num, den)
+
+
+def format_length(length: Fraction) -> str:
+    """Multiple of L -> the shortest ABC suffix."""
+    if length.denominator == 1:
+        return "" if length == 1 else str(length.numerator)
+    num = "" if length.numerator == 1 else str(length.numerator)
+    return f"{num}/" if length.denominator == 2 else f"{num}/{length.denominator}"
+
+
+_LENGTHED = re.compile(r"((?:\^\^|\^|__|_|=)?[A-Ga-g][,']*|[zx]|\])([\d/]*)")
+
+
+def scale_lengths(token: str, factor: Fraction) -> str:
+    """A note, rest or chord close with its length multiplied by factor."""
+    return _LENGTHED.sub(lambda m: m.group(1) + format_length(_parse_length(m.group(2)) * factor), token)
+
+
+def _meter(value: str) -> Fraction | None:
+    value = {"C": "4/4", "C|": "2/2"}.get(value.strip(), value.strip())
+    m = re.fullmatch(r"(\d+)/(\d+)", value)
+    return Fraction(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _rewrite_lengths(abc: str, factor_for) -> str:
+    """Scale every length in the body; factor_for(field_token) may change the factor mid-tune.
+
+    A chord with an outer length ([CEG]2) has that length scaled, one without ([C2E2]) its
+    notes: that keeps its duration right whether a reader multiplies the two or not.
+    """
+    out, chord, factor, in_body = [], None, factor_for(None), False
+    for token, kind in abctext.tokenize_abc_kinds(abc):
+        if kind in ("field", "inline_field"):
+            new = factor_for(token)
+            if new is not None and not isinstance(new, Fraction):
+                token, new = new  # the field rewritten, and the factor from here on
+            factor = new if new is not None else factor
+            in_body = in_body or token.lstrip("[").startswith("K:")
+        elif in_body and kind == "chord_open":
+            chord = [(token, kind)]
+            continue
+        elif chord is not None and kind == "chord_close":
+            outer = token != "]"
+            inner = [t if outer or k != "note" else scale_lengths(t, factor) for t, k in chord]
+            token = "".join(inner) + (scale_lengths(token, factor) if outer else token)
+            chord = None
+        elif chord is not None:
+            chord.append((token, kind))
+            continue
+        elif in_body and kind in ("note", "rest"):
+            token = scale_lengths(token, factor)
+        out.append(token)
+    return "".join(out + [t for t, _ in chord or []])
+
+
+def change_rhythm(abc: str, factor) -> str:
+    """Every note and rest length times factor (2, 1/2); M: scales with them so bars stay full.
+
+    M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
+    L:, broken rhythm, tuplets, chord symbols and decorations are untouched.
+    """
+    factor = Fraction(factor)
+
+    def fields(token):
+        if token is None:
+            return factor
+        inline = token.startswith("[")
+        body = token.strip("[]")
+        if not body.startswith("M:"):
+            return None
+        m = re.fullmatch(r"(\d+)/(\d+)", {"C": "4/4", "C|": "2/2"}.get(body[2:].strip(), body[2:].strip()))
+        if not m:
+            raise TransposeError(f"cannot scale the meter {body}")
+        num, den = int(m.group(1)), int(m.group(2))  # not reduced: 6/8 stays six beats
+        # keep the numerator (the beats) and move the denominator where possible
+        if (Fraction(den) / factor).denominator == 1:
+            den = int(den / factor)
+        else:
+            num = int(num * factor)
+        text = f"M:{num}/{den}"
+        return (f"[{text}]" if inline else text), factor
+
+    return _rewrite_lengths(abc, fields)
+
+
+def set_unit_length(abc: str, unit: str) -> str:
+    """Rewrite L: and every length so that the music is identical: L:1/8 A2 == L:1/16 A4."""
+    target = Fraction(unit)
+    header = re.search(r"(?m)^L:\s*(\d+/\d+)", abc)
+    meter = re.search(r"(?m)^M:(.*)$", abc)
+    if header:
+        current = Fraction(header.group(1))
+    else:  # the default unit: 1/16 below a meter of 3/4, else 1/8
+        m = _meter(meter.group(1)) if meter else None
+        current = Fraction(1, 16) if m is not None and m < Fraction(3, 4) else Fraction(1, 8)
+        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
+    state = {"unit": current}
+
+    def fields(token):
+        if token is None:
+            return current / target
+        inline = token.startswith("[")
+        body = token.strip("[]")
+        if not body.startswith("L:"):
+            return None
+        if header is None and not inline:
+            return None  # the L: line we inserted
+        state["unit"] = Fraction(body[2:].strip())
+        text = f"L:{unit}"
+        return (f"[{text}]" if inline else text), state["unit"] / target
+
+    return _rewrite_lengths(abc, fields)
+
+
+def augment_dataset(tunes: list[str], transpositions=(-2, 2), factors=(2,)) -> list[str]:
+    """The report's x5 set: each tune, its transpositions and its rhythm changes.
+
+    A tune whose transposition leaves the playable range is left out of that copy.
+    """
+    out = list(tunes)
+    for shift in transpositions:
+        for tune in tunes:
+            try:
+                out.append(transpose_tune(tune, shift))
+            except TransposeError:
+                pass
+    for factor in factors:
+        for tune in tunes:
+            try:
+                out.append(change_rhythm(tune, factor))
+            except TransposeError:
+                pass
+    return out
+
+
+def augment_tune(tune: str, rng: np.random.Generator, shifts=range(-5, 7), units=("1/8", "1/16", "1/4")) -> str:
+    """One random transposition and unit length, for training on the fly (never validation)."""
+    try:
+        tune = transpose_tune(tune, int(rng.choice(list(shifts))))
+    except TransposeError:
+        pass
+    try:
+        return set_unit_length(tune, str(rng.choice(list(units))))
+    except (TransposeError, ValueError, ZeroDivisionError):
+        return tune
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -778,7 +1144,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
     defaults = Config()
     groups = {
-        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count"],
+        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment"],
         "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
         "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
                          "max_minutes"],
@@ -790,6 +1156,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for title, names in groups.items():
         group = parser.add_argument_group(title)
         for name in names:
+            if types[name] == "bool":
+                group.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
+                                   help="random transposition (-5..+6) and unit length per tune and epoch")
+                continue
             kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
             flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
             group.add_argument(flag, dest=name, type=kind, choices=choices.get(name), default=None,

@@ -1,0 +1,171 @@
+"""Augmentation checked against abc2midi, an independent ABC parser: transposition moves every
+pitch by exactly the shift, unit-length rewrites keep the MIDI identical, rhythm scaling
+scales every duration and keeps the bars full."""
+
+import json
+import re
+import shutil
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import musicrnn
+from abctext import tokenize_abc
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_abcmidi = pytest.mark.skipif(not (shutil.which("abc2midi") and shutil.which("mftext")),
+                                   reason="abc2midi/mftext not installed (apt-get install abcmidi)")
+
+
+def midi_notes(tune: str, tmp_path: Path, *flags: str) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """(onset, duration, pitch) of every melody note, in ticks, and abc2midi's bar warnings.
+
+    abc2midi starts each note one tick after its beat; onsets are counted from the beat.
+    """
+    src, mid = tmp_path / "t.abc", tmp_path / "t.mid"
+    src.write_text(tune)
+    mid.unlink(missing_ok=True)
+    log = subprocess.run(["abc2midi", str(src), "-o", str(mid), *flags], capture_output=True, text=True).stdout
+    assert "Error" not in log, log
+    text = subprocess.run(["mftext", str(mid)], capture_output=True, text=True).stdout
+    started, notes = {}, []
+    for time, kind, pitch in re.findall(r"Time=(\d+)\s+Note (on|off), chan=1 pitch=(\d+)", text):
+        time, pitch = int(time), int(pitch)
+        if kind == "on":
+            started[pitch] = time
+        elif pitch in started:
+            beat = started.pop(pitch) - 1
+            notes.append((beat, time, pitch))
+    # abc2midi spreads a chord's notes 10 ticks apart: count them from the chord's onset
+    first = {}
+    for beat, end, _ in sorted(notes):
+        key = (end, beat // 100)
+        first.setdefault(key, beat)
+    notes = [(first[(end, beat // 100)], end - first[(end, beat // 100)], p) for beat, end, p in notes]
+    return sorted(notes), [line for line in log.splitlines() if "time units" in line]
+
+
+def without_ornaments(tune: str) -> str:
+    """abc2midi plays rolls and trills as runs of notes whose lengths are fractions of L."""
+    return tune.replace("~", "").replace("!trill!", "")
+
+
+def durations(notes):
+    return [(on, dur) for on, dur, _ in notes]
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("shift", range(-6, 7))
+def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, shift):
+    for tune in fixture_tunes:
+        before, _ = midi_notes(tune, tmp_path)
+        moved = musicrnn.transpose_tune(tune, shift, low=0, high=127)  # the guard has its own test
+        after, _ = midi_notes(moved, tmp_path)
+        assert durations(after) == durations(before), (shift, moved)
+        assert [p for *_, p in after] == [p + shift for *_, p in before], (shift, tune, moved)
+        assert "".join(tokenize_abc(moved)) == moved
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("shift", [1, 5, -4, 6])
+def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
+    for tune in fixture_tunes:
+        back = musicrnn.transpose_tune(musicrnn.transpose_tune(tune, shift, 0, 127), -shift, 0, 127)
+        assert midi_notes(back, tmp_path)[0] == midi_notes(tune, tmp_path)[0]
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("unit", ["1/4", "1/8", "1/16"])
+def test_unit_length_rewrite_keeps_the_music_identical(fixture_tunes, tmp_path, unit):
+    """abc2midi plays grace notes, rolls and trills in fractions of L, so those ornaments are
+    left out of the comparison (-NGRA, and ~ !trill! removed from both): all else must match."""
+    for tune in fixture_tunes:
+        rewritten = musicrnn.set_unit_length(tune, unit)
+        assert f"L:{unit}" in rewritten and rewritten.count("~") == tune.count("~")
+        plain_before, plain_after = without_ornaments(tune), without_ornaments(rewritten)
+        assert midi_notes(plain_after, tmp_path, "-NGRA") == midi_notes(plain_before, tmp_path, "-NGRA"), rewritten
+
+
+@needs_abcmidi
+def test_rhythm_doubling_doubles_every_duration_and_keeps_bars_full(fixture_tunes, tmp_path):
+    """Ornaments aside, as above: abc2midi plays them in fractions of L, which does not change."""
+    for tune in fixture_tunes:
+        tune = without_ornaments(tune)
+        before, warnings_before = midi_notes(tune, tmp_path, "-NGRA")
+        doubled = musicrnn.change_rhythm(tune, 2)
+        after, warnings_after = midi_notes(doubled, tmp_path, "-NGRA")
+        assert [(2 * on, 2 * dur) for on, dur, _ in before] == durations(after), doubled
+        assert [p for *_, p in after] == [p for *_, p in before]
+        assert len(warnings_after) <= len(warnings_before), warnings_after
+
+
+def test_key_spelling_prefers_the_new_keys_letters():
+    tune = "X:1\nL:1/8\nM:4/4\nK:D\nDEFG ABcd|^c=cBA G2F2|]\n"
+    # ^c is C# (in the key already): it becomes D#, in E major's signature, so no accidental
+    assert musicrnn.transpose_tune(tune, 2) == "X:1\nL:1/8\nM:4/4\nK:E\nEFGA Bcde|d=dcB A2G2|]\n"
+    assert musicrnn.transpose_tune(tune, -2).startswith("X:1\nL:1/8\nM:4/4\nK:C\nCDEF GABc|")
+    assert "K:Bb" in musicrnn.transpose_tune(tune, -4)   # not A#
+    assert "K:F#m" in musicrnn.transpose_tune("X:1\nK:Em\nEFG|\n", 2)
+    assert "K:Bdor" in musicrnn.transpose_tune("X:1\nK:Ador\nABc|\n", 2)
+    assert "K:Amix" in musicrnn.transpose_tune("X:1\nK:Gmix\nGAB|\n", 2)
+
+
+def test_chord_symbols_and_inline_keys_move_too():
+    out = musicrnn.transpose_tune('X:1\nL:1/8\nM:2/4\nK:G\n"Am"A2 "G/B"B2|[K:D] "D"d4|]\n', 2)
+    assert '"Bm"' in out and '"A/C#"' in out and "[K:E]" in out and '"E"e4' in out
+
+
+def test_headers_other_than_the_key_are_untouched():
+    out = musicrnn.transpose_tune("X:3\nL:1/8\nM:6/8\nK:D\nd2f|\n", 5)
+    assert out.startswith("X:3\nL:1/8\nM:6/8\nK:G\n")
+
+
+def test_the_range_guard_refuses_notes_out_of_reach():
+    with pytest.raises(musicrnn.TransposeError, match="outside"):
+        musicrnn.transpose_tune("X:1\nK:C\nc''c'''|\n", 6)
+    with pytest.raises(musicrnn.TransposeError):
+        musicrnn.transpose_tune("X:1\nK:C\nG,A,B,|\n", -1)
+
+
+def test_rhythm_change_scales_lengths_not_numbers_elsewhere():
+    tune = 'X:1\nL:1/8\nM:6/8\nK:D\n"D7"A>B (3cde !trill!f2 [Ace]2 z|\n'
+    out = musicrnn.change_rhythm(tune, 2)
+    assert out == 'X:1\nL:1/8\nM:6/4\nK:D\n"D7"A2>B2 (3c2d2e2 !trill!f4 [Ace]4 z2|\n'
+    assert musicrnn.change_rhythm(out, Fraction(1, 2)) == tune
+
+
+@pytest.mark.parametrize("length, text", [(Fraction(1), ""), (Fraction(2), "2"), (Fraction(1, 2), "/"),
+                                          (Fraction(1, 4), "/4"), (Fraction(3, 2), "3/"), (Fraction(3, 4), "3/4")])
+def test_length_format_round_trips(length, text):
+    assert musicrnn.format_length(length) == text
+    assert musicrnn._parse_length(text) == length
+
+
+def test_transposition_never_fails_on_corpus_tunes():
+    """Every shift of a sample of the default corpus (all of it: README) either works,
+    tokenizing losslessly, or is refused by the range guard."""
+    path = ROOT / "data" / "train.json"
+    tunes = [r["abc notation"] for r in json.loads(path.read_text())] if path.exists() else []
+    if not tunes:
+        pytest.skip("data/train.json not built (make data)")
+    rng = np.random.default_rng(0)
+    for tune in [tunes[i] for i in rng.choice(len(tunes), 150, replace=False)]:
+        for shift in range(-6, 7):
+            try:
+                out = musicrnn.transpose_tune(tune, shift)
+            except musicrnn.TransposeError as e:
+                assert "outside" in str(e) or "cannot transpose the key" in str(e)
+                continue
+            assert "".join(tokenize_abc(out)) == out
+            assert len(musicrnn.note_tokens(out)) == len(musicrnn.note_tokens(tune))
+
+
+def test_augment_dataset_is_the_reports_times_five(fixture_tunes):
+    in_range = [t for t in fixture_tunes if 60 <= musicrnn._midi_range(t)[0] and musicrnn._midi_range(t)[1] <= 88]
+    augmented = musicrnn.augment_dataset(in_range, transpositions=(-2, 2, 5), factors=(2,))
+    assert len(in_range) >= 5 and len(augmented) == 5 * len(in_range)
+    assert augmented[: len(in_range)] == in_range
+    assert musicrnn.transpose_tune(in_range[0], 5) in augmented
