@@ -397,20 +397,25 @@ class TuneState:
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
 
-    def key(self, must_end: bool) -> tuple:
-        """What a mask depends on, and no more, so that masks can be cached and shared.
-
-        A note being written counts by its shape, not its pitch ("^f2" as "c2"), and the
-        last pitch only by whether there is one, except around a tie, where it decides.
-        """
-        tie = self.tie_pitch >= 0 or self.pending == "-"
-        pending = self.pending if tie or self.phase < 4 else _NOTE_PITCH.sub(_pitch_shape, self.pending)
-        return (self.phase, pending, self.pending_must_end, self.full, self.bar, self.first_bar, self.pickup,
-                self.section_ends > 0, self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS,
-                self.last_note, self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len,
-                self.grace, (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
-                self.line_letter, self.need_note, self.final, min(max(self.full_bars, 3), 4),
+    def state_key(self, must_end: bool) -> tuple:
+        """What the legal tokens of the committed state depend on, and no more, so that
+        they can be cached and shared: the last pitch counts only by whether there is one,
+        except in a tie, where it decides; bars and notes only as far as the end rule needs
+        (4 and 16; one commit adds at most one)."""
+        tie = self.tie_pitch >= 0
+        return (self.phase, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
+                self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
+                self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
+                (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
+                self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end)
+
+    def key(self, must_end: bool) -> tuple:
+        """state_key and the token being written, a note by its shape ("^f2" as "c2")."""
+        exact = self.tie_pitch >= 0 or self.pending == "-" or self.phase < 4
+        pending = self.pending if exact else _NOTE_PITCH.sub(_pitch_shape, self.pending)
+        return self.state_key(must_end) + (pending, self.pending_must_end,
+                                           self.last_pitch if self.pending == "-" else None)
 
     def can_end(self) -> bool:
         return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE) and self.bar == 0
@@ -606,31 +611,58 @@ class AbcConstraint:
         return mask
 
     def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:
-        mask = np.zeros(len(self.vocab), dtype=bool)
         # a token already begun finishes under the rules it began under
-        legal = self._legal(s, s.pending_must_end)                    # (N,) what may be committed now
+        legal, counts = self._legal_counts(s, s.pending_must_end)    # (N,), (N + 1,)
         ids, lo, hi = self.body.children(s.pending)
-        mask[ids] = _any_in_ranges(legal, lo, hi)                     # the pending token grows
+        mask = np.zeros(len(self.vocab), dtype=bool)
+        mask[ids] = counts[hi] > counts[lo]                           # the pending token grows
         if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
             return mask
         after = s
         if s.pending:                                                 # or it is finished ...
             after = _copy(s)
             self._commit(after, s.pending)
-        legal_after = self._legal(after, must_end)
-        extends = np.zeros(len(self.vocab) + 1, dtype=bool)           # (V + 1,) index -1: no character
-        extends[ids] = True
-        start_ids, lo, hi = self.body.children("")
-        starts = _any_in_ranges(legal_after, lo, hi) & ~extends[start_ids]  # ... and a new one starts
-        mask[start_ids[starts]] = True
-        whole = (self.whole_body >= 0) & ~extends[self.whole_first]
-        whole[whole] = legal_after[self.whole_body[whole]]
-        mask[self.whole_ids[whole]] = True
-        if after.can_end():
-            if must_end:  # time to stop: nothing else
-                mask[:] = False
-            mask[self.vocab.eos_id] = True
+            after.pending, after.pending_must_end = "", False
+        starts, can_end = self._starts(after, must_end)               # ... and a new one starts
+        if can_end and must_end:  # time to stop: nothing else
+            mask[:] = False
+        else:
+            mask |= starts & ~self._extending(s.pending)
+        mask[self.vocab.eos_id] = can_end
         return mask
+
+    def _legal_counts(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
+        key = ("legal",) + s.state_key(must_end)
+        if key not in self.cache:
+            legal = self._legal(s, must_end)
+            self.cache[key] = legal, np.concatenate(([0], np.cumsum(legal)))
+        return self.cache[key]
+
+    def _starts(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, bool]:
+        """(V,) the tokens that may begin now, and whether the tune may end here."""
+        key = ("starts",) + s.state_key(must_end)
+        if key not in self.cache:
+            legal, counts = self._legal_counts(s, must_end)
+            starts = np.zeros(len(self.vocab), dtype=bool)
+            ids, lo, hi = self.body.children("")
+            starts[ids] = counts[hi] > counts[lo]
+            whole = self.whole_body >= 0
+            whole[whole] = legal[self.whole_body[whole]]
+            starts[self.whole_ids[whole]] = True
+            self.cache[key] = starts, s.can_end()
+        return self.cache[key]
+
+    def _extending(self, pending: str) -> np.ndarray:
+        """(V,) the tokens whose first character would extend the pending one: never a new start."""
+        key = ("extending", pending)
+        if key not in self.cache:
+            extends = np.zeros(len(self.vocab) + 1, dtype=bool)       # (V + 1,) index -1: no character
+            if pending:
+                extends[self.body.children(pending)[0]] = True
+            tokens = extends[:-1].copy()
+            tokens[self.whole_ids] = extends[self.whole_first]
+            self.cache[key] = tokens
+        return self.cache[key]
 
     def _legal(self, s: TuneState, must_end: bool) -> np.ndarray:
         """(N,) bool over the body tokens: which may be committed next."""
@@ -736,12 +768,6 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
-
-
-def _any_in_ranges(legal: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """For each [lo, hi): is any legal[i] true in it."""
-    counts = np.concatenate(([0], np.cumsum(legal)))
-    return counts[hi] > counts[lo]
 
 
 def _copy(state: TuneState) -> TuneState:

@@ -49,6 +49,7 @@ class Config:
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
     augment: bool = False                       # each epoch, each training tune in a random key and unit length
+    transpose_range: str = "G,..c'''"           # --augment refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 256                       # LSTM state size (512 scored the same, generates 4x slower)
@@ -547,7 +548,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
         rng = np.random.default_rng(cfg.seed + epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(cfg.seed + epoch)
         if cfg.augment:  # the training split only; validation stays as written
-            train_set = MusicDataset([augment_tune(t, rng) for t in train_tunes], vocab)
+            augmented = [augment_tune(t, rng, *parse_range(cfg.transpose_range)) for t in train_tunes]
+            train_set = MusicDataset([t for t, _ in augmented], vocab)
+            log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
+                f"by the range guard {cfg.transpose_range}")
         loader, batches = batch_loader(train_set, cfg.batch_size, vocab.pad_id, rng)
         model.train()
         epoch_start, sum_loss, sum_tokens = time.time(), 0.0, 0
@@ -810,14 +814,18 @@ class Key:
 
 
 def parse_key(value: str) -> Key | None:
-    """K: value -> Key, or None for K:none (and keys this module does not know, e.g. K:HP)."""
+    """K: value -> Key, or None for K:none and other keys without a tonic.
+
+    Read as abc2midi reads them: the bagpipe keys K:Hp and K:HP as A mixolydian (F# C#), and
+    an unknown mode (K:Bn, a typo in two corpus tunes) as major.
+    """
+    if value.strip() in ("Hp", "HP"):
+        value = "Amix"
     m = _KEY.fullmatch(value)
     if not m:
         return None
     mode = m.group(3)
-    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower())
-    if offset is None:
-        return None
+    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower(), 0)
     tonic, alter = _LETTERS.index(m.group(1)), {"#": 1, "b": -1, "": 0}[m.group(2)]
     fifths = [0, 2, 4, -1, 1, 3, 5][tonic] + 7 * alter + offset
     return Key(tonic, alter, mode, m.group(4), fifths)
@@ -903,13 +911,16 @@ def _transpose_chord_symbol(text: str, semitones: int, sharps: bool) -> str:
     return _CHORD_ROOT.sub(repl, text)
 
 
-def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 96) -> str:
+def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> str:
     """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
 
     Notes move to the letters of the new key (C -> D in a whole step), with only the
     accidentals the new key and bar need. Raises TransposeError when a note would leave
-    [low, high] (MIDI; default G, to c''').
+    [low, high] (MIDI; default G, to c''', 55..108).
     """
+    if semitones == 0:
+        _check_range(abc, 0, low, high)
+        return abc
     key = None
     new_key, steps = None, _steps_without_key(semitones)
     out, bar_in, bar_out = [], {}, {}
@@ -918,8 +929,6 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 96) -> s
         if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
             value = token.lstrip("[")[2:].rstrip("]") if kind == "inline_field" else token[2:]
             key = parse_key(value)
-            if key is None and value.strip() not in ("none", ""):
-                raise TransposeError(f"cannot transpose the key K:{value}")
             new_key, steps = transpose_key(key, semitones) if key else (None, _steps_without_key(semitones))
             text = f"K:{new_key.text()}" if new_key else f"K:{value}"
             out.append(f"[{text}]" if kind == "inline_field" else text)
@@ -942,10 +951,14 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 96) -> s
         else:
             out.append(token)
     result = "".join(out)
-    midis = _midi_range(result)
+    _check_range(result, semitones, low, high)
+    return result
+
+
+def _check_range(abc: str, semitones: int, low: int, high: int) -> None:
+    midis = _midi_range(abc)
     if midis and (midis[0] < low or midis[1] > high):
         raise TransposeError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
-    return result
 
 
 def _steps_without_key(semitones: int) -> int:
@@ -1098,37 +1111,45 @@ def set_unit_length(abc: str, unit: str) -> str:
     return _rewrite_lengths(abc, fields)
 
 
-def augment_dataset(tunes: list[str], transpositions=(-2, 2), factors=(2,)) -> list[str]:
+def augment_dataset(tunes: list[str], transpositions=(-2, 2), factors=(2, Fraction(1, 2))) -> list[str]:
     """The report's x5 set: each tune, its transpositions and its rhythm changes.
 
     A tune whose transposition leaves the playable range is left out of that copy.
     """
+    variants = [(transpose_tune, shift) for shift in transpositions] + [(change_rhythm, f) for f in factors]
     out = list(tunes)
-    for shift in transpositions:
+    for rewrite, amount in variants:
         for tune in tunes:
             try:
-                out.append(transpose_tune(tune, shift))
-            except TransposeError:
-                pass
-    for factor in factors:
-        for tune in tunes:
-            try:
-                out.append(change_rhythm(tune, factor))
+                out.append(rewrite(tune, amount))
             except TransposeError:
                 pass
     return out
 
 
-def augment_tune(tune: str, rng: np.random.Generator, shifts=range(-5, 7), units=("1/8", "1/16", "1/4")) -> str:
-    """One random transposition and unit length, for training on the fly (never validation)."""
+def parse_range(text: str) -> tuple[int, int]:
+    """The lowest and highest note a transposition may reach: "G,..c'''" -> MIDI (55, 96)."""
+    ends = text.split("..")
+    notes = [_NOTE_IN_TEXT.fullmatch(end.strip()) for end in ends]
+    if len(ends) != 2 or not all(notes):
+        raise UserError(f"--transpose-range wants two ABC notes like G,..c''' (got {text!r})")
+    low, high = (_note_pitch(*m.groups(), {}, {}).midi for m in notes)
+    return low, high
+
+
+def augment_tune(tune: str, rng: np.random.Generator, low: int = 55, high: int = 108,
+                 shifts=range(-5, 7), units=("1/8", "1/16", "1/4")) -> tuple[str, bool]:
+    """One random transposition and unit length, for training on the fly (never validation).
+
+    Returns the tune and whether the range guard refused its transposition (it then keeps
+    its key).
+    """
+    refused = False
     try:
-        tune = transpose_tune(tune, int(rng.choice(list(shifts))))
+        tune = transpose_tune(tune, int(rng.choice(list(shifts))), low, high)
     except TransposeError:
-        pass
-    try:
-        return set_unit_length(tune, str(rng.choice(list(units))))
-    except (TransposeError, ValueError, ZeroDivisionError):
-        return tune
+        refused = True
+    return set_unit_length(tune, str(rng.choice(list(units)))), refused
 
 
 # -----------------------------------------------------------------------------
@@ -1144,7 +1165,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
     defaults = Config()
     groups = {
-        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment"],
+        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment", "transpose_range"],
         "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
         "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
                          "max_minutes"],

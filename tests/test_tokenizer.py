@@ -75,13 +75,13 @@ def test_token_kinds():
 
 
 def test_vocabulary_reads_unseen_whole_tokens_from_their_parts():
-    vocab = Vocabulary.build(["X:1\nK:D\n\"D\"d2 f#\n"] * 5, "abc")
-    assert "K:D" in vocab.index
-    ids = vocab.encode("K:F#dor")  # never seen whole: spelled with characters
-    assert vocab.unk_id not in ids[:2] and vocab.decode(ids) == "K:" + "" .join(
-        ch if ch in vocab.index else "" for ch in "F#dor")
-    assert vocab.encode('"D"') == [vocab.index['"D"']]
-    assert vocab.decode(vocab.encode("K:D\nd2")) == "K:D\nd2"
+    # every character of K:F#dor and "Em7" appears in training; the whole tokens never do
+    vocab = Vocabulary.build(['X:1\nK:D\n"D"d2 f#\n"E"m7 F dor|\n'] * 5, "abc")
+    assert "K:D" in vocab.index and "K:F#dor" not in vocab.index
+    for unseen in ("K:F#dor", '"Em7"'):
+        ids = vocab.encode(unseen)
+        assert vocab.unk_id not in ids and len(ids) == len(unseen) and vocab.decode(ids) == unseen
+    assert vocab.encode('"D"') == [vocab.index['"D"']]  # a seen chord symbol stays one token
 
 
 def test_unseen_character_becomes_unk_and_a_prompt_with_it_is_refused():

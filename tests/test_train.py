@@ -1,5 +1,6 @@
 """Training, checkpoints, evaluation and generation on a tiny model and the fixture tunes."""
 
+import shutil
 import subprocess
 import sys
 
@@ -173,3 +174,19 @@ def test_bad_input_overwrites_nothing(tiny_run, tmp_path):
     before = (tiny_run / "best.pt").read_bytes()
     code = musicrnn.main(["train", "--train-data", str(tmp_path / "missing.json"), "--out", str(tiny_run), "--overwrite"])
     assert code == 2 and (tiny_run / "best.pt").read_bytes() == before
+
+
+def test_render_writes_midi_and_svg_beside_the_tunebook(tiny_run, tmp_path, capsys):
+    out = tmp_path / "tunes.abc"
+    code = musicrnn.main(["generate", "--checkpoint", str(tiny_run / "best.pt"), "--num", "2", "--constrained",
+                          "--max-tokens", "400", "--out", str(out), "--render"])
+    assert code == 0
+    messages = capsys.readouterr().err
+    if shutil.which("abc2midi"):
+        assert len(list(tmp_path.glob("tunes*.mid"))) == 2
+    else:
+        assert "apt-get install abcmidi" in messages
+    if shutil.which("abcm2ps"):
+        assert list(tmp_path.glob("tunes*.svg"))
+    else:
+        assert "apt-get install abcm2ps" in messages
