@@ -131,7 +131,8 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
 def markdown(results: dict) -> str:
     rows = [
         ("torch eager step, batch 1 (" + results["gen_torch_best_config"] + ")", results["gen_ms_per_token_torch"], "ms/token"),
-        (f"onnxruntime fp32 step, batch 1 ({results['gen_ort_threads']} thread)", results["gen_ms_per_token_ort"], "ms/token"),
+        (f"onnxruntime fp32 step, batch 1 ({results['gen_ort_threads']} thread"
+         + "s" * (results["gen_ort_threads"] > 1) + ")", results["gen_ms_per_token_ort"], "ms/token"),
         ("onnxruntime int8 step, batch 1", results["gen_ms_per_token_ort_int8"], "ms/token"),
         (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune", results["gen_ms_per_token_prefix"], "ms/token"),
         ("onnxruntime fp32, batch 32", results["gen_tokens_per_s_batch32_ort"], "tokens/s"),
