@@ -476,6 +476,9 @@ class AbcConstraint:
                 raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i + 1]!r}")
             else:
                 self.advance(state, self.char_ids[ch])
+        if state.phase < 4 and state.pending and state.pending not in self.headers[state.phase].prefixes:
+            raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
+                              f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
 
     def advance(self, state: TuneState, token_id: int) -> None:

@@ -488,13 +488,18 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
             "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}
 
 
-def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float) -> float:
-    """Cosine: linear warm-up, then cosine decay to 5% of the peak. Plateau: peak x lr_scale."""
+def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, time_used: float = 0.0) -> float:
+    """Cosine: linear warm-up, then cosine decay to 5% of the peak. Plateau: peak x lr_scale.
+
+    The cosine follows the steps, or the time budget (time_used = its fraction spent) when that
+    runs out first: on a slower machine the rate still anneals before --max-minutes stops the
+    run. Only then does the run depend on the clock rather than the seed alone.
+    """
     if cfg.schedule == "plateau":
         return cfg.lr * lr_scale
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, max(time_used, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -559,7 +564,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
         for x, y in bar:
             x, y = x.to(device), y.to(device)                                  # (B, T)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, total_steps, lr_scale)
+                group["lr"] = learning_rate(cfg, step, total_steps, lr_scale,
+                                            (time.time() - start) / (cfg.max_minutes * 60))
             logits, _ = model(x)                                               # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=vocab.pad_id)
             optimizer.zero_grad(set_to_none=True)

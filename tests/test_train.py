@@ -190,3 +190,11 @@ def test_render_writes_midi_and_svg_beside_the_tunebook(tiny_run, tmp_path, caps
         assert list(tmp_path.glob("tunes*.svg"))
     else:
         assert "apt-get install abcm2ps" in messages
+
+
+def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
+    cfg = musicrnn.Config(lr=1e-2, warmup_steps=0, max_minutes=10)
+    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0) > 0.99e-2         # early in the steps, no time used
+    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=0.5) == pytest.approx(0.525e-2)
+    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=1.0) == pytest.approx(0.05e-2)
+    assert musicrnn.learning_rate(cfg, 1000, 1000, 1.0, time_used=0.1) == pytest.approx(0.05e-2)
