@@ -33,7 +33,7 @@ def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resume_finishes(tmp_p
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / name, weights_only=True)
         assert ckpt["epoch"] >= 1
-    assert not list(out.glob(".*.tmp"))  # no half-written file was left under the real name
+    # a kill during a save can leave a .tmp beside them, never half a checkpoint under the real name
     done = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 6
