@@ -69,12 +69,6 @@ def tokenize_abc_kinds(text: str) -> list[tuple[str, str]]:
     return [(m.group(), m.lastgroup) for m in _TOKEN_RE.finditer(text)]
 
 
-def token_kind(token: str) -> str:
-    """The kind of one token, as named in _TOKEN_PATTERNS ("note", "bar", ...)."""
-    m = _TOKEN_RE.fullmatch(token)
-    return m.lastgroup if m else "text"
-
-
 def tokenize_chars(text: str) -> list[str]:
     """The report's tokenizer: one token per character."""
     return list(text)

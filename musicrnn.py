@@ -2,15 +2,18 @@
 musicrnn: an LSTM that learns folk tunes written in ABC notation and writes new ones.
 
 The whole pipeline, in reading order: data -> vocabulary and tokenizer -> dataset ->
-model -> training and evaluation -> sampling -> augmentation -> command line.
-The torch-free pieces that generation also needs without torch (the ABC tokenizer,
-the vocabulary, the sampler) live in abctext.py, which infer_onnx.py imports too.
+model -> training and evaluation -> sampling -> judging tunes with abc2midi ->
+augmentation -> command line. The torch-free pieces that generation also needs without
+torch (the ABC tokenizer, the vocabulary, the sampler, the constraint automaton) live in
+abctext.py, which infer_onnx.py imports too.
 
     make train                                   # venv, data, train, export, one tune
     python musicrnn.py stats --data data/train.json --plot runs/stats.png
     python musicrnn.py train                     # the default config, runs/best.pt
+    python musicrnn.py train --augment --out runs/augmented
     python musicrnn.py evaluate --checkpoint runs/best.pt --data data/validation.json
-    python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D
+    python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D --constrained
+    python musicrnn.py sweep --onnx runs/musicrnn.onnx  # validity per temperature, with abc2midi
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -206,8 +210,6 @@ def split_train_validation(tunes: list[str], val_percent: int = 5) -> tuple[list
 
 def corpus_stats(tunes: list[str]) -> dict:
     """The report's figures: tunes, characters, lengths and the most frequent tokens."""
-    from collections import Counter
-
     char_lengths = np.array([len(t) for t in tunes])
     token_lists = [tokenize_abc(t) for t in tunes]
     token_lengths = np.array([len(t) for t in token_lists])

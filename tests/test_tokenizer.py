@@ -66,12 +66,11 @@ def test_body_line_starting_with_note_and_repeat_is_not_a_header():
     assert tokenize_abc("G:|") == ["G", ":|"]
 
 
-def test_token_kinds():
-    assert abctext.token_kind("^c'3/2") == "note"
-    assert abctext.token_kind(":|2") == "bar"
-    assert abctext.token_kind("(3") == "tuplet"
-    assert abctext.token_kind("z2") == "rest"
-    assert abctext.token_kind('"Am"') == "chord_symbol"
+def test_token_kinds_come_from_context():
+    kinds = dict(abctext.tokenize_abc_kinds("(3^c'3/2 z2 :|2 \"Am\"[CE]2 [K:G]"))
+    assert kinds["^c'3/2"] == "note" and kinds[":|2"] == "bar" and kinds["(3"] == "tuplet"
+    assert kinds["z2"] == "rest" and kinds['"Am"'] == "chord_symbol" and kinds["[K:G]"] == "inline_field"
+    assert kinds["["] == "chord_open" and kinds["]2"] == "chord_close"
 
 
 def test_vocabulary_reads_unseen_whole_tokens_from_their_parts():
