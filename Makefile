@@ -2,7 +2,7 @@
 #   make train     venv + data + train the default model (~10 min on 2 cores), export it, print a tune
 #   make test      venv + the test suite (fixture data only; no `make data` needed)
 #   make generate  runs/tunes.abc through onnxruntime
-#   make bench     generation speed, side by side (runs/bench.json)
+#   make bench     generation and training speed, memory, side by side (runs/bench.json)
 
 PYTHON := .venv/bin/python
 SOURCES := musicrnn.py abctext.py

@@ -246,6 +246,18 @@ def generate_ids(step, vocab: Vocabulary, prompt_ids: list[int], num: int, max_t
     return out
 
 
+def generate_tunes(step, vocab: Vocabulary, num: int = 1, prompt: str = "", max_tokens: int = 1000,
+                   temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                   constrained: bool = False, max_bars: int = 32) -> list[str]:
+    """num tunes, each the prompt followed by what the model writes until <eos>: the one
+    generation function behind musicrnn.generate (torch) and infer_onnx.generate (onnxruntime)."""
+    prompt_ids = encode_prompt(vocab, prompt)
+    constraint = AbcConstraint(vocab, max_bars) if constrained else None
+    ids = generate_ids(step, vocab, prompt_ids, num, max_tokens, np.random.default_rng(seed), temperature, top_k,
+                       constraint)
+    return [prompt + vocab.decode(row) for row in ids]
+
+
 def tunebook(bodies: list[str]) -> str:
     """Number the tunes X:1..X:N, one blank line between them."""
     tunes = []
@@ -311,13 +323,20 @@ def body_tokens() -> dict[str, tuple[int, int]]:
     return tokens
 
 
+def parse_meter(value: str) -> tuple[int, int] | None:
+    """M: value -> (beats, beat unit), not reduced (6/8 stays 6, 8); M:C = 4/4, M:C| = 2/2.
+    None for M:none and anything else without a numeric meter."""
+    value = {"C": "4/4", "C|": "2/2"}.get(value.strip(), value.strip())
+    m = re.fullmatch(r"(\d+)/(\d+)", value)
+    return (int(m.group(1)), int(m.group(2))) if m and int(m.group(1)) and int(m.group(2)) else None
+
+
 def bar_ticks(meter: str, unit: str | None) -> int:
-    """Ticks in a full bar: the meter in units of L (M:C = 4/4, M:C| = 2/2; L defaults as ABC says)."""
-    meter = {"C": "4/4", "C|": "2/2"}.get(meter.strip(), meter.strip())
-    m = re.fullmatch(r"(\d+)/(\d+)", meter)
-    if not m or int(m.group(1)) == 0:
-        raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter}")
-    bar = Fraction(int(m.group(1)), int(m.group(2)))
+    """Ticks in a full bar: the meter in units of L (L defaults as ABC says)."""
+    parsed = parse_meter(meter)
+    if parsed is None:
+        raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter.strip()}")
+    bar = Fraction(*parsed)
     unit = unit.strip() if unit else ("1/16" if bar < Fraction(3, 4) else "1/8")
     u = re.fullmatch(r"1/(\d+)", unit)
     ticks = bar * int(u.group(1)) * TICKS if u else Fraction(1, 3)
@@ -349,6 +368,12 @@ class _PrefixTable:
 
 
 _NOTE_PITCH = re.compile(r"\A(?:\^\^|\^|__|_|=)?([A-Ga-g])")
+_NOTE_LENGTH = re.compile(r"[\d/]+\Z")
+
+
+def pitch_spelling(note: str) -> str:
+    """A note token without its length: "^c'3/2" -> "^c'"."""
+    return _NOTE_LENGTH.sub("", note)
 
 
 def _pitch_shape(m: re.Match) -> str:
@@ -442,9 +467,9 @@ class AbcConstraint:
         self.info = {s: info[s] for s in self.body.strings}
         self.is_note, self.is_rest = self.kind == NOTE, self.kind == REST
         # a note's pitch as written (accidental, letter, octave), for ties: "^c'3/2" -> "^c'"
-        pitches = [re.sub(r"[\d/]+$", "", s) if info[s][0] == NOTE else "" for s in self.body.strings]
-        self.pitch_ids = {p: i for i, p in enumerate(sorted(set(pitches)))}
-        self.pitch = np.array([self.pitch_ids[p] for p in pitches], dtype=np.int64)  # (N,)
+        pitches = [pitch_spelling(s) if info[s][0] == NOTE else "" for s in self.body.strings]
+        pitch_ids = {p: i for i, p in enumerate(sorted(set(pitches)))}
+        self.pitch = np.array([pitch_ids[p] for p in pitches], dtype=np.int64)  # (N,)
         self.fits_granule = self.ticks % GRANULE == 0
         self.at = self.body.index
         # tokens longer than one character (ABC-token vocabularies) are judged whole
@@ -453,7 +478,7 @@ class AbcConstraint:
         whole = [vocab.tokens[i] for i in self.whole_ids]
         self.whole_body = np.array([self.at.get(t, -1) for t in whole], dtype=np.int64)
         self.whole_first = np.array([self.char_ids.get(t[0], -1) for t in whole], dtype=np.int64)
-        self.whole_header = [np.array([t in set(lines) for t in whole], dtype=bool) for lines in HEADER_LINES]
+        self.whole_header = [np.isin(whole, lines) for lines in HEADER_LINES]
         self.cache: dict[tuple, np.ndarray] = {}
 
     # --- state ------------------------------------------------------------------
@@ -533,7 +558,7 @@ class AbcConstraint:
             # a note may start a tie unless it ends one (abc2midi miscounts A-A-A)
             outside = not (s.grace or s.chord)
             plain = kind == NOTE and outside and s.tie_pitch < 0
-            s.last_pitch = self.pitch_ids[re.sub(r"[\d/]+$", "", text)] if plain else -1
+            s.last_pitch = int(self.pitch[self.at[text]]) if plain else -1
             s.tie_pitch = -1 if outside else s.tie_pitch
             s.notes += kind == NOTE and not (s.grace or s.chord)
             s.need_note = False

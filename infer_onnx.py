@@ -75,12 +75,8 @@ def generate(session, vocab: abctext.Vocabulary, config: dict, num: int = 1, pro
              max_tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
              constrained: bool = False, max_bars: int = 32) -> list[str]:
     """num tunes as one batch: the same function as musicrnn.generate, over onnxruntime."""
-    prompt_ids = abctext.encode_prompt(vocab, prompt)
-    constraint = abctext.AbcConstraint(vocab, max_bars) if constrained else None
-    rng = np.random.default_rng(seed)
-    ids = abctext.generate_ids(onnx_step(session, config), vocab, prompt_ids, num, max_tokens, rng,
-                               temperature, top_k, constraint)
-    return [prompt + vocab.decode(row) for row in ids]
+    return abctext.generate_tunes(onnx_step(session, config), vocab, num, prompt, max_tokens, temperature, top_k,
+                                  seed, constrained, max_bars)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -549,13 +549,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     writer = tensorboard_writer(out) if tensorboard else None
     from tqdm import tqdm
 
+    transpose_range = parse_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
     start, stale = time.time(), 0
     out_of_time = False
     while epoch < cfg.epochs and not out_of_time:
         rng = np.random.default_rng(cfg.seed + epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(cfg.seed + epoch)
         if cfg.augment:  # the training split only; validation stays as written
-            augmented = [augment_tune(t, rng, *parse_range(cfg.transpose_range)) for t in train_tunes]
+            augmented = [augment_tune(t, rng, *transpose_range) for t in train_tunes]
             train_set = MusicDataset([t for t, _ in augmented], vocab)
             log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
                 f"by the range guard {cfg.transpose_range}")
@@ -652,12 +653,8 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device, num: int 
              max_tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
              constrained: bool = False, max_bars: int = 32) -> list[str]:
     """num tunes, each the prompt followed by what the model writes until <eos>."""
-    prompt_ids = abctext.encode_prompt(vocab, prompt)
-    constraint = abctext.AbcConstraint(vocab, max_bars) if constrained else None
-    rng = np.random.default_rng(seed)
-    ids = abctext.generate_ids(torch_step(model.eval(), device), vocab, prompt_ids, num, max_tokens,
-                               rng, temperature, top_k, constraint)
-    return [prompt + vocab.decode(row) for row in ids]
+    return abctext.generate_tunes(torch_step(model.eval(), device), vocab, num, prompt, max_tokens, temperature,
+                                  top_k, seed, constrained, max_bars)
 
 
 # -----------------------------------------------------------------------------
@@ -697,14 +694,14 @@ def note_tokens(tune: str) -> list[str]:
     return [t for t, kind in abctext.tokenize_abc_kinds(tune_body(tune)) if kind == "note"]
 
 
-_PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}  # pitch class of each letter
 
 
 def pitch_class(note: str) -> int:
     """Written pitch class: letter and explicit accidental (the key signature is not applied)."""
     letter = next(ch for ch in note if ch.isalpha())
     shift = note.count("^") - note.count("_")
-    return (_PITCH_CLASS[letter.upper()] + shift) % 12
+    return (_NATURAL[letter.upper()] + shift) % 12
 
 
 def pitch_class_histogram(tunes: list[str]) -> np.ndarray:
@@ -725,7 +722,7 @@ def first_bars(tune: str, n: int = 8) -> str:
 def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> dict:
     """The report's temperature table, with numbers: validity, bars, diversity, copying."""
     notes = [note_tokens(t) for t in tunes]
-    pitches = [[re.sub(r"[\d/]+$", "", n) for n in row] for row in notes]
+    pitches = [[abctext.pitch_spelling(n) for n in row] for row in notes]
     grams = [tuple(row[i:i + 4]) for row in pitches for i in range(len(row) - 3)]
     train_hist = pitch_class_histogram(training_tunes)
     known_openings = {first_bars(t) for t in training_tunes}
@@ -733,7 +730,7 @@ def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> di
         "tunes": len(tunes),
         "mean_notes": float(np.mean([len(row) for row in notes])) if tunes else 0.0,
         "min16_notes": float(np.mean([len(row) >= 16 for row in notes])) if tunes else 0.0,
-        "section_end": float(np.mean([tune_body(t).rstrip().endswith((":|", "||", "|]")) for t in tunes])),
+        "section_end": float(np.mean([tune_body(t).rstrip().endswith(abctext.SECTION_ENDS) for t in tunes])),
         "distinct_4grams": len(set(grams)) / max(1, len(grams)),
         # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common
         "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum()),
@@ -789,11 +786,10 @@ def sweep_table(rows: list[dict]) -> str:
 # hold to the end of the bar for that pitch and octave. The tests check every function
 # against abc2midi, an independent ABC parser.
 
-_NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 _LETTERS = "CDEFGAB"
+_LETTER_FIFTHS = [0, 2, 4, -1, 1, 3, 5]  # C D E F G A B as a major key: sharps (>0) or flats (<0)
 _ALTERATION = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
 _ACCIDENTAL = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}
-_NOTE_PARTS = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)(.*)", re.S)
 _MODES = {"": 0, "maj": 0, "ion": 0, "mix": -1, "dor": -2, "m": -3, "min": -3, "aeo": -3, "phr": -4, "loc": -5,
           "lyd": 1}  # fifths from the major key of the same tonic
 _KEY = re.compile(r"\s*([A-G])([#b]?)\s*([A-Za-z]*)(.*)", re.S)
@@ -801,7 +797,7 @@ _CHORD_ROOT = re.compile(r'(")([A-G])([#b]?)([^"/]*)(?:/([A-G])([#b]?))?(")')
 
 
 class TransposeError(ValueError):
-    """A tune that cannot be transposed as asked (its notes would leave the playable range)."""
+    """A tune that cannot be rewritten as asked: notes out of the playable range, a meter that cannot scale."""
 
 
 @dataclass(frozen=True)
@@ -835,7 +831,7 @@ def parse_key(value: str) -> Key | None:
     mode = m.group(3)
     offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower(), 0)
     tonic, alter = _LETTERS.index(m.group(1)), {"#": 1, "b": -1, "": 0}[m.group(2)]
-    fifths = [0, 2, 4, -1, 1, 3, 5][tonic] + 7 * alter + offset
+    fifths = _LETTER_FIFTHS[tonic] + 7 * alter + offset
     return Key(tonic, alter, mode, m.group(4), fifths)
 
 
@@ -849,8 +845,8 @@ def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
         alter = (pitch - _NATURAL[_LETTERS[letter]] + 6) % 12 - 6
         if abs(alter) > 1:
             continue
-        fifths = [0, 2, 4, -1, 1, 3, 5][letter] + 7 * alter + (key.fifths - [0, 2, 4, -1, 1, 3, 5][key.tonic]
-                                                               - 7 * key.alter)
+        mode_offset = key.fifths - _LETTER_FIFTHS[key.tonic] - 7 * key.alter
+        fifths = _LETTER_FIFTHS[letter] + 7 * alter + mode_offset
         # the interval from the old tonic to this one must be the shift (up to octaves)
         interval = _letter_semitones(key.tonic, steps) + alter - key.alter
         if (interval - semitones) % 12:
@@ -929,8 +925,8 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> 
     if semitones == 0:
         _check_range(abc, 0, low, high)
         return abc
-    key = None
     new_key, steps = None, _steps_without_key(semitones)
+    signature_in, signature_out = {}, {}
     out, bar_in, bar_out = [], {}, {}
     in_body = False
     for token, kind in abctext.tokenize_abc_kinds(abc):
@@ -938,6 +934,7 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> 
             value = token.lstrip("[")[2:].rstrip("]") if kind == "inline_field" else token[2:]
             key = parse_key(value)
             new_key, steps = transpose_key(key, semitones) if key else (None, _steps_without_key(semitones))
+            signature_in, signature_out = (key.signature(), new_key.signature()) if key else ({}, {})
             text = f"K:{new_key.text()}" if new_key else f"K:{value}"
             out.append(f"[{text}]" if kind == "inline_field" else text)
             in_body, bar_in, bar_out = True, {}, {}
@@ -945,8 +942,6 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> 
         if not in_body:
             out.append(token)
             continue
-        signature_in = key.signature() if key else {}
-        signature_out = new_key.signature() if new_key else {}
         if kind == "bar":
             bar_in, bar_out = {}, {}
             out.append(token)
@@ -984,14 +979,14 @@ def _move(m: re.Match, steps, semitones, signature_in, signature_out, bar_in, ba
 
 def _midi_range(abc: str) -> tuple[int, int] | None:
     """Lowest and highest sounding MIDI pitch of a tune, key signature and accidentals applied."""
-    key, bar, pitches = None, {}, []
+    signature, bar, pitches = {}, {}, []
     for token, kind in abctext.tokenize_abc_kinds(abc):
         if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
             key, bar = parse_key(token.lstrip("[")[2:].rstrip("]")), {}
+            signature = key.signature() if key else {}
         elif kind == "bar":
             bar = {}
         elif kind in ("note", "grace"):
-            signature = key.signature() if key else {}
             pitches += [_note_pitch(*m.groups(), signature, bar).midi for m in _NOTE_IN_TEXT.finditer(token)]
     return (min(pitches), max(pitches)) if pitches else None
 
@@ -1021,12 +1016,6 @@ _LENGTHED = re.compile(r"((?:\^\^|\^|__|_|=)?[A-Ga-g][,']*|[zx]|\])([\d/]*)")
 def scale_lengths(token: str, factor: Fraction) -> str:
     """A note, rest or chord close with its length multiplied by factor."""
     return _LENGTHED.sub(lambda m: m.group(1) + format_length(_parse_length(m.group(2)) * factor), token)
-
-
-def _meter(value: str) -> Fraction | None:
-    value = {"C": "4/4", "C|": "2/2"}.get(value.strip(), value.strip())
-    m = re.fullmatch(r"(\d+)/(\d+)", value)
-    return Fraction(int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _rewrite_lengths(abc: str, factor_for) -> str:
@@ -1075,10 +1064,10 @@ def change_rhythm(abc: str, factor) -> str:
         body = token.strip("[]")
         if not body.startswith("M:"):
             return None
-        m = re.fullmatch(r"(\d+)/(\d+)", {"C": "4/4", "C|": "2/2"}.get(body[2:].strip(), body[2:].strip()))
-        if not m:
+        meter = abctext.parse_meter(body[2:])
+        if meter is None:
             raise TransposeError(f"cannot scale the meter {body}")
-        num, den = int(m.group(1)), int(m.group(2))  # not reduced: 6/8 stays six beats
+        num, den = meter  # not reduced: 6/8 stays six beats
         # keep the numerator (the beats) and move the denominator where possible
         if (Fraction(den) / factor).denominator == 1:
             den = int(den / factor)
@@ -1098,8 +1087,8 @@ def set_unit_length(abc: str, unit: str) -> str:
     if header:
         current = Fraction(header.group(1))
     else:  # the default unit: 1/16 below a meter of 3/4, else 1/8
-        m = _meter(meter.group(1)) if meter else None
-        current = Fraction(1, 16) if m is not None and m < Fraction(3, 4) else Fraction(1, 8)
+        m = abctext.parse_meter(meter.group(1)) if meter else None
+        current = Fraction(1, 16) if m is not None and Fraction(*m) < Fraction(3, 4) else Fraction(1, 8)
         abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
     state = {"unit": current}
 
@@ -1136,7 +1125,7 @@ def augment_dataset(tunes: list[str], transpositions=(-2, 2), factors=(2, Fracti
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    """The lowest and highest note a transposition may reach: "G,..c'''" -> MIDI (55, 96)."""
+    """The lowest and highest note a transposition may reach: "G,..c'''" -> MIDI (55, 108)."""
     ends = text.split("..")
     notes = [_NOTE_IN_TEXT.fullmatch(end.strip()) for end in ends]
     if len(ends) != 2 or not all(notes):
@@ -1169,6 +1158,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**given)
 
 
+SWITCH_HELP = {"augment": "each epoch, each training tune in a random key (-5..+6) and unit length"}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
     defaults = Config()
@@ -1187,7 +1179,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for name in names:
             if types[name] == "bool":
                 group.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
-                                   help="random transposition (-5..+6) and unit length per tune and epoch")
+                                   help=SWITCH_HELP[name])
                 continue
             kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
             flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
