@@ -10,7 +10,7 @@ abctext.py, which infer_onnx.py imports too.
     make train                                   # venv, data, train, export, one tune
     python musicrnn.py stats --data data/train.json --plot runs/stats.png
     python musicrnn.py train                     # the default config, runs/best.pt
-    python musicrnn.py train --augment --out runs/augmented
+    python musicrnn.py train --augment-key 0.5 --out runs/augmented
     python musicrnn.py evaluate --checkpoint runs/best.pt --data data/validation.json
     python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D --constrained
     python musicrnn.py sweep --onnx runs/musicrnn.onnx  # validity per temperature, with abc2midi
@@ -52,8 +52,9 @@ class Config:
     limit: int | None = None                    # use only the first N training tunes (None = all)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
-    augment: bool = False                       # each epoch, each training tune in a random key and unit length
-    transpose_range: str = "G,..c'''"           # --augment refuses shifts that leave this range
+    augment_key: float = 0.0                    # each epoch, this share of training tunes moves to a random key
+    augment_unit: float = 0.0                   # each epoch, this share is rewritten in a random unit length
+    transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 256                       # LSTM state size (512 scored the same, generates 4x slower)
@@ -493,15 +494,18 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
 def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, time_used: float = 0.0) -> float:
     """Cosine: linear warm-up, then cosine decay to 5% of the peak. Plateau: peak x lr_scale.
 
-    The cosine follows the steps, or the time budget (time_used = its fraction spent) when that
-    runs out first: on a slower machine the rate still anneals before --max-minutes stops the
-    run. Only then does the run depend on the clock rather than the seed alone.
+    The cosine follows the steps, or the time budget (time_used = its fraction spent) when the
+    run is behind it: on a slower machine the rate still anneals before --max-minutes stops the
+    run. Steps and time are both counted from the start, warm-up included, so a run that keeps
+    ahead of its budget depends on the seed alone, never on the clock.
     """
     if cfg.schedule == "plateau":
         return cfg.lr * lr_scale
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, max(time_used, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+    done = max(step / total_steps, time_used)  # share of the run behind us: by steps, or by the clock if slower
+    warmup = cfg.warmup_steps / total_steps
+    progress = min(1.0, max(0.0, (done - warmup) / max(1e-9, 1.0 - warmup)))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -523,6 +527,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
                         "device": cfg.device, "out_dir": cfg.out_dir})
     if cfg.tokenizer not in abctext.TOKENIZERS:
         raise UserError(f"--tokenizer must be one of {', '.join(abctext.TOKENIZERS)}")
+    if not (0 <= cfg.augment_key <= 1 and 0 <= cfg.augment_unit <= 1):
+        raise UserError("--augment-key and --augment-unit are shares between 0 and 1")
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -555,8 +561,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     while epoch < cfg.epochs and not out_of_time:
         rng = np.random.default_rng(cfg.seed + epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(cfg.seed + epoch)
-        if cfg.augment:  # the training split only; validation stays as written
-            augmented = [augment_tune(t, rng, *transpose_range) for t in train_tunes]
+        if cfg.augment_key or cfg.augment_unit:  # the training split only; validation stays as written
+            augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, *transpose_range)
+                         for t in train_tunes]
             train_set = MusicDataset([t for t, _ in augmented], vocab)
             log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
                 f"by the range guard {cfg.transpose_range}")
@@ -1134,19 +1141,23 @@ def parse_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def augment_tune(tune: str, rng: np.random.Generator, low: int = 55, high: int = 108,
-                 shifts=range(-5, 7), units=("1/8", "1/16", "1/4")) -> tuple[str, bool]:
-    """One random transposition and unit length, for training on the fly (never validation).
+def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, unit_share: float = 1.0,
+                 low: int = 55, high: int = 108, shifts=range(-5, 7),
+                 units=("1/8", "1/16", "1/4")) -> tuple[str, bool]:
+    """With probability key_share a random transposition, with unit_share a random unit length.
 
-    Returns the tune and whether the range guard refused its transposition (it then keeps
-    its key).
+    For training on the fly (never validation). Returns the tune and whether the range guard
+    refused its transposition (it then keeps its key).
     """
     refused = False
-    try:
-        tune = transpose_tune(tune, int(rng.choice(list(shifts))), low, high)
-    except TransposeError:
-        refused = True
-    return set_unit_length(tune, str(rng.choice(list(units)))), refused
+    if rng.random() < key_share:
+        try:
+            tune = transpose_tune(tune, int(rng.choice(list(shifts))), low, high)
+        except TransposeError:
+            refused = True
+    if rng.random() < unit_share:
+        tune = set_unit_length(tune, str(rng.choice(list(units))))
+    return tune, refused
 
 
 # -----------------------------------------------------------------------------
@@ -1158,14 +1169,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**given)
 
 
-SWITCH_HELP = {"augment": "each epoch, each training tune in a random key (-5..+6) and unit length"}
+FLAG_HELP = {  # where "default: X" alone would not say what a flag does
+    "augment_key": "share (0..1) of training tunes put in a random key (-5..+6 semitones) each epoch",
+    "augment_unit": "share (0..1) of training tunes rewritten in a random unit length (L:1/8, 1/16, 1/4) each epoch",
+}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
     defaults = Config()
     groups = {
-        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment", "transpose_range"],
+        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment_key", "augment_unit",
+                 "transpose_range"],
         "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
         "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
                          "max_minutes"],
@@ -1179,12 +1194,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for name in names:
             if types[name] == "bool":
                 group.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
-                                   help=SWITCH_HELP[name])
+                                   help=FLAG_HELP[name])
                 continue
             kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
             flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
+            help_text = f"{FLAG_HELP[name]}; " if name in FLAG_HELP else ""
             group.add_argument(flag, dest=name, type=kind, choices=choices.get(name), default=None,
-                               help=f"default: {getattr(defaults, name)}")
+                               help=f"{help_text}default: {getattr(defaults, name)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

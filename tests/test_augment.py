@@ -169,3 +169,18 @@ def test_augment_dataset_is_the_reports_times_five(fixture_tunes):
     assert len(in_range) >= 5 and len(augmented) == 5 * len(in_range)
     assert augmented[: len(in_range)] == in_range
     assert musicrnn.transpose_tune(in_range[0], 2) in augmented
+
+
+def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
+    tune = next(t for t in fixture_tunes if "L:1/8" in t and musicrnn._midi_range(t)[1] <= 84)
+    rng = np.random.default_rng(0)
+    assert musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, False)
+    keyed = {musicrnn.augment_tune(tune, rng, key_share=1.0, unit_share=0.0)[0] for _ in range(40)}
+    assert keyed <= {musicrnn.transpose_tune(tune, s) for s in range(-5, 7)} and len(keyed) > 6
+    united = {musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=1.0)[0] for _ in range(40)}
+    assert united == {musicrnn.set_unit_length(tune, u) for u in ("1/8", "1/16", "1/4")}
+    changed = sum(musicrnn.augment_tune(tune, rng, key_share=0.5, unit_share=0.0)[0] != tune for _ in range(400))
+    assert 150 < changed < 220  # half are drawn, and 1 in 12 of those draws the shift 0
+    a = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
+    b = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
+    assert a == b  # seeded, so --resume replays the same epochs

@@ -124,3 +124,21 @@ def test_int8_quantizes_the_lstm_and_stays_close(exported, tmp_path):
     assert int8.stat().st_size < path.stat().st_size
     assert infer_onnx.load_model(str(int8))[1].tokens == infer_onnx.load_model(str(path))[1].tokens
     assert export.argmax_agreement(path, int8, tokens=200) > 0.8
+
+
+def test_two_layer_model_exports_with_parity(exported, tmp_path):
+    _, cfg, vocab, _ = exported
+    cfg2 = musicrnn.Config(**{**cfg.__dict__, "num_layers": 2})  # the shape make train-long uses
+    torch.manual_seed(0)
+    model = musicrnn.build_model(cfg2, len(vocab)).eval()
+    path = tmp_path / "two_layers.onnx"
+    export.export_onnx(model, cfg2, vocab, path)
+    session, _, config = infer_onnx.load_model(str(path))
+    assert config["num_layers"] == 2
+    onnx_step, torch_step = infer_onnx.onnx_step(session, config), musicrnn.torch_step(model, torch.device("cpu"))
+    tokens, onnx_state, torch_state = np.full((3, 1), vocab.eos_id, dtype=np.int64), None, None
+    for i in range(50):
+        a, onnx_state = onnx_step(tokens, onnx_state)
+        b, torch_state = torch_step(tokens, torch_state)
+        assert np.allclose(a, b, atol=1e-5) and np.allclose(onnx_state[0], torch_state[0].numpy(), atol=1e-5)
+        tokens = np.array([[i % len(vocab)]] * 3, dtype=np.int64)

@@ -198,3 +198,20 @@ def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
     assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=0.5) == pytest.approx(0.525e-2)
     assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=1.0) == pytest.approx(0.05e-2)
     assert musicrnn.learning_rate(cfg, 1000, 1000, 1.0, time_used=0.1) == pytest.approx(0.05e-2)
+    warm = musicrnn.Config(lr=1e-2, warmup_steps=100, max_minutes=10)
+    # just after warm-up, a run ahead of its budget follows its steps alone: the clock cannot move it
+    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, time_used=0.05) == 1e-2
+    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, time_used=0.0) == 1e-2
+    assert musicrnn.learning_rate(warm, 550, 1000, 1.0, time_used=0.3) == pytest.approx(0.525e-2)
+
+
+def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fixture_data):
+    logs = []
+    cfg = dict(epochs=2, augment_key=1.0, augment_unit=1.0)
+    a = musicrnn.train(tiny_config(fixture_data, tmp_path / "a", **cfg), log=logs.append)
+    b = musicrnn.train(tiny_config(fixture_data, tmp_path / "b", **cfg), log=lambda *_: None)
+    plain = musicrnn.train(tiny_config(fixture_data, tmp_path / "plain", epochs=2), log=lambda *_: None)
+    assert sum(line.startswith("augmentation:") for line in logs) == 2  # once per epoch
+    assert a["train_loss"] == b["train_loss"] and a["train_loss"] != plain["train_loss"]
+    with pytest.raises(musicrnn.UserError, match="between 0 and 1"):
+        musicrnn.train(tiny_config(fixture_data, tmp_path / "c", augment_key=1.5), log=lambda *_: None)
