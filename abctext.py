@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import json
 import os
 import re
@@ -232,7 +233,7 @@ def generate_ids(step, vocab: Vocabulary, prompt_ids: list[int], num: int, max_t
         if constraint:
             for row, tune in zip(logits, tunes):                      # (V,) each, masked in place
                 if not tune.ended:
-                    row[~constraint.mask(tune, max_tokens - t)] = -np.inf
+                    row += constraint.penalty(tune, max_tokens - t)  # -inf where illegal
         tokens = sample_next(logits, rng, temperature, top_k)         # (B,)
         for b in np.flatnonzero(~done):
             if tokens[b] == vocab.eos_id:
@@ -380,6 +381,12 @@ def _pitch_shape(m: re.Match) -> str:
     return "C" if m.group(1).isupper() else "c"  # octave marks and lengths follow alike
 
 
+@functools.lru_cache(maxsize=4096)  # called once per sampled token; the pending texts are few
+def note_shape(pending: str) -> str:
+    """A pending token with its note's pitch replaced by its register: "^f2" -> "c2"."""
+    return _NOTE_PITCH.sub(_pitch_shape, pending)
+
+
 @dataclass
 class TuneState:
     """Where the automaton stands in one tune."""
@@ -432,7 +439,7 @@ class TuneState:
     def key(self, must_end: bool) -> tuple:
         """state_key and the token being written, a note by its shape ("^f2" as "c2")."""
         exact = self.tie_pitch >= 0 or self.pending == "-" or self.phase < 4
-        pending = self.pending if exact else _NOTE_PITCH.sub(_pitch_shape, self.pending)
+        pending = self.pending if exact else note_shape(self.pending)
         return self.state_key(must_end) + (pending, self.pending_must_end,
                                            self.last_pitch if self.pending == "-" else None)
 
@@ -611,16 +618,24 @@ class AbcConstraint:
 
     def mask(self, state: TuneState, tokens_left: int) -> np.ndarray:
         """(V,) bool: the tokens that keep this tune valid."""
+        return self._masks(state, tokens_left)[0]
+
+    def penalty(self, state: TuneState, tokens_left: int) -> np.ndarray:
+        """(V,) float32: 0 for the legal tokens, -inf for the others; added to the logits,
+        one vector add, cheaper per step than indexing them with the mask."""
+        return self._masks(state, tokens_left)[1]
+
+    def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
         must_end = state.full_bars >= self.max_bars or tokens_left < self.END_RESERVE
         state.must_end = must_end
         key = state.key(must_end)
-        mask = self.cache.get(key)
-        if mask is None:
+        masks = self.cache.get(key)
+        if masks is None:
             mask = self._header_mask(state) if state.phase < 4 else self._body_mask(state, must_end)
             if len(self.cache) > 200_000:
                 self.cache.clear()
-            self.cache[key] = mask
-        return mask
+            masks = self.cache[key] = mask, np.where(mask, 0.0, -np.inf).astype(np.float32)
+        return masks
 
     def _header_mask(self, s: TuneState) -> np.ndarray:
         mask = np.zeros(len(self.vocab), dtype=bool)

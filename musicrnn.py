@@ -8,6 +8,7 @@ torch (the ABC tokenizer, the vocabulary, the sampler, the constraint automaton)
 abctext.py, which infer_onnx.py imports too.
 
     make train                                   # venv, data, train, export, one tune
+    make train-long                              # the long-run model in runs/long/ (<= 60 min)
     python musicrnn.py stats --data data/train.json --plot runs/stats.png
     python musicrnn.py train                     # the default config, runs/best.pt
     python musicrnn.py train --augment-key 0.5 --out runs/augmented
