@@ -91,7 +91,7 @@ def constraint_overhead(onnx_path: str, tunes: int = 10) -> dict:
     state, but a new tune still meets states the cache has not seen. Two figures: the first
     `tunes` tunes of a fresh process (infer_onnx.py --num 10), and `tunes` more after 50
     tunes have filled the cache. Free and constrained alternate over the same seeds; the
-    best of 3 rounds is kept (the least disturbed by the machine).
+    best of 5 rounds is kept (the least disturbed by the machine).
     """
     session, vocab, config = infer_onnx.load_model(onnx_path)
     step = infer_onnx.onnx_step(session, config)
@@ -105,7 +105,7 @@ def constraint_overhead(onnx_path: str, tunes: int = 10) -> dict:
         return (time.perf_counter() - start) / tokens * 1e3
 
     free = cold = warm = float("inf")
-    for r in range(3):
+    for r in range(5):
         seeds = range(100 * r, 100 * r + tunes)
         free = min(free, ms_per_token(None, seeds))
         constraint = abctext.AbcConstraint(vocab)                 # a fresh process: empty cache
