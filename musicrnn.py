@@ -442,9 +442,15 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     return ckpt
 
 
+def config_from_dict(values: dict) -> Config:
+    """The Config a checkpoint stored; keys that this version no longer has are dropped."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in values.items() if k in known})
+
+
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRNN, Config, Vocabulary]:
     try:
-        cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(Config)}})
+        cfg = config_from_dict(ckpt["config"])
         vocab = Vocabulary.from_dict(ckpt["vocab"])
         model = build_model(cfg, len(vocab))
         model.load_state_dict(ckpt["model"])
@@ -524,8 +530,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
         raise UserError(f"{out}/ already holds checkpoints: pass --resume to continue them, "
                         f"--overwrite to replace them, or --out DIR for a new run")
     if ckpt is not None:
-        cfg = Config(**{**ckpt["config"], "max_minutes": cfg.max_minutes, "epochs": max(cfg.epochs, ckpt["config"]["epochs"]),
-                        "device": cfg.device, "out_dir": cfg.out_dir})
+        cfg = config_from_dict({**ckpt["config"], "max_minutes": cfg.max_minutes, "device": cfg.device,
+                                "epochs": max(cfg.epochs, ckpt["config"]["epochs"]), "out_dir": cfg.out_dir})
     if cfg.tokenizer not in abctext.TOKENIZERS:
         raise UserError(f"--tokenizer must be one of {', '.join(abctext.TOKENIZERS)}")
     if not (0 <= cfg.augment_key <= 1 and 0 <= cfg.augment_unit <= 1):
@@ -1193,10 +1199,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for title, names in groups.items():
         group = parser.add_argument_group(title)
         for name in names:
-            if types[name] == "bool":
-                group.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
-                                   help=FLAG_HELP[name])
-                continue
             kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
             flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
             help_text = f"{FLAG_HELP[name]}; " if name in FLAG_HELP else ""

@@ -215,3 +215,15 @@ def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fi
     assert a["train_loss"] == b["train_loss"] and a["train_loss"] != plain["train_loss"]
     with pytest.raises(musicrnn.UserError, match="between 0 and 1"):
         musicrnn.train(tiny_config(fixture_data, tmp_path / "c", augment_key=1.5), log=lambda *_: None)
+
+
+def test_checkpoints_with_settings_this_version_dropped_still_load_and_resume(tmp_path, fixture_data):
+    quiet = lambda *a: None  # noqa: E731
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=quiet)
+    for name in ("best.pt", "last.pt"):  # as written before --augment became two shares
+        ckpt = torch.load(tmp_path / name, weights_only=True)
+        ckpt["config"]["augment"] = False
+        torch.save(ckpt, tmp_path / name)
+    model, cfg, _ = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tmp_path / "best.pt")))
+    assert cfg.hidden_dim == 32
+    assert musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=quiet)["epoch"] == 2
