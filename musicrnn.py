@@ -66,7 +66,7 @@ class Config:
     lr: float = 4e-3                            # peak learning rate of Adam
     schedule: str = "cosine"                    # "cosine" (warm-up then decay) or "plateau" (halve when stuck)
     warmup_steps: int = 50                      # linear warm-up, cosine schedule only
-    epochs: int = 28                            # passes over the training tunes (~9 min on 2 cores)
+    epochs: int = 28                            # passes over the training tunes (~10 min on 2 cores)
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
     max_minutes: float = 10.0                   # wall-clock budget for training; stops cleanly after it
