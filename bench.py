@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import abctext
-import infer_onnx
 import musicrnn
+import exported_model
+import sampler
+from abc_constraint import AbcConstraint
+from safe_write import write_atomic
 
 TUNE_TOKENS = 500  # "a 500-token tune"
 
@@ -61,8 +63,8 @@ def torch_ms_per_token(model, vocab) -> tuple[float, str]:
 def ort_ms_per_token(path: str, batch: int = 1) -> tuple[float, int]:
     results = {}
     for threads in (1, 2):
-        session, vocab, config = infer_onnx.load_model(path, threads)
-        results[threads] = timed(step_loop(infer_onnx.onnx_step(session, config), vocab.eos_id, batch, TUNE_TOKENS))
+        session, vocab, config = exported_model.load_model(path, threads)
+        results[threads] = timed(step_loop(exported_model.onnx_step(session, config), vocab.eos_id, batch, TUNE_TOKENS))
     best = min(results, key=results.get)
     return results[best] / TUNE_TOKENS * 1e3, best
 
@@ -93,15 +95,15 @@ def constraint_overhead(onnx_path: str, tunes: int = 10) -> dict:
     tunes have filled the cache. Free and constrained alternate over the same seeds; the
     best of 5 rounds is kept (the least disturbed by the machine).
     """
-    session, vocab, config = infer_onnx.load_model(onnx_path)
-    step = infer_onnx.onnx_step(session, config)
+    session, vocab, config = exported_model.load_model(onnx_path)
+    step = exported_model.onnx_step(session, config)
 
     def ms_per_token(c, seeds) -> float:
         tokens, start = 0, time.perf_counter()
         for seed in seeds:
-            ids = abctext.generate_ids(step, vocab, [vocab.eos_id], 1, TUNE_TOKENS, np.random.default_rng(seed),
-                                       constraint=c)
-            tokens += len(ids[0]) + 1
+            opts = sampler.SamplingOptions(seed=seed, max_tokens=TUNE_TOKENS, constrained=c is not None)
+            tune = sampler.generate_tunes(step, vocab, opts, c)[0]
+            tokens += len(vocab.encode(tune)) + 1
         return (time.perf_counter() - start) / tokens * 1e3
 
     assert 2 * tunes + 50 <= 100, "rounds would share seeds"
@@ -109,7 +111,7 @@ def constraint_overhead(onnx_path: str, tunes: int = 10) -> dict:
     for r in range(5):
         seeds = range(100 * r, 100 * r + tunes)  # each round's 2 x tunes + 50 seeds stay below the next's
         free = min(free, ms_per_token(None, seeds))
-        constraint = abctext.AbcConstraint(vocab)                 # a fresh process: empty cache
+        constraint = AbcConstraint(vocab)                 # a fresh process: empty cache
         cold = min(cold, ms_per_token(constraint, seeds))
         ms_per_token(constraint, range(seeds.stop, seeds.stop + 50))         # 50 more tunes fill the cache
         later = range(seeds.stop + 50, seeds.stop + 50 + tunes)                # then new tunes again
@@ -287,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results), flush=True)
         results |= training_bench(args.checkpoint, args.train_data)
         results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)
-    except (musicrnn.UserError, infer_onnx.ModelError) as e:
+    except (musicrnn.UserError, exported_model.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()
     print(training_markdown(results))
-    abctext.write_atomic(Path(args.out), json.dumps(results, indent=2).encode())
+    write_atomic(Path(args.out), json.dumps(results, indent=2).encode())
     print(f"\nwritten to {args.out}")
     return 0
 

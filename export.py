@@ -28,10 +28,12 @@ import onnx
 import torch
 from torch import nn
 
-import abctext
-import infer_onnx
 import musicrnn
+import exported_model
+from abc_tokens import SPECIALS, Vocabulary
 from musicrnn import UserError
+from safe_write import write_atomic
+from sampler import sample_next
 
 OPSET = 18           # pinned: the LSTM op and everything else here are stable at 18
 PARITY_TOLERANCE = 1e-4
@@ -66,19 +68,19 @@ def example_inputs(cfg: musicrnn.Config, batch: int, vocab_size: int, seed: int 
     return tokens, h0, c0
 
 
-def metadata(cfg: musicrnn.Config, vocab: abctext.Vocabulary) -> dict[str, str]:
+def metadata(cfg: musicrnn.Config, vocab: Vocabulary) -> dict[str, str]:
     """Everything infer_onnx.py needs to encode a prompt and decode tokens, as strings."""
     return {
-        "musicrnn.format": infer_onnx.METADATA_FORMAT,
+        "musicrnn.format": exported_model.METADATA_FORMAT,
         "musicrnn.vocab": vocab.to_json(),
         "musicrnn.tokenizer": vocab.kind,
-        "musicrnn.special_ids": json.dumps({t: vocab.index[t] for t in abctext.SPECIALS}),
+        "musicrnn.special_ids": json.dumps({t: vocab.index[t] for t in SPECIALS}),
         "musicrnn.config": json.dumps({k: getattr(cfg, k) for k in
                                        ("embedding_dim", "hidden_dim", "num_layers", "tokenizer")}),
     }
 
 
-def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: abctext.Vocabulary, out: Path) -> None:
+def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, out: Path) -> None:
     """Write the step graph with its metadata, checked by onnx.checker."""
     step = StepModel(model.eval())
     # An example batch of 1 would silently fix the batch dimension at 1, even with a Dim.
@@ -95,13 +97,13 @@ def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: abctext.V
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(cfg, vocab))
     onnx.checker.check_model(proto)
-    abctext.write_atomic(out, proto.SerializeToString())
+    write_atomic(out, proto.SerializeToString())
 
 
-def parity(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: abctext.Vocabulary, path: Path,
+def parity(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, path: Path,
            batch: int = 5) -> float:
     """Max |onnxruntime - torch| over logits, h and c for one random batch."""
-    session, _, _ = infer_onnx.load_model(str(path))
+    session, _, _ = exported_model.load_model(str(path))
     tokens, h0, c0 = example_inputs(cfg, batch, len(vocab), seed=1)
     with torch.no_grad():
         expected = StepModel(model.eval())(tokens, h0, c0)
@@ -127,7 +129,7 @@ def quantize_int8(fp32: Path, out: Path) -> None:
         quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, reduce_range=True)
         proto = onnx.load(str(quantized))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(fp32)).metadata_props})
-    abctext.write_atomic(out, proto.SerializeToString())
+    write_atomic(out, proto.SerializeToString())
 
 
 @contextlib.contextmanager
@@ -142,8 +144,8 @@ def _root_log_level(level: int):
 
 
 def ms_per_step(path: Path, steps: int = 300) -> float:
-    session, vocab, config = infer_onnx.load_model(str(path))
-    step = infer_onnx.onnx_step(session, config)
+    session, vocab, config = exported_model.load_model(str(path))
+    step = exported_model.onnx_step(session, config)
     tokens, state = np.full((1, 1), vocab.eos_id, np.int64), None
     for _ in range(20):
         _, state = step(tokens, state)
@@ -157,14 +159,14 @@ def argmax_agreement(fp32: Path, int8: Path, tokens: int = 500, seed: int = 0) -
     """Share of steps where int8 and fp32 pick the same most likely token, along one fp32 tune."""
     steps = []
     for path in (fp32, int8):
-        session, vocab, config = infer_onnx.load_model(str(path))
-        steps.append(infer_onnx.onnx_step(session, config))
+        session, vocab, config = exported_model.load_model(str(path))
+        steps.append(exported_model.onnx_step(session, config))
     rng = np.random.default_rng(seed)
     token, states, same = np.full((1, 1), vocab.eos_id, np.int64), [None, None], 0
     for _ in range(tokens):
         (a, states[0]), (b, states[1]) = steps[0](token, states[0]), steps[1](token, states[1])
         same += int(a.argmax() == b.argmax())
-        token = abctext.sample_next(a, rng)[:, None]  # follow the fp32 model's own tune
+        token = sample_next(a, rng)[:, None]  # follow the fp32 model's own tune
     return same / tokens
 
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
                   f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
                   f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")
-    except (UserError, infer_onnx.ModelError) as e:
+    except (UserError, exported_model.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

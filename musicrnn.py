@@ -1,11 +1,16 @@
 """
 musicrnn: an LSTM that learns folk tunes written in ABC notation and writes new ones.
 
-The whole pipeline, in reading order: data -> vocabulary and tokenizer -> dataset ->
-model -> training and evaluation -> sampling -> judging tunes with abc2midi ->
-augmentation -> command line. The torch-free pieces that generation also needs without
-torch (the ABC tokenizer, the vocabulary, the sampler, the constraint automaton) live in
-abctext.py, which infer_onnx.py imports too.
+The lesson, top to bottom in pipeline order:
+
+    Config -> data -> vocabulary and padding -> the dataset's one-step shift -> the LSTM
+    -> training -> evaluation -> sampling with temperature -> constrained sampling
+    -> augmentation -> command line
+
+The machinery lives in torch-free modules, each named for what it holds, so that
+infer_onnx.py can generate without torch: abc_tokens (tokenizer, vocabulary), abc_music
+(tunebooks, keys, transposition, rhythm), abc_constraint (the --constrained automaton),
+sampler (the sampling options and loop), judging (abc2midi, the sweep), plots, safe_write.
 
     make train                                   # venv, data, train, export, one tune
     make train-long                              # the long-run model in runs/long/ (<= 60 min)
@@ -20,19 +25,13 @@ abctext.py, which infer_onnx.py imports too.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
 import random
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,8 +40,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import abctext
-from abctext import Vocabulary, tokenize_abc
+import judging
+import plots
+import sampler
+from abc_music import TransposeError, change_rhythm, parse_note_range, read_tunebook, set_unit_length, transpose_tune
+from abc_tokens import TOKENIZERS, PromptError, Vocabulary
+from safe_write import write_atomic
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Config:
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
     augment_key: float = 0.0                    # each epoch, this share of training tunes moves to a random key
+    augment_rhythm: float = 0.0                 # each epoch, this share has every length doubled or halved
     augment_unit: float = 0.0                   # each epoch, this share is rewritten in a random unit length
     transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
     # model
@@ -81,80 +85,8 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# data: IrishMAN JSON records, or ABC tunebooks normalised into that form
-
-_FIELD_LINE = re.compile(r"^([A-Za-z]):(?![|:])(.*)$")     # "K: G", not the body line "G:|"
-_QUOTED = re.compile(r'"[^"\n]*"')
-# A chord symbol ("Am", "G/B", "D7", "Bbmaj7") is music; any other quoted string is an
-# annotation ("^text", "_mf") or a fingering ("4") and is dropped.
-_CHORD_SYMBOL = re.compile(
-    r'"\(?[A-G][#b]?(?:m(?!aj)|min|maj|M|dim|aug|sus|add|\+|o)?\d*(?:(?:sus|add|b|#)\d+)*'
-    r'(?:/[A-Ga-g][#b]?)?\)?"')
-
-
-def split_tunebook(text: str) -> list[list[str]]:
-    """A tunebook -> the lines of each tune, from its X: line to the next blank line."""
-    tunes, current = [], None
-    for line in text.splitlines():
-        if line.startswith("X:"):
-            current = [line]
-            tunes.append(current)
-        elif current is not None and line.strip() == "":
-            current = None
-        elif current is not None:
-            current.append(line)
-    return tunes
-
-
-def clean_body_line(line: str) -> str:
-    """Drop comments, annotations, fingerings, spacers and line continuations; keep the music."""
-    line = line.split("%", 1)[0].replace("`", "")
-    line = _QUOTED.sub(lambda m: m.group() if _CHORD_SYMBOL.fullmatch(m.group()) else "", line)
-    line = line.rstrip().removesuffix("\\")
-    return re.sub(r"[ \t]+", " ", line).strip()
-
-
-def normalize_tune(lines: list[str]) -> str | None:
-    """One tune's lines -> IrishMAN form (X:1, L:, M:, K:, body), or None to skip it.
-
-    Skipped: tunes with several voices (V:), with no K: line, or with no notes.
-    """
-    header, body, in_body = {}, [], False
-    for raw in lines:
-        m = _FIELD_LINE.match(raw.strip())
-        if m:
-            letter, value = m.group(1), re.sub(r"\s+", " ", m.group(2).split("%", 1)[0].strip())
-            if letter == "V":
-                return None
-            if not in_body:
-                if letter in "LMK" and letter not in header:
-                    header[letter] = value
-                in_body = letter == "K"
-            elif letter in "LMK":
-                body.append(f"[{letter}:{value}]")  # a mid-tune change, kept as an inline field
-            continue  # titles, notes, sources, lyrics (w:, W:), ... are dropped
-        if in_body and not raw.lstrip().startswith("%"):
-            if "[V:" in raw:
-                return None
-            line = clean_body_line(raw)
-            if line:
-                body.append(line)
-    if "K" not in header or not any(kind == "note" for _, kind in abctext.tokenize_abc_kinds("\n".join(body))):
-        return None
-    head = ["X:1"] + [f"{k}:{header[k]}" for k in "LMK" if k in header]
-    return "\n".join(head + body) + "\n"
-
-
-def read_tunebook(text: str) -> list[str]:
-    """All usable tunes of an ABC tunebook, normalised, in order."""
-    return [t for t in (normalize_tune(lines) for lines in split_tunebook(text)) if t is not None]
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+# data: IrishMAN JSON records {"control code", "abc notation"}, or ABC tunebooks
+# normalised into that form (abc_music.read_tunebook: X:1, L:, M:, K:, the music)
 
 
 def load_tunes(path: str) -> list[str]:
@@ -179,6 +111,13 @@ def load_tunes(path: str) -> list[str]:
     return tunes
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_irishman_json(path: str) -> list[str]:
     import pandas as pd  # only this reader needs it; import costs ~0.5 s
 
@@ -200,82 +139,25 @@ def read_irishman_json(path: str) -> list[str]:
 
 def write_irishman_json(path: Path, tunes: list[str]) -> None:
     records = [{"control code": "", "abc notation": t} for t in tunes]
-    abctext.write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))
-
-
-def split_train_validation(tunes: list[str], val_percent: int = 5) -> tuple[list[str], list[str]]:
-    """De-duplicate, then split by a hash of each tune's text: stable under reordering."""
-    unique = list(dict.fromkeys(tunes))
-    in_val = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % 100 < val_percent for t in unique]
-    return ([t for t, v in zip(unique, in_val) if not v], [t for t, v in zip(unique, in_val) if v])
-
-
-def corpus_stats(tunes: list[str]) -> dict:
-    """The report's figures: tunes, characters, lengths and the most frequent tokens."""
-    char_lengths = np.array([len(t) for t in tunes])
-    token_lists = [tokenize_abc(t) for t in tunes]
-    token_lengths = np.array([len(t) for t in token_lists])
-    counts = Counter(tok for toks in token_lists for tok in toks)
-    return {
-        "tunes": len(tunes),
-        "unique_chars": len({c for t in tunes for c in t}),
-        "unique_tokens": len(counts),
-        "chars": {"max": int(char_lengths.max()), "mean": float(char_lengths.mean()),
-                  "median": float(np.median(char_lengths))},
-        "tokens": {"max": int(token_lengths.max()), "mean": float(token_lengths.mean()),
-                   "median": float(np.median(token_lengths))},
-        "top_tokens": counts.most_common(20),
-        "_char_lengths": char_lengths, "_token_lengths": token_lengths,
-    }
-
-
-def plot_stats(stats: dict, path: Path) -> None:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.hist(stats["_char_lengths"], bins=60, alpha=0.6, label="characters")
-    ax1.hist(stats["_token_lengths"], bins=60, alpha=0.6, label="ABC tokens")
-    ax1.set(title=f"Tune length ({stats['tunes']} tunes)", xlabel="length", ylabel="tunes")
-    ax1.legend()
-    names, counts = zip(*stats["top_tokens"])
-    ax2.bar(range(len(names)), counts)
-    ax2.set_xticks(range(len(names)), [repr(n)[1:-1] for n in names], rotation=60)
-    ax2.set(title="The 20 most frequent ABC tokens", ylabel="count")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))
 
 
 # -----------------------------------------------------------------------------
-# vocabulary and tokenizer
-# The report's character path, kept as the teaching path. The Vocabulary class of
-# abctext generalises it to ABC tokens: with tokenizer="char" its index IS char_to_idx.
+# vocabulary and padding
+#
+# The model reads integers. abc_tokens.Vocabulary gives every token an id:
+#   0 <pad>  fills the short rows of a batch; the loss ignores it (below)
+#   1 <eos>  ends a tune, and also starts one: the first input of every tune
+#   2 <unk>  a character that training never saw
+#   3...     with the default "char" tokenizer, every character seen in training, sorted.
+# So a character's id is plain char_to_idx = {ch: i for i, ch in enumerate(sorted(chars))}
+# plus 3. The "abc" tokenizer adds the whole musical tokens seen at least min_count times
+# ("^c'", "|:", "K:D"); a whole token it does not know is read from its characters.
 
 
-def char_to_idx(texts: list[str]) -> dict[str, int]:
-    """Sorted unique characters -> index."""
-    return {ch: i for i, ch in enumerate(sorted({ch for t in texts for ch in t}))}
-
-
-def idx_to_char(char_index: dict[str, int]) -> list[str]:
-    return sorted(char_index, key=char_index.get)
-
-
-def vectorize_string(text: str, char_index: dict[str, int]) -> list[int]:
-    return [char_index[ch] for ch in text]
+def build_vocabulary(tunes: list[str], cfg: Config) -> Vocabulary:
+    """Specials, then the sorted characters (and, for "abc", the frequent whole tokens)."""
+    return Vocabulary.build(tunes, cfg.tokenizer, cfg.min_count)
 
 
 def pad_or_truncate(ids: list[int], length: int, pad_id: int) -> list[int]:
@@ -304,7 +186,7 @@ class MusicDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
         seq = self.sequences[i]
-        return seq[:-1], seq[1:]
+        return seq[:-1], seq[1:]  # the one-step shift: y[t] is the token after x[t]
 
     def lengths(self) -> np.ndarray:
         return np.array([len(s) - 1 for s in self.sequences])
@@ -325,6 +207,8 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch to its longest tune. The padding mask is y == pad_id: cross_entropy's
+    ignore_index leaves those positions out of the loss and its gradient."""
     length = max(len(x) for x, _ in items)
     x = torch.tensor([pad_or_truncate(x, length, pad_id) for x, _ in items])  # (B, T)
     y = torch.tensor([pad_or_truncate(y, length, pad_id) for _, y in items])  # (B, T)
@@ -337,7 +221,7 @@ def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 
 # -----------------------------------------------------------------------------
-# model
+# model: embedding -> LSTM -> linear, one set of logits per position
 
 
 class MusicRNN(nn.Module):
@@ -354,7 +238,7 @@ class MusicRNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The report's init (xavier Linear, orthogonal LSTM, zero biases) plus forget-gate bias 1."""
+        """Xavier Linear, orthogonal LSTM weights, zero biases except the forget gate's 1."""
         nn.init.xavier_uniform_(self.to_logits.weight)
         nn.init.zeros_(self.to_logits.bias)
         hidden = self.lstm.hidden_size
@@ -376,12 +260,11 @@ class MusicRNN(nn.Module):
 
 
 def parameter_summary(model: MusicRNN) -> str:
-    """The report's table: layer, output shape, parameters.
+    """Layer, output shape, parameters.
 
     For vocab 682, emb 128, hidden 512, 1 layer the total is 1,751,978 =
-    87,296 + 1,314,816 + 349,866. The report printed 1,747,522: it counted one LSTM bias
-    vector where PyTorch keeps two (b_ih and b_hh, 2 x 4 x 512 = 4,096), and it
-    miscounted the Linear layer (512 x 682 + 682 = 349,866).
+    87,296 + 1,314,816 + 349,866: PyTorch's LSTM keeps two bias vectors per layer
+    (b_ih and b_hh, 2 x 4 x 512), and the Linear layer has 512 x 682 + 682.
     """
     rows = [
         ("embedding", f"(B, T, {model.embedding.embedding_dim})", model.embedding),
@@ -409,20 +292,6 @@ def pick_device(name: str) -> torch.device:
 
 # -----------------------------------------------------------------------------
 # checkpoints: plain dicts of tensors and builtins, loadable with weights_only=True
-
-
-def save_checkpoint(path: Path, model: MusicRNN, optimizer, cfg: Config, vocab: Vocabulary,
-                    epoch: int, step: int, best_val_loss: float, history: list[dict], lr_scale: float) -> None:
-    ckpt = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "config": asdict(cfg), "vocab": vocab.to_dict(),
-        "epoch": epoch, "step": step, "best_val_loss": best_val_loss,
-        "history": history, "lr_scale": lr_scale,
-    }
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    abctext.write_atomic(path, buffer.getvalue())  # a crash mid-write never leaves half a checkpoint
-
 
 CHECKPOINT_KEYS = {"model", "config", "vocab", "optimizer", "epoch", "step", "best_val_loss"}
 
@@ -461,41 +330,49 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRN
 
 
 # -----------------------------------------------------------------------------
-# training and evaluation
+# training: the step, the epoch, and the bookkeeping around them
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint stores all of it but `stale`."""
+    epoch: int = 0                                # epochs done
+    step: int = 0                                 # optimizer steps done
+    best_val: float = math.inf                    # best validation loss so far
+    history: list = field(default_factory=list)   # one row of figures per epoch
+    lr_scale: float = 1.0                         # the plateau schedule's factor
+    stale: int = 0                                # epochs since the best validation loss
 
 
-def batch_loader(dataset: MusicDataset, batch_size: int, pad_id: int, rng: np.random.Generator | None):
-    batches = length_batches(dataset.lengths(), batch_size, rng)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                       collate_fn=lambda items: collate(items, pad_id)), batches
+@dataclass
+class Run:
+    """One training run: settings, data, model, optimizer, progress and its clock."""
+    cfg: Config
+    device: torch.device
+    vocab: Vocabulary
+    train_tunes: list[str]                        # as written; augmentation rewrites copies
+    train_set: MusicDataset
+    val_set: MusicDataset
+    model: MusicRNN
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    started: float = 0.0                          # time.time() when the first epoch began
+
+    def time_used(self) -> float:
+        """The share of --max-minutes spent so far."""
+        return (time.time() - self.started) / (self.cfg.max_minutes * 60)
 
 
-@torch.no_grad()
-def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.device,
-             batch_size: int = 32) -> dict:
-    """Loss per token, perplexity and bits per character over whole tunes.
-
-    bits/char = total negative log-likelihood in bits (every token, each tune's <eos>
-    included) / characters of the tunes' text. It does not depend on the tokenizer.
-    """
-    model.eval()
-    loader, _ = batch_loader(dataset, batch_size, pad_id, rng=None)
-    total_nll, total_tokens = 0.0, 0
-    for x, y in loader:
-        logits, _ = model(x.to(device))                                   # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                              ignore_index=pad_id, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((y != pad_id).sum())
-    loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
-            "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}
+def train_step(model: MusicRNN, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
+               grad_clip: float) -> float:
+    """One step of gradient descent on a batch; returns its loss per real token."""
+    logits, _ = model(x)                                                   # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=pad_id)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, time_used: float = 0.0) -> float:
@@ -522,107 +399,147 @@ def log_line(*args) -> None:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
           log=log_line) -> dict:
-    """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the final metrics."""
-    out = Path(cfg.out_dir)
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the last epoch's row."""
+    run = start_run(cfg, resume, overwrite, log)
+    out = Path(run.cfg.out_dir)
+    writer = tensorboard_writer(out) if tensorboard else None
+    run.started = time.time()
+    while run.progress.epoch < run.cfg.epochs:
+        rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
+        torch.manual_seed(run.cfg.seed + run.progress.epoch)
+        train_set = epoch_training_set(run, rng, log)
+        figures, out_of_time = train_epoch(run, train_set, rng)
+        if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
+            break
+    plots.plot_history(run.progress.history, out / "loss.png")
+    log(f"best val loss {run.progress.best_val:.4f}, checkpoints in {out}/, loss curve {out}/loss.png")
+    return run.progress.history[-1] if run.progress.history else {}
+
+
+def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> tuple[dict, bool]:
+    """One pass over length-grouped batches; its figures, and whether the time budget ran out."""
+    from tqdm import tqdm
+
+    cfg, p, pad_id = run.cfg, run.progress, run.vocab.pad_id
+    total_steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
+    loader, batches = batch_loader(train_set, cfg.batch_size, pad_id, rng)
+    run.model.train()
+    started, sum_loss, sum_tokens, out_of_time = time.time(), 0.0, 0, False
+    bar = tqdm(loader, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, disable=None, file=sys.stderr)
+    for x, y in bar:
+        x, y = x.to(run.device), y.to(run.device)                          # (B, T)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, run.time_used())
+        loss = train_step(run.model, run.optimizer, x, y, pad_id, cfg.grad_clip)
+        n = int((y != pad_id).sum())
+        sum_loss, sum_tokens, p.step = sum_loss + loss * n, sum_tokens + n, p.step + 1
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if run.time_used() > 1:
+            out_of_time = True
+            break
+    figures = {"train_loss": sum_loss / max(1, sum_tokens), "tokens_per_s": sum_tokens / (time.time() - started),
+               "padding": padding_fraction(train_set.lengths(), batches)}
+    return figures, out_of_time
+
+
+def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> bool:
+    """Validate, log, write the checkpoints; True when early stopping ends the run."""
+    p, out = run.progress, Path(run.cfg.out_dir)
+    p.epoch += 1
+    val = evaluate(run.model, run.val_set, run.vocab.pad_id, run.device)
+    row = {"epoch": p.epoch, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
+           "val_bits_per_char": val["bits_per_char"], "tokens_per_s": figures["tokens_per_s"],
+           "padding": figures["padding"], "elapsed_s": time.time() - run.started,
+           "lr": run.optimizer.param_groups[0]["lr"]}
+    p.history.append(row)
+    log(f"epoch {p.epoch:3d} | train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} | "
+        f"val bits/char {val['bits_per_char']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
+        f"padding {row['padding']:.1%} | lr {row['lr']:.2e} | {row['elapsed_s'] / 60:.1f} min"
+        + (" (time budget reached)" if out_of_time else ""))
+    if writer:
+        for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
+            writer.add_scalar(key, row[key], p.epoch)
+    if val["loss"] < p.best_val:
+        p.best_val, p.stale = val["loss"], 0
+        save_checkpoint(out / "best.pt", run)
+    else:
+        p.stale += 1
+        p.lr_scale *= 0.5  # only the plateau schedule reads it
+    save_checkpoint(out / "last.pt", run)
+    if p.stale >= run.cfg.patience and p.epoch < run.cfg.epochs:
+        log(f"early stop: no better validation loss for {run.cfg.patience} epochs")
+        return True
+    return False
+
+
+def start_run(cfg: Config, resume: bool, overwrite: bool, log) -> Run:
+    """A new run, or with resume the one in OUT/last.pt: its settings, except the clock,
+    the device, OUT and a larger --epochs, which come from this command."""
+    last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
-    if ckpt is None and not overwrite and (last_path.exists() or best_path.exists()):
-        raise UserError(f"{out}/ already holds checkpoints: pass --resume to continue them, "
+    if ckpt is None and not overwrite and (last_path.exists() or last_path.with_name("best.pt").exists()):
+        raise UserError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue them, "
                         f"--overwrite to replace them, or --out DIR for a new run")
     if ckpt is not None:
         cfg = config_from_dict({**ckpt["config"], "max_minutes": cfg.max_minutes, "device": cfg.device,
                                 "epochs": max(cfg.epochs, ckpt["config"]["epochs"]), "out_dir": cfg.out_dir})
-    if cfg.tokenizer not in abctext.TOKENIZERS:
-        raise UserError(f"--tokenizer must be one of {', '.join(abctext.TOKENIZERS)}")
-    if not (0 <= cfg.augment_key <= 1 and 0 <= cfg.augment_unit <= 1):
-        raise UserError("--augment-key and --augment-unit are shares between 0 and 1")
+    check_config(cfg)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-
     train_tunes, val_tunes = load_tunes(cfg.train_data), load_tunes(cfg.val_data)
-    if cfg.limit:
-        train_tunes = train_tunes[: cfg.limit]
-    vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else Vocabulary.build(train_tunes, cfg.tokenizer, cfg.min_count)
-    train_set, val_set = MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab)
+    train_tunes = train_tunes[: cfg.limit] if cfg.limit else train_tunes
+    vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes, cfg)
     model = build_model(cfg, len(vocab)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    epoch, step, best_val, history, lr_scale = 0, 0, math.inf, [], 1.0
+    run = Run(cfg, device, vocab, train_tunes, MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab),
+              model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress())
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step, best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"]
-        history, lr_scale = list(ckpt.get("history", [])), ckpt.get("lr_scale", 1.0)
-        log(f"resuming {last_path} after epoch {epoch} (best val loss {best_val:.4f})")
-
-    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = cfg.epochs * batches_per_epoch
-    log(f"{len(train_set)} training tunes, {len(val_set)} validation tunes, vocabulary {len(vocab)} "
+        restore(run, ckpt, log)
+    log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens), device {device}")
     log(parameter_summary(model))
-    writer = tensorboard_writer(out) if tensorboard else None
-    from tqdm import tqdm
+    return run
 
-    transpose_range = parse_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
-    start, stale = time.time(), 0
-    out_of_time = False
-    while epoch < cfg.epochs and not out_of_time:
-        rng = np.random.default_rng(cfg.seed + epoch)  # per-epoch seeds: --resume replays exactly
-        torch.manual_seed(cfg.seed + epoch)
-        if cfg.augment_key or cfg.augment_unit:  # the training split only; validation stays as written
-            augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, *transpose_range)
-                         for t in train_tunes]
-            train_set = MusicDataset([t for t, _ in augmented], vocab)
-            log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
-                f"by the range guard {cfg.transpose_range}")
-        loader, batches = batch_loader(train_set, cfg.batch_size, vocab.pad_id, rng)
-        model.train()
-        epoch_start, sum_loss, sum_tokens = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None, file=sys.stderr)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)                                  # (B, T)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, total_steps, lr_scale,
-                                            (time.time() - start) / (cfg.max_minutes * 60))
-            logits, _ = model(x)                                               # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=vocab.pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            n = int((y != vocab.pad_id).sum())
-            sum_loss, sum_tokens, step = sum_loss + loss.item() * n, sum_tokens + n, step + 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if time.time() - start > cfg.max_minutes * 60:
-                out_of_time = True
-                break
-        epoch += 1
-        seconds = time.time() - epoch_start
-        val = evaluate(model, val_set, vocab.pad_id, device)
-        row = {"epoch": epoch, "step": step, "train_loss": sum_loss / max(1, sum_tokens), "val_loss": val["loss"],
-               "val_bits_per_char": val["bits_per_char"], "tokens_per_s": sum_tokens / seconds,
-               "padding": padding_fraction(train_set.lengths(), batches), "elapsed_s": time.time() - start,
-               "lr": optimizer.param_groups[0]["lr"]}
-        history.append(row)
-        log(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} | "
-            f"val bits/char {val['bits_per_char']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
-            f"padding {row['padding']:.1%} | lr {row['lr']:.2e} | {row['elapsed_s'] / 60:.1f} min"
-            + (" (time budget reached)" if out_of_time else ""))
-        if writer:
-            for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
-                writer.add_scalar(key, row[key], epoch)
-        if val["loss"] < best_val:
-            best_val, stale = val["loss"], 0
-            save_checkpoint(best_path, model, optimizer, cfg, vocab, epoch, step, best_val, history, lr_scale)
-        else:
-            stale += 1
-            lr_scale *= 0.5  # only the plateau schedule reads it
-        save_checkpoint(last_path, model, optimizer, cfg, vocab, epoch, step, best_val, history, lr_scale)
-        if stale >= cfg.patience and epoch < cfg.epochs:
-            log(f"early stop: no better validation loss for {cfg.patience} epochs")
-            break
-    plot_history(history, out / "loss.png")
-    log(f"best val loss {best_val:.4f}, checkpoints in {out}/, loss curve {out}/loss.png")
-    return history[-1] if history else {}
+
+def check_config(cfg: Config) -> None:
+    if cfg.tokenizer not in TOKENIZERS:
+        raise UserError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}")
+    if not all(0 <= share <= 1 for share in (cfg.augment_key, cfg.augment_rhythm, cfg.augment_unit)):
+        raise UserError("--augment-key, --augment-rhythm and --augment-unit are shares between 0 and 1")
+    note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
+
+
+def restore(run: Run, ckpt: dict, log) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], list(ckpt.get("history", [])),
+                            ckpt.get("lr_scale", 1.0))
+    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {run.progress.epoch} "
+        f"(best val loss {run.progress.best_val:.4f})")
+
+
+def save_checkpoint(path: Path, run: Run) -> None:
+    p = run.progress
+    ckpt = {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "config": asdict(run.cfg), "vocab": run.vocab.to_dict(),
+        "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
+        "history": p.history, "lr_scale": p.lr_scale,
+    }
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    write_atomic(path, buffer.getvalue())  # a crash mid-write never leaves half a checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_loader(dataset: MusicDataset, batch_size: int, pad_id: int, rng: np.random.Generator | None):
+    batches = length_batches(dataset.lengths(), batch_size, rng)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                       collate_fn=lambda items: collate(items, pad_id)), batches
 
 
 def tensorboard_writer(out: Path):
@@ -633,27 +550,45 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    if not history:
-        return
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (with dropout)")
-    ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax.set(xlabel="epoch", ylabel="cross-entropy per token (nats)", title="musicrnn training")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.device,
+             batch_size: int = 32) -> dict:
+    """Loss per token, perplexity and bits per character over whole tunes.
+
+    bits/char = total negative log-likelihood in bits (every token, each tune's <eos>
+    included) / characters of the tunes' text. It does not depend on the tokenizer.
+    """
+    model.eval()
+    loader, _ = batch_loader(dataset, batch_size, pad_id, rng=None)
+    total_nll, total_tokens = 0.0, 0
+    for x, y in loader:
+        logits, _ = model(x.to(device))                                   # (B, T, V)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                              ignore_index=pad_id, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((y != pad_id).sum())
+    loss = total_nll / total_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
+            "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}
 
 
 # -----------------------------------------------------------------------------
-# sampling: one token and (h, c) per step, through abctext's shared sampler
+# sampling with temperature: one token per step, the LSTM state (h, c) carried along
+#
+# sampler.generate_tunes runs the loop: feed the last token and the state, get the logits
+# of the next token, draw it with sampler.sample_next, repeat until <eos>. sample_next is
+# where the temperature acts: the logits are divided by it (below 1 sharpens the
+# distribution, above 1 flattens it), top-k keeps the k largest, and one uniform number
+# per tune draws the token from the cumulative probabilities. The loop lives in a
+# torch-free module so that infer_onnx.py runs the very same code over onnxruntime.
 
 
 def torch_step(model: MusicRNN, device: torch.device):
-    """The model as abctext.generate_ids wants it: (tokens (B, 1), state) -> (logits (B, V), state)."""
+    """The model as the sampler wants it: (tokens (B, 1), state) -> (logits (B, V), state)."""
 
     @torch.no_grad()
     def step(tokens: np.ndarray, state):
@@ -663,512 +598,110 @@ def torch_step(model: MusicRNN, device: torch.device):
     return step
 
 
-def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device, num: int = 1, prompt: str = "",
-             max_tokens: int = 1000, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-             constrained: bool = False, max_bars: int = 32) -> list[str]:
-    """num tunes, each the prompt followed by what the model writes until <eos>."""
-    return abctext.generate_tunes(torch_step(model.eval(), device), vocab, num, prompt, max_tokens, temperature,
-                                  top_k, seed, constrained, max_bars)
+def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
+             opts: sampler.SamplingOptions = sampler.SamplingOptions()) -> list[str]:
+    """opts.num tunes, each opts.prompt followed by what the model writes until <eos>."""
+    return sampler.generate_tunes(torch_step(model.eval(), device), vocab, opts)
 
 
 # -----------------------------------------------------------------------------
-# judging tunes with abc2midi, an independent ABC parser (Debian package abcmidi)
-
-_BAR_WARNING = re.compile(r"Bar \d+ has .* time units")
-
-
-def abc2midi_available() -> bool:
-    return shutil.which("abc2midi") is not None
-
-
-def check_with_abc2midi(tune: str) -> dict:
-    """Run abc2midi on one tune. It exits 0 even on errors, so its output is what counts.
-
-    valid: a MIDI file is written and no "Error" line is printed.
-    bar_clean: valid, and no "Bar N has X time units" warning (abc2midi does not warn
-    about a pickup bar or the short last bar that completes it).
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
-        src.write_text(tune if tune.startswith("X:") else "X:1\n" + tune)
-        result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True, timeout=30)
-        lines = (result.stdout + result.stderr).splitlines()
-        valid = midi.exists() and midi.stat().st_size > 0 and not any("Error" in line for line in lines)
-    bar_warnings = [line for line in lines if _BAR_WARNING.search(line)]
-    return {"valid": valid, "bar_clean": valid and not bar_warnings, "messages": lines}
-
-
-def tune_body(tune: str) -> str:
-    """The music after the K: line."""
-    parts = re.split(r"(?m)^K:[^\n]*\n", tune, maxsplit=1)
-    return parts[1] if len(parts) == 2 else tune
-
-
-def note_tokens(tune: str) -> list[str]:
-    return [t for t, kind in abctext.tokenize_abc_kinds(tune_body(tune)) if kind == "note"]
-
-
-_NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}  # pitch class of each letter
-
-
-def pitch_class(note: str) -> int:
-    """Written pitch class: letter and explicit accidental (the key signature is not applied)."""
-    letter = next(ch for ch in note if ch.isalpha())
-    shift = note.count("^") - note.count("_")
-    return (_NATURAL[letter.upper()] + shift) % 12
-
-
-def pitch_class_histogram(tunes: list[str]) -> np.ndarray:
-    counts = np.zeros(12)
-    for tune in tunes:
-        for note in note_tokens(tune):
-            counts[pitch_class(note)] += 1
-    return counts / max(1.0, counts.sum())
-
-
-def first_bars(tune: str, n: int = 8) -> str:
-    """The first n bars' music, spaces and line breaks removed: a fingerprint for copying."""
-    bars = re.split(r":*\[?\|[\]|:]*\d*|::", tune_body(tune))
-    bars = [re.sub(r"\s+", "", b) for b in bars]
-    return "|".join([b for b in bars if b][:n])
-
-
-def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> dict:
-    """The report's temperature table, with numbers: validity, bars, diversity, copying."""
-    notes = [note_tokens(t) for t in tunes]
-    pitches = [[abctext.pitch_spelling(n) for n in row] for row in notes]
-    grams = [tuple(row[i:i + 4]) for row in pitches for i in range(len(row) - 3)]
-    train_hist = pitch_class_histogram(training_tunes)
-    known_openings = {first_bars(t) for t in training_tunes}
-    metrics = {
-        "tunes": len(tunes),
-        "mean_notes": float(np.mean([len(row) for row in notes])) if tunes else 0.0,
-        "min16_notes": float(np.mean([len(row) >= 16 for row in notes])) if tunes else 0.0,
-        "section_end": float(np.mean([tune_body(t).rstrip().endswith(abctext.SECTION_ENDS) for t in tunes])),
-        "distinct_4grams": len(set(grams)) / max(1, len(grams)),
-        # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common
-        "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum()),
-        "copies_first_8_bars": float(np.mean([first_bars(t) in known_openings for t in tunes])),
-    }
-    if judge:
-        results = [check_with_abc2midi(t) for t in tunes]
-        metrics["valid"] = float(np.mean([r["valid"] for r in results]))
-        metrics["bar_clean"] = float(np.mean([r["bar_clean"] for r in results]))
-    return metrics
-
-
-def sweep(generate_fn, training_tunes: list[str], num: int, seed: int,
-          temperatures=(0.5, 0.8, 1.0, 1.2), log=print) -> list[dict]:
-    """generate_fn(num, temperature, seed, constrained) -> tunes, for each setting of the table."""
-    judge = abc2midi_available()
-    if not judge:
-        log("abc2midi is not installed (apt-get install abcmidi): the valid and bar-clean columns are missing")
-    rows = []
-    for temperature in temperatures:
-        for constrained in (False, True):
-            tunes = generate_fn(num, temperature, seed, constrained)
-            rows.append({"temperature": temperature, "constrained": constrained,
-                         **tune_metrics(tunes, training_tunes, judge)})
-            log(f"temperature {temperature} {'constrained' if constrained else 'free':>11}: "
-                + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items() if k not in ("temperature", "constrained")))
-    return rows
-
-
-def sweep_table(rows: list[dict]) -> str:
-    columns = [("temperature", "T"), ("constrained", "constrained"), ("valid", "valid"), ("bar_clean", "bar-clean"),
-               ("min16_notes", ">=16 notes"), ("section_end", "ends a section"), ("mean_notes", "notes/tune"),
-               ("distinct_4grams", "distinct 4-grams"), ("pitch_class_distance", "pitch-class dist."),
-               ("copies_first_8_bars", "copies 8 bars")]
-    columns = [(k, name) for k, name in columns if k in rows[0]]
-    lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row[key]
-            cells.append("yes" if value is True else "no" if value is False else
-                         f"{value:.0%}" if key in ("valid", "bar_clean", "min16_notes", "section_end",
-                                                   "copies_first_8_bars") else f"{value:.3g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# augmentation: transposition, rhythm and unit length, right by construction
+# constrained sampling: SamplingOptions(constrained=True)
 #
-# Every function rewrites the tokens of abctext's tokenizer and leaves all else as it is.
-# Pitches are tracked the way ABC defines them: key signature, then accidentals that
-# hold to the end of the bar for that pitch and octave. The tests check every function
-# against abc2midi, an independent ABC parser.
-
-_LETTERS = "CDEFGAB"
-_LETTER_FIFTHS = [0, 2, 4, -1, 1, 3, 5]  # C D E F G A B as a major key: sharps (>0) or flats (<0)
-_ALTERATION = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
-_ACCIDENTAL = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}
-_MODES = {"": 0, "maj": 0, "ion": 0, "mix": -1, "dor": -2, "m": -3, "min": -3, "aeo": -3, "phr": -4, "loc": -5,
-          "lyd": 1}  # fifths from the major key of the same tonic
-_KEY = re.compile(r"\s*([A-G])([#b]?)\s*([A-Za-z]*)(.*)", re.S)
-_CHORD_ROOT = re.compile(r'(")([A-G])([#b]?)([^"/]*)(?:/([A-G])([#b]?))?(")')
+# Before each draw, the sampler adds a mask to every tune's logits: 0 for the tokens that
+# keep the tune valid, -inf for the others, so they are never drawn and the rest keep their
+# relative probabilities. abc_constraint.AbcConstraint follows the ABC as it is written and
+# guarantees: a header X:, L:, M:, K: in that order; bars that are exactly full (broken
+# rhythm, triplets, chords, ties and pickups counted); chords and grace groups closed;
+# an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
+# and max_tokens tokens. It never replaces the model's choice, it only removes the illegal ones.
 
 
-class TransposeError(ValueError):
-    """A tune that cannot be rewritten as asked: notes out of the playable range, a meter that cannot scale."""
-
-
-@dataclass(frozen=True)
-class Key:
-    tonic: int        # letter index, C=0 .. B=6
-    alter: int        # -1 flat, 0, +1 sharp tonic
-    mode: str         # as written ("m", "dor", "Mixolydian"...)
-    rest: str         # anything after the key (clef=..., spaces)
-    fifths: int       # sharps (>0) or flats (<0) of the signature
-
-    def signature(self) -> dict[int, int]:
-        """letter index -> alteration from the key signature."""
-        order = "FCGDAEB" if self.fifths > 0 else "BEADGCF"
-        return {_LETTERS.index(ch): (1 if self.fifths > 0 else -1) for ch in order[:abs(self.fifths)]}
-
-    def text(self) -> str:
-        return _LETTERS[self.tonic] + {1: "#", -1: "b", 0: ""}[self.alter] + self.mode + self.rest
-
-
-def parse_key(value: str) -> Key | None:
-    """K: value -> Key, or None for K:none and other keys without a tonic.
-
-    Read as abc2midi reads them: the bagpipe keys K:Hp and K:HP as A mixolydian (F# C#), and
-    an unknown mode (K:Bn, a typo in two corpus tunes) as major.
-    """
-    if value.strip() in ("Hp", "HP"):
-        value = "Amix"
-    m = _KEY.fullmatch(value)
-    if not m:
-        return None
-    mode = m.group(3)
-    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower(), 0)
-    tonic, alter = _LETTERS.index(m.group(1)), {"#": 1, "b": -1, "": 0}[m.group(2)]
-    fifths = _LETTER_FIFTHS[tonic] + 7 * alter + offset
-    return Key(tonic, alter, mode, m.group(4), fifths)
-
-
-def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
-    """The key a number of semitones away, spelled with the fewest accidentals, and the
-    number of letter steps between the two tonics."""
-    pitch = (_NATURAL[_LETTERS[key.tonic]] + key.alter + semitones) % 12
-    best = None
-    for steps in range(-7, 8):
-        letter = (key.tonic + steps) % 7
-        alter = (pitch - _NATURAL[_LETTERS[letter]] + 6) % 12 - 6
-        if abs(alter) > 1:
-            continue
-        mode_offset = key.fifths - _LETTER_FIFTHS[key.tonic] - 7 * key.alter
-        fifths = _LETTER_FIFTHS[letter] + 7 * alter + mode_offset
-        # the interval from the old tonic to this one must be the shift (up to octaves)
-        interval = _letter_semitones(key.tonic, steps) + alter - key.alter
-        if (interval - semitones) % 12:
-            continue
-        cost = (abs(fifths), abs(interval - semitones))
-        if best is None or cost < best[0]:
-            best = (cost, Key(letter, alter, key.mode, key.rest, fifths), steps)
-    return best[1], best[2]
-
-
-def _letter_semitones(letter: int, steps: int) -> int:
-    """Semitones between the natural notes `steps` letters apart, starting at `letter`."""
-    start = _NATURAL[_LETTERS[letter]]
-    total = letter + steps
-    return _NATURAL[_LETTERS[total % 7]] + 12 * (total // 7) - start
-
-
-@dataclass
-class _Pitch:
-    letter: int    # diatonic index from C of octave 0: octave * 7 + letter
-    midi: int
-
-
-def _note_pitch(acc, letter, octave_marks, signature, bar_alter) -> _Pitch:
-    octave = (5 if letter.islower() else 4) + octave_marks.count("'") - octave_marks.count(",")
-    index = _LETTERS.index(letter.upper())
-    step = octave * 7 + index
-    if acc:
-        bar_alter[step] = _ALTERATION[acc]
-    alter = bar_alter.get(step, signature.get(index, 0))
-    return _Pitch(step, 12 * (octave + 1) + _NATURAL[letter.upper()] + alter)
-
-
-def _spell(pitch: _Pitch, steps: int, semitones: int, signature, bar_alter) -> str:
-    """The note `semitones` above pitch, on the letter `steps` above, with the accidental
-    that this bar and key signature need (none where they already give it)."""
-    step = pitch.letter + steps
-    octave, index = divmod(step, 7)
-    natural = 12 * (octave + 1) + _NATURAL[_LETTERS[index]]
-    alter = pitch.midi + semitones - natural
-    if abs(alter) > 2:  # only in keyless tunes: choose the nearest letter instead
-        step += 1 if alter > 0 else -1
-        octave, index = divmod(step, 7)
-        natural = 12 * (octave + 1) + _NATURAL[_LETTERS[index]]
-        alter = pitch.midi + semitones - natural
-    accidental = ""
-    if bar_alter.get(step, signature.get(index, 0)) != alter:
-        accidental = _ACCIDENTAL[alter]
-        bar_alter[step] = alter
-    letter = _LETTERS[index] if octave <= 4 else _LETTERS[index].lower()
-    marks = "," * max(0, 4 - octave) + "'" * max(0, octave - 5)
-    return accidental + letter + marks
-
-
-def _transpose_chord_symbol(text: str, semitones: int, sharps: bool) -> str:
-    def name(letter: str, acc: str) -> str:
-        pc = (_NATURAL[letter] + {"#": 1, "b": -1, "": 0}[acc] + semitones) % 12
-        names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"] if sharps else \
-            ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
-        return names[pc]
-
-    def repl(m: re.Match) -> str:
-        bass = "/" + name(m.group(5), m.group(6)) if m.group(5) else ""
-        return m.group(1) + name(m.group(2), m.group(3)) + m.group(4) + bass + m.group(7)
-
-    return _CHORD_ROOT.sub(repl, text)
-
-
-def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> str:
-    """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
-
-    Notes move to the letters of the new key (C -> D in a whole step), with only the
-    accidentals the new key and bar need. Raises TransposeError when a note would leave
-    [low, high] (MIDI; default G, to c''', 55..108).
-    """
-    if semitones == 0:
-        _check_range(abc, 0, low, high)
-        return abc
-    new_key, steps = None, _steps_without_key(semitones)
-    signature_in, signature_out = {}, {}
-    out, bar_in, bar_out = [], {}, {}
-    in_body = False
-    for token, kind in abctext.tokenize_abc_kinds(abc):
-        if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
-            value = token.lstrip("[")[2:].rstrip("]") if kind == "inline_field" else token[2:]
-            key = parse_key(value)
-            new_key, steps = transpose_key(key, semitones) if key else (None, _steps_without_key(semitones))
-            signature_in, signature_out = (key.signature(), new_key.signature()) if key else ({}, {})
-            text = f"K:{new_key.text()}" if new_key else f"K:{value}"
-            out.append(f"[{text}]" if kind == "inline_field" else text)
-            in_body, bar_in, bar_out = True, {}, {}
-            continue
-        if not in_body:
-            out.append(token)
-            continue
-        if kind == "bar":
-            bar_in, bar_out = {}, {}
-            out.append(token)
-        elif kind == "note" or kind == "grace":
-            notes = _NOTE_IN_TEXT.sub(lambda m: _move(m, steps, semitones, signature_in, signature_out, bar_in, bar_out),
-                                      token)
-            out.append(notes)
-        elif kind == "chord_symbol":
-            out.append(_transpose_chord_symbol(token, semitones, sharps=(new_key.fifths >= 0) if new_key else semitones >= 0))
-        else:
-            out.append(token)
-    result = "".join(out)
-    _check_range(result, semitones, low, high)
-    return result
-
-
-def _check_range(abc: str, semitones: int, low: int, high: int) -> None:
-    midis = _midi_range(abc)
-    if midis and (midis[0] < low or midis[1] > high):
-        raise TransposeError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
-
-
-def _steps_without_key(semitones: int) -> int:
-    """Letter steps for a keyless tune: the nearest diatonic interval."""
-    return round(semitones * 7 / 12)
-
-
-_NOTE_IN_TEXT = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)")
-
-
-def _move(m: re.Match, steps, semitones, signature_in, signature_out, bar_in, bar_out) -> str:
-    pitch = _note_pitch(m.group(1), m.group(2), m.group(3), signature_in, bar_in)
-    return _spell(pitch, steps, semitones, signature_out, bar_out)
-
-
-def _midi_range(abc: str) -> tuple[int, int] | None:
-    """Lowest and highest sounding MIDI pitch of a tune, key signature and accidentals applied."""
-    signature, bar, pitches = {}, {}, []
-    for token, kind in abctext.tokenize_abc_kinds(abc):
-        if kind in ("field", "inline_field") and token.lstrip("[")[:2] == "K:":
-            key, bar = parse_key(token.lstrip("[")[2:].rstrip("]")), {}
-            signature = key.signature() if key else {}
-        elif kind == "bar":
-            bar = {}
-        elif kind in ("note", "grace"):
-            pitches += [_note_pitch(*m.groups(), signature, bar).midi for m in _NOTE_IN_TEXT.finditer(token)]
-    return (min(pitches), max(pitches)) if pitches else None
-
-
-def _parse_length(text: str) -> Fraction:
-    """ABC length suffix -> multiple of L: "" 1, "3" 3, "/" 1/2, "//" 1/4, "3/2" 3/2, "3/" 3/2."""
-    m = re.fullmatch(r"(\d*)(/*)(\d*)", text)
-    num = int(m.group(1)) if m.group(1) else 1
-    slashes = len(m.group(2))
-    if not slashes:
-        return Fraction(num)
-    den = int(m.group(3)) * 2 ** (slashes - 1) if m.group(3) else 2 ** slashes
-    return Fraction(num, den)
-
-
-def format_length(length: Fraction) -> str:
-    """Multiple of L -> the shortest ABC suffix."""
-    if length.denominator == 1:
-        return "" if length == 1 else str(length.numerator)
-    num = "" if length.numerator == 1 else str(length.numerator)
-    return f"{num}/" if length.denominator == 2 else f"{num}/{length.denominator}"
-
-
-_LENGTHED = re.compile(r"((?:\^\^|\^|__|_|=)?[A-Ga-g][,']*|[zx]|\])([\d/]*)")
-
-
-def scale_lengths(token: str, factor: Fraction) -> str:
-    """A note, rest or chord close with its length multiplied by factor."""
-    return _LENGTHED.sub(lambda m: m.group(1) + format_length(_parse_length(m.group(2)) * factor), token)
-
-
-def _rewrite_lengths(abc: str, factor_for) -> str:
-    """Scale every length in the body; factor_for(field_token) may change the factor mid-tune.
-
-    A chord with an outer length ([CEG]2) has that length scaled, one without ([C2E2]) its
-    notes: that keeps its duration right whether a reader multiplies the two or not.
-    """
-    out, chord, factor, in_body = [], None, factor_for(None), False
-    for token, kind in abctext.tokenize_abc_kinds(abc):
-        if kind in ("field", "inline_field"):
-            new = factor_for(token)
-            if new is not None and not isinstance(new, Fraction):
-                token, new = new  # the field rewritten, and the factor from here on
-            factor = new if new is not None else factor
-            in_body = in_body or token.lstrip("[").startswith("K:")
-        elif in_body and kind == "chord_open":
-            chord = [(token, kind)]
-            continue
-        elif chord is not None and kind == "chord_close":
-            outer = token != "]"
-            inner = [t if outer or k != "note" else scale_lengths(t, factor) for t, k in chord]
-            token = "".join(inner) + (scale_lengths(token, factor) if outer else token)
-            chord = None
-        elif chord is not None:
-            chord.append((token, kind))
-            continue
-        elif in_body and kind in ("note", "rest"):
-            token = scale_lengths(token, factor)
-        out.append(token)
-    return "".join(out + [t for t, _ in chord or []])
-
-
-def change_rhythm(abc: str, factor) -> str:
-    """Every note and rest length times factor (2, 1/2); M: scales with them so bars stay full.
-
-    M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
-    L:, broken rhythm, tuplets, chord symbols and decorations are untouched.
-    """
-    factor = Fraction(factor)
-
-    def fields(token):
-        if token is None:
-            return factor
-        inline = token.startswith("[")
-        body = token.strip("[]")
-        if not body.startswith("M:"):
-            return None
-        meter = abctext.parse_meter(body[2:])
-        if meter is None:
-            raise TransposeError(f"cannot scale the meter {body}")
-        num, den = meter  # not reduced: 6/8 stays six beats
-        # keep the numerator (the beats) and move the denominator where possible
-        if (Fraction(den) / factor).denominator == 1:
-            den = int(den / factor)
-        else:
-            num = int(num * factor)
-        text = f"M:{num}/{den}"
-        return (f"[{text}]" if inline else text), factor
-
-    return _rewrite_lengths(abc, fields)
-
-
-def set_unit_length(abc: str, unit: str) -> str:
-    """Rewrite L: and every length so that the music is identical: L:1/8 A2 == L:1/16 A4."""
-    target = Fraction(unit)
-    header = re.search(r"(?m)^L:\s*(\d+/\d+)", abc)
-    meter = re.search(r"(?m)^M:(.*)$", abc)
-    if header:
-        current = Fraction(header.group(1))
-    else:  # the default unit: 1/16 below a meter of 3/4, else 1/8
-        m = abctext.parse_meter(meter.group(1)) if meter else None
-        current = Fraction(1, 16) if m is not None and Fraction(*m) < Fraction(3, 4) else Fraction(1, 8)
-        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
-    state = {"unit": current}
-
-    def fields(token):
-        if token is None:
-            return current / target
-        inline = token.startswith("[")
-        body = token.strip("[]")
-        if not body.startswith("L:"):
-            return None
-        if header is None and not inline:
-            return None  # the L: line we inserted
-        state["unit"] = Fraction(body[2:].strip())
-        text = f"L:{unit}"
-        return (f"[{text}]" if inline else text), state["unit"] / target
-
-    return _rewrite_lengths(abc, fields)
-
-
-def augment_dataset(tunes: list[str], transpositions=(-2, 2), factors=(2, Fraction(1, 2))) -> list[str]:
-    """The report's x5 set: each tune, its transpositions and its rhythm changes.
-
-    A tune whose transposition leaves the playable range is left out of that copy.
-    """
-    variants = [(transpose_tune, shift) for shift in transpositions] + [(change_rhythm, f) for f in factors]
-    out = list(tunes)
-    for rewrite, amount in variants:
-        for tune in tunes:
-            try:
-                out.append(rewrite(tune, amount))
-            except TransposeError:
-                pass
-    return out
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """The lowest and highest note a transposition may reach: "G,..c'''" -> MIDI (55, 108)."""
-    ends = text.split("..")
-    notes = [_NOTE_IN_TEXT.fullmatch(end.strip()) for end in ends]
-    if len(ends) != 2 or not all(notes):
-        raise UserError(f"--transpose-range wants two ABC notes like G,..c''' (got {text!r})")
-    low, high = (_note_pitch(*m.groups(), {}, {}).midi for m in notes)
-    return low, high
+# -----------------------------------------------------------------------------
+# augmentation: new training tunes from old ones, right by construction
+#
+# transpose_tune(abc, k) moves every note, key and chord symbol k semitones and spells the
+# notes with the new key's letters; change_rhythm(abc, 2) doubles every length and scales
+# M: so that bars stay full; set_unit_length(abc, "1/16") rewrites L: and every length with
+# the music unchanged. abc2midi confirms all three on the test tunes (tests/test_augment.py).
 
 
 def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, unit_share: float = 1.0,
-                 low: int = 55, high: int = 108, shifts=range(-5, 7),
-                 units=("1/8", "1/16", "1/4")) -> tuple[str, bool]:
-    """With probability key_share a random transposition, with unit_share a random unit length.
+                 low: int = 55, high: int = 108, rhythm_share: float = 0.0) -> tuple[str, bool]:
+    """With probability key_share a random transposition (-5..+6), with rhythm_share every
+    length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
 
-    For training on the fly (never validation). Returns the tune and whether the range guard
-    refused its transposition (it then keeps its key).
+    For training (never validation). Returns the tune and whether the range guard [low, high]
+    refused its transposition (it then keeps its key). A share of 0 draws no random number,
+    so the other shares' draws are the same with it as without it.
     """
     refused = False
     if rng.random() < key_share:
         try:
-            tune = transpose_tune(tune, int(rng.choice(list(shifts))), low, high)
+            tune = transpose_tune(tune, int(rng.choice(list(range(-5, 7)))), low, high)
         except TransposeError:
             refused = True
+    if rhythm_share and rng.random() < rhythm_share:
+        try:
+            tune = change_rhythm(tune, (2, Fraction(1, 2))[int(rng.integers(2))])
+        except TransposeError:
+            pass  # a meter that cannot scale (M:none): the tune keeps its rhythm
     if rng.random() < unit_share:
-        tune = set_unit_length(tune, str(rng.choice(list(units))))
+        tune = set_unit_length(tune, str(rng.choice(["1/8", "1/16", "1/4"])))
     return tune, refused
+
+
+def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
+    """This epoch's training tunes: as written, or with the configured shares augmented."""
+    cfg = run.cfg
+    if not (cfg.augment_key or cfg.augment_unit or cfg.augment_rhythm):
+        return run.train_set
+    low, high = note_range(cfg.transpose_range)
+    augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, low, high, cfg.augment_rhythm)
+                 for t in run.train_tunes]
+    log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
+        f"by the range guard {cfg.transpose_range}")
+    return MusicDataset([t for t, _ in augmented], run.vocab)
+
+
+def note_range(text: str) -> tuple[int, int]:
+    """--transpose-range "G,..c'''" -> MIDI (55, 108)."""
+    try:
+        return parse_note_range(text)
+    except ValueError as e:
+        raise UserError(f"--transpose-range {e}") from None
 
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+FLAG_HELP = {  # where "default: X" alone would not say what a flag does
+    "augment_key": "share (0..1) of training tunes put in a random key (-5..+6 semitones) each epoch",
+    "augment_rhythm": "share (0..1) of training tunes with every length doubled or halved (M: scaled) each epoch",
+    "augment_unit": "share (0..1) of training tunes rewritten in a random unit length (L:1/8, 1/16, 1/4) each epoch",
+}
+FLAG_GROUPS = {
+    "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment_key", "augment_rhythm",
+             "augment_unit", "transpose_range"],
+    "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
+    "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
+                     "max_minutes"],
+    "run": ["out_dir", "seed", "device"],
+}
+FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"]}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
+    defaults, types = Config(), {f.name: f.type for f in fields(Config)}
+    for title, names in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
+            flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
+            help_text = f"{FLAG_HELP[name]}; " if name in FLAG_HELP else ""
+            group.add_argument(flag, dest=name, type=kind, choices=FLAG_CHOICES.get(name), default=None,
+                               help=f"{help_text}default: {getattr(defaults, name)}")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -1176,72 +709,41 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**given)
 
 
-FLAG_HELP = {  # where "default: X" alone would not say what a flag does
-    "augment_key": "share (0..1) of training tunes put in a random key (-5..+6 semitones) each epoch",
-    "augment_unit": "share (0..1) of training tunes rewritten in a random unit length (L:1/8, 1/16, 1/4) each epoch",
-}
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
-    defaults = Config()
-    groups = {
-        "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment_key", "augment_unit",
-                 "transpose_range"],
-        "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
-        "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
-                         "max_minutes"],
-        "run": ["out_dir", "seed", "device"],
-    }
-    choices = {"tokenizer": list(abctext.TOKENIZERS), "schedule": ["cosine", "plateau"],
-               "device": ["auto", "cpu", "cuda"]}
-    types = {f.name: f.type for f in fields(Config)}
-    for title, names in groups.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
-            flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
-            help_text = f"{FLAG_HELP[name]}; " if name in FLAG_HELP else ""
-            group.add_argument(flag, dest=name, type=kind, choices=choices.get(name), default=None,
-                               help=f"{help_text}default: {getattr(defaults, name)}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicrnn.py", description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     p = sub.add_parser("train", help="train a model; writes runs/best.pt and runs/last.pt")
     add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in OUT/")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-
     p = sub.add_parser("evaluate", help="loss, perplexity and bits per character of a checkpoint")
     p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
     p.add_argument("--data", default="data/validation.json", help="default: data/validation.json")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
     p = sub.add_parser("generate", help="write new tunes with a checkpoint (torch)")
     p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    abctext.add_sampling_flags(p)
-
-    p = sub.add_parser("sweep", help="judge generated tunes per temperature, with and without --constrained")
-    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
-    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-    p.add_argument("--train-data", default="data/train.json", help="for pitch classes and copying (default: data/train.json)")
-    p.add_argument("--num", type=abctext.positive_int, default=50, help="tunes per setting (default 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=abctext.positive_int, default=1000)
-    p.add_argument("--temperatures", type=abctext.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
-    p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
-
+    sampler.add_sampling_flags(p)
+    add_sweep_parser(sub)
     p = sub.add_parser("stats", help="corpus statistics: tunes, lengths, frequent tokens")
     p.add_argument("--data", default="data/train.json", help="default: data/train.json")
     p.add_argument("--plot", help="also draw the length histogram and token counts to this PNG")
     return parser
+
+
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="judge generated tunes per temperature, with and without --constrained")
+    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
+    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+    p.add_argument("--train-data", default="data/train.json", help="for pitch classes and copying (default: data/train.json)")
+    p.add_argument("--num", type=sampler.positive_int, default=50, help="tunes per setting (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=sampler.positive_int, default=1000)
+    p.add_argument("--temperatures", type=sampler.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
 
 
 def cmd_train(args) -> None:
@@ -1265,51 +767,46 @@ def cmd_generate(args) -> None:
     device = pick_device(args.device)
     model, cfg, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
     try:
-        tunes = generate(model.to(device), vocab, device, args.num, abctext.start_text(args), args.max_tokens,
-                         args.temperature, args.top_k, args.seed, args.constrained, args.max_bars)
-    except abctext.PromptError as e:
+        tunes = generate(model.to(device), vocab, device, sampler.sampling_options(args))
+    except PromptError as e:
         raise UserError(str(e)) from None
-    abctext.write_tunebook(abctext.tunebook(tunes), args.out, args.render)
+    sampler.write_tunebook(sampler.tunebook(tunes), args.out, args.render)
 
 
 def cmd_stats(args) -> None:
-    stats = corpus_stats(load_tunes(args.data))
-    print(f"tunes            {stats['tunes']:,}")
-    print(f"unique chars     {stats['unique_chars']}")
-    print(f"unique tokens    {stats['unique_tokens']:,}")
-    for unit in ("chars", "tokens"):
-        s = stats[unit]
-        print(f"length ({unit:<6}) max {s['max']:,}  mean {s['mean']:.1f}  median {s['median']:.0f}")
-    print("top 20 tokens    " + "  ".join(f"{tok!r}:{n:,}" for tok, n in stats["top_tokens"]))
+    stats = plots.corpus_stats(load_tunes(args.data))
+    print(plots.stats_text(stats))
     if args.plot:
-        plot_stats(stats, Path(args.plot))
+        plots.plot_stats(stats, Path(args.plot))
         print(f"plot written to {args.plot}")
 
 
 def cmd_sweep(args) -> None:
     training_tunes = load_tunes(args.train_data)
-    if args.onnx:
-        import infer_onnx  # onnxruntime only; the same sampler as below
-
-        try:
-            session, vocab, config = infer_onnx.load_model(args.onnx)
-        except infer_onnx.ModelError as e:
-            raise UserError(str(e)) from None
-
-        def generate_fn(num, temperature, seed, constrained):
-            return infer_onnx.generate(session, vocab, config, num, "", args.max_tokens, temperature, None, seed,
-                                       constrained)
-    else:
-        device = torch.device("cpu")
-        model, cfg, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
-
-        def generate_fn(num, temperature, seed, constrained):
-            return generate(model, vocab, device, num, "", args.max_tokens, temperature, None, seed, constrained)
-
-    rows = sweep(generate_fn, training_tunes, args.num, args.seed, args.temperatures)
-    print(sweep_table(rows))
-    abctext.write_atomic(Path(args.out), json.dumps(rows, indent=2).encode())
+    generate_fn = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
+    rows = judging.sweep(generate_fn, opts, training_tunes, args.temperatures)
+    print(judging.sweep_table(rows))
+    write_atomic(Path(args.out), json.dumps(rows, indent=2).encode())
     print(f"written to {args.out}")
+
+
+def torch_generator(checkpoint: str):
+    device = torch.device("cpu")
+    model, cfg, vocab = model_from_checkpoint(load_checkpoint(checkpoint, device), checkpoint)
+    step = torch_step(model, device)
+    return lambda opts: sampler.generate_tunes(step, vocab, opts)
+
+
+def onnx_generator(path: str):
+    import exported_model  # onnxruntime, imported only when a sweep asks for it
+
+    try:
+        session, vocab, config = exported_model.load_model(path)
+    except exported_model.ModelError as e:
+        raise UserError(str(e)) from None
+    step = exported_model.onnx_step(session, config)
+    return lambda opts: sampler.generate_tunes(step, vocab, opts)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_sweep,

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import musicrnn
+from abc_music import read_tunebook
 
 WHEEL = "music21==10.5.1"
 WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
@@ -51,10 +52,17 @@ def read_books(wheel: Path, books: list[str]) -> tuple[list[str], dict[str, int]
     with zipfile.ZipFile(wheel) as zf:
         for book in books:
             names = sorted(n for n in zf.namelist() if n.startswith(f"music21/corpus/{book}/") and n.endswith(".abc"))
-            found = [t for n in names for t in musicrnn.read_tunebook(zf.read(n).decode("utf-8", errors="replace"))]
+            found = [t for n in names for t in read_tunebook(zf.read(n).decode("utf-8", errors="replace"))]
             counts[book] = len(found)
             tunes += found
     return tunes, counts
+
+
+def split_train_validation(tunes: list[str], val_percent: int = 5) -> tuple[list[str], list[str]]:
+    """De-duplicate, then split by a hash of each tune's text: stable under reordering."""
+    unique = list(dict.fromkeys(tunes))
+    in_val = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % 100 < val_percent for t in unique]
+    return ([t for t, v in zip(unique, in_val) if not v], [t for t, v in zip(unique, in_val) if v])
 
 
 def provenance(counts: dict[str, int], essen_counts: dict[str, int], n_all: int, train: list[str],
@@ -69,7 +77,7 @@ folders `music21/corpus/{{{",".join(TRAINING_BOOKS)}}}/*.abc`. music21 itself is
 The tunebooks are public-domain collections (O'Neill 1850, Ryan's Mammoth Collection,
 Aird's Airs, two small folk books) transcribed by volunteers; see each file's `Z:` lines.
 
-**Normalisation** (`musicrnn.normalize_tune`): every tune becomes the IrishMAN record form,
+**Normalisation** (`abc_music.normalize_tune`): every tune becomes the IrishMAN record form,
 `X:1`, then `L:` and `M:` when present, then `K:`, then the body. Titles, notes, sources,
 comments, lyrics, annotations (`"^text"`) and fingerings (`"4"`) are dropped; chord symbols
 and decorations are kept; mid-tune `K:`/`M:`/`L:` lines become inline fields. Multi-voice tunes
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except musicrnn.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train, val = musicrnn.split_train_validation(tunes)
+    train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
     musicrnn.write_irishman_json(out / "train.json", train)
     musicrnn.write_irishman_json(out / "validation.json", val)

@@ -1,6 +1,5 @@
 """Shared fixtures: small tunes we wrote ourselves, and a tiny trained model."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import abc_music  # noqa: E402
 import musicrnn  # noqa: E402
 
 FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
@@ -16,7 +16,7 @@ FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
 
 @pytest.fixture(scope="session")
 def fixture_tunes() -> list[str]:
-    return musicrnn.read_tunebook(FIXTURE_BOOK.read_text())
+    return abc_music.read_tunebook(FIXTURE_BOOK.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,3 @@ def tiny_run(tmp_path_factory, fixture_data) -> Path:
     out = tmp_path_factory.mktemp("run")
     musicrnn.train(tiny_config(fixture_data, out), log=lambda *a: None)
     return out
-
-
-def read_json(path) -> list:
-    return json.loads(Path(path).read_text())

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import abc_music
 import musicrnn
-from abctext import tokenize_abc
+from abc_tokens import tokenize_abc
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_abcmidi = pytest.mark.skipif(not (shutil.which("abc2midi") and shutil.which("mftext")),
@@ -62,7 +63,7 @@ def durations(notes):
 def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, shift):
     for tune in fixture_tunes:
         before, _ = midi_notes(tune, tmp_path)
-        moved = musicrnn.transpose_tune(tune, shift, low=0, high=127)  # the guard has its own test
+        moved = abc_music.transpose_tune(tune, shift, low=0, high=127)  # the guard has its own test
         after, _ = midi_notes(moved, tmp_path)
         assert durations(after) == durations(before), (shift, moved)
         assert [p for *_, p in after] == [p + shift for *_, p in before], (shift, tune, moved)
@@ -73,7 +74,7 @@ def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, s
 @pytest.mark.parametrize("shift", [1, 5, -4, 6])
 def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
     for tune in fixture_tunes:
-        back = musicrnn.transpose_tune(musicrnn.transpose_tune(tune, shift, 0, 127), -shift, 0, 127)
+        back = abc_music.transpose_tune(abc_music.transpose_tune(tune, shift, 0, 127), -shift, 0, 127)
         assert midi_notes(back, tmp_path)[0] == midi_notes(tune, tmp_path)[0]
 
 
@@ -83,7 +84,7 @@ def test_unit_length_rewrite_keeps_the_music_identical(fixture_tunes, tmp_path, 
     """abc2midi plays grace notes, rolls and trills in fractions of L, so those ornaments are
     left out of the comparison (-NGRA, and ~ !trill! removed from both): all else must match."""
     for tune in fixture_tunes:
-        rewritten = musicrnn.set_unit_length(tune, unit)
+        rewritten = abc_music.set_unit_length(tune, unit)
         assert f"L:{unit}" in rewritten and rewritten.count("~") == tune.count("~")
         plain_before, plain_after = without_ornaments(tune), without_ornaments(rewritten)
         assert midi_notes(plain_after, tmp_path, "-NGRA") == midi_notes(plain_before, tmp_path, "-NGRA"), rewritten
@@ -95,7 +96,7 @@ def test_rhythm_doubling_doubles_every_duration_and_keeps_bars_full(fixture_tune
     for tune in fixture_tunes:
         tune = without_ornaments(tune)
         before, warnings_before = midi_notes(tune, tmp_path, "-NGRA")
-        doubled = musicrnn.change_rhythm(tune, 2)
+        doubled = abc_music.change_rhythm(tune, 2)
         after, warnings_after = midi_notes(doubled, tmp_path, "-NGRA")
         assert [(2 * on, 2 * dur) for on, dur, _ in before] == durations(after), doubled
         assert [p for *_, p in after] == [p for *_, p in before]
@@ -105,43 +106,43 @@ def test_rhythm_doubling_doubles_every_duration_and_keeps_bars_full(fixture_tune
 def test_key_spelling_prefers_the_new_keys_letters():
     tune = "X:1\nL:1/8\nM:4/4\nK:D\nDEFG ABcd|^c=cBA G2F2|]\n"
     # ^c is C# (in the key already): it becomes D#, in E major's signature, so no accidental
-    assert musicrnn.transpose_tune(tune, 2) == "X:1\nL:1/8\nM:4/4\nK:E\nEFGA Bcde|d=dcB A2G2|]\n"
-    assert musicrnn.transpose_tune(tune, -2).startswith("X:1\nL:1/8\nM:4/4\nK:C\nCDEF GABc|")
-    assert "K:Bb" in musicrnn.transpose_tune(tune, -4)   # not A#
-    assert "K:F#m" in musicrnn.transpose_tune("X:1\nK:Em\nEFG|\n", 2)
-    assert "K:Bdor" in musicrnn.transpose_tune("X:1\nK:Ador\nABc|\n", 2)
-    assert "K:Amix" in musicrnn.transpose_tune("X:1\nK:Gmix\nGAB|\n", 2)
+    assert abc_music.transpose_tune(tune, 2) == "X:1\nL:1/8\nM:4/4\nK:E\nEFGA Bcde|d=dcB A2G2|]\n"
+    assert abc_music.transpose_tune(tune, -2).startswith("X:1\nL:1/8\nM:4/4\nK:C\nCDEF GABc|")
+    assert "K:Bb" in abc_music.transpose_tune(tune, -4)   # not A#
+    assert "K:F#m" in abc_music.transpose_tune("X:1\nK:Em\nEFG|\n", 2)
+    assert "K:Bdor" in abc_music.transpose_tune("X:1\nK:Ador\nABc|\n", 2)
+    assert "K:Amix" in abc_music.transpose_tune("X:1\nK:Gmix\nGAB|\n", 2)
 
 
 def test_chord_symbols_and_inline_keys_move_too():
-    out = musicrnn.transpose_tune('X:1\nL:1/8\nM:2/4\nK:G\n"Am"A2 "G/B"B2|[K:D] "D"d4|]\n', 2)
+    out = abc_music.transpose_tune('X:1\nL:1/8\nM:2/4\nK:G\n"Am"A2 "G/B"B2|[K:D] "D"d4|]\n', 2)
     assert '"Bm"' in out and '"A/C#"' in out and "[K:E]" in out and '"E"e4' in out
 
 
 def test_headers_other_than_the_key_are_untouched():
-    out = musicrnn.transpose_tune("X:3\nL:1/8\nM:6/8\nK:D\nd2f|\n", 5)
+    out = abc_music.transpose_tune("X:3\nL:1/8\nM:6/8\nK:D\nd2f|\n", 5)
     assert out.startswith("X:3\nL:1/8\nM:6/8\nK:G\n")
 
 
 def test_the_range_guard_refuses_notes_out_of_reach():
-    with pytest.raises(musicrnn.TransposeError, match="outside"):
-        musicrnn.transpose_tune("X:1\nK:C\nc''c'''|\n", 6)
-    with pytest.raises(musicrnn.TransposeError):
-        musicrnn.transpose_tune("X:1\nK:C\nG,A,B,|\n", -1)
+    with pytest.raises(abc_music.TransposeError, match="outside"):
+        abc_music.transpose_tune("X:1\nK:C\nc''c'''|\n", 6)
+    with pytest.raises(abc_music.TransposeError):
+        abc_music.transpose_tune("X:1\nK:C\nG,A,B,|\n", -1)
 
 
 def test_rhythm_change_scales_lengths_not_numbers_elsewhere():
     tune = 'X:1\nL:1/8\nM:6/8\nK:D\n"D7"A>B (3cde !trill!f2 [Ace]2 z|\n'
-    out = musicrnn.change_rhythm(tune, 2)
+    out = abc_music.change_rhythm(tune, 2)
     assert out == 'X:1\nL:1/8\nM:6/4\nK:D\n"D7"A2>B2 (3c2d2e2 !trill!f4 [Ace]4 z2|\n'
-    assert musicrnn.change_rhythm(out, Fraction(1, 2)) == tune
+    assert abc_music.change_rhythm(out, Fraction(1, 2)) == tune
 
 
 @pytest.mark.parametrize("length, text", [(Fraction(1), ""), (Fraction(2), "2"), (Fraction(1, 2), "/"),
                                           (Fraction(1, 4), "/4"), (Fraction(3, 2), "3/"), (Fraction(3, 4), "3/4")])
 def test_length_format_round_trips(length, text):
-    assert musicrnn.format_length(length) == text
-    assert musicrnn._parse_length(text) == length
+    assert abc_music.format_length(length) == text
+    assert abc_music.parse_length(text) == length
 
 
 def test_transposition_never_fails_on_corpus_tunes():
@@ -155,32 +156,30 @@ def test_transposition_never_fails_on_corpus_tunes():
     for tune in [tunes[i] for i in rng.choice(len(tunes), 150, replace=False)]:
         for shift in range(-6, 7):
             try:
-                out = musicrnn.transpose_tune(tune, shift)
-            except musicrnn.TransposeError as e:
+                out = abc_music.transpose_tune(tune, shift)
+            except abc_music.TransposeError as e:
                 assert "outside" in str(e) or "cannot transpose the key" in str(e)
                 continue
             assert "".join(tokenize_abc(out)) == out
-            assert len(musicrnn.note_tokens(out)) == len(musicrnn.note_tokens(tune))
-
-
-def test_augment_dataset_is_the_reports_times_five(fixture_tunes):
-    in_range = [t for t in fixture_tunes if 60 <= musicrnn._midi_range(t)[0] and musicrnn._midi_range(t)[1] <= 88]
-    augmented = musicrnn.augment_dataset(in_range)  # the defaults: -2, +2 semitones, x2 and x1/2 rhythm
-    assert len(in_range) >= 5 and len(augmented) == 5 * len(in_range)
-    assert augmented[: len(in_range)] == in_range
-    assert musicrnn.transpose_tune(in_range[0], 2) in augmented
+            assert len(abc_music.note_tokens(out)) == len(abc_music.note_tokens(tune))
 
 
 def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
-    tune = next(t for t in fixture_tunes if "L:1/8" in t and musicrnn._midi_range(t)[1] <= 84)
+    tune = next(t for t in fixture_tunes if "L:1/8" in t and abc_music._midi_range(t)[1] <= 84)
     rng = np.random.default_rng(0)
     assert musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, False)
     keyed = {musicrnn.augment_tune(tune, rng, key_share=1.0, unit_share=0.0)[0] for _ in range(40)}
-    assert keyed <= {musicrnn.transpose_tune(tune, s) for s in range(-5, 7)} and len(keyed) > 6
+    assert keyed <= {abc_music.transpose_tune(tune, s) for s in range(-5, 7)} and len(keyed) > 6
     united = {musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=1.0)[0] for _ in range(40)}
-    assert united == {musicrnn.set_unit_length(tune, u) for u in ("1/8", "1/16", "1/4")}
+    assert united == {abc_music.set_unit_length(tune, u) for u in ("1/8", "1/16", "1/4")}
     changed = sum(musicrnn.augment_tune(tune, rng, key_share=0.5, unit_share=0.0)[0] != tune for _ in range(400))
     assert 150 < changed < 220  # half are drawn, and 1 in 12 of those draws the shift 0
+    rhythmed = {musicrnn.augment_tune(tune, rng, 0.0, 0.0, rhythm_share=1.0)[0] for _ in range(40)}
+    assert rhythmed == {abc_music.change_rhythm(tune, f) for f in (2, Fraction(1, 2))}
+    rng, reference = np.random.default_rng(3), np.random.default_rng(3)
+    musicrnn.augment_tune(tune, rng, 0.0, 0.0, rhythm_share=0.0)
+    reference.random(2)  # the key and the unit draws: a rhythm share of 0 draws nothing
+    assert rng.random() == reference.random()
     a = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
     b = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
     assert a == b  # seeded, so --resume replays the same epochs

@@ -3,12 +3,16 @@
 import numpy as np
 import pytest
 
-import abctext
+import abc_constraint
+import abc_tokens
+import judging
+import sampler
 import musicrnn
-from abctext import AbcConstraint, PromptError, Vocabulary
+from abc_constraint import AbcConstraint
+from abc_tokens import PromptError, Vocabulary
 
 ABC_CHARS = sorted(set("ABCDEFGabcdefgzxZ^_=,'/0123456789|:[](){}<>-~.!\"+ \nXLMKTHuvmrtilcoenad#bjs"))
-VOCAB = Vocabulary("char", abctext.SPECIALS + ABC_CHARS)
+VOCAB = Vocabulary("char", abc_tokens.SPECIALS + ABC_CHARS)
 HEAD = "X:1\nL:1/8\nM:2/4\nK:D\n"  # a full bar is 4 units of L
 FULL = "defg|"  # a full first bar: after it, a short bar is an error, not a pickup
 
@@ -35,7 +39,7 @@ def legal_chars(constraint, text: str) -> set[str]:
     ("C", "1/8", 8), ("C|", "1/8", 8), ("6/8", None, 6), ("2/4", None, 8), ("3/4", "1/4", 3), ("9/8", "1/16", 18),
 ])
 def test_bar_length_in_units_of_L(meter, unit, units):
-    assert abctext.bar_ticks(meter, unit) == units * abctext.TICKS
+    assert abc_constraint.bar_ticks(meter, unit) == units * abc_constraint.TICKS
 
 
 @pytest.mark.parametrize("meter", ["C", "C|"])
@@ -137,14 +141,14 @@ def test_a_char_model_is_constrained_character_by_character(constraint):
 
 
 def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800) -> list[list[int]]:
+    """n constrained tunes from a "model" that knows nothing: any token, any time."""
     rng = np.random.default_rng(seed)
 
-    def step(tokens, state):  # a "model" that knows nothing: any token, any time
+    def step(tokens, state):
         return rng.normal(size=(len(tokens), len(vocab))).astype(np.float32) * 3, state
 
-    constraint = AbcConstraint(vocab, max_bars=16)
-    return abctext.generate_ids(step, vocab, [vocab.eos_id], n, max_tokens, np.random.default_rng(seed + 1),
-                                constraint=constraint)
+    opts = sampler.SamplingOptions(num=n, seed=seed + 1, max_tokens=max_tokens, constrained=True, max_bars=16)
+    return [vocab.encode(t) for t in sampler.generate_tunes(step, vocab, opts)]
 
 
 def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
@@ -154,9 +158,9 @@ def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
     assert all(len(row) < 800 for row in ids)  # each ended with <eos> before the budget
     assert all(t.rstrip().endswith((":|", "||", "|]")) for t in tunes)
     assert all(set(row).isdisjoint({VOCAB.pad_id, VOCAB.unk_id}) for row in ids)
-    if not musicrnn.abc2midi_available():
+    if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
-    results = [musicrnn.check_with_abc2midi(t) for t in tunes]
+    results = [judging.check_with_abc2midi(t) for t in tunes]
     broken = [(t, [m for m in r["messages"] if "Error" in m or "time units" in m])
               for t, r in zip(tunes, results) if not r["bar_clean"]]
     assert not broken, broken[:2]
@@ -171,4 +175,4 @@ def test_abc_token_vocabularies_are_constrained_too(fixture_tunes):
 
 def test_a_vocabulary_without_bar_lines_is_refused():
     with pytest.raises(PromptError, match="lacks"):
-        AbcConstraint(Vocabulary("char", abctext.SPECIALS + list("ABCabc")))
+        AbcConstraint(Vocabulary("char", abc_tokens.SPECIALS + list("ABCabc")))

@@ -4,26 +4,29 @@ import json
 
 import pytest
 
+import abc_music
+import plots
 import musicrnn
+from data.build_corpus import split_train_validation
 
 
 def test_normalise_keeps_music_drops_the_rest():
     lines = ["X:7", "T:A Title", "C:Someone", "M: 6/8", "L:1/8", "N:a note", "K: G",
              '"G"GAB "^rit."c2"4"d | "D7"e3 d3 |]  % a comment', "w: some words", "T:Part two", "ABc\\"]
-    tune = musicrnn.normalize_tune(lines)
+    tune = abc_music.normalize_tune(lines)
     assert tune == 'X:1\nL:1/8\nM:6/8\nK:G\n"G"GAB c2d | "D7"e3 d3 |]\nABc\n'
 
 
 def test_mid_tune_field_lines_become_inline_fields():
-    tune = musicrnn.normalize_tune(["X:1", "M:3/4", "K:D", "ABc|", "M:2/4", "AB|", "K:G", "GA|"])
+    tune = abc_music.normalize_tune(["X:1", "M:3/4", "K:D", "ABc|", "M:2/4", "AB|", "K:G", "GA|"])
     assert tune == "X:1\nM:3/4\nK:D\nABc|\n[M:2/4]\nAB|\n[K:G]\nGA|\n"
 
 
 def test_skips_multi_voice_empty_and_keyless_tunes():
-    assert musicrnn.normalize_tune(["X:1", "K:D", "V:1", "ABc|"]) is None
-    assert musicrnn.normalize_tune(["X:1", "K:D", "[V:1] ABc|"]) is None
-    assert musicrnn.normalize_tune(["X:1", "T:No notes", "K:D", '"^text" |'] ) is None
-    assert musicrnn.normalize_tune(["X:1", "M:4/4", "ABcd|"]) is None
+    assert abc_music.normalize_tune(["X:1", "K:D", "V:1", "ABc|"]) is None
+    assert abc_music.normalize_tune(["X:1", "K:D", "[V:1] ABc|"]) is None
+    assert abc_music.normalize_tune(["X:1", "T:No notes", "K:D", '"^text" |'] ) is None
+    assert abc_music.normalize_tune(["X:1", "M:4/4", "ABcd|"]) is None
 
 
 def test_reads_tunebooks_files_and_folders(tmp_path, fixture_tunes):
@@ -44,10 +47,10 @@ def test_irishman_json_round_trip(tmp_path, fixture_tunes):
 
 def test_split_is_deterministic_and_deduplicated(fixture_tunes):
     tunes = fixture_tunes * 2 + [f"X:1\nK:D\n{'ABcd' * (i % 9 + 1)}{i}|\n" for i in range(200)]
-    train, val = musicrnn.split_train_validation(tunes)
+    train, val = split_train_validation(tunes)
     assert len(train) + len(val) == len(set(tunes))
     assert not set(train) & set(val)
-    assert set(musicrnn.split_train_validation(list(reversed(tunes)))[1]) == set(val)
+    assert set(split_train_validation(list(reversed(tunes)))[1]) == set(val)
     assert 0 < len(val) < 0.15 * len(set(tunes))
 
 
@@ -74,7 +77,7 @@ def test_non_utf8_tunebook_is_a_clear_error(tmp_path):
 
 
 def test_stats(fixture_tunes):
-    stats = musicrnn.corpus_stats(fixture_tunes)
+    stats = plots.corpus_stats(fixture_tunes)
     assert stats["tunes"] == 8
     assert stats["chars"]["max"] == max(map(len, fixture_tunes))
     assert stats["top_tokens"][0][0] in {" ", "|"}

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import abctext
+import abc_constraint
+import abc_music
+import abc_tokens
 import musicrnn
 from conftest import ROOT
 
@@ -65,28 +67,28 @@ def damaged(fixture_tunes) -> list[str]:
 
 def test_tokenizer_keeps_every_character(damaged):
     for text in damaged:
-        assert "".join(abctext.tokenize_abc(text)) == text
+        assert "".join(abc_tokens.tokenize_abc(text)) == text
 
 
 def test_transposition_raises_only_its_own_error(damaged):
     for text in damaged:
         for shift in (-5, 2):
             try:
-                out = musicrnn.transpose_tune(text, shift)
-            except musicrnn.TransposeError:
+                out = abc_music.transpose_tune(text, shift)
+            except abc_music.TransposeError:
                 continue
-            assert "".join(abctext.tokenize_abc(out)) == out
-            assert len(musicrnn.note_tokens(out)) == len(musicrnn.note_tokens(text))
+            assert "".join(abc_tokens.tokenize_abc(out)) == out
+            assert len(abc_music.note_tokens(out)) == len(abc_music.note_tokens(text))
 
 
 def test_constraint_refuses_damaged_prompts_with_its_own_error(damaged):
-    vocab = abctext.Vocabulary("char", abctext.SPECIALS + sorted({c for t in damaged for c in t}))
-    constraint = abctext.AbcConstraint(vocab)
+    vocab = abc_tokens.Vocabulary("char", abc_tokens.SPECIALS + sorted({c for t in damaged for c in t}))
+    constraint = abc_constraint.AbcConstraint(vocab)
     refused = 0
     for text in damaged:
         try:
             state = constraint.start(text)
-        except abctext.PromptError:
+        except abc_tokens.PromptError:
             refused += 1
             continue
         assert constraint.mask(state, 1000).any()  # whatever it accepted, it can go on from

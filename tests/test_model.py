@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import abctext
+import abc_tokens
 import musicrnn
 
 
@@ -47,7 +47,7 @@ def test_stepwise_logits_equal_the_full_sequence_forward():
 
 
 def test_dataset_shift_and_padding_are_ignored_by_the_loss():
-    vocab = abctext.Vocabulary.build(["ABC|", "AB|"], "char")
+    vocab = abc_tokens.Vocabulary.build(["ABC|", "AB|"], "char")
     ds = musicrnn.MusicDataset(["ABC|", "AB|"], vocab)
     x, y = ds[0]
     assert x[0] == vocab.eos_id and y[-1] == vocab.eos_id   # <eos> starts and ends a tune
@@ -75,7 +75,7 @@ def test_length_batches_cover_every_tune_once_with_little_padding():
 
 
 def test_evaluate_bits_per_char_counts_every_token_and_character(fixture_tunes):
-    vocab = abctext.Vocabulary.build(fixture_tunes, "abc")
+    vocab = abc_tokens.Vocabulary.build(fixture_tunes, "abc")
     ds = musicrnn.MusicDataset(fixture_tunes, vocab)
     torch.manual_seed(0)
     model = musicrnn.MusicRNN(len(vocab), 8, 16)

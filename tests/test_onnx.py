@@ -8,7 +8,8 @@ import onnx
 import pytest
 import torch
 
-import abctext
+import exported_model
+import sampler
 import export
 import infer_onnx
 import musicrnn
@@ -32,15 +33,15 @@ def test_graph_is_valid_dynamic_and_self_describing(exported):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
     assert "LSTM" in {node.op_type for node in proto.graph.node}
     assert {"musicrnn.format", "musicrnn.vocab", "musicrnn.config"} <= {p.key for p in proto.metadata_props}
-    session, got_vocab, config = infer_onnx.load_model(str(path))
+    session, got_vocab, config = exported_model.load_model(str(path))
     assert got_vocab.tokens == vocab.tokens and config["hidden_dim"] == cfg.hidden_dim
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_logits_and_state_match_torch_over_200_steps(exported, batch):
     model, cfg, vocab, path = exported
-    session, _, config = infer_onnx.load_model(str(path))
-    onnx_step = infer_onnx.onnx_step(session, config)
+    session, _, config = exported_model.load_model(str(path))
+    onnx_step = exported_model.onnx_step(session, config)
     torch_step = musicrnn.torch_step(model, torch.device("cpu"))
     rng = np.random.default_rng(0)
     tokens = np.full((batch, 1), vocab.eos_id, dtype=np.int64)
@@ -51,18 +52,18 @@ def test_logits_and_state_match_torch_over_200_steps(exported, batch):
         b, torch_state = torch_step(tokens, torch_state)
         diffs = [np.abs(a - b).max()] + [np.abs(o - t.numpy()).max() for o, t in zip(onnx_state, torch_state)]
         worst = max(worst, *diffs)
-        tokens = abctext.sample_next(b, rng)[:, None]  # autoregressive: feed back what was sampled
+        tokens = sampler.sample_next(b, rng)[:, None]  # autoregressive: feed back what was sampled
     assert worst < 1e-5
 
 
 @pytest.mark.parametrize("constrained", [False, True])
 def test_same_seed_same_tunes_from_torch_and_onnx(exported, constrained):
     model, cfg, vocab, path = exported
-    session, _, config = infer_onnx.load_model(str(path))
-    kwargs = dict(num=6, prompt="X:1\nL:1/8\nM:6/8\nK:D\n", max_tokens=300, temperature=1.0, seed=11,
-                  constrained=constrained)
-    from_onnx = infer_onnx.generate(session, vocab, config, **kwargs)
-    from_torch = musicrnn.generate(model, vocab, torch.device("cpu"), **kwargs)
+    session, _, config = exported_model.load_model(str(path))
+    opts = sampler.SamplingOptions(num=6, prompt="X:1\nL:1/8\nM:6/8\nK:D\n", max_tokens=300, temperature=1.0,
+                                   seed=11, constrained=constrained)
+    from_onnx = sampler.generate_tunes(exported_model.onnx_step(session, config), vocab, opts)
+    from_torch = musicrnn.generate(model, vocab, torch.device("cpu"), opts)
     assert from_onnx == from_torch
     assert len(set(from_onnx)) > 1  # rows of one batch differ
 
@@ -122,7 +123,7 @@ def test_int8_quantizes_the_lstm_and_stays_close(exported, tmp_path):
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
     assert int8.stat().st_size < path.stat().st_size
-    assert infer_onnx.load_model(str(int8))[1].tokens == infer_onnx.load_model(str(path))[1].tokens
+    assert exported_model.load_model(str(int8))[1].tokens == exported_model.load_model(str(path))[1].tokens
     assert export.argmax_agreement(path, int8, tokens=200) > 0.8
 
 
@@ -133,9 +134,9 @@ def test_two_layer_model_exports_with_parity(exported, tmp_path):
     model = musicrnn.build_model(cfg2, len(vocab)).eval()
     path = tmp_path / "two_layers.onnx"
     export.export_onnx(model, cfg2, vocab, path)
-    session, _, config = infer_onnx.load_model(str(path))
+    session, _, config = exported_model.load_model(str(path))
     assert config["num_layers"] == 2
-    onnx_step, torch_step = infer_onnx.onnx_step(session, config), musicrnn.torch_step(model, torch.device("cpu"))
+    onnx_step, torch_step = exported_model.onnx_step(session, config), musicrnn.torch_step(model, torch.device("cpu"))
     tokens, onnx_state, torch_state = np.full((3, 1), vocab.eos_id, dtype=np.int64), None, None
     for i in range(50):
         a, onnx_state = onnx_step(tokens, onnx_state)

@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+
+import abc_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import abctext
-from abctext import Vocabulary, tokenize_abc
+from abc_tokens import Vocabulary, tokenize_abc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_body_line_starting_with_note_and_repeat_is_not_a_header():
 
 
 def test_token_kinds_come_from_context():
-    kinds = dict(abctext.tokenize_abc_kinds("(3^c'3/2 z2 :|2 \"Am\"[CE]2 [K:G]"))
+    kinds = dict(abc_tokens.tokenize_abc_kinds("(3^c'3/2 z2 :|2 \"Am\"[CE]2 [K:G]"))
     assert kinds["^c'3/2"] == "note" and kinds[":|2"] == "bar" and kinds["(3"] == "tuplet"
     assert kinds["z2"] == "rest" and kinds['"Am"'] == "chord_symbol" and kinds["[K:G]"] == "inline_field"
     assert kinds["["] == "chord_open" and kinds["]2"] == "chord_close"
@@ -86,8 +87,8 @@ def test_vocabulary_reads_unseen_whole_tokens_from_their_parts():
 def test_unseen_character_becomes_unk_and_a_prompt_with_it_is_refused():
     vocab = Vocabulary.build(["ABC|"], "char")
     assert vocab.encode("AQ") == [vocab.index["A"], vocab.unk_id]
-    with pytest.raises(abctext.PromptError, match="'Q'"):
-        abctext.encode_prompt(vocab, "AQ")
+    with pytest.raises(abc_tokens.PromptError, match="'Q'"):
+        abc_tokens.encode_prompt(vocab, "AQ")
 
 
 def test_vocabulary_round_trips_through_json():
@@ -96,14 +97,16 @@ def test_vocabulary_round_trips_through_json():
     assert again.tokens == vocab.tokens and again.kind == "abc"
 
 
-def test_char_teaching_path_matches_vocabulary():
+def test_char_vocabulary_is_sorted_char_to_idx_shifted_by_the_specials():
+    """What the lesson's vocabulary section says: ids 0-2 are <pad>, <eos>, <unk>, then the
+    sorted characters, so a character's id is plain char_to_idx plus 3."""
     import musicrnn
 
     texts = ["abc|", "cab"]
-    index = musicrnn.char_to_idx(texts)
-    assert musicrnn.idx_to_char(index) == ["a", "b", "c", "|"]
-    assert musicrnn.vectorize_string("cab", index) == [2, 0, 1]
+    vocab = musicrnn.build_vocabulary(texts, musicrnn.Config())
+    char_to_idx = {ch: i for i, ch in enumerate(sorted({ch for t in texts for ch in t}))}
+    assert vocab.tokens[:3] == ["<pad>", "<eos>", "<unk>"] and (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
+    assert vocab.encode("cab|") == [char_to_idx[ch] + 3 for ch in "cab|"] == [5, 3, 4, 6]
+    assert vocab.decode([1, 5, 3, 4, 0]) == "cab"
     assert musicrnn.pad_or_truncate([1, 2, 3], 5, 0) == [1, 2, 3, 0, 0]
     assert musicrnn.pad_or_truncate([1, 2, 3], 2, 0) == [1, 2]
-    vocab = Vocabulary.build(texts, "char")
-    assert [vocab.tokens[i] for i in vocab.encode("cab")] == ["c", "a", "b"]

@@ -1,0 +1,508 @@
+"""
+abc_music: the music arithmetic of ABC text, torch-free and numpy-free.
+
+Holds:
+- the pieces of a note: NATURAL (pitch class of each letter), ACCIDENTALS, KEY_ACCIDENTALS,
+  pitch_spelling, note_shape, pitch_class; all reading abc_tokens.PITCH, the one note pattern;
+- meters and lengths: parse_meter, default_unit (the one default-L: rule), parse_length,
+  format_length;
+- tunebooks normalised into IrishMAN's form: split_tunebook, clean_body_line, normalize_tune,
+  read_tunebook; and the parts of a tune: tune_body, note_tokens;
+- keys: Key, parse_key, transpose_key;
+- transposition: transpose_tune, TransposeError, parse_note_range;
+- lengths and rhythm: scale_lengths, change_rhythm, set_unit_length.
+
+Pitches are tracked the way ABC defines them: key signature, then accidentals that hold to
+the end of the bar for that pitch and octave. The tests check every rewrite against
+abc2midi, an independent ABC parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from abc_tokens import PITCH, PITCH_RE, tokenize_abc_kinds
+
+# -----------------------------------------------------------------------------
+# the pieces of a note, meters and lengths
+
+LETTERS = "CDEFGAB"
+NATURAL = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}  # pitch class of each letter
+ACCIDENTALS = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}        # a note's accidental -> semitones
+ACCIDENTAL_FOR = {shift: text for text, shift in ACCIDENTALS.items()}
+KEY_ACCIDENTALS = {"#": 1, "b": -1, "": 0}                          # in key and chord names: F#, Bb
+
+
+def pitch_spelling(note: str) -> str:
+    """A note token without its length: "^c'3/2" -> "^c'"."""
+    return PITCH_RE.match(note).group()
+
+
+@functools.lru_cache(maxsize=4096)  # called once per sampled token; the pending texts are few
+def note_shape(pending: str) -> str:
+    """A pending token with its note's pitch replaced by its register: "^f2" -> "c2"."""
+    m = PITCH_RE.match(pending)
+    if not m:
+        return pending
+    return ("C" if m.group(2).isupper() else "c") + pending[m.end(2):]  # octave marks and length follow
+
+
+def pitch_class(note: str) -> int:
+    """Written pitch class: letter and explicit accidental (the key signature is not applied)."""
+    m = PITCH_RE.match(note)
+    return (NATURAL[m.group(2).upper()] + ACCIDENTALS.get(m.group(1), 0)) % 12
+
+
+def parse_meter(value: str) -> tuple[int, int] | None:
+    """M: value -> (beats, beat unit), not reduced (6/8 stays 6, 8); M:C = 4/4, M:C| = 2/2.
+    None for M:none and anything else without a numeric meter."""
+    value = {"C": "4/4", "C|": "2/2"}.get(value.strip(), value.strip())
+    m = re.fullmatch(r"(\d+)/(\d+)", value)
+    return (int(m.group(1)), int(m.group(2))) if m and int(m.group(1)) and int(m.group(2)) else None
+
+
+def default_unit(meter: str | None) -> Fraction:
+    """The unit length L: of a tune that gives none, as ABC defines it: 1/16 below a meter
+    of 3/4, else 1/8 (also without a numeric meter)."""
+    parsed = parse_meter(meter) if meter is not None else None
+    return Fraction(1, 16) if parsed is not None and Fraction(*parsed) < Fraction(3, 4) else Fraction(1, 8)
+
+
+def parse_length(text: str) -> Fraction:
+    """ABC length suffix -> multiple of L: "" 1, "3" 3, "/" 1/2, "//" 1/4, "3/2" 3/2, "3/" 3/2."""
+    m = re.fullmatch(r"(\d*)(/*)(\d*)", text)
+    num = int(m.group(1)) if m.group(1) else 1
+    slashes = len(m.group(2))
+    if not slashes:
+        return Fraction(num)
+    den = int(m.group(3)) * 2 ** (slashes - 1) if m.group(3) else 2 ** slashes
+    return Fraction(num, den)
+
+
+def format_length(length: Fraction) -> str:
+    """Multiple of L -> the shortest ABC suffix."""
+    if length.denominator == 1:
+        return "" if length == 1 else str(length.numerator)
+    num = "" if length.numerator == 1 else str(length.numerator)
+    return f"{num}/" if length.denominator == 2 else f"{num}/{length.denominator}"
+
+
+_LENGTHED = re.compile(rf"(?P<what>{PITCH}|[zx]|\])(?P<length>[\d/]*)")  # a note, rest or chord close
+
+
+def scale_lengths(token: str, factor: Fraction) -> str:
+    """A note, rest or chord close with its length multiplied by factor."""
+    return _LENGTHED.sub(lambda m: m["what"] + format_length(parse_length(m["length"]) * factor), token)
+
+
+def _rewrite_lengths(abc: str, factor_for) -> str:
+    """Scale every length in the body; factor_for(field_token) may change the factor mid-tune.
+
+    A chord with an outer length ([CEG]2) has that length scaled, one without ([C2E2]) its
+    notes: that keeps its duration right whether a reader multiplies the two or not.
+    """
+    out, chord, factor, in_body = [], None, factor_for(None), False
+    for token, kind in tokenize_abc_kinds(abc):
+        if kind in ("field", "inline_field"):
+            new = factor_for(token)
+            if new is not None and not isinstance(new, Fraction):
+                token, new = new  # the field rewritten, and the factor from here on
+            factor = new if new is not None else factor
+            in_body = in_body or token.lstrip("[").startswith("K:")
+        elif in_body and kind == "chord_open":
+            chord = [(token, kind)]
+            continue
+        elif chord is not None and kind == "chord_close":
+            outer = token != "]"
+            inner = [t if outer or k != "note" else scale_lengths(t, factor) for t, k in chord]
+            token = "".join(inner) + (scale_lengths(token, factor) if outer else token)
+            chord = None
+        elif chord is not None:
+            chord.append((token, kind))
+            continue
+        elif in_body and kind in ("note", "rest"):
+            token = scale_lengths(token, factor)
+        out.append(token)
+    return "".join(out + [t for t, _ in chord or []])
+
+
+# -----------------------------------------------------------------------------
+# tunebooks, normalised into IrishMAN's record form
+
+_FIELD_LINE = re.compile(r"^([A-Za-z]):(?![|:])(.*)$")     # "K: G", not the body line "G:|"
+_QUOTED = re.compile(r'"[^"\n]*"')
+# A chord symbol ("Am", "G/B", "D7", "Bbmaj7") is music; any other quoted string is an
+# annotation ("^text", "_mf") or a fingering ("4") and is dropped.
+_CHORD_SYMBOL = re.compile(
+    r'"\(?[A-G][#b]?(?:m(?!aj)|min|maj|M|dim|aug|sus|add|\+|o)?\d*(?:(?:sus|add|b|#)\d+)*'
+    r'(?:/[A-Ga-g][#b]?)?\)?"')
+
+
+def split_tunebook(text: str) -> list[list[str]]:
+    """A tunebook -> the lines of each tune, from its X: line to the next blank line."""
+    tunes, current = [], None
+    for line in text.splitlines():
+        if line.startswith("X:"):
+            current = [line]
+            tunes.append(current)
+        elif current is not None and line.strip() == "":
+            current = None
+        elif current is not None:
+            current.append(line)
+    return tunes
+
+
+def clean_body_line(line: str) -> str:
+    """Drop comments, annotations, fingerings, spacers and line continuations; keep the music."""
+    line = line.split("%", 1)[0].replace("`", "")
+    line = _QUOTED.sub(lambda m: m.group() if _CHORD_SYMBOL.fullmatch(m.group()) else "", line)
+    line = line.rstrip().removesuffix("\\")
+    return re.sub(r"[ \t]+", " ", line).strip()
+
+
+def normalize_tune(lines: list[str]) -> str | None:
+    """One tune's lines -> IrishMAN form (X:1, L:, M:, K:, body), or None to skip it.
+
+    Skipped: tunes with several voices (V:), with no K: line, or with no notes.
+    """
+    header, body, in_body = {}, [], False
+    for raw in lines:
+        m = _FIELD_LINE.match(raw.strip())
+        if m:
+            letter, value = m.group(1), re.sub(r"\s+", " ", m.group(2).split("%", 1)[0].strip())
+            if letter == "V":
+                return None
+            if not in_body:
+                if letter in "LMK" and letter not in header:
+                    header[letter] = value
+                in_body = letter == "K"
+            elif letter in "LMK":
+                body.append(f"[{letter}:{value}]")  # a mid-tune change, kept as an inline field
+            continue  # titles, notes, sources, lyrics (w:, W:), ... are dropped
+        if in_body and not raw.lstrip().startswith("%"):
+            if "[V:" in raw:
+                return None
+            line = clean_body_line(raw)
+            if line:
+                body.append(line)
+    if "K" not in header or not any(kind == "note" for _, kind in tokenize_abc_kinds("\n".join(body))):
+        return None
+    head = ["X:1"] + [f"{k}:{header[k]}" for k in "LMK" if k in header]
+    return "\n".join(head + body) + "\n"
+
+
+def read_tunebook(text: str) -> list[str]:
+    """All usable tunes of an ABC tunebook, normalised, in order."""
+    return [t for t in (normalize_tune(lines) for lines in split_tunebook(text)) if t is not None]
+
+
+def tune_body(tune: str) -> str:
+    """The music after the K: line."""
+    parts = re.split(r"(?m)^K:[^\n]*\n", tune, maxsplit=1)
+    return parts[1] if len(parts) == 2 else tune
+
+
+def note_tokens(tune: str) -> list[str]:
+    return [t for t, kind in tokenize_abc_kinds(tune_body(tune)) if kind == "note"]
+
+
+# -----------------------------------------------------------------------------
+# keys
+
+_LETTER_FIFTHS = [0, 2, 4, -1, 1, 3, 5]  # C D E F G A B as a major key: sharps (>0) or flats (<0)
+_MODES = {"": 0, "maj": 0, "ion": 0, "mix": -1, "dor": -2, "m": -3, "min": -3, "aeo": -3, "phr": -4, "loc": -5,
+          "lyd": 1}  # fifths from the major key of the same tonic
+_KEY = re.compile(r"\s*([A-G])([#b]?)\s*([A-Za-z]*)(.*)", re.S)
+
+
+class TransposeError(ValueError):
+    """A tune that cannot be rewritten as asked: notes out of the playable range, a meter that cannot scale."""
+
+
+@dataclass(frozen=True)
+class Key:
+    tonic: int        # letter index, C=0 .. B=6
+    alter: int        # -1 flat, 0, +1 sharp tonic
+    mode: str         # as written ("m", "dor", "Mixolydian"...)
+    rest: str         # anything after the key (clef=..., spaces)
+    fifths: int       # sharps (>0) or flats (<0) of the signature
+
+    def signature(self) -> dict[int, int]:
+        """letter index -> alteration from the key signature."""
+        order = "FCGDAEB" if self.fifths > 0 else "BEADGCF"
+        return {LETTERS.index(ch): (1 if self.fifths > 0 else -1) for ch in order[:abs(self.fifths)]}
+
+    def text(self) -> str:
+        return LETTERS[self.tonic] + {1: "#", -1: "b", 0: ""}[self.alter] + self.mode + self.rest
+
+
+def parse_key(value: str) -> Key | None:
+    """K: value -> Key, or None for K:none and other keys without a tonic.
+
+    Read as abc2midi reads them: the bagpipe keys K:Hp and K:HP as A mixolydian (F# C#), and
+    an unknown mode (K:Bn, a typo in two corpus tunes) as major.
+    """
+    if value.strip() in ("Hp", "HP"):
+        value = "Amix"
+    m = _KEY.fullmatch(value)
+    if not m:
+        return None
+    mode = m.group(3)
+    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower(), 0)
+    tonic, alter = LETTERS.index(m.group(1)), KEY_ACCIDENTALS[m.group(2)]
+    fifths = _LETTER_FIFTHS[tonic] + 7 * alter + offset
+    return Key(tonic, alter, mode, m.group(4), fifths)
+
+
+def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
+    """The key a number of semitones away, spelled with the fewest accidentals, and the
+    number of letter steps between the two tonics."""
+    pitch = (NATURAL[LETTERS[key.tonic]] + key.alter + semitones) % 12
+    best = None
+    for steps in range(-7, 8):
+        letter = (key.tonic + steps) % 7
+        alter = (pitch - NATURAL[LETTERS[letter]] + 6) % 12 - 6
+        if abs(alter) > 1:
+            continue
+        mode_offset = key.fifths - _LETTER_FIFTHS[key.tonic] - 7 * key.alter
+        fifths = _LETTER_FIFTHS[letter] + 7 * alter + mode_offset
+        # the interval from the old tonic to this one must be the shift (up to octaves)
+        interval = _letter_semitones(key.tonic, steps) + alter - key.alter
+        if (interval - semitones) % 12:
+            continue
+        cost = (abs(fifths), abs(interval - semitones))
+        if best is None or cost < best[0]:
+            best = (cost, Key(letter, alter, key.mode, key.rest, fifths), steps)
+    return best[1], best[2]
+
+
+def _letter_semitones(letter: int, steps: int) -> int:
+    """Semitones between the natural notes `steps` letters apart, starting at `letter`."""
+    start = NATURAL[LETTERS[letter]]
+    total = letter + steps
+    return NATURAL[LETTERS[total % 7]] + 12 * (total // 7) - start
+
+
+# -----------------------------------------------------------------------------
+# transposition: every note to the new key's letters, with the accidentals it needs
+
+@dataclass
+class _Pitch:
+    letter: int    # diatonic index from C of octave 0: octave * 7 + letter
+    midi: int
+
+
+def _note_pitch(acc, letter, octave_marks, signature, bar_alter) -> _Pitch:
+    octave = (5 if letter.islower() else 4) + octave_marks.count("'") - octave_marks.count(",")
+    index = LETTERS.index(letter.upper())
+    step = octave * 7 + index
+    if acc:
+        bar_alter[step] = ACCIDENTALS[acc]
+    alter = bar_alter.get(step, signature.get(index, 0))
+    return _Pitch(step, 12 * (octave + 1) + NATURAL[letter.upper()] + alter)
+
+
+def _spell(pitch: _Pitch, steps: int, semitones: int, signature, bar_alter) -> str:
+    """The note `semitones` above pitch, on the letter `steps` above, with the accidental
+    that this bar and key signature need (none where they already give it)."""
+    step = pitch.letter + steps
+    octave, index = divmod(step, 7)
+    natural = 12 * (octave + 1) + NATURAL[LETTERS[index]]
+    alter = pitch.midi + semitones - natural
+    if abs(alter) > 2:  # only in keyless tunes: choose the nearest letter instead
+        step += 1 if alter > 0 else -1
+        octave, index = divmod(step, 7)
+        natural = 12 * (octave + 1) + NATURAL[LETTERS[index]]
+        alter = pitch.midi + semitones - natural
+    accidental = ""
+    if bar_alter.get(step, signature.get(index, 0)) != alter:
+        accidental = ACCIDENTAL_FOR[alter]
+        bar_alter[step] = alter
+    letter = LETTERS[index] if octave <= 4 else LETTERS[index].lower()
+    marks = "," * max(0, 4 - octave) + "'" * max(0, octave - 5)
+    return accidental + letter + marks
+
+
+_CHORD_ROOT = re.compile(r'(")([A-G])([#b]?)([^"/]*)(?:/([A-G])([#b]?))?(")')
+
+
+def _transpose_chord_symbol(text: str, semitones: int, sharps: bool) -> str:
+    def name(letter: str, acc: str) -> str:
+        pc = (NATURAL[letter] + KEY_ACCIDENTALS[acc] + semitones) % 12
+        names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"] if sharps else \
+            ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
+        return names[pc]
+
+    def repl(m: re.Match) -> str:
+        bass = "/" + name(m.group(5), m.group(6)) if m.group(5) else ""
+        return m.group(1) + name(m.group(2), m.group(3)) + m.group(4) + bass + m.group(7)
+
+    return _CHORD_ROOT.sub(repl, text)
+
+
+def _steps_without_key(semitones: int) -> int:
+    """Letter steps for a keyless tune: the nearest diatonic interval."""
+    return round(semitones * 7 / 12)
+
+
+def _key_field(token: str, kind: str) -> str | None:
+    """The value of a K: field, a header line or inline ([K:G]); None for any other token."""
+    if kind not in ("field", "inline_field") or token.lstrip("[")[:2] != "K:":
+        return None
+    return token.lstrip("[")[2:].rstrip("]") if kind == "inline_field" else token[2:]
+
+
+def _midi_range(abc: str) -> tuple[int, int] | None:
+    """Lowest and highest sounding MIDI pitch of a tune, key signature and accidentals applied."""
+    signature, bar, pitches = {}, {}, []
+    for token, kind in tokenize_abc_kinds(abc):
+        value = _key_field(token, kind)
+        if value is not None:
+            key, bar = parse_key(value), {}
+            signature = key.signature() if key else {}
+        elif kind == "bar":
+            bar = {}
+        elif kind in ("note", "grace"):
+            pitches += [_note_pitch(*m.groups(), signature, bar).midi for m in PITCH_RE.finditer(token)]
+    return (min(pitches), max(pitches)) if pitches else None
+
+
+def _check_range(abc: str, semitones: int, low: int, high: int) -> None:
+    midis = _midi_range(abc)
+    if midis and (midis[0] < low or midis[1] > high):
+        raise TransposeError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
+
+
+def parse_note_range(text: str) -> tuple[int, int]:
+    """The lowest and highest note a transposition may reach: "G,..c'''" -> MIDI (55, 108)."""
+    ends = text.split("..")
+    notes = [PITCH_RE.fullmatch(end.strip()) for end in ends]
+    if len(ends) != 2 or not all(notes):
+        raise ValueError(f"wants two ABC notes like G,..c''' (got {text!r})")
+    low, high = (_note_pitch(*m.groups(), {}, {}).midi for m in notes)
+    return low, high
+
+
+@dataclass
+class _KeyChange:
+    """Where a transposition stands: both keys' signatures, the letter steps between their
+    tonics, and the accidentals each bar has set so far, as written and as rewritten."""
+
+    semitones: int
+    new_key: Key | None = None
+    steps: int = 0
+    signature_in: dict = field(default_factory=dict)
+    signature_out: dict = field(default_factory=dict)
+    bar_in: dict = field(default_factory=dict)
+    bar_out: dict = field(default_factory=dict)
+
+    def enter_key(self, value: str) -> str:
+        """A K: field: from here on the tune is in this key. Returns the rewritten field."""
+        key = parse_key(value)
+        self.new_key, self.steps = transpose_key(key, self.semitones) if key else (None, _steps_without_key(self.semitones))
+        self.signature_in, self.signature_out = (key.signature(), self.new_key.signature()) if key else ({}, {})
+        self.bar_in, self.bar_out = {}, {}
+        return f"K:{self.new_key.text()}" if self.new_key else f"K:{value}"
+
+    def move(self, token: str, kind: str) -> str:
+        """One body token, transposed: notes (grace notes too) and chord symbols move."""
+        if kind == "bar":
+            self.bar_in, self.bar_out = {}, {}
+        elif kind in ("note", "grace"):
+            return PITCH_RE.sub(self._move_note, token)
+        elif kind == "chord_symbol":
+            sharps = (self.new_key.fifths >= 0) if self.new_key else self.semitones >= 0
+            return _transpose_chord_symbol(token, self.semitones, sharps)
+        return token
+
+    def _move_note(self, m: re.Match) -> str:
+        pitch = _note_pitch(*m.groups(), self.signature_in, self.bar_in)
+        return _spell(pitch, self.steps, self.semitones, self.signature_out, self.bar_out)
+
+
+def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> str:
+    """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
+
+    Notes move to the letters of the new key (C -> D in a whole step), with only the
+    accidentals the new key and bar need. Raises TransposeError when a note would leave
+    [low, high] (MIDI; default G, to c''', 55..108).
+    """
+    if semitones == 0:
+        _check_range(abc, 0, low, high)
+        return abc
+    change, out, in_body = _KeyChange(semitones), [], False
+    for token, kind in tokenize_abc_kinds(abc):
+        value = _key_field(token, kind)
+        if value is not None:
+            text = change.enter_key(value)
+            out.append(f"[{text}]" if kind == "inline_field" else text)
+            in_body = True
+        else:
+            out.append(change.move(token, kind) if in_body else token)
+    result = "".join(out)
+    _check_range(result, semitones, low, high)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# lengths and rhythm: every length rewritten, the music kept or scaled as asked
+
+def change_rhythm(abc: str, factor) -> str:
+    """Every note and rest length times factor (2, 1/2); M: scales with them so bars stay full.
+
+    M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
+    L:, broken rhythm, tuplets, chord symbols and decorations are untouched.
+    """
+    factor = Fraction(factor)
+
+    def fields(token):
+        if token is None:
+            return factor
+        inline = token.startswith("[")
+        body = token.strip("[]")
+        if not body.startswith("M:"):
+            return None
+        meter = parse_meter(body[2:])
+        if meter is None:
+            raise TransposeError(f"cannot scale the meter {body}")
+        num, den = meter  # not reduced: 6/8 stays six beats
+        # keep the numerator (the beats) and move the denominator where possible
+        if (Fraction(den) / factor).denominator == 1:
+            den = int(den / factor)
+        else:
+            num = int(num * factor)
+        text = f"M:{num}/{den}"
+        return (f"[{text}]" if inline else text), factor
+
+    return _rewrite_lengths(abc, fields)
+
+
+def set_unit_length(abc: str, unit: str) -> str:
+    """Rewrite L: and every length so that the music is identical: L:1/8 A2 == L:1/16 A4."""
+    target = Fraction(unit)
+    header = re.search(r"(?m)^L:\s*(\d+/\d+)", abc)
+    meter = re.search(r"(?m)^M:(.*)$", abc)
+    if header:
+        current = Fraction(header.group(1))
+    else:
+        current = default_unit(meter.group(1) if meter else None)
+        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
+    state = {"unit": current}
+
+    def fields(token):
+        if token is None:
+            return current / target
+        inline = token.startswith("[")
+        body = token.strip("[]")
+        if not body.startswith("L:"):
+            return None
+        if header is None and not inline:
+            return None  # the L: line we inserted
+        state["unit"] = Fraction(body[2:].strip())
+        text = f"L:{unit}"
+        return (f"[{text}]" if inline else text), state["unit"] / target
+
+    return _rewrite_lengths(abc, fields)

@@ -1,0 +1,181 @@
+"""
+abc_tokens: ABC text <-> token ids, torch-free.
+
+Holds:
+- PITCH / PITCH_RE, LENGTH: the one spelling of an ABC note (accidental, letter, octave,
+  length) that the tokenizer and the music arithmetic (abc_music) share;
+- tokenize_abc, tokenize_abc_kinds: the lossless ABC tokenizer ("".join(tokens) == text),
+  tokenize_chars: one token per character, TOKENIZERS: both by name;
+- PAD, EOS, UNK, SPECIALS and Vocabulary: the id of every token, the special tokens first;
+- PromptError, header_prompt, encode_prompt: the text a tune starts from, as ids.
+
+It imports only the standard library, so infer_onnx.py (onnxruntime, no
+torch) and musicrnn.py (training with torch) encode and decode with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+# -----------------------------------------------------------------------------
+# the lossless ABC tokenizer
+
+# The one spelling of a note's pitch, used by the tokenizer and by the music arithmetic:
+# accidental, letter, octave marks ("^c'", "_B,,"), each its own group.
+PITCH = r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)"
+PITCH_RE = re.compile(PITCH)
+# Note lengths: "2", "3/2", "/", "//", "/2", "3/". Always optional.
+LENGTH = r"\d*(?:/+\d*)?"
+_NOTE = PITCH + LENGTH                                    # ^c'3/2
+_REST = r"[zx]" + LENGTH + r"|Z\d*"                       # z2, x/2, Z4 (whole bars)
+
+# One alternative per kind of token, most specific first. The last one, a single
+# character, makes the tokenizer total: every string splits into tokens that join
+# back to it exactly ("".join(tokenize_abc(t)) == t).
+_TOKEN_PATTERNS = [
+    ("field", r"(?m:^[H-Zh-w]:[^\n]*)"),                 # a whole header line: K:Dmix (not A-G: notes)
+    ("inline_field", r"\[[A-Za-z]:[^\]\n]*\]"),          # [K:G] [M:3/4]
+    ("ending", r"\[\d+(?:[,-]\d+)*"),                     # [1 [2
+    ("bar", r"(?::*\[?\|[\]|]?:*|::+)(?:\d+(?:[,-]\d+)*)?"),  # | || |: :| :: |] [| :|2 |1
+    ("note", _NOTE),
+    ("rest", _REST),
+    ("tuplet", r"\(\d+(?::\d*){0,2}"),                    # (3 (3:2:3
+    ("broken", r">+|<+"),                                 # A>B  A<<B
+    ("chord_open", r"\[(?=[\^_=A-Ga-g])"),                # [CEG]
+    ("chord_close", r"\]" + LENGTH),                     # ]2
+    ("chord_symbol", r'"[^"\n]*"'),                       # "Am" "G/B"
+    ("decoration", r"![^!\n]*!|\+[^+\n]*\+"),             # !trill! +fermata+
+    ("grace", r"\{[^}\n]*\}"),                             # {ag}
+    ("char", r"[\s\S]"),                                  # anything else, one character
+]
+_TOKEN_RE = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in _TOKEN_PATTERNS))
+
+
+def tokenize_abc(text: str) -> list[str]:
+    """Split ABC text into musical tokens; "".join(tokenize_abc(t)) == t always."""
+    return [m.group() for m in _TOKEN_RE.finditer(text)]
+
+
+def tokenize_abc_kinds(text: str) -> list[tuple[str, str]]:
+    """(token, kind) pairs; the kind comes from context ("[" opens a chord only before a note)."""
+    return [(m.group(), m.lastgroup) for m in _TOKEN_RE.finditer(text)]
+
+
+def tokenize_chars(text: str) -> list[str]:
+    """The report's tokenizer: one token per character."""
+    return list(text)
+
+
+TOKENIZERS = {"abc": tokenize_abc, "char": tokenize_chars}
+
+# -----------------------------------------------------------------------------
+# the vocabulary
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SPECIALS = [PAD, EOS, UNK]  # ids 0, 1, 2. <eos> also starts a tune, as in GPT-2.
+
+
+@dataclass
+class Vocabulary:
+    """Token strings <-> ids.
+
+    With the "abc" tokenizer the vocabulary holds the frequent whole tokens AND every
+    single character seen in training. A token that is not in it (a key "K:F#dor" or a
+    chord symbol "Em7" that training never saw whole) is encoded as its characters, so
+    the model still reads it from its parts instead of seeing <unk>. Only a character
+    that never appeared in training becomes <unk>.
+    """
+
+    kind: str                                   # "abc" or "char": which tokenizer
+    tokens: list[str]                           # id -> token; the first three are SPECIALS
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer kind {self.kind!r}")
+        if self.tokens[: len(SPECIALS)] != SPECIALS:
+            raise ValueError("vocabulary must start with " + ", ".join(SPECIALS))
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def build(cls, texts: list[str], kind: str, min_count: int = 3) -> "Vocabulary":
+        """Sorted specials + single characters + (abc) whole tokens seen >= min_count times."""
+        counts = Counter(tok for text in texts for tok in TOKENIZERS[kind](text))
+        chars = {ch for text in texts for ch in text}
+        whole = {tok for tok, n in counts.items() if n >= min_count and len(tok) > 1}
+        return cls(kind, SPECIALS + sorted(chars | whole))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def pad_id(self) -> int:
+        return self.index[PAD]
+
+    @property
+    def eos_id(self) -> int:
+        return self.index[EOS]
+
+    @property
+    def unk_id(self) -> int:
+        return self.index[UNK]
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. Unseen whole tokens fall back to their characters; unseen characters to <unk>."""
+        ids = []
+        for tok in TOKENIZERS[self.kind](text):
+            if tok in self.index:
+                ids.append(self.index[tok])
+            else:
+                ids.extend(self.index.get(ch, self.unk_id) for ch in tok)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Ids -> text, without the special tokens."""
+        return "".join(self.tokens[i] for i in ids if i >= len(SPECIALS))
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The characters of text that this vocabulary cannot represent, sorted."""
+        return sorted({ch for ch in text if ch not in self.index})
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocabulary":
+        return cls(d["kind"], list(d["tokens"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocabulary":
+        return cls.from_dict(json.loads(text))
+
+
+class PromptError(ValueError):
+    """A prompt that the model cannot read."""
+
+
+def header_prompt(meter: str | None = None, key: str | None = None, prompt: str | None = None) -> str:
+    """The text a tune starts from: a free prompt, or a header primed with meter and key."""
+    if prompt is not None:
+        return prompt
+    if meter is None and key is None:
+        return ""
+    lines = ["X:1", "L:1/8"]
+    if meter is not None:
+        lines.append(f"M:{meter}")
+    lines.append(f"K:{key if key is not None else 'D'}")
+    return "\n".join(lines) + "\n"
+
+
+def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
+    """<eos> (the start symbol) + the prompt's ids; refuses symbols the model never saw."""
+    unknown = vocab.unknown_chars(text)
+    if unknown:
+        raise PromptError("the prompt has symbols the model never saw: " + " ".join(repr(c) for c in unknown))
+    return [vocab.eos_id] + vocab.encode(text)

@@ -1,0 +1,67 @@
+"""
+exported_model: an exported musicrnn model in onnxruntime, torch-free.
+
+Holds:
+- load_model: the onnxruntime session, the vocabulary and the model shape from the file's
+  metadata (METADATA_FORMAT names its version), or ModelError with one clear line;
+- onnx_step: the session as the sampler's step function, carrying the LSTM state (h, c).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from abc_tokens import Vocabulary
+
+METADATA_FORMAT = "musicrnn-onnx-1"  # export.py writes it; bump it if the metadata changes
+
+
+class ModelError(Exception):
+    """An .onnx file that is missing, unreadable, or not a musicrnn export."""
+
+
+def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSession, Vocabulary, dict]:
+    """An onnxruntime session, the vocabulary and the model config from the file's metadata.
+
+    threads=None lets onnxruntime use one thread per physical core, which measured fastest
+    here even for one token at a time (README: bench).
+    """
+    if not Path(path).is_file():
+        raise ModelError(f"{path}: no such model (run `make export` first)")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for a bad file
+        raise ModelError(f"{path}: not a readable ONNX model ({str(e).strip().splitlines()[0][:120]})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("musicrnn.format") != METADATA_FORMAT:
+        raise ModelError(f"{path}: not a musicrnn export (its metadata has no musicrnn.format = {METADATA_FORMAT})")
+    try:
+        vocab = Vocabulary.from_json(meta["musicrnn.vocab"])
+        config = json.loads(meta["musicrnn.config"])
+        int(config["hidden_dim"]), int(config["num_layers"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {e})") from None
+    return session, vocab, config
+
+
+def onnx_step(session: ort.InferenceSession, config: dict):
+    """The model as sampler.generate_tunes wants it: (tokens (B, 1), state) -> (logits (B, V), state)."""
+    layers, hidden = int(config["num_layers"]), int(config["hidden_dim"])
+
+    def step(tokens: np.ndarray, state):
+        if state is None:
+            state = (np.zeros((layers, len(tokens), hidden), np.float32),) * 2  # (L, B, H) each
+        logits, h, c = session.run(None, {"tokens": tokens, "h0": state[0], "c0": state[1]})
+        return logits, (h, c)
+
+    return step

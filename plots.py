@@ -1,0 +1,93 @@
+"""
+plots: corpus statistics and the pictures, written as PNG files (matplotlib, no display).
+
+Holds:
+- corpus_stats: tunes, characters, tune lengths and the most frequent ABC tokens;
+- stats_text: those figures as `musicrnn.py stats` prints them;
+- plot_stats: the length histogram and the token counts;
+- plot_history: the training and validation loss per epoch (runs/loss.png).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from abc_tokens import tokenize_abc
+
+
+def corpus_stats(tunes: list[str]) -> dict:
+    """Tunes, characters, lengths and the most frequent ABC tokens of a collection."""
+    char_lengths = np.array([len(t) for t in tunes])
+    token_lists = [tokenize_abc(t) for t in tunes]
+    token_lengths = np.array([len(t) for t in token_lists])
+    counts = Counter(tok for toks in token_lists for tok in toks)
+    return {
+        "tunes": len(tunes),
+        "unique_chars": len({c for t in tunes for c in t}),
+        "unique_tokens": len(counts),
+        "chars": {"max": int(char_lengths.max()), "mean": float(char_lengths.mean()),
+                  "median": float(np.median(char_lengths))},
+        "tokens": {"max": int(token_lengths.max()), "mean": float(token_lengths.mean()),
+                   "median": float(np.median(token_lengths))},
+        "top_tokens": counts.most_common(20),
+        "_char_lengths": char_lengths, "_token_lengths": token_lengths,
+    }
+
+
+def stats_text(stats: dict) -> str:
+    """corpus_stats as the lines that `musicrnn.py stats` prints."""
+    lines = [f"tunes            {stats['tunes']:,}", f"unique chars     {stats['unique_chars']}",
+             f"unique tokens    {stats['unique_tokens']:,}"]
+    for unit in ("chars", "tokens"):
+        s = stats[unit]
+        lines.append(f"length ({unit:<6}) max {s['max']:,}  mean {s['mean']:.1f}  median {s['median']:.0f}")
+    lines.append("top 20 tokens    " + "  ".join(f"{tok!r}:{n:,}" for tok, n in stats["top_tokens"]))
+    return "\n".join(lines)
+
+
+def plot_stats(stats: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.hist(stats["_char_lengths"], bins=60, alpha=0.6, label="characters")
+    ax1.hist(stats["_token_lengths"], bins=60, alpha=0.6, label="ABC tokens")
+    ax1.set(title=f"Tune length ({stats['tunes']} tunes)", xlabel="length", ylabel="tunes")
+    ax1.legend()
+    names, counts = zip(*stats["top_tokens"])
+    ax2.bar(range(len(names)), counts)
+    ax2.set_xticks(range(len(names)), [repr(n)[1:-1] for n in names], rotation=60)
+    ax2.set(title="The 20 most frequent ABC tokens", ylabel="count")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (with dropout)")
+    ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax.set(xlabel="epoch", ylabel="cross-entropy per token (nats)", title="musicrnn training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
