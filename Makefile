@@ -1,18 +1,19 @@
 # musicrnn: every target is idempotent and builds what it needs first.
 #   make train     venv + data + train the default model (~10 min on 2 cores), export it, print a tune
-#   make test      venv + the test suite (fixture data only; no `make data` needed)
+#   make test      venv + the whole test suite (fixture tunes; the corpus tests skip until `make data`)
+#   make test-fast the same without the tests marked slow, for editing
 #   make generate  runs/tunes.abc through onnxruntime
 #   make train-long  the long-run model (<= 60 min on 2 cores) in runs/long/, scored on validation and essen
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
 
 PYTHON := .venv/bin/python
-SOURCES := musicrnn.py abctext.py
+SOURCES := musicrnn.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
               --epochs 36 --max-minutes 55
 
-.PHONY: venv data train train-long export generate bench test clean
+.PHONY: venv data train train-long export generate bench test test-fast clean
 
 venv: .venv/installed
 .venv/installed: requirements.txt
@@ -21,7 +22,7 @@ venv: .venv/installed
 	touch $@
 
 data: data/train.json
-data/train.json data/validation.json data/essen.json &: data/build_corpus.py musicrnn.py abctext.py | venv
+data/train.json data/validation.json data/essen.json &: data/build_corpus.py musicrnn.py abc_music.py abc_tokens.py | venv
 	$(PYTHON) -m data.build_corpus
 
 runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
@@ -29,7 +30,7 @@ runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
 	$(PYTHON) musicrnn.py evaluate --checkpoint runs/best.pt --data data/validation.json
 
 export: runs/musicrnn.onnx
-runs/musicrnn.onnx: runs/best.pt export.py infer_onnx.py
+runs/musicrnn.onnx: runs/best.pt export.py exported_model.py
 	$(PYTHON) export.py --checkpoint runs/best.pt --out runs/musicrnn.onnx --int8
 
 train: runs/musicrnn.onnx
@@ -43,7 +44,7 @@ runs/long/best.pt: data/train.json data/validation.json data/essen.json $(SOURCE
 	$(PYTHON) musicrnn.py evaluate --checkpoint runs/long/best.pt --data data/validation.json
 	$(PYTHON) musicrnn.py evaluate --checkpoint runs/long/best.pt --data data/essen.json
 
-runs/long/musicrnn.onnx: runs/long/best.pt export.py infer_onnx.py
+runs/long/musicrnn.onnx: runs/long/best.pt export.py exported_model.py
 	$(PYTHON) export.py --checkpoint runs/long/best.pt --out runs/long/musicrnn.onnx
 
 train-long: runs/long/musicrnn.onnx
@@ -54,6 +55,9 @@ bench: runs/musicrnn.onnx
 
 test: venv
 	$(PYTHON) -m pytest -q tests
+
+test-fast: venv
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

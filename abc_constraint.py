@@ -545,8 +545,8 @@ class AbcConstraint:
         if s.pickup:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
-                if not s.repeat_open and s.full_bars >= 4:
-                    bars += ["||", "|]"]  # the end of the tune
+                if not s.repeat_open and s.full_bars >= 4 and s.notes >= MIN_NOTES:
+                    bars += ["||", "|]"]  # the end of the tune, which may only come after 16 notes
             return bars
         if full:
             if not s.repeat_open and not s.ending and not must_end:

@@ -43,11 +43,16 @@ def pitch_spelling(note: str) -> str:
 
 @functools.lru_cache(maxsize=4096)  # called once per sampled token; the pending texts are few
 def note_shape(pending: str) -> str:
-    """A pending token with its note's pitch replaced by its register: "^f2" -> "c2"."""
+    """A pending token with its note's letter replaced by its register: "^f2" -> "^c2".
+
+    It keeps all that the constraint's rules read from the text: the length, the octave
+    marks that may follow, and the accidental, since a bare letter at the start of a line
+    ("c" before ":|") would read as a field ("c:").
+    """
     m = PITCH_RE.match(pending)
     if not m:
         return pending
-    return ("C" if m.group(2).isupper() else "c") + pending[m.end(2):]  # octave marks and length follow
+    return (m.group(1) or "") + ("C" if m.group(2).isupper() else "c") + pending[m.end(2):]
 
 
 def pitch_class(note: str) -> int:

@@ -67,7 +67,7 @@ def first_bars(tune: str, n: int = 8) -> str:
 
 
 def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> dict:
-    """The report's temperature table, with numbers: validity, bars, diversity, copying."""
+    """The sweep table's columns for a set of tunes: validity, bars, diversity, copying."""
     notes = [note_tokens(t) for t in tunes]
     pitches = [[pitch_spelling(n) for n in row] for row in notes]
     grams = [tuple(row[i:i + 4]) for row in pitches for i in range(len(row) - 3)]

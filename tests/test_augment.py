@@ -58,6 +58,7 @@ def durations(notes):
     return [(on, dur) for on, dur, _ in notes]
 
 
+@pytest.mark.slow
 @needs_abcmidi
 @pytest.mark.parametrize("shift", range(-6, 7))
 def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, shift):
@@ -70,6 +71,7 @@ def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, s
         assert "".join(tokenize_abc(moved)) == moved
 
 
+@pytest.mark.slow
 @needs_abcmidi
 @pytest.mark.parametrize("shift", [1, 5, -4, 6])
 def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
@@ -145,6 +147,7 @@ def test_length_format_round_trips(length, text):
     assert abc_music.parse_length(text) == length
 
 
+@pytest.mark.slow
 def test_transposition_never_fails_on_corpus_tunes():
     """Every shift of a sample of the default corpus (all of it: README) either works,
     tokenizing losslessly, or is refused by the range guard."""

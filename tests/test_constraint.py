@@ -121,6 +121,12 @@ def test_header_order_and_meter_are_checked(constraint):
     assert legal_chars(constraint, "X:1\nL:1/") == {"4", "8", "1"}
 
 
+def test_a_tune_with_a_pickup_closes_on_its_short_bar_only_after_16_notes(constraint):
+    head = "X:1\nL:1/4\nM:3/4\nK:D\n"
+    assert not accepts(constraint, "A|c3|c3|c3|c3|c2|]", head)  # 6 notes: the end would be a dead end
+    assert accepts(constraint, "A|ccc|ccc|ccc|ccc|ccc|cc|]", head)
+
+
 def test_the_end_comes_after_four_full_bars_16_notes_and_a_section_end(constraint):
     def can_end(body):
         return constraint.mask(constraint.start(HEAD + body), 10**6)[VOCAB.eos_id]
@@ -151,6 +157,7 @@ def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800) ->
     return [vocab.encode(t) for t in sampler.generate_tunes(step, vocab, opts)]
 
 
+@pytest.mark.slow
 def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
     """The mask never leaves zero legal tokens, every tune ends, and abc2midi agrees."""
     ids = random_tunes(VOCAB, 500, seed=0)
@@ -176,3 +183,30 @@ def test_abc_token_vocabularies_are_constrained_too(fixture_tunes):
 def test_a_vocabulary_without_bar_lines_is_refused():
     with pytest.raises(PromptError, match="lacks"):
         AbcConstraint(Vocabulary("char", abc_tokens.SPECIALS + list("ABCabc")))
+
+
+@pytest.mark.parametrize("head", [
+    "X:1\nL:1/8\nM:6/8\nK:D\n", "X:1\nL:1/16\nM:4/4\nK:G\n", "X:1\nL:1/4\nM:3/4\nK:Ador\n",
+    "X:1\nL:1/8\nM:C|\nK:Bb\n", "X:1\nM:2/4\nK:E\n", "",  # "": the tune writes its own header
+])
+@pytest.mark.slow
+def test_cached_masks_equal_masks_built_afresh(head):
+    """Every mask the cache serves equals the one the rules build for that very state, over
+    many tunes from random logits: the cache key leaves out nothing the rules read."""
+    cached, fresh = AbcConstraint(VOCAB, max_bars=12), AbcConstraint(VOCAB, max_bars=12, use_cache=False)
+    rng, steps = np.random.default_rng(len(head)), 0
+    for _ in range(20):
+        a, b = cached.start(head), fresh.start(head)
+        for left in range(400, 0, -1):
+            mask = cached.mask(a, left)
+            assert np.array_equal(mask, fresh.mask(b, left)), a
+            assert np.array_equal(cached.penalty(a, left), fresh.penalty(b, left))
+            logits = rng.normal(size=(1, len(VOCAB))) * 3 + np.where(mask, 0.0, -np.inf)
+            token = int(sampler.sample_next(logits, rng)[0])
+            cached.advance(a, token), fresh.advance(b, token)
+            steps += 1
+            if token == VOCAB.eos_id:
+                break
+        assert a == b and a.ended
+    masks_built = sum(isinstance(key[0], int) for key in cached.cache)
+    assert steps > 2000 and masks_built < steps  # the cache served some masks, so its keys were tested

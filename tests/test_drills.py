@@ -18,6 +18,7 @@ import musicrnn
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resume_finishes(tmp_path, fixture_tunes):
     train, val = tmp_path / "train.json", tmp_path / "val.json"
     musicrnn.write_irishman_json(train, fixture_tunes * 40)   # epochs long enough to be caught in

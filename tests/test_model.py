@@ -8,7 +8,7 @@ import abc_tokens
 import musicrnn
 
 
-def test_parameter_count_of_the_reports_configuration():
+def test_parameter_count_of_a_512_unit_model():
     model = musicrnn.MusicRNN(vocab_size=682, embedding_dim=128, hidden_dim=512, num_layers=1)
     counts = [sum(p.numel() for p in m.parameters()) for m in (model.embedding, model.lstm, model.to_logits)]
     assert counts == [87_296, 1_314_816, 349_866]
@@ -40,7 +40,7 @@ def test_stepwise_logits_equal_the_full_sequence_forward():
             logits, state = model(x[:, t:t + 1], state)    # (B, 1, V)
             steps.append(logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-    # and dropping the state (the report's bug) gives something else
+    # and dropping the state between steps gives something else
     with torch.no_grad():
         stateless = torch.cat([model(x[:, t:t + 1])[0] for t in range(x.shape[1])], dim=1)
     assert not torch.allclose(stateless, full, atol=1e-3)
@@ -70,7 +70,7 @@ def test_length_batches_cover_every_tune_once_with_little_padding():
     batches = musicrnn.length_batches(lengths, 32, np.random.default_rng(1))
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
     assert musicrnn.padding_fraction(lengths, batches) < 0.05
-    # the report's way: every tune padded to the longest one
+    # padding every tune to the longest one wastes far more
     assert 1 - lengths.sum() / (len(lengths) * lengths.max()) > 0.4
 
 

@@ -27,7 +27,7 @@ def test_training_lowers_both_losses_and_writes_loadable_checkpoints(tiny_run):
     assert len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    assert history[0]["train_loss"] != history[0]["val_loss"]  # the report printed the same number twice
+    assert history[0]["train_loss"] != history[0]["val_loss"]  # two measurements, not one printed twice
     assert (tiny_run / "loss.png").stat().st_size > 1000
 
 
@@ -112,10 +112,18 @@ def test_sampler_respects_temperature_and_top_k():
         sampler.sample_next(logits, rng, temperature=0)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "generate", "stats"])
-def test_help_for_every_command(command, capsys):
+@pytest.mark.parametrize("argv", [[command, "--help"] for command in musicrnn.COMMANDS] + [["--help"]])
+def test_help_for_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        musicrnn.main([command, "--help"])
+        musicrnn.main(argv)
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["export", "infer_onnx", "bench"])
+def test_help_for_every_script(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
