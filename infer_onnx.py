@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import cli
 import sampler
 from abc_tokens import PromptError
 from exported_model import ModelError, load_model, onnx_step
@@ -23,7 +24,7 @@ from exported_model import ModelError, load_model, onnx_step
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer_onnx.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default="runs/musicrnn.onnx", help="default: runs/musicrnn.onnx")
-    parser.add_argument("--threads", type=sampler.positive_int, default=None,
+    parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="onnxruntime threads (default: one per core)")
     sampler.add_sampling_flags(parser)
     return parser

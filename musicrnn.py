@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import cli
 import judging
 import plots
 import sampler
@@ -56,9 +57,9 @@ class Config:
     limit: int | None = None                    # use only the first N training tunes (None = all)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
-    augment_key: float = 0.0                    # each epoch, this share of training tunes moves to a random key
-    augment_rhythm: float = 0.0                 # each epoch, this share has every length doubled or halved
-    augment_unit: float = 0.0                   # each epoch, this share is rewritten in a random unit length
+    augment_key: float = 0.0                    # share (0..1) of training tunes put in a random key each epoch
+    augment_rhythm: float = 0.0                 # share (0..1) with every length doubled or halved (M: scaled)
+    augment_unit: float = 0.0                   # share (0..1) rewritten in a random unit length (L:1/8, 1/16, 1/4)
     transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
@@ -675,38 +676,7 @@ def note_range(text: str) -> tuple[int, int]:
 # command line
 
 
-FLAG_HELP = {  # where "default: X" alone would not say what a flag does
-    "augment_key": "share (0..1) of training tunes put in a random key (-5..+6 semitones) each epoch",
-    "augment_rhythm": "share (0..1) of training tunes with every length doubled or halved (M: scaled) each epoch",
-    "augment_unit": "share (0..1) of training tunes rewritten in a random unit length (L:1/8, 1/16, 1/4) each epoch",
-}
-FLAG_GROUPS = {
-    "data": ["train_data", "val_data", "limit", "tokenizer", "min_count", "augment_key", "augment_rhythm",
-             "augment_unit", "transpose_range"],
-    "model": ["embedding_dim", "hidden_dim", "num_layers", "dropout"],
-    "optimisation": ["batch_size", "lr", "schedule", "warmup_steps", "epochs", "patience", "grad_clip",
-                     "max_minutes"],
-    "run": ["out_dir", "seed", "device"],
-}
 FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"]}
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, grouped as the dataclass is; defaults shown from Config."""
-    defaults, types = Config(), {f.name: f.type for f in fields(Config)}
-    for title, names in FLAG_GROUPS.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            kind = {"int": int, "float": float, "str": str}[types[name].split(" ")[0]]  # "int | None" -> int
-            flag = "--" + ("out" if name == "out_dir" else name.replace("_", "-"))
-            help_text = f"{FLAG_HELP[name]}; " if name in FLAG_HELP else ""
-            group.add_argument(flag, dest=name, type=kind, choices=FLAG_CHOICES.get(name), default=None,
-                               help=f"{help_text}default: {getattr(defaults, name)}")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    return Config(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -714,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="train a model; writes runs/best.pt and runs/last.pt")
-    add_config_flags(p)
+    cli.dataclass_flags(p, Config, FLAG_CHOICES, flag_names={"out_dir": "out"})
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in OUT/")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
@@ -739,15 +709,15 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
     p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
     p.add_argument("--train-data", default="data/train.json", help="for pitch classes and copying (default: data/train.json)")
-    p.add_argument("--num", type=sampler.positive_int, default=50, help="tunes per setting (default 50)")
+    p.add_argument("--num", type=cli.positive_int, default=50, help="tunes per setting (default 50)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=sampler.positive_int, default=1000)
-    p.add_argument("--temperatures", type=sampler.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    p.add_argument("--max-tokens", type=cli.positive_int, default=1000)
+    p.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
     p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
 
 
 def cmd_train(args) -> None:
-    train(config_from_args(args), resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard)
+    train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard)
 
 
 def cmd_evaluate(args) -> None:

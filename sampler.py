@@ -8,7 +8,7 @@ Holds:
 - generate_tunes: the generation loop, carrying the LSTM state from step to step, with the
   constraint's mask (abc_constraint) added to the logits when asked;
 - tunebook, write_tunebook: the tunes numbered X:1..X:N, printed and written;
-- add_sampling_flags, sampling_options, positive_int, positive_float: the shared flags.
+- add_sampling_flags, sampling_options: the flags, shared by both command lines.
 
 A model is a function step(tokens (B, 1) int64, state) -> (logits (B, V) float32, state),
 state None meaning zeros: torch in musicrnn.torch_step, onnxruntime in exported_model.onnx_step.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 from abc_constraint import AbcConstraint
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from judging import render_tunebook
@@ -131,31 +132,17 @@ def write_tunebook(text: str, out: str | None, render: bool = False) -> None:
 # the flags that musicrnn.py generate and infer_onnx.py share
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """The sampling flags, identical in musicrnn.py generate and infer_onnx.py."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num", type=positive_int, default=1, help="tunes to write, as one batch (default 1)")
-    group.add_argument("--temperature", type=positive_float, default=1.0, help="> 0; lower is safer (default 1.0)")
-    group.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens only")
+    group.add_argument("--num", type=cli.positive_int, default=1, help="tunes to write, as one batch (default 1)")
+    group.add_argument("--temperature", type=cli.positive_float, default=1.0, help="> 0; lower is safer (default 1.0)")
+    group.add_argument("--top-k", type=cli.positive_int, default=None, help="sample from the k most likely tokens only")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    group.add_argument("--max-tokens", type=positive_int, default=1000, help="tokens per tune at most (default 1000)")
+    group.add_argument("--max-tokens", type=cli.positive_int, default=1000, help="tokens per tune at most (default 1000)")
     group.add_argument("--constrained", action="store_true",
                        help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
-    group.add_argument("--max-bars", type=positive_int, default=32,
+    group.add_argument("--max-bars", type=cli.positive_int, default=32,
                        help="with --constrained: end the tune cleanly after this many bars (default 32)")
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8"')

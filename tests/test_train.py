@@ -1,5 +1,6 @@
 """Training, checkpoints, evaluation and generation on a tiny model and the fixture tunes."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import abc_tokens
+import cli
 import sampler
 import musicrnn
 from conftest import ROOT, tiny_config
@@ -235,3 +237,11 @@ def test_checkpoints_with_settings_this_version_dropped_still_load_and_resume(tm
     model, cfg, _ = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tmp_path / "best.pt")))
     assert cfg.hidden_dim == 32
     assert musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=quiet)["epoch"] == 2
+
+
+def test_every_training_flag_explains_itself_in_words():
+    """--help takes each flag's text from the Config field's comment: none may be missing."""
+    comments, groups = cli.field_comments(musicrnn.Config)
+    assert set(comments) == {f.name for f in dataclasses.fields(musicrnn.Config)}
+    assert all(len(text.split()) >= 3 for text in comments.values()), comments
+    assert set(groups.values()) == {"data", "model", "optimisation", "run"}
