@@ -176,6 +176,8 @@ class AbcConstraint:
     """Masks a vocabulary's tokens so that a sampled tune is valid ABC whose bars are full.
 
     start(prompt) -> TuneState; mask(state, tokens_left) -> (V,) bool; advance(state, id).
+    Masks are cached by TuneState.key; use_cache=False builds every one afresh from the
+    rules, which is how the tests check that the key leaves out nothing the rules read.
     """
 
     END_RESERVE = 120  # tokens kept to finish the bar and close the tune
