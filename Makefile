@@ -7,7 +7,7 @@
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
 
 PYTHON := .venv/bin/python
-SOURCES := musicrnn.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py
+SOURCES := musicrnn.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
@@ -22,7 +22,7 @@ venv: .venv/installed
 	touch $@
 
 data: data/train.json
-data/train.json data/validation.json data/essen.json &: data/build_corpus.py musicrnn.py abc_music.py abc_tokens.py | venv
+data/train.json data/validation.json data/essen.json &: data/build_corpus.py corpus.py abc_music.py abc_tokens.py | venv
 	$(PYTHON) -m data.build_corpus
 
 runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
@@ -31,13 +31,13 @@ runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
 
 export: runs/musicrnn.onnx
 runs/musicrnn.onnx: runs/best.pt export.py exported_model.py
-	$(PYTHON) export.py --checkpoint runs/best.pt --out runs/musicrnn.onnx --int8
+	$(PYTHON) export.py --checkpoint runs/best.pt --out runs/musicrnn.onnx --int8 --overwrite
 
 train: runs/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 1 --seed 1
 
 generate: runs/musicrnn.onnx
-	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 10 --seed 0 --out runs/tunes.abc
+	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 10 --seed 0 --out runs/tunes.abc --overwrite
 
 runs/long/best.pt: data/train.json data/validation.json data/essen.json $(SOURCES) | venv
 	$(PYTHON) musicrnn.py train --out runs/long --overwrite $(LONG_FLAGS)
@@ -45,13 +45,13 @@ runs/long/best.pt: data/train.json data/validation.json data/essen.json $(SOURCE
 	$(PYTHON) musicrnn.py evaluate --checkpoint runs/long/best.pt --data data/essen.json
 
 runs/long/musicrnn.onnx: runs/long/best.pt export.py exported_model.py
-	$(PYTHON) export.py --checkpoint runs/long/best.pt --out runs/long/musicrnn.onnx
+	$(PYTHON) export.py --checkpoint runs/long/best.pt --out runs/long/musicrnn.onnx --overwrite
 
 train-long: runs/long/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/long/musicrnn.onnx --num 1 --seed 1
 
 bench: runs/musicrnn.onnx
-	$(PYTHON) bench.py
+	$(PYTHON) bench.py --overwrite
 
 test: venv
 	$(PYTHON) -m pytest -q tests

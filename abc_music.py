@@ -171,7 +171,8 @@ def clean_body_line(line: str) -> str:
 def normalize_tune(lines: list[str]) -> str | None:
     """One tune's lines -> IrishMAN form (X:1, L:, M:, K:, body), or None to skip it.
 
-    Skipped: tunes with several voices (V:), with no K: line, or with no notes.
+    Skipped: tunes with several voices (V:), with no K: line, or whose body is not music
+    (looks_like_music).
     """
     header, body, in_body = {}, [], False
     for raw in lines:
@@ -193,15 +194,29 @@ def normalize_tune(lines: list[str]) -> str | None:
             line = clean_body_line(raw)
             if line:
                 body.append(line)
-    if "K" not in header or not any(kind == "note" for _, kind in tokenize_abc_kinds("\n".join(body))):
+    if "K" not in header or not looks_like_music("\n".join(body)):
         return None
     head = ["X:1"] + [f"{k}:{header[k]}" for k in "LMK" if k in header]
     return "\n".join(head + body) + "\n"
 
 
-def read_tunebook(text: str) -> list[str]:
-    """All usable tunes of an ABC tunebook, normalised, in order."""
-    return [t for t in (normalize_tune(lines) for lines in split_tunebook(text)) if t is not None]
+MARKS = set("()~.-HLMOPSTuvy`&\\%*;")  # one-character ABC symbols the tokenizer leaves as plain characters:
+#                                         slurs, decorations, ties, spacers, continuations
+
+
+def looks_like_music(body: str) -> bool:
+    """At least one note, and at most a quarter of the tokens characters that ABC gives no
+    meaning (the default corpus: at most 10%; random text that holds X: and K: lines: far more)."""
+    tokens = [(tok, kind) for tok, kind in tokenize_abc_kinds(body) if not tok.isspace()]
+    junk = sum(kind == "char" and tok not in MARKS for tok, kind in tokens)
+    return any(kind == "note" for _, kind in tokens) and junk <= len(tokens) / 4
+
+
+def read_tunebook(text: str) -> tuple[list[str], int]:
+    """All usable tunes of an ABC tunebook, normalised, in order; and how many were skipped."""
+    blocks = split_tunebook(text)
+    tunes = [t for t in (normalize_tune(lines) for lines in blocks) if t is not None]
+    return tunes, len(blocks) - len(tunes)
 
 
 def tune_body(tune: str) -> str:

@@ -9,7 +9,7 @@ Holds:
 - PAD, EOS, UNK, SPECIALS and Vocabulary: the id of every token, the special tokens first;
 - PromptError, header_prompt, encode_prompt: the text a tune starts from, as ids.
 
-It imports only the standard library, so infer_onnx.py (onnxruntime, no
+It imports only the standard library (and cli's error class), so infer_onnx.py (onnxruntime, no
 torch) and musicrnn.py (training with torch) encode and decode with the same code.
 """
 
@@ -19,6 +19,8 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # the lossless ABC tokenizer
@@ -156,7 +158,7 @@ class Vocabulary:
         return cls.from_dict(json.loads(text))
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that the model cannot read."""
 
 

@@ -9,7 +9,6 @@ run, with the default model: compare them with each other, not with another mach
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import musicrnn
+import cli
 import exported_model
+import musicrnn
 import sampler
 from abc_constraint import AbcConstraint
-from safe_write import write_atomic
+from safe_write import check_output, write_atomic
 
 TUNE_TOKENS = 500  # "a 500-token tune"
 
@@ -272,27 +272,28 @@ def training_markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/best.pt")
-    parser.add_argument("--onnx", default="runs/musicrnn.onnx")
-    parser.add_argument("--int8", default="runs/musicrnn.int8.onnx")
-    parser.add_argument("--train-data", default="data/train.json")
-    parser.add_argument("--val-data", default="data/validation.json")
-    parser.add_argument("--out", default="runs/bench.json")
-    args = parser.parse_args(argv)
-    try:
-        results = generation_bench(args.checkpoint, args.onnx, args.int8)
-        print(markdown(results), flush=True)
-        results |= training_bench(args.checkpoint, args.train_data)
-        results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)
-    except (musicrnn.UserError, exported_model.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/best.pt", help="the torch model (default: runs/best.pt)")
+    parser.add_argument("--onnx", default="runs/musicrnn.onnx", help="its fp32 export (default: runs/musicrnn.onnx)")
+    parser.add_argument("--int8", default="runs/musicrnn.int8.onnx", help="its int8 export "
+                                                                          "(default: runs/musicrnn.int8.onnx)")
+    parser.add_argument("--train-data", default="data/train.json", help="tunes to train on (default: data/train.json)")
+    parser.add_argument("--val-data", default="data/validation.json", help="default: data/validation.json")
+    parser.add_argument("--out", default="runs/bench.json", help="every figure as JSON (default: runs/bench.json)")
+    parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    return cli.run_command(bench, parser.parse_args(argv))
+
+
+def bench(args) -> None:
+    out = check_output(args.out, "--out", args.overwrite)
+    results = generation_bench(args.checkpoint, args.onnx, args.int8)
+    print(markdown(results), flush=True)
+    results |= training_bench(args.checkpoint, args.train_data)
+    results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)
     print()
     print(training_markdown(results))
-    write_atomic(Path(args.out), json.dumps(results, indent=2).encode())
-    print(f"\nwritten to {args.out}")
-    return 0
+    write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

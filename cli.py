@@ -2,6 +2,11 @@
 cli: command-line plumbing shared by musicrnn.py, infer_onnx.py and export.py. Torch-free.
 
 Holds:
+- UserError and run_command: every command's errors as one `error:` line and exit code 2,
+  never a traceback; Parser: argparse whose own errors are one such line too;
+- int_in, float_in, positive_int, positive_float: argparse types that check a range and
+  say what is wrong in words (nan and inf refused); check_dataclass applies them to a
+  config that did not come from flags (a checkpoint's, an API caller's);
 - dataclass_flags: one flag per field of a config dataclass, its help taken from the
   field's own comment and its group from the comment line above, so each setting is
   documented once, in the dataclass;
@@ -15,21 +20,94 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
+import sys
 import tokenize
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+class UserError(Exception):
+    """Bad input or an impossible request: one `error:` line, exit code 2, no traceback."""
+
+
+def run_command(command, args) -> int:
+    """command(args), with what a user can cause shown as one `error:` line (exit 2)."""
+    try:
+        command(args)
+    except UserError as e:
+        return error_line(str(e))
+    except OSError as e:  # a file the user named: full disk, no permission, ...
+        return error_line(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except MemoryError:
+        return error_line("out of memory: ask for less (fewer or shorter tunes, a smaller model)")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def error_line(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its own errors (an unknown flag, a value out of range) as one line."""
+
+    def error(self, message: str):
+        sys.exit(error_line(f"{message} (see {self.prog} --help)"))
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def int_in(low: int, high: int | None = None):
+    """An argparse type: a whole number from low to high (no bound above when high is None)."""
+    def check(text: str) -> int:
+        value = _number(text, int)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, got {text}")
+        return value
+
+    check.__name__ = "whole number"
+    return check
+
+
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number between low and high, each end included unless open."""
+    def check(text: str) -> float:
+        value = _number(text, float)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            words = f"{'above' if low_open else 'at least'} {low:g} and {'below' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a number {words}, got {text}")
+        return value
+
+    check.__name__ = "number"
+    return check
+
+
+positive_int = int_in(1)
+positive_float = float_in(0, 1e6, low_open=True)
+
+
+def check_dataclass(obj, types: dict, source: str) -> None:
+    """The same range checks as the flags, for settings that came from elsewhere (source)."""
+    for name, check in types.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) or check(str(value)) != value:
+                raise argparse.ArgumentTypeError(f"has the wrong type ({type(value).__name__})")
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{source}: --{name.replace('_', '-')} {e}") from None
 
 
 def field_comments(cls) -> tuple[dict[str, str], dict[str, str]]:

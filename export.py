@@ -28,11 +28,12 @@ import onnx
 import torch
 from torch import nn
 
-import musicrnn
+import cli
 import exported_model
+import musicrnn
 from abc_tokens import SPECIALS, Vocabulary
-from musicrnn import UserError
-from safe_write import write_atomic
+from cli import UserError
+from safe_write import check_output, write_atomic
 from sampler import sample_next
 
 OPSET = 18           # pinned: the LSTM op and everything else here are stable at 18
@@ -80,7 +81,8 @@ def metadata(cfg: musicrnn.Config, vocab: Vocabulary) -> dict[str, str]:
     }
 
 
-def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, out: Path) -> None:
+def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, out: Path,
+                overwrite: bool = True) -> None:
     """Write the step graph with its metadata, checked by onnx.checker."""
     step = StepModel(model.eval())
     # An example batch of 1 would silently fix the batch dimension at 1, even with a Dim.
@@ -97,7 +99,7 @@ def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabular
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(cfg, vocab))
     onnx.checker.check_model(proto)
-    write_atomic(out, proto.SerializeToString())
+    write_atomic(out, proto.SerializeToString(), overwrite)
 
 
 def parity(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, path: Path,
@@ -111,7 +113,7 @@ def parity(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, pa
     return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
 
 
-def quantize_int8(fp32: Path, out: Path) -> None:
+def quantize_int8(fp32: Path, out: Path, overwrite: bool = True) -> None:
     """Dynamic int8 quantization of the weights, LSTM included.
 
     quant_pre_process first: without its shape inference quantize_dynamic leaves the
@@ -129,7 +131,7 @@ def quantize_int8(fp32: Path, out: Path) -> None:
         quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, reduce_range=True)
         proto = onnx.load(str(quantized))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(fp32)).metadata_props})
-    write_atomic(out, proto.SerializeToString())
+    write_atomic(out, proto.SerializeToString(), overwrite)
 
 
 @contextlib.contextmanager
@@ -170,31 +172,35 @@ def argmax_agreement(fp32: Path, int8: Path, tokens: int = 500, seed: int = 0) -
     return same / tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
-    parser.add_argument("--out", default="runs/musicrnn.onnx", help="default: runs/musicrnn.onnx")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(prog="export.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/best.pt", help="the trained model (default: runs/best.pt)")
+    parser.add_argument("--out", default="runs/musicrnn.onnx", help="the ONNX file to write (default: runs/musicrnn.onnx)")
     parser.add_argument("--int8", action="store_true", help="also write a dynamically quantized OUT.int8.onnx")
-    args = parser.parse_args(argv)
-    try:
-        model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(args.checkpoint), args.checkpoint)
-        out = Path(args.out)
-        export_onnx(model, cfg, vocab, out)
-        diff = parity(model, cfg, vocab, out)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
-              f"max |onnxruntime - torch| = {diff:.2e}")
-        if diff > PARITY_TOLERANCE:
-            raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}")
-        if args.int8:
-            int8 = out.with_suffix(".int8.onnx")
-            quantize_int8(out, int8)
-            print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
-                  f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
-                  f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")
-    except (UserError, exported_model.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    parser.add_argument("--overwrite", action="store_true", help="let --out (and its .int8.onnx) replace existing files")
+    return parser
+
+
+def export(args: argparse.Namespace) -> None:
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint])
+    int8 = check_output(out.with_suffix(".int8.onnx"), "--int8", args.overwrite, inputs=[args.checkpoint]) \
+        if args.int8 else None
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(args.checkpoint), args.checkpoint)
+    export_onnx(model, cfg, vocab, out, args.overwrite)
+    diff = parity(model, cfg, vocab, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
+          f"max |onnxruntime - torch| = {diff:.2e}")
+    if diff > PARITY_TOLERANCE:
+        raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}")
+    if int8:
+        quantize_int8(out, int8, args.overwrite)
+        print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
+              f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
+              f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_command(export, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

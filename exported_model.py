@@ -3,7 +3,8 @@ exported_model: an exported musicrnn model in onnxruntime, torch-free.
 
 Holds:
 - load_model: the onnxruntime session, the vocabulary and the model shape from the file's
-  metadata (METADATA_FORMAT names its version), or ModelError with one clear line;
+  metadata (METADATA_FORMAT names its version), checked by one trial step, or ModelError
+  with one clear line;
 - onnx_step: the session as the sampler's step function, carrying the LSTM state (h, c).
 """
 
@@ -16,20 +17,41 @@ import numpy as np
 import onnxruntime as ort
 
 from abc_tokens import Vocabulary
+from cli import UserError
 
 METADATA_FORMAT = "musicrnn-onnx-1"  # export.py writes it; bump it if the metadata changes
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """An .onnx file that is missing, unreadable, or not a musicrnn export."""
 
 
 def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSession, Vocabulary, dict]:
-    """An onnxruntime session, the vocabulary and the model config from the file's metadata.
+    """An onnxruntime session, the vocabulary and the model config from the file's metadata,
+    after one trial step has shown that the graph is the one its metadata describes.
 
     threads=None lets onnxruntime use one thread per physical core, which measured fastest
     here even for one token at a time (README: bench).
     """
+    session = _session(path, threads)
+    vocab, config = _metadata(path, session)
+    try:
+        logits, (h, c) = onnx_step(session, config)(np.full((2, 1), vocab.eos_id, np.int64), None)
+        shapes_match = logits.shape == (2, len(vocab)) and h.shape == c.shape == (config["num_layers"], 2,
+                                                                                  config["hidden_dim"])
+    except Exception as e:  # a foreign graph: onnxruntime's own exception types
+        raise ModelError(f"{path}: its graph does not run as a musicrnn step ({_first_line(e)})") from None
+    if not shapes_match:
+        raise ModelError(f"{path}: its graph's shapes do not match its metadata (vocabulary {len(vocab)}, "
+                         f"hidden_dim {config['hidden_dim']}, num_layers {config['num_layers']})")
+    return session, vocab, config
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def _session(path: str, threads: int | None) -> ort.InferenceSession:
     if not Path(path).is_file():
         raise ModelError(f"{path}: no such model (run `make export` first)")
     options = ort.SessionOptions()
@@ -39,19 +61,25 @@ def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSess
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
     try:
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
-        raise ModelError(f"{path}: not a readable ONNX model ({str(e).strip().splitlines()[0][:120]})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+
+
+def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dict]:
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get("musicrnn.format") != METADATA_FORMAT:
         raise ModelError(f"{path}: not a musicrnn export (its metadata has no musicrnn.format = {METADATA_FORMAT})")
     try:
         vocab = Vocabulary.from_json(meta["musicrnn.vocab"])
         config = json.loads(meta["musicrnn.config"])
-        int(config["hidden_dim"]), int(config["num_layers"])
-    except (KeyError, ValueError, TypeError) as e:
+        config["hidden_dim"], config["num_layers"] = int(config["hidden_dim"]), int(config["num_layers"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {e})") from None
-    return session, vocab, config
+    if not (1 <= config["hidden_dim"] <= 65536 and 1 <= config["num_layers"] <= 64):
+        raise ModelError(f"{path}: damaged musicrnn metadata (hidden_dim {config['hidden_dim']}, "
+                         f"num_layers {config['num_layers']})")
+    return vocab, config
 
 
 def onnx_step(session: ort.InferenceSession, config: dict):

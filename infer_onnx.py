@@ -13,33 +13,35 @@ model shape) is in the .onnx file's metadata (exported_model).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import cli
 import sampler
-from abc_tokens import PromptError
-from exported_model import ModelError, load_model, onnx_step
+from exported_model import load_model, onnx_step
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infer_onnx.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model", default="runs/musicrnn.onnx", help="default: runs/musicrnn.onnx")
-    parser.add_argument("--threads", type=cli.positive_int, default=None,
-                        help="onnxruntime threads (default: one per core)")
+    parser = cli.Parser(prog="infer_onnx.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", default="runs/musicrnn.onnx",
+                        help="the exported model, made by export.py (default: runs/musicrnn.onnx)")
+    parser.add_argument("--threads", type=cli.int_in(1, os.cpu_count() or 1), default=None,
+                        help=f"onnxruntime threads, at most the {os.cpu_count()} cores here "
+                             f"(default: one per physical core)")
     sampler.add_sampling_flags(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+def generate(args: argparse.Namespace) -> None:
+    def load():
         session, vocab, config = load_model(args.model, args.threads)
-        tunes = sampler.generate_tunes(onnx_step(session, config), vocab, sampler.sampling_options(args))
-        sampler.write_tunebook(sampler.tunebook(tunes), args.out, args.render)
-    except (ModelError, PromptError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return onnx_step(session, config), vocab
+
+    sampler.run_generation(load, args, args.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_command(generate, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,12 @@ import argparse
 import io
 import json
 import math
+import pickle
 import random
 import sys
 import time
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -44,9 +47,12 @@ import cli
 import judging
 import plots
 import sampler
-from abc_music import TransposeError, change_rhythm, parse_note_range, read_tunebook, set_unit_length, transpose_tune
-from abc_tokens import TOKENIZERS, PromptError, Vocabulary
-from safe_write import write_atomic
+from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune
+from abc_tokens import Vocabulary
+from cli import UserError
+from corpus import load_tunes
+from safe_write import check_output, folder_lock, write_atomic
+from settings import FLAG_CHOICES, FLAG_TYPES, check_config, config_from_dict, resumed_config
 
 
 @dataclass
@@ -81,66 +87,15 @@ class Config:
     device: str = "auto"                        # "auto", "cpu" or "cuda"
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
-
-
 # -----------------------------------------------------------------------------
-# data: IrishMAN JSON records {"control code", "abc notation"}, or ABC tunebooks
-# normalised into that form (abc_music.read_tunebook: X:1, L:, M:, K:, the music)
-
-
-def load_tunes(path: str) -> list[str]:
-    """The "abc notation" texts of a collection.
-
-    path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
-    path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them.
-    """
-    p = Path(path)
-    is_remote = "://" in path
-    if not is_remote and not p.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if p.is_dir():
-        books = sorted(p.rglob("*.abc"))
-        tunes = [t for book in books for t in read_tunebook(read_text(book))]
-    elif p.suffix.lower() == ".abc":
-        tunes = read_tunebook(read_text(p))
-    else:
-        tunes = read_irishman_json(path)
-    if not tunes:
-        raise UserError(f"{path}: no tunes found")
-    return tunes
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def read_irishman_json(path: str) -> list[str]:
-    import pandas as pd  # only this reader needs it; import costs ~0.5 s
-
-    try:
-        df = pd.read_json(path, dtype=False)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not an IrishMAN JSON list of records ({first_line})") from None
-    except ImportError as e:
-        raise UserError(f"{path}: pandas cannot open this path ({e})") from None
-    if df.empty:
-        return []
-    if "abc notation" not in df.columns:
-        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, df.columns))})")
-    return [str(t) for t in df["abc notation"] if isinstance(t, str) and t.strip()]
-
-
-def write_irishman_json(path: Path, tunes: list[str]) -> None:
-    records = [{"control code": "", "abc notation": t} for t in tunes]
-    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))
+# data: a collection is an IrishMAN-format JSON list of records, one per tune:
+#
+#     {"control code": "S:2\nB:8\n...", "abc notation": "X:1\nL:1/8\nM:6/8\nK:D\nA|dfa ..."}
+#
+# The control code describes the tune's form (sections, bars); the model reads the ABC.
+# corpus.load_tunes returns the "abc notation" texts. It also reads ABC tunebooks (.abc files
+# or folders of them), normalised into the same form by abc_music.normalize_tune: X:1, then
+# L:, M:, K:, then the music, with titles, comments and lyrics dropped.
 
 
 # -----------------------------------------------------------------------------
@@ -301,37 +256,40 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint dict. Refuses anything that is not one: never unpickles code."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a musicrnn checkpoint (not a PyTorch zip file)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated zip, pickled object, foreign format: all the same to a user
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable musicrnn checkpoint ({reason})") from None
+        with warnings.catch_warnings():  # torch's own warnings would come before our one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not a musicrnn checkpoint (it holds Python objects, and loading those "
+                        f"would run code; musicrnn loads tensors and plain values only)") from None
+    except Exception as e:  # truncated zip, foreign format: all the same to a user
+        raise UserError(f"{path}: not a readable musicrnn checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
         raise UserError(f"{path}: not a musicrnn checkpoint (missing {sorted(CHECKPOINT_KEYS - set(ckpt or {}))})"
                         if isinstance(ckpt, dict) else f"{path}: not a musicrnn checkpoint")
     return ckpt
 
 
-def config_from_dict(values: dict) -> Config:
-    """The Config a checkpoint stored; keys that this version no longer has are dropped."""
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in values.items() if k in known})
-
-
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRNN, Config, Vocabulary]:
+    cfg = config_from_dict(Config, ckpt["config"], path)
     try:
-        cfg = config_from_dict(ckpt["config"])
         vocab = Vocabulary.from_dict(ckpt["vocab"])
         model = build_model(cfg, len(vocab))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:120]
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{path}: checkpoint does not match musicrnn's model ({reason})") from None
     return model.eval(), cfg, vocab
 
 
 # -----------------------------------------------------------------------------
 # training: the step, the epoch, and the bookkeeping around them
+
+
+CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 1,927
 
 
 @dataclass
@@ -365,15 +323,27 @@ class Run:
 
 
 def train_step(model: MusicRNN, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
-               grad_clip: float) -> float:
-    """One step of gradient descent on a batch; returns its loss per real token."""
-    logits, _ = model(x)                                                   # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=pad_id)
+               grad_clip: float, chunk: int = CHUNK) -> float:
+    """One step of gradient descent on a batch; returns its loss per real token.
+
+    A batch longer than `chunk` tokens is learnt chunk by chunk: the LSTM state is carried
+    into the next chunk but the gradient is not (truncated backpropagation through time), so
+    memory stays bounded. Each chunk's mean loss is weighted by its share of the real tokens,
+    so the sum is the batch's mean; every tune of the corpus fits in one chunk (weight 1).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    tokens, state, total = int((y != pad_id).sum()), None, 0.0
+    for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):   # (B, <= chunk) each
+        logits, state = model(xc, state)                                  # (B, t, V)
+        share = int((yc != pad_id).sum()) / tokens
+        if share:
+            loss = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), ignore_index=pad_id) * share
+            loss.backward()
+            total += loss.item()
+        state = tuple(s.detach() for s in state)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.item()
+    return total
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, time_used: float = 0.0) -> float:
@@ -399,9 +369,17 @@ def log_line(*args) -> None:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
-          log=log_line) -> dict:
-    """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the last epoch's row."""
-    run = start_run(cfg, resume, overwrite, log)
+          log=log_line, given: set[str] | None = None) -> dict:
+    """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the last epoch's row.
+
+    The run folder is locked for the whole run: a second training into it is refused.
+    """
+    out = check_output(cfg.out_dir, "--out", folder=True)
+    with folder_lock(out):
+        return train_locked(start_run(cfg, resume, overwrite, given, log), tensorboard, log)
+
+
+def train_locked(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     writer = tensorboard_writer(out) if tensorboard else None
     run.started = time.time()
@@ -473,18 +451,17 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
     return False
 
 
-def start_run(cfg: Config, resume: bool, overwrite: bool, log) -> Run:
-    """A new run, or with resume the one in OUT/last.pt: its settings, except the clock,
-    the device, OUT and a larger --epochs, which come from this command."""
+def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log) -> Run:
+    """A new run, or with resume the one in OUT/last.pt (resumed_config says which settings
+    this command may change)."""
     last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
     if ckpt is None and not overwrite and (last_path.exists() or last_path.with_name("best.pt").exists()):
         raise UserError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue them, "
                         f"--overwrite to replace them, or --out DIR for a new run")
+    check_config(cfg, "the settings")
     if ckpt is not None:
-        cfg = config_from_dict({**ckpt["config"], "max_minutes": cfg.max_minutes, "device": cfg.device,
-                                "epochs": max(cfg.epochs, ckpt["config"]["epochs"]), "out_dir": cfg.out_dir})
-    check_config(cfg)
+        cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     train_tunes, val_tunes = load_tunes(cfg.train_data), load_tunes(cfg.val_data)
@@ -499,14 +476,6 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, log) -> Run:
         f"({cfg.tokenizer} tokens), device {device}")
     log(parameter_summary(model))
     return run
-
-
-def check_config(cfg: Config) -> None:
-    if cfg.tokenizer not in TOKENIZERS:
-        raise UserError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}")
-    if not all(0 <= share <= 1 for share in (cfg.augment_key, cfg.augment_rhythm, cfg.augment_unit)):
-        raise UserError("--augment-key, --augment-rhythm and --augment-unit are shares between 0 and 1")
-    note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
 
 
 def restore(run: Run, ckpt: dict, log) -> None:
@@ -557,20 +526,24 @@ def tensorboard_writer(out: Path):
 
 @torch.no_grad()
 def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.device,
-             batch_size: int = 32) -> dict:
+             batch_size: int = 32, chunk: int = CHUNK) -> dict:
     """Loss per token, perplexity and bits per character over whole tunes.
 
     bits/char = total negative log-likelihood in bits (every token, each tune's <eos>
-    included) / characters of the tunes' text. It does not depend on the tokenizer.
+    included) / characters of the tunes' text. It does not depend on the tokenizer. Tunes
+    longer than `chunk` tokens are read chunk by chunk with the state carried: the same
+    numbers in bounded memory.
     """
     model.eval()
     loader, _ = batch_loader(dataset, batch_size, pad_id, rng=None)
     total_nll, total_tokens = 0.0, 0
     for x, y in loader:
-        logits, _ = model(x.to(device))                                   # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                              ignore_index=pad_id, reduction="sum")
-        total_nll += nll.item()
+        state = None
+        for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):  # long tunes: the state carried on
+            logits, state = model(xc.to(device), state)                    # (B, t, V)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), yc.to(device).flatten(),
+                                  ignore_index=pad_id, reduction="sum")
+            total_nll += nll.item()
         total_tokens += int((y != pad_id).sum())
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
@@ -656,7 +629,7 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
     cfg = run.cfg
     if not (cfg.augment_key or cfg.augment_unit or cfg.augment_rhythm):
         return run.train_set
-    low, high = note_range(cfg.transpose_range)
+    low, high = parse_note_range(cfg.transpose_range)  # checked when the run started
     augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, low, high, cfg.augment_rhythm)
                  for t in run.train_tunes]
     log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
@@ -664,60 +637,73 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
     return MusicDataset([t for t, _ in augmented], run.vocab)
 
 
-def note_range(text: str) -> tuple[int, int]:
-    """--transpose-range "G,..c'''" -> MIDI (55, 108)."""
-    try:
-        return parse_note_range(text)
-    except ValueError as e:
-        raise UserError(f"--transpose-range {e}") from None
-
-
 # -----------------------------------------------------------------------------
 # command line
 
 
-FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"]}
+DATA_HELP = ("an IrishMAN JSON list of {\"control code\", \"abc notation\"} records, an .abc tunebook, "
+             "a folder of them, or any URL pandas opens (hf://datasets/..., with huggingface_hub)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musicrnn.py", description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog="musicrnn.py", description=__doc__.strip().splitlines()[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("train", help="train a model; writes runs/best.pt and runs/last.pt")
-    cli.dataclass_flags(p, Config, FLAG_CHOICES, flag_names={"out_dir": "out"})
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace checkpoints already in OUT/")
-    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-    p = sub.add_parser("evaluate", help="loss, perplexity and bits per character of a checkpoint")
-    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
-    p.add_argument("--data", default="data/validation.json", help="default: data/validation.json")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("generate", help="write new tunes with a checkpoint (torch)")
-    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    add_train_parser(sub)
+    p = command(sub, "evaluate", "loss, perplexity and bits per character of a checkpoint on a collection")
+    p.add_argument("--checkpoint", default="runs/best.pt", help="the model to score (default: runs/best.pt)")
+    p.add_argument("--data", default="data/validation.json", help=f"{DATA_HELP} (default: data/validation.json)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run: auto takes a GPU when there is one (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of two lines")
+    p = command(sub, "generate", "write new tunes with a checkpoint (torch; infer_onnx.py does it without)")
+    p.add_argument("--checkpoint", default="runs/best.pt", help="the model that writes (default: runs/best.pt)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where to run: one token at a time is fastest on the CPU (default: cpu)")
     sampler.add_sampling_flags(p)
     add_sweep_parser(sub)
-    p = sub.add_parser("stats", help="corpus statistics: tunes, lengths, frequent tokens")
-    p.add_argument("--data", default="data/train.json", help="default: data/train.json")
-    p.add_argument("--plot", help="also draw the length histogram and token counts to this PNG")
+    p = command(sub, "stats", "corpus statistics: tunes, lengths, the most frequent tokens")
+    p.add_argument("--data", default="data/train.json", help=f"{DATA_HELP} (default: data/train.json)")
+    p.add_argument("--plot", help="also draw the length histogram and the token counts to this .png file")
+    p.add_argument("--overwrite", action="store_true", help="let --plot replace an existing file")
     return parser
 
 
+def command(sub, name: str, what: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=what, description=what)
+
+
+def add_train_parser(sub) -> None:
+    p = command(sub, "train", "train a model: OUT/best.pt (the best validation loss), OUT/last.pt, OUT/loss.png")
+    cli.dataclass_flags(p, Config, FLAG_CHOICES, FLAG_TYPES, flag_names={"out_dir": "out"})
+    again = p.add_argument_group("an existing run folder")
+    again.add_argument("--resume", action="store_true",
+                       help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience "
+                            "and --device may change")
+    again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
+    p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
+
+
 def add_sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="judge generated tunes per temperature, with and without --constrained")
-    p.add_argument("--checkpoint", default="runs/best.pt", help="default: runs/best.pt")
+    p = command(sub, "sweep", "judge generated tunes per temperature, free and --constrained (abc2midi)")
+    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
     p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-    p.add_argument("--train-data", default="data/train.json", help="for pitch classes and copying (default: data/train.json)")
-    p.add_argument("--num", type=cli.positive_int, default=50, help="tunes per setting (default 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=cli.positive_int, default=1000)
-    p.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    p.add_argument("--train-data", default="data/train.json",
+                   help="the training tunes, for pitch classes and copying (default: data/train.json)")
+    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
+    p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
+    p.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000, help="tokens per tune at most "
+                                                                                   "(default 1000)")
+    p.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
+                   help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
     p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
 
 
 def cmd_train(args) -> None:
-    train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard)
+    given = {f.name for f in fields(Config) if getattr(args, f.name) is not None}
+    train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite,
+          tensorboard=args.tensorboard, given=given)
 
 
 def cmd_evaluate(args) -> None:
@@ -734,31 +720,34 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    device = pick_device(args.device)
-    model, cfg, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
-    try:
-        tunes = generate(model.to(device), vocab, device, sampler.sampling_options(args))
-    except PromptError as e:
-        raise UserError(str(e)) from None
-    sampler.write_tunebook(sampler.tunebook(tunes), args.out, args.render)
+    def load():
+        device = pick_device(args.device)
+        model, _, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
+        return torch_step(model.to(device).eval(), device), vocab
+
+    sampler.run_generation(load, args, args.checkpoint)
 
 
 def cmd_stats(args) -> None:
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise UserError(f"--plot {args.plot}: give a file name ending in .png")
+    plot = check_output(args.plot, "--plot", args.overwrite, inputs=[args.data]) if args.plot else None
     stats = plots.corpus_stats(load_tunes(args.data))
     print(plots.stats_text(stats))
-    if args.plot:
-        plots.plot_stats(stats, Path(args.plot))
-        print(f"plot written to {args.plot}")
+    if plot:
+        plots.plot_stats(stats, plot, args.overwrite)
+        print(f"plot written to {plot}")
 
 
 def cmd_sweep(args) -> None:
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, args.train_data])
     training_tunes = load_tunes(args.train_data)
     generate_fn = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
     rows = judging.sweep(generate_fn, opts, training_tunes, args.temperatures)
     print(judging.sweep_table(rows))
-    write_atomic(Path(args.out), json.dumps(rows, indent=2).encode())
-    print(f"written to {args.out}")
+    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
+    print(f"written to {out}")
 
 
 def torch_generator(checkpoint: str):
@@ -771,10 +760,7 @@ def torch_generator(checkpoint: str):
 def onnx_generator(path: str):
     import exported_model  # onnxruntime, imported only when a sweep asks for it
 
-    try:
-        session, vocab, config = exported_model.load_model(path)
-    except exported_model.ModelError as e:
-        raise UserError(str(e)) from None
+    session, vocab, config = exported_model.load_model(path)
     step = exported_model.onnx_step(session, config)
     return lambda opts: sampler.generate_tunes(step, vocab, opts)
 
@@ -785,15 +771,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_genera
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return cli.run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

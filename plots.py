@@ -10,12 +10,14 @@ Holds:
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from abc_tokens import tokenize_abc
+from safe_write import write_atomic
 
 
 def corpus_stats(tunes: list[str]) -> dict:
@@ -48,7 +50,7 @@ def stats_text(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_stats(stats: dict, path: Path) -> None:
+def plot_stats(stats: dict, path: Path, overwrite: bool = True) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.hist(stats["_char_lengths"], bins=60, alpha=0.6, label="characters")
@@ -60,7 +62,7 @@ def plot_stats(stats: dict, path: Path) -> None:
     ax2.set_xticks(range(len(names)), [repr(n)[1:-1] for n in names], rotation=60)
     ax2.set(title="The 20 most frequent ABC tokens", ylabel="count")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite)
 
 
 def pyplot():
@@ -72,10 +74,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+def save_figure(fig, path: Path, overwrite: bool = True) -> None:
+    """The figure as a PNG at path, written atomically (safe_write)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     pyplot().close(fig)
+    write_atomic(path, buffer.getvalue(), overwrite)
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -1,26 +1,123 @@
 """
-safe_write: writing output files so that a crash never leaves half of one.
+safe_write: no output replaces an input or an existing file unless the user asks. Torch-free.
 
 Holds:
-- write_atomic: write beside the target, then rename over it.
+- OutputError: what goes wrong with an output, as one line that names the user's path;
+- check_output: refuse, before any work starts, an --out that is an input of the same
+  command, an existing file (without --overwrite), a folder, or a place that cannot be written;
+- atomic_file, write_atomic: write beside the target, then rename (or, without --overwrite,
+  hard-link) it into place, so a crash never leaves half a file and a file that appeared
+  meanwhile is never replaced; a new file gets the usual mode (umask), a replaced one keeps its own;
+- folder_lock: an advisory lock that one training holds on its run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import stat
 import tempfile
 from pathlib import Path
 
+from cli import UserError
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside path, then rename: a crash never leaves half a file."""
+
+class OutputError(UserError):
+    """An output that would destroy something, or cannot be written."""
+
+
+def _same_file(a: Path, b: str | Path) -> bool:
+    b = Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False, inputs=(),
+                 folder: bool = False) -> Path:
+    """path, once it is sure that writing it destroys nothing the user did not ask to replace."""
+    p = Path(path)
+    for source in inputs:
+        if source and "://" not in str(source) and _same_file(p, source):
+            raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")
+    if folder and p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
+    if not folder and p.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    if not folder and p.exists() and not overwrite:
+        raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
+    probe_writable(p if folder else p.parent, flag, path)
+    return p
+
+
+def probe_writable(folder: Path, flag: str, path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def _mode_for(path: Path) -> int:
+    """The mode a file written at path should get: its own if it exists, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, overwrite: bool = True):
+    """A binary file to write; it becomes path only when the block ends without an error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+            yield f
+        os.chmod(tmp, _mode_for(path))
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists, even if it appeared while this command ran
+    except FileExistsError:
+        raise OutputError(f"{path} was written by another command while this one ran; left as it was") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_atomic(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+    """Write data to path through atomic_file."""
+    with atomic_file(path, overwrite) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an advisory lock on a run folder; a second holder gets an OutputError with our PID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise OutputError(f"{folder}/ is in use by another training (PID {f.read().strip() or '?'}): "
+                              f"wait for it to end, or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

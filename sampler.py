@@ -7,8 +7,10 @@ Holds:
 - sample_next: temperature, top-k and the draw of the next token, in one function;
 - generate_tunes: the generation loop, carrying the LSTM state from step to step, with the
   constraint's mask (abc_constraint) added to the logits when asked;
-- tunebook, write_tunebook: the tunes numbered X:1..X:N, printed and written;
-- add_sampling_flags, sampling_options: the flags, shared by both command lines.
+- generate_batches, tunebook, write_tunes: any number of tunes in bounded batches, numbered
+  X:1..X:N, printed and written as each batch finishes;
+- run_generation, add_sampling_flags, sampling_options: the generate command that
+  musicrnn.py (torch) and infer_onnx.py (onnxruntime) share, its flags and their checks.
 
 A model is a function step(tokens (B, 1) int64, state) -> (logits (B, V) float32, state),
 state None meaning zeros: torch in musicrnn.torch_step, onnxruntime in exported_model.onnx_step.
@@ -18,18 +20,21 @@ Both run this same loop with the same numpy generator, so the same seed gives th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 import cli
 from abc_constraint import AbcConstraint
+from abc_music import parse_key, parse_meter
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
-from judging import render_tunebook
-from safe_write import write_atomic
+from cli import UserError
+from judging import render_tunebook, rendered_files
+from safe_write import OutputError, atomic_file, check_output
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class SamplingOptions:
     num: int = 1                    # tunes, written as one batch
     temperature: float = 1.0        # divides the logits: below 1 safer, above 1 wilder
     top_k: int | None = None        # draw among the k most likely tokens only (None: all)
-    seed: int = 0                   # seeds the numpy generator: the same seed, the same tunes
+    seed: int | tuple = 0           # seeds the numpy generator: the same seed, the same tunes
     max_tokens: int = 1000          # tokens per tune at most
     constrained: bool = False       # mask every token that would break the tune (abc_constraint)
     max_bars: int = 32              # with constrained: end the tune cleanly after this many bars
@@ -107,57 +112,134 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions,
 
 
 # -----------------------------------------------------------------------------
-# tunebooks out
+# many tunes: bounded batches, streamed out as they finish
+
+BATCH = 64  # tunes generated at once: memory stays bounded whatever --num asks for
 
 
-def tunebook(bodies: list[str]) -> str:
-    """Number the tunes X:1..X:N, one blank line between them."""
+def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, batch: int = BATCH):
+    """opts.num tunes in batches of at most `batch`, yielded as each batch finishes.
+
+    The first batch draws from opts.seed itself (so up to `batch` tunes are exactly
+    generate_tunes(opts)); batch k > 0 from the seed sequence (opts.seed, k). One constraint
+    serves every batch, so its mask cache fills once.
+    """
+    constraint = AbcConstraint(vocab, opts.max_bars) if opts.constrained else None
+    for k, first in enumerate(range(0, opts.num, batch)):
+        part = replace(opts, num=min(batch, opts.num - first), seed=opts.seed if k == 0 else (opts.seed, k))
+        yield generate_tunes(step, vocab, part, constraint)
+
+
+def tunebook(bodies: list[str], first: int = 1) -> str:
+    """Number the tunes X:first, X:first+1, ..., one blank line between them."""
     tunes = []
-    for n, text in enumerate(bodies, start=1):
+    for n, text in enumerate(bodies, start=first):
         text = re.sub(r"\AX:[^\n]*\n?", "", text)  # the model writes its own X:1
         tunes.append(f"X:{n}\n{text.rstrip()}\n")
     return "\n".join(tunes)
 
 
-def write_tunebook(text: str, out: str | None, render: bool = False) -> None:
-    print(text)
-    if out:
-        write_atomic(Path(out), text.encode("utf-8"))
-        if render:
-            for line in render_tunebook(Path(out)):
-                print(line, file=sys.stderr)
+def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
+    """Print each batch's tunes as it arrives, and write them all to out (atomically, at the end)."""
+    from tqdm import tqdm  # a progress bar on stderr, for long requests only
+
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(atomic_file(out, overwrite)) if out else None
+        bar = stack.enter_context(tqdm(total=num, unit="tune", disable=True if num <= BATCH else None,
+                                       file=sys.stderr, leave=False))
+        written = 0
+        for tunes in batches:
+            text = tunebook(tunes, first=written + 1)
+            print(text, flush=True)
+            if f:
+                f.write((("\n" if written else "") + text).encode("utf-8"))
+            written += len(tunes)
+            bar.update(len(tunes))
+
+
+def run_generation(load_model, args: argparse.Namespace, model_path: str) -> None:
+    """The generate command of musicrnn.py and infer_onnx.py: check the flags and the outputs,
+    then load_model() -> (step, vocab), then stream the tunes out and render them if asked."""
+    opts = sampling_options(args)
+    out = check_outputs(args, model_path)
+    step, vocab = load_model()
+    check_against_vocabulary(opts, vocab)
+    write_tunes(generate_batches(step, vocab, opts), opts.num, out, args.overwrite)
+    if out and args.render:
+        for line in render_tunebook(out, args.overwrite):
+            print(line, file=sys.stderr)
+
+
+def check_outputs(args: argparse.Namespace, model_path: str) -> Path | None:
+    if args.render and not args.out:
+        raise UserError("--render writes beside the tunebook: give --out too")
+    if not args.out:
+        return None
+    out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
+    if args.render and not args.overwrite:
+        existing = rendered_files(out)
+        if existing:
+            raise OutputError(f"--render would replace {existing[0]}: pass --overwrite, or choose another --out")
+    return out
+
+
+def check_against_vocabulary(opts: SamplingOptions, vocab: Vocabulary) -> None:
+    """What only the model can answer: is top-k within its vocabulary, can it read the prompt."""
+    if opts.top_k is not None and opts.top_k > len(vocab):
+        raise UserError(f"--top-k {opts.top_k}: the model has only {len(vocab)} tokens")
+    encode_prompt(vocab, opts.prompt)
+    if opts.constrained:
+        AbcConstraint(vocab, opts.max_bars).start(opts.prompt)
 
 
 # -----------------------------------------------------------------------------
 # the flags that musicrnn.py generate and infer_onnx.py share
 
+TEMPERATURE = cli.float_in(0.01, 100)
+SEED = cli.int_in(0, 2**32 - 1)
+
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """The sampling flags, identical in musicrnn.py generate and infer_onnx.py."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num", type=cli.positive_int, default=1, help="tunes to write, as one batch (default 1)")
-    group.add_argument("--temperature", type=cli.positive_float, default=1.0, help="> 0; lower is safer (default 1.0)")
-    group.add_argument("--top-k", type=cli.positive_int, default=None, help="sample from the k most likely tokens only")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    group.add_argument("--max-tokens", type=cli.positive_int, default=1000, help="tokens per tune at most (default 1000)")
+    group.add_argument("--num", type=cli.int_in(1, 10**6), default=1,
+                       help=f"how many tunes to write; they are made {BATCH} at a time and printed as each "
+                            f"batch is done (default 1)")
+    group.add_argument("--temperature", type=TEMPERATURE, default=1.0,
+                       help="divides the logits before the draw: below 1 safer and more repetitive, above 1 "
+                            "wilder (0.01 to 100, default 1.0)")
+    group.add_argument("--top-k", type=cli.positive_int, default=None,
+                       help="draw only among the k most likely tokens (default: all of them)")
+    group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes "
+                                                            "(0 to 2^32-1, default 0)")
+    group.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
+                       help="tokens per tune at most (default 1000)")
     group.add_argument("--constrained", action="store_true",
                        help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
-    group.add_argument("--max-bars", type=cli.positive_int, default=32,
-                       help="with --constrained: end the tune cleanly after this many bars (default 32)")
+    group.add_argument("--max-bars", type=cli.int_in(1, 1000), default=32,
+                       help="with --constrained: end the tune cleanly after this many full bars (default 32)")
     start = parser.add_argument_group("start of the tune")
-    start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8"')
-    start.add_argument("--key", help='prime the header with this key, e.g. "D" or "Ador"')
-    start.add_argument("--prompt", help="start from this ABC text instead of --meter/--key")
+    start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8", "C" or "C|"')
+    start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix"')
+    start.add_argument("--prompt", help='start from this ABC text instead of --meter/--key, e.g. "X:1\\nL:1/8\\n"')
     output = parser.add_argument_group("output")
-    output.add_argument("--out", help="also write the tunebook to this .abc file")
+    output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
+                                      "unless --overwrite)")
     output.add_argument("--render", action="store_true",
                         help="with --out: also write MIDI (abc2midi) and SVG scores (abcm2ps) beside it")
+    output.add_argument("--overwrite", action="store_true", help="let --out and --render replace existing files")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    """The options that the sampling flags ask for."""
+    """The options that the sampling flags ask for; meter and key checked alike in both modes."""
     if args.prompt is not None and (args.meter or args.key):
         raise PromptError("--prompt cannot be combined with --meter or --key")
+    if args.meter is not None and parse_meter(args.meter) is None:
+        raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
+    if args.key is not None and parse_key(args.key) is None:
+        raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
+    if args.constrained and args.key is not None and args.meter is None:
+        raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
     return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                            max_tokens=args.max_tokens, constrained=args.constrained, max_bars=args.max_bars,
                            prompt=header_prompt(args.meter, args.key, args.prompt))

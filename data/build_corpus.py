@@ -22,7 +22,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import musicrnn
+import corpus
+from cli import UserError
 from abc_music import read_tunebook
 
 WHEEL = "music21==10.5.1"
@@ -38,10 +39,10 @@ def fetch_wheel(cache: Path) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
         if subprocess.run(cmd).returncode != 0 or not wheel.exists():
-            raise musicrnn.UserError(f"could not download {WHEEL} with pip (is PyPI reachable?)")
+            raise UserError(f"could not download {WHEEL} with pip (is PyPI reachable?)")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
-        raise musicrnn.UserError(f"{wheel}: sha256 {digest} differs from the expected {WHEEL_SHA256}; "
+        raise UserError(f"{wheel}: sha256 {digest} differs from the expected {WHEEL_SHA256}; "
                                  f"delete it and run again")
     return wheel
 
@@ -52,7 +53,7 @@ def read_books(wheel: Path, books: list[str]) -> tuple[list[str], dict[str, int]
     with zipfile.ZipFile(wheel) as zf:
         for book in books:
             names = sorted(n for n in zf.namelist() if n.startswith(f"music21/corpus/{book}/") and n.endswith(".abc"))
-            found = [t for n in names for t in read_tunebook(zf.read(n).decode("utf-8", errors="replace"))]
+            found = [t for n in names for t in read_tunebook(zf.read(n).decode("utf-8", errors="replace"))[0]]
             counts[book] = len(found)
             tunes += found
     return tunes, counts
@@ -108,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         wheel = fetch_wheel(out / "cache")
         tunes, counts = read_books(wheel, TRAINING_BOOKS)
         essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)
-    except musicrnn.UserError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
-    musicrnn.write_irishman_json(out / "train.json", train)
-    musicrnn.write_irishman_json(out / "validation.json", val)
-    musicrnn.write_irishman_json(out / "essen.json", essen)
+    corpus.write_irishman_json(out / "train.json", train)
+    corpus.write_irishman_json(out / "validation.json", val)
+    corpus.write_irishman_json(out / "essen.json", essen)
     (out / "README.md").write_text(provenance(counts, essen_counts, len(tunes), train, val, essen))
     print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
     return 0

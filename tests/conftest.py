@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import abc_music  # noqa: E402
+import corpus
 import musicrnn  # noqa: E402
 
 FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
@@ -16,7 +17,7 @@ FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
 
 @pytest.fixture(scope="session")
 def fixture_tunes() -> list[str]:
-    return abc_music.read_tunebook(FIXTURE_BOOK.read_text())
+    return abc_music.read_tunebook(FIXTURE_BOOK.read_text())[0]
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +25,8 @@ def fixture_data(tmp_path_factory, fixture_tunes) -> dict:
     """train.json (the fixture tunes, three times) and validation.json (two of them) in IrishMAN form."""
     folder = tmp_path_factory.mktemp("data")
     train, val = folder / "train.json", folder / "validation.json"
-    musicrnn.write_irishman_json(train, fixture_tunes * 3)
-    musicrnn.write_irishman_json(val, fixture_tunes[:2])
+    corpus.write_irishman_json(train, fixture_tunes * 3)
+    corpus.write_irishman_json(val, fixture_tunes[:2])
     return {"train": str(train), "val": str(val), "folder": folder}
 
 

@@ -7,7 +7,6 @@ import abc_constraint
 import abc_tokens
 import judging
 import sampler
-import musicrnn
 from abc_constraint import AbcConstraint
 from abc_tokens import PromptError, Vocabulary
 

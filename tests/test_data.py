@@ -6,6 +6,7 @@ import pytest
 
 import abc_music
 import plots
+import corpus
 import musicrnn
 from data.build_corpus import split_train_validation
 
@@ -39,7 +40,7 @@ def test_reads_tunebooks_files_and_folders(tmp_path, fixture_tunes):
 
 def test_irishman_json_round_trip(tmp_path, fixture_tunes):
     path = tmp_path / "train.json"
-    musicrnn.write_irishman_json(path, fixture_tunes)
+    corpus.write_irishman_json(path, fixture_tunes)
     records = json.loads(path.read_text())
     assert set(records[0]) == {"control code", "abc notation"}
     assert musicrnn.load_tunes(str(path)) == fixture_tunes

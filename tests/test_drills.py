@@ -14,6 +14,7 @@ import torch
 import abc_constraint
 import abc_music
 import abc_tokens
+import corpus
 import musicrnn
 from conftest import ROOT
 
@@ -21,8 +22,8 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resume_finishes(tmp_path, fixture_tunes):
     train, val = tmp_path / "train.json", tmp_path / "val.json"
-    musicrnn.write_irishman_json(train, fixture_tunes * 40)   # epochs long enough to be caught in
-    musicrnn.write_irishman_json(val, fixture_tunes[:2])
+    corpus.write_irishman_json(train, fixture_tunes * 40)   # epochs long enough to be caught in
+    corpus.write_irishman_json(val, fixture_tunes[:2])
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "musicrnn.py"), "train", "--train-data", str(train), "--val-data", str(val),
             "--hidden-dim", "32", "--embedding-dim", "16", "--batch-size", "8", "--epochs", "6", "--out", str(out)]

@@ -11,7 +11,6 @@ import torch
 import exported_model
 import sampler
 import export
-import infer_onnx
 import musicrnn
 from conftest import ROOT
 

@@ -46,7 +46,7 @@ def test_resume_continues_from_last_checkpoint(tmp_path, fixture_data):
     musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1, schedule="plateau"), log=quiet)
     with pytest.raises(musicrnn.UserError, match="--resume"):
         musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2, schedule="plateau"), log=quiet)
-    last = musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=quiet)
+    last = musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2, schedule="plateau"), resume=True, log=quiet)
     assert last["epoch"] == 2
     straight = musicrnn.train(tiny_config(fixture_data, tmp_path / "straight", epochs=2, schedule="plateau"),
                               log=quiet)
@@ -83,7 +83,7 @@ def test_generate_writes_a_numbered_tunebook_reproducibly(tiny_run, tmp_path):
     out = tmp_path / "tunes.abc"
     args = ["generate", "--checkpoint", str(tiny_run / "best.pt"), "--num", "3", "--seed", "5",
             "--max-tokens", "60", "--meter", "6/8", "--key", "G", "--out", str(out)]
-    first, second = run_cli(*args), run_cli(*args)
+    first, second = run_cli(*args), run_cli(*args[:-1], str(tmp_path / "again.abc"))
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     text = out.read_text()
@@ -140,7 +140,7 @@ def run_main(capsys, *args) -> tuple[int, str]:
 
 def one_clear_line(code: int, stderr: str) -> bool:
     lines = stderr.strip().splitlines()
-    return code == 2 and bool(lines) and lines[-1].startswith(("error:", "musicrnn.py")) and "Traceback" not in stderr
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
 
 
 def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys):
@@ -155,12 +155,12 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     best = str(tiny_run / "best.pt")
     cases = [
         (["evaluate", "--checkpoint", str(tmp_path / "missing.pt")], "no such checkpoint"),
-        (["evaluate", "--checkpoint", str(truncated)], "not a readable musicrnn checkpoint"),
-        (["evaluate", "--checkpoint", str(pickled)], "not a readable musicrnn checkpoint"),
+        (["evaluate", "--checkpoint", str(truncated)], "not a musicrnn checkpoint"),
+        (["evaluate", "--checkpoint", str(pickled)], "would run code"),
         (["evaluate", "--checkpoint", str(foreign)], "not a musicrnn checkpoint"),
         (["evaluate", "--checkpoint", best, "--data", str(malformed)], "not an IrishMAN JSON"),
         (["evaluate", "--checkpoint", best, "--data", str(tmp_path / "none.json")], "no such file"),
-        (["generate", "--checkpoint", best, "--temperature", "0"], "must be > 0"),
+        (["generate", "--checkpoint", best, "--temperature", "0"], "at least 0.01"),
         (["generate", "--checkpoint", best, "--prompt", "X:1\nK:D\n\u00e9"], "'\u00e9'"),
         (["generate", "--checkpoint", best, "--prompt", "X:1", "--key", "D"], "cannot be combined"),
         (["stats", "--data", str(malformed)], "not an IrishMAN JSON"),
@@ -223,7 +223,7 @@ def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fi
     plain = musicrnn.train(tiny_config(fixture_data, tmp_path / "plain", epochs=2), log=lambda *_: None)
     assert sum(line.startswith("augmentation:") for line in logs) == 2  # once per epoch
     assert a["train_loss"] == b["train_loss"] and a["train_loss"] != plain["train_loss"]
-    with pytest.raises(musicrnn.UserError, match="between 0 and 1"):
+    with pytest.raises(musicrnn.UserError, match="at least 0 and at most 1"):
         musicrnn.train(tiny_config(fixture_data, tmp_path / "c", augment_key=1.5), log=lambda *_: None)
 
 

@@ -1,0 +1,80 @@
+"""
+corpus: reading and writing collections of tunes, torch-free.
+
+Holds:
+- load_tunes: the "abc notation" texts of an IrishMAN-format JSON list of records (any path
+  or URL pandas opens, hf://datasets/... included), of an .abc tunebook, or of a folder of
+  them; tunes that are not music are skipped and counted;
+- read_irishman_json, read_text: the two readers, each failure one clear line (UserError);
+- write_irishman_json: tunes as IrishMAN records.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from abc_music import read_tunebook
+from cli import UserError
+from safe_write import write_atomic
+
+
+def load_tunes(path: str) -> list[str]:
+    """The "abc notation" texts of a collection.
+
+    path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
+    path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them.
+    Tunes of a tunebook that are not music (no K: line, no notes, several voices) are
+    skipped, and counted in one line.
+    """
+    p = Path(path)
+    if "://" not in path and not p.exists():
+        raise UserError(f"{path}: no such file or folder")
+    tunes, skipped = read_tunebooks(p) if p.is_dir() or p.suffix.lower() == ".abc" else (read_irishman_json(path), 0)
+    why = f"{skipped} tunes skipped: several voices, no K: line, or not music" if skipped else ""
+    if not tunes:
+        raise UserError(f"{path}: no tunes found" + (f" ({why})" if why else ""))
+    if skipped:
+        print(f"note: {path}: {len(tunes)} tunes read, {why}", file=sys.stderr)
+    return tunes
+
+
+def read_tunebooks(path: Path) -> tuple[list[str], int]:
+    """The tunes of an .abc tunebook or of every one in a folder, and how many were skipped."""
+    tunes, skipped = [], 0
+    for book in sorted(path.rglob("*.abc")) if path.is_dir() else [path]:
+        found, missed = read_tunebook(read_text(book))
+        tunes, skipped = tunes + found, skipped + missed
+    return tunes, skipped
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_irishman_json(path: str) -> list[str]:
+    import pandas as pd  # only this reader needs it; import costs ~0.5 s
+
+    try:
+        df = pd.read_json(path, dtype=False)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except Exception as e:  # pandas, fsspec and the hub raise many kinds: all mean "cannot read this"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if "must pass an index" in reason:
+            reason = "it holds one JSON object, not a list of records [{...}, ...]"
+        raise UserError(f"{path}: not an IrishMAN JSON list of records ({reason})") from None
+    if df.empty:
+        return []
+    if "abc notation" not in df.columns:
+        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, df.columns))})")
+    return [str(t) for t in df["abc notation"] if isinstance(t, str) and t.strip()]
+
+
+def write_irishman_json(path: Path, tunes: list[str]) -> None:
+    records = [{"control code": "", "abc notation": t} for t in tunes]
+    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))

@@ -1,0 +1,86 @@
+"""
+settings: the rules every training config obeys, torch-free.
+
+Holds:
+- FLAG_TYPES, FLAG_CHOICES: the range or the choices of each setting, which argparse checks on
+  the flags and check_config on a config from anywhere else (an API caller, a checkpoint);
+- MAX_PARAMETERS, parameter_count: how large a model may be, counted without building it;
+- config_from_dict: a checkpoint's stored settings back as a checked config;
+- RESUME_MAY_CHANGE, resumed_config: which settings a --resume may change; the others would
+  make it another run, and are refused when they differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import cli
+from abc_music import parse_note_range
+from abc_tokens import TOKENIZERS
+from cli import UserError
+
+FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and on any Config used
+    "limit": cli.int_in(1), "min_count": cli.int_in(1), "augment_key": cli.float_in(0, 1),
+    "augment_rhythm": cli.float_in(0, 1), "augment_unit": cli.float_in(0, 1),
+    "embedding_dim": cli.int_in(1, 4096), "hidden_dim": cli.int_in(1, 4096), "num_layers": cli.int_in(1, 16),
+    "dropout": cli.float_in(0, 1, high_open=True), "batch_size": cli.int_in(1, 4096),
+    "lr": cli.float_in(0, 10, low_open=True), "warmup_steps": cli.int_in(0, 10**7), "epochs": cli.int_in(1, 10**6),
+    "patience": cli.int_in(1, 10**6), "grad_clip": cli.float_in(0, 1e6, low_open=True),
+    "max_minutes": cli.float_in(0, 10**6, low_open=True), "seed": cli.int_in(0, 2**32 - 1),
+}
+FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"]}
+MAX_PARAMETERS = 100_000_000  # a model this project's CPUs can train; Adam keeps 3 more copies
+
+
+def parameter_count(cfg, vocab_size: int) -> int:
+    """What build_model(cfg, vocab_size) will hold, without building it: the embedding, each
+    layer's four gates over its input and its state with two bias vectors, the output layer."""
+    E, H, L, V = cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, vocab_size
+    lstm = 4 * H * (E + H) + 8 * H + (L - 1) * (4 * H * 2 * H + 8 * H)
+    return V * E + lstm + H * V + V
+
+
+def check_config(cfg, source: str) -> None:
+    """Every setting in its range and of its kind, wherever the Config came from."""
+    cli.check_dataclass(cfg, FLAG_TYPES, source)
+    for name, allowed in FLAG_CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{source}: --{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if not all(isinstance(getattr(cfg, n), str) for n in ("train_data", "val_data", "transpose_range", "out_dir")):
+        raise UserError(f"{source}: data paths, --out and --transpose-range must be text")
+    try:
+        parse_note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
+    except ValueError as e:
+        raise UserError(f"--transpose-range {e}") from None
+    if parameter_count(cfg, vocab_size=1000) > MAX_PARAMETERS:
+        raise UserError(f"{source}: a model of --hidden-dim {cfg.hidden_dim} x --num-layers {cfg.num_layers} has more "
+                        f"than {MAX_PARAMETERS:,} parameters, more than a CPU trains in reasonable time")
+
+
+def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
+    """The config a checkpoint stored, checked; keys that this version no longer has are dropped."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: its config is not a table of settings")
+    known = {f.name for f in fields(config_class)}
+    cfg = config_class(**{k: v for k, v in values.items() if k in known})
+    check_config(cfg, source)
+    return cfg
+
+
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device")  # the rest would make it another run
+
+
+def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):
+    """The checkpoint's settings, with those of RESUME_MAY_CHANGE that this command gives (given:
+    the flags typed; None: every field of cfg). Any other given setting that differs is refused."""
+    old = config_from_dict(type(cfg), ckpt["config"], source)
+    given = {f.name for f in fields(cfg)} - {"out_dir"} if given is None else given - {"out_dir"}
+    differ = [name for name in sorted(given - set(RESUME_MAY_CHANGE)) if getattr(cfg, name) != getattr(old, name)]
+    if differ:
+        raise UserError("--resume continues a run as it was set up, and these differ from its checkpoint: "
+                        + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} (it has {getattr(old, n)})"
+                                    for n in differ) + "; start a new run with --out DIR instead")
+    cfg = replace(old, out_dir=cfg.out_dir, **{n: getattr(cfg, n) for n in RESUME_MAY_CHANGE if n in given})
+    if cfg.epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {cfg.epochs}: {source} has already done {ckpt['epoch']} epochs")
+    return cfg
