@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from abc_tokens import PITCH, PITCH_RE, tokenize_abc_kinds
+from abc_tokens import PITCH, PITCH_RE, iter_token_kinds, tokenize_abc_kinds
 
 # -----------------------------------------------------------------------------
 # the pieces of a note, meters and lengths
@@ -205,11 +205,13 @@ MARKS = set("()~.-HLMOPSTuvy`&\\%*;")  # one-character ABC symbols the tokenizer
 
 
 def looks_like_music(body: str) -> bool:
-    """At least one note, and at most a quarter of the tokens characters that ABC gives no
+    """At least one note, and at most a third of the tokens characters that ABC gives no
     meaning (the default corpus: at most 10%; random text that holds X: and K: lines: far more)."""
-    tokens = [(tok, kind) for tok, kind in tokenize_abc_kinds(body) if not tok.isspace()]
-    junk = sum(kind == "char" and tok not in MARKS for tok, kind in tokens)
-    return any(kind == "note" for _, kind in tokens) and junk <= len(tokens) / 4
+    notes = junk = tokens = 0
+    for tok, kind in iter_token_kinds(body):  # a stream: a tune may be megabytes long
+        if not tok.isspace():
+            tokens, notes, junk = tokens + 1, notes + (kind == "note"), junk + (kind == "char" and tok not in MARKS)
+    return notes > 0 and junk <= tokens / 3
 
 
 def read_tunebook(text: str) -> tuple[list[str], int]:

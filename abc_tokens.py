@@ -4,7 +4,7 @@ abc_tokens: ABC text <-> token ids, torch-free.
 Holds:
 - PITCH / PITCH_RE, LENGTH: the one spelling of an ABC note (accidental, letter, octave,
   length) that the tokenizer and the music arithmetic (abc_music) share;
-- tokenize_abc, tokenize_abc_kinds: the lossless ABC tokenizer ("".join(tokens) == text),
+- tokenize_abc, tokenize_abc_kinds, iter_token_kinds: the lossless ABC tokenizer ("".join(tokens) == text),
   tokenize_chars: one token per character, TOKENIZERS: both by name;
 - PAD, EOS, UNK, SPECIALS and Vocabulary: the id of every token, the special tokens first;
 - PromptError, header_prompt, encode_prompt: the text a tune starts from, as ids.
@@ -63,7 +63,12 @@ def tokenize_abc(text: str) -> list[str]:
 
 def tokenize_abc_kinds(text: str) -> list[tuple[str, str]]:
     """(token, kind) pairs; the kind comes from context ("[" opens a chord only before a note)."""
-    return [(m.group(), m.lastgroup) for m in _TOKEN_RE.finditer(text)]
+    return list(iter_token_kinds(text))
+
+
+def iter_token_kinds(text: str):
+    """tokenize_abc_kinds one pair at a time, for texts too long to hold as a list."""
+    return ((m.group(), m.lastgroup) for m in _TOKEN_RE.finditer(text))
 
 
 def tokenize_chars(text: str) -> list[str]:

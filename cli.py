@@ -46,7 +46,8 @@ def run_command(command, args) -> int:
 
 
 def error_line(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """Print `error: message` as one line (a newline the user typed into a path is shown as \\n)."""
+    print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return 2
 
 

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import abc_music  # noqa: E402
-import corpus
+import corpus  # noqa: E402
 import musicrnn  # noqa: E402
 
 FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
@@ -44,3 +44,34 @@ def tiny_run(tmp_path_factory, fixture_data) -> Path:
     out = tmp_path_factory.mktemp("run")
     musicrnn.train(tiny_config(fixture_data, out), log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run) -> Path:
+    """The tiny model exported to ONNX."""
+    import export
+
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tiny_run / "best.pt")))
+    path = tiny_run / "tiny.onnx"
+    export.export_onnx(model, cfg, vocab, path)
+    return path
+
+
+def run_main(main, *args) -> tuple[int, str, str]:
+    """A command's main() in this process: exit code, stdout, stderr (argparse's exits included)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(code: int, stderr: str) -> bool:
+    """Exit code 2 and exactly one line on stderr, an `error:` line: what every bad input must give."""
+    lines = stderr.strip().splitlines()
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:")

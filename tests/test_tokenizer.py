@@ -108,5 +108,5 @@ def test_char_vocabulary_is_sorted_char_to_idx_shifted_by_the_specials():
     assert vocab.tokens[:3] == ["<pad>", "<eos>", "<unk>"] and (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
     assert vocab.encode("cab|") == [char_to_idx[ch] + 3 for ch in "cab|"] == [5, 3, 4, 6]
     assert vocab.decode([1, 5, 3, 4, 0]) == "cab"
-    assert musicrnn.pad_or_truncate([1, 2, 3], 5, 0) == [1, 2, 3, 0, 0]
-    assert musicrnn.pad_or_truncate([1, 2, 3], 2, 0) == [1, 2]
+    assert musicrnn.pad_or_truncate([1, 2, 3], 5, 0).tolist() == [1, 2, 3, 0, 0]
+    assert musicrnn.pad_or_truncate([1, 2, 3], 2, 0).tolist() == [1, 2]

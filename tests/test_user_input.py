@@ -1,0 +1,511 @@
+"""What a user types: nothing may destroy their work or end in a traceback.
+
+Each test names the case it covers: an output onto an input, onto an existing file, two
+commands at once, unwritable places, flags out of range, crafted files, unbounded work,
+surprising flags, file modes, renders, messages, junk input and --help.
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import export
+import infer_onnx
+import musicrnn
+import safe_write
+from conftest import ROOT, one_error_line, run_main, tiny_config
+
+
+@pytest.fixture()
+def copies(tiny_run, tiny_onnx, tmp_path, fixture_data):
+    """Copies of the model, its export and the data that a test may try to destroy."""
+    shutil.copy(tiny_run / "best.pt", tmp_path / "copy.pt")
+    shutil.copy(tiny_onnx, tmp_path / "copy.onnx")
+    shutil.copy(fixture_data["train"], tmp_path / "train.json")
+    return {name: tmp_path / name for name in ("copy.pt", "copy.onnx", "train.json")}
+
+
+def writers(c, out) -> list:
+    """Every command that writes a file, aimed at out, as (main, args)."""
+    cheap = ["--num", "1", "--max-tokens", "20"]
+    return [
+        (musicrnn.main, ["generate", "--checkpoint", c["copy.pt"], "--out", out, *cheap]),
+        (infer_onnx.main, ["--model", c["copy.onnx"], "--out", out, *cheap]),
+        (export.main, ["--checkpoint", c["copy.pt"], "--out", out]),
+        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", out,
+                         "--temperatures", "1", *cheap]),
+        (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", out]),
+    ]
+
+
+# --- 1. an output never replaces an input, even with --overwrite
+
+
+def test_an_output_onto_its_own_input_is_refused_even_with_overwrite(copies):
+    cases = [
+        (musicrnn.main, ["generate", "--checkpoint", copies["copy.pt"], "--out", copies["copy.pt"], "--overwrite"]),
+        (infer_onnx.main, ["--model", copies["copy.onnx"], "--out", copies["copy.onnx"], "--overwrite"]),
+        (export.main, ["--checkpoint", copies["copy.pt"], "--out", copies["copy.pt"], "--overwrite"]),
+        (musicrnn.main, ["sweep", "--checkpoint", copies["copy.pt"], "--train-data", copies["train.json"],
+                         "--out", copies["train.json"], "--overwrite"]),
+    ]
+    before = {p: p.read_bytes() for p in copies.values()}
+    for main, args in cases:
+        code, _, err = run_main(main, *args)
+        assert one_error_line(code, err) and "is also what this command reads" in err, (args, err)
+    assert {p: p.read_bytes() for p in copies.values()} == before
+
+
+# --- 1, 16. an existing file is replaced only with --overwrite, and keeps its mode
+
+
+def test_every_writer_refuses_an_existing_file_without_overwrite(copies, tmp_path):
+    for main, args in writers(copies, tmp_path / "precious.png"):
+        (tmp_path / "precious.png").write_text("precious")
+        code, _, err = run_main(main, *args)
+        assert one_error_line(code, err) and "pass --overwrite" in err, (args, err)
+        assert (tmp_path / "precious.png").read_text() == "precious"
+
+
+def test_with_overwrite_the_file_is_replaced_and_keeps_its_mode(copies, tmp_path):
+    out = tmp_path / "tunes.abc"
+    out.write_text("old")
+    out.chmod(0o640)
+    code, _, err = run_main(infer_onnx.main, "--model", copies["copy.onnx"], "--out", out, "--overwrite",
+                            "--max-tokens", "20")
+    assert code == 0, err
+    assert out.read_text().startswith("X:1") and (out.stat().st_mode & 0o777) == 0o640
+
+
+def test_a_new_file_gets_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        safe_write.write_atomic(tmp_path / "new.txt", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+
+
+# --- 2, 3. two commands at once
+
+
+def test_a_second_training_into_a_locked_folder_names_the_holder(tmp_path, fixture_data):
+    out = tmp_path / "run"
+    with safe_write.folder_lock(out):
+        code, _, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"],
+                                "--val-data", fixture_data["val"], "--out", out, "--hidden-dim", "8")
+    assert one_error_line(code, err) and f"PID {os.getpid()}" in err
+    assert not (out / "last.pt").exists()
+
+
+def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
+    target = tmp_path / "tunes.abc"
+    with pytest.raises(safe_write.OutputError, match="another command"):
+        with safe_write.atomic_file(target, overwrite=False) as f:
+            f.write(b"mine")
+            target.write_text("theirs")  # the other run finished first
+    assert target.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["tunes.abc"]
+
+
+# --- 4. unwritable places: one line, before any work
+
+
+def test_a_folder_or_an_unwritable_place_as_output_is_one_line(copies, tmp_path):
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    for target, message in [(folder, "is a folder"), ("/proc/no-such-dir/out.png", "cannot write")]:
+        for main, args in writers(copies, target):
+            code, out, err = run_main(main, *args, "--overwrite")
+            assert one_error_line(code, err) and message in err, (args, err)
+            assert "temperature" not in out  # refused before the work
+
+
+def test_training_into_a_file_is_refused_before_the_first_epoch(tmp_path, fixture_data):
+    existing = tmp_path / "existing.abc"
+    existing.write_text("X:1\n")
+    code, out, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"],
+                              "--val-data", fixture_data["val"], "--out", existing)
+    assert one_error_line(code, err) and "is a file" in err and "epoch" not in out
+    assert existing.read_text() == "X:1\n"
+
+
+def limited_file_size(limit: int):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    return preexec
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tiny_onnx, tmp_path):
+    """The disk-full drill: a file-size limit makes the write fail as a full disk does."""
+    out = tmp_path / "tunes.abc"
+    result = subprocess.run([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "20",
+                             "--max-tokens", "200", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            preexec_fn=limited_file_size(1000))
+    assert one_error_line(result.returncode, result.stderr) and str(out) in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_small_tmpfs_fills_up_with_one_line(tiny_onnx, tmp_path):
+    """The same on a real 64 KB tmpfs, where the machine lets a test mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this machine does not let a test mount a tmpfs")
+    try:
+        (mount / "filler").write_bytes(b"x" * 60_000)  # 4 KB left
+        out = mount / "tunes.abc"
+        result = subprocess.run([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "400",
+                                 "--max-tokens", "400", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+        assert one_error_line(result.returncode, result.stderr) and "No space left" in result.stderr, result.stderr
+        assert [p.name for p in mount.iterdir()] == ["filler"]
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+# --- 5, 6, 7, 12, 13. flags out of range
+
+
+BAD_TRAINING_FLAGS = [["--batch-size", "0"], ["--batch-size", "-1"], ["--hidden-dim", "0"], ["--num-layers", "0"],
+                      ["--embedding-dim", "-1"], ["--dropout", "2"], ["--lr", "-1"], ["--lr", "nan"],
+                      ["--max-minutes", "0"], ["--epochs", "0"], ["--grad-clip", "nan"], ["--limit", "0"],
+                      ["--seed", "-5"], ["--hidden-dim", "4096", "--num-layers", "16"], ["--transpose-range", "x"]]
+
+
+@pytest.mark.parametrize("flags", BAD_TRAINING_FLAGS, ids=" ".join)
+def test_training_flags_out_of_range_are_one_line(flags, tmp_path, fixture_data):
+    code, out, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"],
+                              "--val-data", fixture_data["val"], "--out", tmp_path / "run", *flags)
+    assert one_error_line(code, err) and "epoch" not in out, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_config_out_of_range_from_the_api_is_refused_too(tmp_path, fixture_data):
+    with pytest.raises(musicrnn.UserError, match="--batch-size must be a whole number"):
+        musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=0), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("flags", [["--seed", "-5"], ["--temperature", "inf"], ["--temperature", "1e308"],
+                                   ["--temperature", "1e308", "--constrained"], ["--threads", "1000"],
+                                   ["--top-k", "100000"], ["--num", "0"], ["--max-tokens", "nan"]], ids=" ".join)
+def test_sampling_flags_out_of_range_are_one_line(flags, tiny_run, tiny_onnx):
+    onnx_only = flags[0] == "--threads"
+    runs = [(infer_onnx.main, ["--model", tiny_onnx])]
+    if not onnx_only:
+        runs.append((musicrnn.main, ["generate", "--checkpoint", tiny_run / "best.pt"]))
+    for main, args in runs:
+        code, out, err = run_main(main, *args, *flags)
+        assert one_error_line(code, err) and out == "", (flags, err)
+
+
+def test_sweep_refuses_a_negative_seed(tiny_run):
+    code, _, err = run_main(musicrnn.main, "sweep", "--checkpoint", tiny_run / "best.pt", "--seed", "-5")
+    assert one_error_line(code, err)
+
+
+# --- 8, 18, 19. data that cannot be read: one line
+
+
+def test_unreadable_collections_are_one_line(tmp_path, tiny_run):
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"control code": "", "abc notation": "X:1\nK:D\nABc|\n"}))
+    junk = tmp_path / "junk.abc"
+    rng = np.random.default_rng(0)
+    lines = ["".join(map(chr, rng.integers(32, 127, size=int(rng.integers(0, 60))))) for _ in range(20000)]
+    lines[::97] = ["X:" + line for line in lines[::97]]
+    lines[3::89] = ["K:" + line for line in lines[3::89]]
+    junk.write_text("\n".join(lines))
+    cases = [(single, "one JSON object"), (junk, "tunes skipped"), ("nosuchprotocol://x/train.json", "not an IrishMAN"),
+             ("memory://missing.json", "not an IrishMAN"), ("hf://datasets/sander-wood/irishman/validation.json",
+                                                           "not an IrishMAN")]
+    for data, message in cases:
+        code, _, err = run_main(musicrnn.main, "evaluate", "--checkpoint", tiny_run / "best.pt", "--data", data)
+        assert one_error_line(code, err) and message in err, (data, err)
+
+
+def test_a_tunebook_with_some_junk_keeps_the_music_and_counts_the_rest(tmp_path, fixture_tunes, capsys):
+    book = tmp_path / "mixed.abc"
+    book.write_text("\n".join(fixture_tunes[:3]) + "\nX:9\nK:qq\n#$%&@#$%^&*_+=?><\n\nX:10\nT:no key\n")
+    assert musicrnn.load_tunes(str(book)) == fixture_tunes[:3]
+    assert "3 tunes read, 2 tunes skipped" in capsys.readouterr().err
+
+
+# --- 9, 18. crafted and damaged files
+
+
+def test_crafted_checkpoints_are_one_line(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    cases = {"list_config.pt": {**ckpt, "config": [1, 2]}, "text.pt": None,
+             "bad_range.pt": {**ckpt, "config": {**ckpt["config"], "hidden_dim": -3}}}
+    for name, content in cases.items():
+        if content is None:
+            (tmp_path / name).write_text("hello, I am not a checkpoint\n" * 4)
+        else:
+            torch.save(content, tmp_path / name)
+        code, _, err = run_main(musicrnn.main, "generate", "--checkpoint", tmp_path / name)
+        assert one_error_line(code, err), (name, err)
+    assert "not a PyTorch zip file" in run_main(musicrnn.main, "evaluate", "--checkpoint", tmp_path / "text.pt")[2]
+
+
+def test_resume_of_a_checkpoint_without_epochs_in_its_config_still_works(tmp_path, fixture_data):
+    out = tmp_path / "run"
+    musicrnn.train(tiny_config(fixture_data, out, epochs=1), log=lambda *a: None)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["config"]["epochs"]
+    torch.save(ckpt, out / "last.pt")
+    code, _, err = run_main(musicrnn.main, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_crafted_onnx_files_are_one_line(tiny_onnx, tmp_path):
+    proto = onnx.load(str(tiny_onnx))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    wrong_shape = onnx.load(str(tiny_onnx))
+    config = json.loads(meta["musicrnn.config"])
+    onnx.helper.set_model_props(wrong_shape, {**meta, "musicrnn.config": json.dumps({**config, "hidden_dim": 7})})
+    onnx.save(wrong_shape, str(tmp_path / "wrong_shape.onnx"))
+    node = onnx.helper.make_node("Identity", ["tokens"], ["logits"])
+    graph = onnx.helper.make_graph([node], "foreign", [onnx.helper.make_tensor_value_info("tokens", 7, [None, 1])],
+                                   [onnx.helper.make_tensor_value_info("logits", 7, [None, 1])])
+    foreign = onnx.helper.make_model(graph)
+    onnx.helper.set_model_props(foreign, meta)
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    for name in ("wrong_shape.onnx", "foreign.onnx"):
+        code, _, err = run_main(infer_onnx.main, "--model", tmp_path / name)
+        assert one_error_line(code, err) and "musicrnn" in err, (name, err)
+
+
+def test_a_pickled_checkpoint_prints_no_warning_before_its_line(tmp_path):
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
+    result = subprocess.run([sys.executable, "musicrnn.py", "evaluate", "--checkpoint", str(tmp_path / "pickled.pt")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert one_error_line(result.returncode, result.stderr) and result.stderr.rstrip().endswith("plain values only)")
+
+
+# --- 10. long inputs in bounded memory
+
+
+def test_chunked_evaluation_and_training_give_the_numbers_of_the_whole_tune(tiny_run, fixture_tunes):
+    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tiny_run / "best.pt")))
+    long_tune = fixture_tunes[0] + "".join(t.split("K:", 1)[1] for t in fixture_tunes)  # ~1,500 characters
+    data = musicrnn.MusicDataset([long_tune, fixture_tunes[1]], vocab)
+    whole = musicrnn.evaluate(model, data, vocab.pad_id, torch.device("cpu"))
+    chunked = musicrnn.evaluate(model, data, vocab.pad_id, torch.device("cpu"), chunk=37)
+    assert np.isclose(whole["bits_per_char"], chunked["bits_per_char"], rtol=1e-5, atol=0)
+    x, y = musicrnn.collate([data[0], data[1]], vocab.pad_id)
+    losses = []
+    for chunk in (musicrnn.CHUNK, 37):
+        torch.manual_seed(0)
+        copy = musicrnn.build_model(cfg, len(vocab))
+        copy.load_state_dict(model.state_dict())
+        copy.eval()  # no dropout: both see the same function
+        losses.append(musicrnn.train_step(copy, torch.optim.SGD(copy.parameters(), lr=0.0), x, y, vocab.pad_id,
+                                          1.0, chunk))
+    assert np.isclose(*losses, rtol=1e-5, atol=0)
+
+
+def peak_mb(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a command in a child that reports its own peak memory (ru_maxrss) on its last line."""
+    code = ("import resource, runpy, sys\n"
+            "sys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n    code = 0\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    return result, int(result.stderr.strip().splitlines()[-1]) / 1024
+
+
+@pytest.mark.slow
+def test_a_5_mb_tune_is_evaluated_and_trained_in_bounded_memory(tiny_run, tmp_path, fixture_tunes):
+    """The drill: one 5 MB tune, scored under 500 MB of peak memory, and trained on."""
+    body = "".join(t.split("K:", 1)[1].split("\n", 1)[1] for t in fixture_tunes)
+    tune = "X:1\nL:1/8\nM:6/8\nK:D\n" + body * (5_000_000 // len(body))
+    (tmp_path / "long.abc").write_text(tune)
+    result, mb = peak_mb(["musicrnn.py", "evaluate", "--checkpoint", str(tiny_run / "best.pt"),
+                          "--data", str(tmp_path / "long.abc"), "--json"])
+    assert result.returncode == 0, result.stderr
+    print(f"5 MB tune: evaluation peak {mb:.0f} MB")
+    assert json.loads(result.stdout)["chars"] == len(tune) and mb < 500, mb
+    result, mb = peak_mb(["musicrnn.py", "train", "--train-data", str(tmp_path / "long.abc"),
+                          "--val-data", str(tmp_path / "long.abc"), "--hidden-dim", "16", "--embedding-dim", "8",
+                          "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.returncode == 0 and (tmp_path / "run" / "best.pt").exists(), result.stderr
+    print(f"5 MB tune: training peak {mb:.0f} MB")
+    assert mb < 1500
+
+
+# --- 11. many tunes: bounded batches, streamed
+
+
+def test_many_tunes_come_in_batches_numbered_and_reproducible(tiny_onnx, tmp_path):
+    args = ["--model", tiny_onnx, "--max-tokens", "30", "--seed", "3"]
+    code, many, err = run_main(infer_onnx.main, *args, "--num", "130", "--out", tmp_path / "many.abc")
+    assert code == 0, err
+    numbers = [int(line[2:]) for line in many.splitlines() if line.startswith("X:")]
+    assert numbers == list(range(1, 131))
+    assert (tmp_path / "many.abc").read_text() + "\n" == many
+    _, first, _ = run_main(infer_onnx.main, *args, "--num", "64")
+    assert many.startswith(first)  # the first batch is the same tunes as asking for 64
+
+
+def test_a_huge_request_streams_tunes_in_bounded_memory(tiny_onnx):
+    """The 100,000-tune drill: tunes appear batch by batch while memory stays flat; then stop it."""
+    proc = subprocess.Popen([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "100000",
+                             "--max-tokens", "60"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            text=True)
+    try:
+        tunes, deadline = 0, time.time() + 120
+        while tunes < 5 * 64 and time.time() < deadline:
+            tunes += proc.stdout.readline().startswith("X:")
+        status = open(f"/proc/{proc.pid}/status").read()
+        peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert tunes >= 5 * 64 and peak_kb / 1024 < 400, (tunes, peak_kb)
+
+
+# --- 14. --resume says what it keeps
+
+
+def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data):
+    out = tmp_path / "run"
+    base = ["train", "--train-data", fixture_data["train"], "--val-data", fixture_data["val"], "--out", out,
+            "--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "2"]
+    assert run_main(musicrnn.main, *base)[0] == 0
+    for extra, message in [(["--hidden-dim", "32"], "--hidden-dim 32 (it has 16)"), (["--lr", "0.1"], "--lr 0.1"),
+                           (["--tokenizer", "abc"], "--tokenizer abc"), (["--epochs", "1"], "already done 2")]:
+        code, _, err = run_main(musicrnn.main, *base, "--resume", *extra)
+        assert one_error_line(code, err) and message in err, (extra, err)
+    code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "3", "--patience", "5")
+    assert code == 0 and "resuming" in out_text, err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+# --- 15. meter and key checked alike, free and constrained
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--key", "D", "--constrained"], "give --meter too"), (["--meter", "13/0"], "not a meter"),
+    (["--meter", "13/0", "--constrained"], "not a meter"), (["--key", "H#"], "not a key"),
+    (["--key", "H#", "--meter", "6/8", "--constrained"], "not a key")], ids=" ".join)
+def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, *flags)
+    assert one_error_line(code, err) and message in err
+
+
+# --- 17. --render
+
+
+@pytest.mark.skipif(not shutil.which("abc2midi"), reason="abc2midi not installed (apt-get install abcmidi)")
+def test_render_replaces_an_earlier_render_whole_and_counts_only_its_own_files(tiny_onnx, tmp_path):
+    out = tmp_path / "tunes.abc"
+    args = ["--model", tiny_onnx, "--constrained", "--max-tokens", "400", "--out", out, "--render"]
+    assert run_main(infer_onnx.main, *args, "--num", "4")[0] == 0
+    assert len(list(tmp_path.glob("tunes*.mid"))) == 4
+    code, _, err = run_main(infer_onnx.main, *args, "--num", "1")
+    assert one_error_line(code, err) and "pass --overwrite" in err
+    code, _, err = run_main(infer_onnx.main, *args, "--num", "1", "--overwrite")
+    assert code == 0 and "MIDI: 1 files" in err, err
+    assert [p.name for p in tmp_path.glob("tunes*.mid")] == ["tunes1.mid"]
+
+
+def test_render_without_out_is_one_line(tiny_onnx):
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--render")
+    assert one_error_line(code, err) and "give --out too" in err
+
+
+# --- 18, 20. messages and --help
+
+
+def test_a_plot_needs_a_png_name(fixture_data, tmp_path):
+    (tmp_path / "a_folder").mkdir()
+    code, _, err = run_main(musicrnn.main, "stats", "--data", fixture_data["train"], "--plot", tmp_path / "a_folder")
+    assert one_error_line(code, err) and ".png" in err
+
+
+def all_parsers():
+    top = musicrnn.build_parser()
+    subs = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    return {**{f"musicrnn.py {name}": p for name, p in subs.items()}, "infer_onnx.py": infer_onnx.build_parser(),
+            "export.py": export.build_parser()}
+
+
+def test_help_explains_every_flag_and_every_command_in_words():
+    for name, parser in all_parsers().items():
+        assert parser.description, name
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                words = (action.help or "").split()
+                assert len(words) >= 3 and words[0] != "default:", (name, action.option_strings, action.help)
+    train = all_parsers()["musicrnn.py train"]
+    groups = {g.title: [a.dest for a in g._group_actions] for g in train._action_groups}
+    assert groups["an existing run folder"] == ["resume", "overwrite"]
+    assert "hf://" in all_parsers()["musicrnn.py evaluate"].format_help()
+
+
+# --- the fuzz drill: random command lines from every command's real flags
+
+
+FUZZ_VALUES = {int: ["-1", "0", "1", "2", "7", "10000000000", "x", "1.5", ""],
+               float: ["nan", "inf", "-inf", "-1", "0", "0.3", "1", "2", "1e308", "x"]}
+
+
+def fuzz_value(action, rng, paths) -> list[str]:
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(rng.choice(list(action.choices) + ["bogus"]))]
+    kind = {"whole number": int, "number": float, "int": int, "float": float}.get(getattr(action.type, "__name__", ""))
+    values = FUZZ_VALUES.get(kind) or paths
+    count = int(rng.integers(1, 3)) if action.nargs == "+" else 1
+    return [str(rng.choice(values)) for _ in range(count)]
+
+
+@pytest.mark.slow
+def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, tiny_onnx, fixture_data, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_run / "best.pt", "model.pt")
+    shutil.copy(tiny_onnx, "model.onnx")
+    paths = ["model.pt", "model.onnx", fixture_data["train"], "missing.json", "out", "out.abc", "out.png", "/proc/x/y",
+             ".", "", "X:1\nK:D\nABc|", "6/8", "Ador"]
+    mains = {"musicrnn.py": musicrnn.main, "infer_onnx.py": infer_onnx.main, "export.py": export.main}
+    train, val = fixture_data["train"], fixture_data["val"]
+    # each line starts from the command's own inputs, which the fuzzed flags may then replace
+    bases = {"musicrnn.py train": ["--train-data", train, "--val-data", val], "musicrnn.py stats": ["--data", train],
+             "musicrnn.py evaluate": ["--checkpoint", "model.pt", "--data", val],
+             "musicrnn.py generate": ["--checkpoint", "model.pt"], "infer_onnx.py": ["--model", "model.onnx"],
+             "musicrnn.py sweep": ["--checkpoint", "model.pt", "--train-data", train], "export.py": ["--checkpoint",
+                                                                                                  "model.pt"]}
+    fresh_outputs = {"musicrnn.py train": "--out", "musicrnn.py sweep": "--out", "export.py": "--out"}
+    # every line stays short: few tunes and tokens, one small epoch; the fuzzed values come first
+    bounds = {"musicrnn.py train": ["--epochs", "1", "--max-minutes", "0.2", "--hidden-dim", "16", "--limit", "8"],
+              "musicrnn.py sweep": ["--num", "2", "--temperatures", "1", "--max-tokens", "40"],
+              "musicrnn.py generate": ["--num", "2", "--max-tokens", "60"], "infer_onnx.py": ["--num", "2",
+                                                                                              "--max-tokens", "60"]}
+    rng, outcomes = np.random.default_rng(11), {0: 0, 2: 0}
+    for i in range(240):
+        name, parser = list(all_parsers().items())[i % 7]
+        actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        chosen = rng.choice(len(actions), size=min(len(actions), int(rng.integers(1, 5))), replace=False)
+        fresh = [fresh_outputs[name], f"new{i}"] if name in fresh_outputs else []
+        argv = name.split()[1:] + bases[name] + fresh + [w for j in chosen for w in [actions[j].option_strings[-1],
+                                                                                     *fuzz_value(actions[j], rng, paths)]]
+        code, _, err = run_main(mains[name.split()[0]], *argv, *bounds.get(name, []))
+        assert code == 0 or one_error_line(code, err), (name, argv, code, err)
+        outcomes[code] += 1
+    print(f"fuzz drill: 240 command lines, {outcomes[0]} ran, {outcomes[2]} refused with one line")
+    assert outcomes[0] > 20 and outcomes[2] > 60
