@@ -8,9 +8,10 @@ The lesson, top to bottom in pipeline order:
     -> augmentation -> command line
 
 The machinery lives in torch-free modules, each named for what it holds, so that
-infer_onnx.py can generate without torch: abc_tokens (tokenizer, vocabulary), abc_music
-(tunebooks, keys, transposition, rhythm), abc_constraint (the --constrained automaton),
-sampler (the sampling options and loop), judging (abc2midi, the sweep), plots, safe_write.
+infer_onnx.py can generate without torch: corpus (reading collections), abc_tokens
+(tokenizer, vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_constraint
+(the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi,
+the sweep), plots, settings (ranges, resume rules), cli and safe_write (errors, outputs).
 
     make train                                   # venv, data, train, export, one tune
     make train-long                              # the long-run model in runs/long/ (<= 60 min)

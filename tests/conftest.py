@@ -75,3 +75,15 @@ def one_error_line(code: int, stderr: str) -> bool:
     """Exit code 2 and exactly one line on stderr, an `error:` line: what every bad input must give."""
     lines = stderr.strip().splitlines()
     return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
+
+
+DRILL_REPORTS: list[str] = []  # what the drills measured, printed at the end of every run
+
+
+def report(line: str) -> None:
+    DRILL_REPORTS.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in DRILL_REPORTS:
+        terminalreporter.write_line(f"drill: {line}")

@@ -142,3 +142,13 @@ def test_two_layer_model_exports_with_parity(exported, tmp_path):
         b, torch_state = torch_step(tokens, torch_state)
         assert np.allclose(a, b, atol=1e-5) and np.allclose(onnx_state[0], torch_state[0].numpy(), atol=1e-5)
         tokens = np.array([[i % len(vocab)]] * 3, dtype=np.int64)
+
+
+TORCH_FREE = ["abc_tokens", "abc_music", "abc_constraint", "sampler", "judging", "plots", "cli", "settings", "corpus",
+              "safe_write", "exported_model", "infer_onnx"]
+
+
+def test_the_machinery_imports_without_torch():
+    code = "import sys; sys.modules['torch'] = None; " + "; ".join(f"import {m}" for m in TORCH_FREE)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ import export
 import infer_onnx
 import musicrnn
 import safe_write
-from conftest import ROOT, one_error_line, run_main, tiny_config
+from conftest import ROOT, one_error_line, report, run_main, tiny_config
 
 
 @pytest.fixture()
@@ -124,7 +124,8 @@ def test_a_folder_or_an_unwritable_place_as_output_is_one_line(copies, tmp_path)
     folder = tmp_path / "folder.png"
     folder.mkdir()
     for target, message in [(folder, "is a folder"), ("/proc/no-such-dir/out.png", "cannot write")]:
-        for main, args in writers(copies, target):
+        train = (musicrnn.main, ["train", "--train-data", copies["train.json"], "--out", "/proc/no-such-dir/run"])
+        for main, args in writers(copies, target) + ([train] if target != folder else []):
             code, out, err = run_main(main, *args, "--overwrite")
             assert one_error_line(code, err) and message in err, (args, err)
             assert "temperature" not in out  # refused before the work
@@ -336,13 +337,13 @@ def test_a_5_mb_tune_is_evaluated_and_trained_in_bounded_memory(tiny_run, tmp_pa
     result, mb = peak_mb(["musicrnn.py", "evaluate", "--checkpoint", str(tiny_run / "best.pt"),
                           "--data", str(tmp_path / "long.abc"), "--json"])
     assert result.returncode == 0, result.stderr
-    print(f"5 MB tune: evaluation peak {mb:.0f} MB")
+    report(f"one 5 MB tune: evaluate peaks at {mb:.0f} MB")
     assert json.loads(result.stdout)["chars"] == len(tune) and mb < 500, mb
     result, mb = peak_mb(["musicrnn.py", "train", "--train-data", str(tmp_path / "long.abc"),
                           "--val-data", str(tmp_path / "long.abc"), "--hidden-dim", "16", "--embedding-dim", "8",
                           "--epochs", "1", "--out", str(tmp_path / "run")])
     assert result.returncode == 0 and (tmp_path / "run" / "best.pt").exists(), result.stderr
-    print(f"5 MB tune: training peak {mb:.0f} MB")
+    report(f"one 5 MB tune: a training epoch peaks at {mb:.0f} MB")
     assert mb < 1500
 
 
@@ -374,6 +375,7 @@ def test_a_huge_request_streams_tunes_in_bounded_memory(tiny_onnx):
     finally:
         proc.kill()
         proc.wait()
+    report(f"--num 100000: {tunes} tunes streamed before the stop, peak {peak_kb / 1024:.0f} MB")
     assert tunes >= 5 * 64 and peak_kb / 1024 < 400, (tunes, peak_kb)
 
 
@@ -507,5 +509,5 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
         code, _, err = run_main(mains[name.split()[0]], *argv, *bounds.get(name, []))
         assert code == 0 or one_error_line(code, err), (name, argv, code, err)
         outcomes[code] += 1
-    print(f"fuzz drill: 240 command lines, {outcomes[0]} ran, {outcomes[2]} refused with one line")
+    report(f"fuzz, seed 11: 240 command lines, {outcomes[0]} ran, {outcomes[2]} refused with one error line")
     assert outcomes[0] > 20 and outcomes[2] > 60
