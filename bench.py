@@ -198,13 +198,15 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 30.0) -> d
 _PEAK = """
 import runpy, sys
 script, sys.argv = sys.argv[1], sys.argv[1:]
+code = 0
 try:
     runpy.run_path(script, run_name="__main__")
-except SystemExit:
-    pass
+except SystemExit as e:
+    code = e.code
 finally:  # VmHWM: this process's peak resident memory (ru_maxrss would count the fork from the bench)
     peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
     print("PEAK_KB", peak, file=sys.stderr)
+sys.exit(code)
 """
 
 

@@ -7,6 +7,7 @@ surprising flags, file modes, renders, messages, junk input and --help.
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -317,15 +318,11 @@ def test_chunked_evaluation_and_training_give_the_numbers_of_the_whole_tune(tiny
 
 
 def peak_mb(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a command in a child that reports its own peak memory (ru_maxrss) on its last line."""
-    code = ("import resource, runpy, sys\n"
-            "sys.argv = sys.argv[1:]\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n    code = 0\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-            "sys.exit(code)\n")
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
-    return result, int(result.stderr.strip().splitlines()[-1]) / 1024
+    """Run a command in a child that reports its own peak memory, as make bench measures it."""
+    import bench
+
+    result = subprocess.run([sys.executable, "-c", bench._PEAK, *args], capture_output=True, text=True, cwd=ROOT)
+    return result, int(re.search(r"PEAK_KB (\d+)", result.stderr).group(1)) / 1024
 
 
 @pytest.mark.slow
