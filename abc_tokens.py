@@ -105,6 +105,8 @@ class Vocabulary:
             raise ValueError(f"unknown tokenizer kind {self.kind!r}")
         if self.tokens[: len(SPECIALS)] != SPECIALS:
             raise ValueError("vocabulary must start with " + ", ".join(SPECIALS))
+        if not all(isinstance(t, str) and t for t in self.tokens) or len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("vocabulary tokens must be distinct, non-empty strings")
         self.index = {t: i for i, t in enumerate(self.tokens)}
 
     @classmethod

@@ -26,6 +26,7 @@ the sweep), plots, settings (ranges, resume rules), cli and safe_write (errors, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -277,14 +278,21 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
 
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRNN, Config, Vocabulary]:
     cfg = config_from_dict(Config, ckpt["config"], path)
-    try:
+    with checkpoint_mismatch(path):
         vocab = Vocabulary.from_dict(ckpt["vocab"])
         model = build_model(cfg, len(vocab))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+    return model.eval(), cfg, vocab
+
+
+@contextlib.contextmanager
+def checkpoint_mismatch(path: str):
+    """A checkpoint whose parts do not fit musicrnn's model or optimizer: one line, no traceback."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{path}: checkpoint does not match musicrnn's model ({reason})") from None
-    return model.eval(), cfg, vocab
 
 
 # -----------------------------------------------------------------------------
@@ -468,12 +476,13 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     seed_everything(cfg.seed)
     train_tunes, val_tunes = load_tunes(cfg.train_data), load_tunes(cfg.val_data)
     train_tunes = train_tunes[: cfg.limit] if cfg.limit else train_tunes
-    vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes, cfg)
-    model = build_model(cfg, len(vocab)).to(device)
-    run = Run(cfg, device, vocab, train_tunes, MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab),
-              model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress())
-    if ckpt:
-        restore(run, ckpt, log)
+    with checkpoint_mismatch(str(last_path)):
+        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes, cfg)
+        model = build_model(cfg, len(vocab)).to(device)
+        run = Run(cfg, device, vocab, train_tunes, MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab),
+                  model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress())
+        if ckpt:
+            restore(run, ckpt, log)
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens), device {device}")
     log(parameter_summary(model))

@@ -117,14 +117,16 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions,
 BATCH = 64  # tunes generated at once: memory stays bounded whatever --num asks for
 
 
-def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, batch: int = BATCH):
+def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint: AbcConstraint | None = None,
+                     batch: int = BATCH):
     """opts.num tunes in batches of at most `batch`, yielded as each batch finishes.
 
     The first batch draws from opts.seed itself (so up to `batch` tunes are exactly
     generate_tunes(opts)); batch k > 0 from the seed sequence (opts.seed, k). One constraint
     serves every batch, so its mask cache fills once.
     """
-    constraint = AbcConstraint(vocab, opts.max_bars) if opts.constrained else None
+    if opts.constrained and constraint is None:
+        constraint = AbcConstraint(vocab, opts.max_bars)
     for k, first in enumerate(range(0, opts.num, batch)):
         part = replace(opts, num=min(batch, opts.num - first), seed=opts.seed if k == 0 else (opts.seed, k))
         yield generate_tunes(step, vocab, part, constraint)
@@ -163,8 +165,8 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
     opts = sampling_options(args)
     out = check_outputs(args, model_path)
     step, vocab = load_model()
-    check_against_vocabulary(opts, vocab)
-    write_tunes(generate_batches(step, vocab, opts), opts.num, out, args.overwrite)
+    constraint = check_against_vocabulary(opts, vocab)
+    write_tunes(generate_batches(step, vocab, opts, constraint), opts.num, out, args.overwrite)
     if out and args.render:
         for line in render_tunebook(out, args.overwrite):
             print(line, file=sys.stderr)
@@ -183,13 +185,17 @@ def check_outputs(args: argparse.Namespace, model_path: str) -> Path | None:
     return out
 
 
-def check_against_vocabulary(opts: SamplingOptions, vocab: Vocabulary) -> None:
-    """What only the model can answer: is top-k within its vocabulary, can it read the prompt."""
+def check_against_vocabulary(opts: SamplingOptions, vocab: Vocabulary) -> AbcConstraint | None:
+    """What only the model can answer: is top-k within its vocabulary, can it read (and, when
+    constrained, continue) the prompt. Returns the constraint that generation will use."""
     if opts.top_k is not None and opts.top_k > len(vocab):
         raise UserError(f"--top-k {opts.top_k}: the model has only {len(vocab)} tokens")
     encode_prompt(vocab, opts.prompt)
-    if opts.constrained:
-        AbcConstraint(vocab, opts.max_bars).start(opts.prompt)
+    if not opts.constrained:
+        return None
+    constraint = AbcConstraint(vocab, opts.max_bars)
+    constraint.start(opts.prompt)
+    return constraint
 
 
 # -----------------------------------------------------------------------------

@@ -248,7 +248,9 @@ def test_a_tunebook_with_some_junk_keeps_the_music_and_counts_the_rest(tmp_path,
 def test_crafted_checkpoints_are_one_line(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     cases = {"list_config.pt": {**ckpt, "config": [1, 2]}, "text.pt": None,
-             "bad_range.pt": {**ckpt, "config": {**ckpt["config"], "hidden_dim": -3}}}
+             "bad_range.pt": {**ckpt, "config": {**ckpt["config"], "hidden_dim": -3}},
+             "bad_vocab.pt": {**ckpt, "vocab": {"kind": "char", "tokens": ["<pad>", "<eos>", "<unk>", 3, 3]}},
+             "bad_weights.pt": {**ckpt, "model": {"embedding.weight": torch.zeros(2, 2)}}}
     for name, content in cases.items():
         if content is None:
             (tmp_path / name).write_text("hello, I am not a checkpoint\n" * 4)
@@ -256,6 +258,11 @@ def test_crafted_checkpoints_are_one_line(tiny_run, tmp_path):
             torch.save(content, tmp_path / name)
         code, _, err = run_main(musicrnn.main, "generate", "--checkpoint", tmp_path / name)
         assert one_error_line(code, err), (name, err)
+        run = tmp_path / f"run_{name}"
+        run.mkdir()
+        shutil.copy(tmp_path / name, run / "last.pt")
+        code, out, err = run_main(musicrnn.main, "train", "--out", run, "--resume")
+        assert one_error_line(code, err) and "epoch" not in out, (name, err)
     assert "not a PyTorch zip file" in run_main(musicrnn.main, "evaluate", "--checkpoint", tmp_path / "text.pt")[2]
 
 
