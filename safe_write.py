@@ -73,27 +73,48 @@ def _mode_for(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, overwrite: bool = True):
-    """A binary file to write; it becomes path only when the block ends without an error."""
-    path = Path(path)
+def _naming(path: Path):
+    """A failure of our own file operations, as one line that names the user's path."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, _mode_for(path))
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path exists, even if it appeared while this command ran
+        yield
     except FileExistsError:
         raise OutputError(f"{path} was written by another command while this one ran; left as it was") from None
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+
+
+class _Writer:
+    """The temporary file, as the caller sees it: a failed write (a full disk) names path."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+
+    def write(self, data: bytes) -> None:
+        with _naming(self.path):
+            self.f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, overwrite: bool = True):
+    """A binary file to write; it becomes path only when the block ends without an error.
+    Errors of the caller's own code in the block pass through untouched."""
+    path = Path(path)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    f = os.fdopen(fd, "wb")
+    try:
+        yield _Writer(f, path)
+        with _naming(path):
+            f.close()  # the last buffered bytes: a full disk can show here too
+            os.chmod(tmp, _mode_for(path))
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails if path exists, even if it appeared while this command ran
     finally:
+        with contextlib.suppress(OSError):
+            f.close()
         Path(tmp).unlink(missing_ok=True)
 
 
