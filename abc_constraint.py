@@ -25,7 +25,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from abc_music import default_unit, note_shape, parse_meter, pitch_spelling
+from abc_music import CHORD_SYMBOL, default_unit, note_shape, parse_meter, pitch_spelling
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -216,21 +216,41 @@ class AbcConstraint:
     # --- state ------------------------------------------------------------------
 
     def start(self, prompt: str) -> TuneState:
-        """The state after the prompt; refuses a prompt that the constraints would not allow."""
-        state = TuneState()
-        for i, ch in enumerate(prompt):
+        """The state after the prompt; refuses a prompt that the constraints would not allow.
+
+        Chord symbols ("G", "Am7", "D/F#") in the prompt's body take no time, so the automaton
+        steps over them. It never writes one: abc2midi's accompaniment for them can outlast the
+        melody (measured on random tunes), so a generated tune would no longer be clean.
+        """
+        state, i = TuneState(), 0
+        while i < len(prompt):
+            ch = prompt[i]
+            if state.phase == 4 and ch == '"':
+                i = self._skip_chord_symbol(prompt, i)
+                continue
+            i += 1
             if ch not in self.char_ids:
                 raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write")
             if state.phase < 4:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i + 1]!r}")
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}")
             else:
                 self.advance(state, self.char_ids[ch])
         if state.phase < 4 and state.pending and state.pending not in self.headers[state.phase].prefixes:
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
+
+    @staticmethod
+    def _skip_chord_symbol(prompt: str, i: int) -> int:
+        """The index after the chord symbol that starts at prompt[i]; refuses any other quoted text."""
+        end = prompt.find('"', i + 1)
+        text = prompt[i:end + 1] if end > 0 else prompt[i:]
+        if end < 0 or not CHORD_SYMBOL.fullmatch(text):
+            raise PromptError(f"--constrained: {text!r} in the prompt is not a chord symbol like \"G\", \"Am7\" "
+                              f"or \"D/F#\"")
+        return end + 1
 
     def advance(self, state: TuneState, token_id: int) -> None:
         if token_id == self.vocab.eos_id:

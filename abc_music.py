@@ -141,7 +141,7 @@ _FIELD_LINE = re.compile(r"^([A-Za-z]):(?![|:])(.*)$")     # "K: G", not the bod
 _QUOTED = re.compile(r'"[^"\n]*"')
 # A chord symbol ("Am", "G/B", "D7", "Bbmaj7") is music; any other quoted string is an
 # annotation ("^text", "_mf") or a fingering ("4") and is dropped.
-_CHORD_SYMBOL = re.compile(
+CHORD_SYMBOL = re.compile(
     r'"\(?[A-G][#b]?(?:m(?!aj)|min|maj|M|dim|aug|sus|add|\+|o)?\d*(?:(?:sus|add|b|#)\d+)*'
     r'(?:/[A-Ga-g][#b]?)?\)?"')
 
@@ -163,7 +163,7 @@ def split_tunebook(text: str) -> list[list[str]]:
 def clean_body_line(line: str) -> str:
     """Drop comments, annotations, fingerings, spacers and line continuations; keep the music."""
     line = line.split("%", 1)[0].replace("`", "")
-    line = _QUOTED.sub(lambda m: m.group() if _CHORD_SYMBOL.fullmatch(m.group()) else "", line)
+    line = _QUOTED.sub(lambda m: m.group() if CHORD_SYMBOL.fullmatch(m.group()) else "", line)
     line = line.rstrip().removesuffix("\\")
     return re.sub(r"[ \t]+", " ", line).strip()
 

@@ -209,3 +209,31 @@ def test_cached_masks_equal_masks_built_afresh(head):
         assert a == b and a.ended
     masks_built = sum(isinstance(key[0], int) for key in cached.cache)
     assert steps > 2000 and masks_built < steps  # the cache served some masks, so its keys were tested
+
+
+NOTTINGHAM = 'X:1\nL:1/4\nM:3/4\nK:G\ne|"G"d2B|"D"A3/2B/2c|"Am7"B"D/F#"A2|'
+
+
+def test_chord_symbols_in_a_prompt_take_no_time(constraint):
+    assert accepts(constraint, NOTTINGHAM, head="")
+    with pytest.raises(PromptError, match="breaks the constraints"):  # a bar truly broken: 2.5 beats
+        constraint.start('X:1\nL:1/4\nM:3/4\nK:G\ne|"G"d2B|"D"A3/2B/2|')
+    with pytest.raises(PromptError, match="not a chord symbol"):
+        constraint.start('X:1\nL:1/4\nM:3/4\nK:G\ne|"hello"d2B|')
+    with_chords, without = constraint.start(NOTTINGHAM), constraint.start(NOTTINGHAM.replace('"G"', ""))
+    assert with_chords == without  # the automaton steps over them
+
+
+@pytest.mark.parametrize("prompt", [NOTTINGHAM, 'X:1\nL:1/8\nM:6/8\nK:D\nA|"D"dfa "G"g2e|"A"c3 "D"d2A|'])
+def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
+    rng = np.random.default_rng(0)
+
+    def step(tokens, state):  # any token, any time: only the constraint keeps the tune right
+        return rng.normal(size=(len(tokens), len(VOCAB))).astype(np.float32) * 3, state
+
+    opts = sampler.SamplingOptions(num=20, seed=1, max_tokens=800, constrained=True, max_bars=16, prompt=prompt)
+    tunes = sampler.generate_tunes(step, VOCAB, opts)
+    assert all(t.startswith(prompt) and t.rstrip().endswith((":|", "||", "|]")) for t in tunes)
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
