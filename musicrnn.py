@@ -687,7 +687,7 @@ def command(sub, name: str, what: str) -> argparse.ArgumentParser:
 def add_train_parser(sub) -> None:
     p = command(sub, "train", "train a model: OUT/best.pt (the best validation loss), OUT/last.pt, OUT/loss.png")
     cli.dataclass_flags(p, Config, FLAG_CHOICES, FLAG_TYPES, flag_names={"out_dir": "out"})
-    again = p.add_argument_group("an existing run folder")
+    again = p.add_argument_group("an existing run folder").add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience "
                             "and --device may change")

@@ -395,6 +395,8 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data):
                            (["--tokenizer", "abc"], "--tokenizer abc"), (["--epochs", "1"], "already done 2")]:
         code, _, err = run_main(musicrnn.main, *base, "--resume", *extra)
         assert one_error_line(code, err) and message in err, (extra, err)
+    code, _, err = run_main(musicrnn.main, *base, "--resume", "--overwrite")
+    assert one_error_line(code, err) and "not allowed with argument" in err
     code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "3", "--patience", "5")
     assert code == 0 and "resuming" in out_text, err
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
