@@ -545,10 +545,12 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
     longer than `chunk` tokens are read chunk by chunk with the state carried: the same
     numbers in bounded memory.
     """
+    from tqdm import tqdm
+
     model.eval()
     loader, _ = batch_loader(dataset, batch_size, pad_id, rng=None)
     total_nll, total_tokens = 0.0, 0
-    for x, y in loader:
+    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None, file=sys.stderr):
         state = None
         for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):  # long tunes: the state carried on
             logits, state = model(xc.to(device), state)                    # (B, t, V)
