@@ -2,7 +2,7 @@
 cli: command-line plumbing shared by musicrnn.py, infer_onnx.py and export.py. Torch-free.
 
 Holds:
-- UserError and run_command: every command's errors as one `error:` line and exit code 2,
+- UserError, run_command, first_line: every command's errors as one `error:` line and exit code 2,
   never a traceback; Parser: argparse whose own errors are one such line too;
 - int_in, float_in, positive_int, positive_float: argparse types that check a range and
   say what is wrong in words (nan and inf refused); check_dataclass applies them to a
@@ -43,6 +43,11 @@ def run_command(command, args) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def first_line(e: Exception, limit: int = 160) -> str:
+    """An exception's first line, cut to limit characters (its type's name if it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def error_line(message: str) -> int:

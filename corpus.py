@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from abc_music import read_tunebook
-from cli import UserError
+from cli import UserError, first_line
 from safe_write import write_atomic
 
 
@@ -45,7 +45,8 @@ def read_tunebooks(path: Path) -> tuple[list[str], int]:
     tunes, skipped = [], 0
     for book in sorted(path.rglob("*.abc")) if path.is_dir() else [path]:
         found, missed = read_tunebook(read_text(book))
-        tunes, skipped = tunes + found, skipped + missed
+        tunes.extend(found)
+        skipped += missed
     return tunes, skipped
 
 
@@ -64,7 +65,7 @@ def read_irishman_json(path: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except Exception as e:  # pandas, fsspec and the hub raise many kinds: all mean "cannot read this"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         if "must pass an index" in reason:
             reason = "it holds one JSON object, not a list of records [{...}, ...]"
         raise UserError(f"{path}: not an IrishMAN JSON list of records ({reason})") from None

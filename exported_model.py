@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from abc_tokens import Vocabulary
-from cli import UserError
+from cli import UserError, first_line
 
 METADATA_FORMAT = "musicrnn-onnx-1"  # export.py writes it; bump it if the metadata changes
 
@@ -40,15 +40,11 @@ def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSess
         shapes_match = logits.shape == (2, len(vocab)) and h.shape == c.shape == (config["num_layers"], 2,
                                                                                   config["hidden_dim"])
     except Exception as e:  # a foreign graph: onnxruntime's own exception types
-        raise ModelError(f"{path}: its graph does not run as a musicrnn step ({_first_line(e)})") from None
+        raise ModelError(f"{path}: its graph does not run as a musicrnn step ({first_line(e)})") from None
     if not shapes_match:
         raise ModelError(f"{path}: its graph's shapes do not match its metadata (vocabulary {len(vocab)}, "
                          f"hidden_dim {config['hidden_dim']}, num_layers {config['num_layers']})")
     return session, vocab, config
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def _session(path: str, threads: int | None) -> ort.InferenceSession:
@@ -63,7 +59,7 @@ def _session(path: str, threads: int | None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
-        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
 
 
 def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dict]:

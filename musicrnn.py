@@ -291,8 +291,7 @@ def checkpoint_mismatch(path: str):
     try:
         yield
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path}: checkpoint does not match musicrnn's model ({reason})") from None
+        raise UserError(f"{path}: checkpoint does not match musicrnn's model ({cli.first_line(e, 120)})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -766,8 +765,7 @@ def cmd_sweep(args) -> None:
 def torch_generator(checkpoint: str):
     device = torch.device("cpu")
     model, cfg, vocab = model_from_checkpoint(load_checkpoint(checkpoint, device), checkpoint)
-    step = torch_step(model, device)
-    return lambda opts: sampler.generate_tunes(step, vocab, opts)
+    return lambda opts: generate(model, vocab, device, opts)
 
 
 def onnx_generator(path: str):
