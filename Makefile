@@ -3,6 +3,7 @@
 #   make test      venv + the whole test suite (fixture tunes; the corpus tests skip until `make data`)
 #   make test-fast the same without the tests marked slow, for editing
 #   make generate  runs/tunes.abc through onnxruntime
+#   make serve     a local page at http://127.0.0.1:8000/ that writes, shows and plays tunes (no torch)
 #   make train-long  the long-run model (<= 60 min on 2 cores) in runs/long/, scored on validation and essen
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
 
@@ -13,7 +14,7 @@ SOURCES := musicrnn.py abc_tokens.py abc_music.py abc_constraint.py sampler.py p
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
               --epochs 36 --max-minutes 55
 
-.PHONY: venv data train train-long export generate bench test test-fast clean
+.PHONY: venv data train train-long export generate serve bench test test-fast clean
 
 venv: .venv/installed
 .venv/installed: requirements.txt
@@ -49,6 +50,9 @@ runs/long/musicrnn.onnx: runs/long/best.pt export.py exported_model.py
 
 train-long: runs/long/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/long/musicrnn.onnx --num 1 --seed 1
+
+serve: runs/musicrnn.onnx
+	$(PYTHON) serve.py --model runs/musicrnn.onnx
 
 bench: runs/musicrnn.onnx
 	$(PYTHON) bench.py --overwrite

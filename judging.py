@@ -7,12 +7,10 @@ Holds:
 - tune_metrics: validity, bar-cleanness, length, diversity (distinct 4-grams), pitch classes
   against the training tunes, copying of a training tune's first 8 bars;
 - sweep, sweep_table: those metrics per temperature, free and constrained, as a Markdown table;
-- render_tunebook, rendered_files: MIDI (abc2midi) and SVG scores (abcm2ps) beside a tunebook.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +22,6 @@ import numpy as np
 
 from abc_constraint import SECTION_ENDS
 from abc_music import note_tokens, pitch_class, pitch_spelling, tune_body
-from safe_write import OutputError
 
 # -----------------------------------------------------------------------------
 # abc2midi, the judge
@@ -126,42 +123,3 @@ def sweep_table(rows: list[dict]) -> str:
                                                    "copies_first_8_bars") else f"{value:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# rendering
-
-
-def rendered_files(path: Path) -> list[Path]:
-    """The MIDI files and SVG scores that render_tunebook writes beside this tunebook."""
-    pattern = re.compile(rf"{re.escape(path.stem)}(\d+\.mid|\d{{3}}\.svg)")
-    return sorted(p for p in path.parent.glob(path.stem + "*") if pattern.fullmatch(p.name))
-
-
-def render_tunebook(path: Path, overwrite: bool = False) -> list[str]:
-    """MIDI files (abc2midi) and SVG scores (abcm2ps -g, in its secure mode -S) beside a
-    tunebook, where the tools are installed. They are made in a scratch folder first; then
-    those of an earlier render of the same name go (only with overwrite), and the new ones move
-    in. Returns one line per tool to show the user."""
-    folder, name, stem = path.parent, path.name, path.stem
-    old = rendered_files(path)
-    if old and not overwrite:
-        raise OutputError(f"rendering would replace {old[0]}: pass --overwrite")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
-        shutil.copy(path, Path(scratch) / name)
-        lines = [_run_tool("abc2midi", [name], scratch, "MIDI", "abcmidi"),
-                 _run_tool("abcm2ps", ["-S", "-g", name, "-O", stem + ".svg"], scratch, "SVG", "abcm2ps")]
-        made = rendered_files(Path(scratch) / name)
-        for p in old:
-            p.unlink()
-        for p in made:
-            os.replace(p, folder / p.name)
-    mids, svgs = sum(p.suffix == ".mid" for p in made), sum(p.suffix == ".svg" for p in made)
-    return [line.format(mid=mids, svg=svgs, base=folder / stem) for line in lines]
-
-
-def _run_tool(tool: str, args: list[str], cwd: str, what: str, package: str) -> str:
-    if not shutil.which(tool):
-        return f"no {what} written: {tool} is not installed (apt-get install {package})"
-    subprocess.run([tool, *args], cwd=cwd, capture_output=True, timeout=300)
-    return "MIDI: {mid} files {base}N.mid" if what == "MIDI" else "SVG: {svg} scores {base}NNN.svg"

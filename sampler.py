@@ -33,7 +33,7 @@ from abc_constraint import AbcConstraint
 from abc_music import parse_key, parse_meter
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
-from judging import render_tunebook, rendered_files
+from rendering import render_tunebook, rendered_files
 from safe_write import OutputError, atomic_file, check_output
 
 
@@ -232,7 +232,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
                                       "unless --overwrite)")
     output.add_argument("--render", action="store_true",
-                        help="with --out: also write MIDI (abc2midi) and SVG scores (abcm2ps) beside it")
+                        help="with --out: also write MIDI (abc2midi), audio (fluidsynth, .wav) and SVG scores "
+                             "(abcm2ps) beside it")
     output.add_argument("--overwrite", action="store_true", help="let --out and --render replace existing files")
 
 

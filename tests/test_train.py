@@ -13,6 +13,7 @@ import abc_tokens
 import cli
 import sampler
 import musicrnn
+import rendering
 from conftest import ROOT, tiny_config
 
 
@@ -186,7 +187,7 @@ def test_bad_input_overwrites_nothing(tiny_run, tmp_path):
     assert code == 2 and (tiny_run / "best.pt").read_bytes() == before
 
 
-def test_render_writes_midi_and_svg_beside_the_tunebook(tiny_run, tmp_path, capsys):
+def test_render_writes_midi_audio_and_svg_beside_the_tunebook(tiny_run, tmp_path, capsys):
     out = tmp_path / "tunes.abc"
     code = musicrnn.main(["generate", "--checkpoint", str(tiny_run / "best.pt"), "--num", "2", "--constrained",
                           "--max-tokens", "400", "--out", str(out), "--render"])
@@ -200,6 +201,10 @@ def test_render_writes_midi_and_svg_beside_the_tunebook(tiny_run, tmp_path, caps
         assert list(tmp_path.glob("tunes*.svg"))
     else:
         assert "apt-get install abcm2ps" in messages
+    if shutil.which("abc2midi") and shutil.which("fluidsynth") and rendering.find_soundfont():
+        assert len(list(tmp_path.glob("tunes*.wav"))) == 2 and "audio: 2 files" in messages
+    else:
+        assert "no audio: apt-get install" in messages
 
 
 def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():

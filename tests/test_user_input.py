@@ -24,6 +24,7 @@ import export
 import infer_onnx
 import musicrnn
 import safe_write
+import serve
 from conftest import ROOT, one_error_line, report, run_main, tiny_config
 
 
@@ -448,7 +449,7 @@ def all_parsers():
     top = musicrnn.build_parser()
     subs = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction").choices
     return {**{f"musicrnn.py {name}": p for name, p in subs.items()}, "infer_onnx.py": infer_onnx.build_parser(),
-            "export.py": export.build_parser()}
+            "export.py": export.build_parser(), "serve.py": serve.build_parser()}
 
 
 def test_help_explains_every_flag_and_every_command_in_words():

@@ -1,0 +1,199 @@
+"""
+rendering: scores, MIDI and audio for ABC tunes, made by Debian's tools. Torch-free.
+
+Holds:
+- TOOLS: each tool, what it makes and the Debian package that brings it;
+- render_tune: one tune -> score (abcm2ps SVG), MIDI (abc2midi), audio (fluidsynth WAV);
+- render_tunebook, rendered_files: the same beside a tunebook (generate --render);
+- find_soundfont, midi_seconds, trim_silence: what the audio step needs.
+
+Every tool runs without a shell, on files in a folder of ours, with a timeout; a tool
+that is missing costs its output only, and says which package would add it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from safe_write import OutputError
+
+TOOLS = {  # what -> (program, Debian package)
+    "score": ("abcm2ps", "abcm2ps"),
+    "MIDI": ("abc2midi", "abcmidi"),
+    "audio": ("fluidsynth", "fluidsynth timgm6mb-soundfont"),
+}
+SOUNDFONTS = ("/usr/share/sounds/sf2/TimGM6mb.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
+              "/usr/share/sounds/sf2/FluidR3_GM.sf2")
+SAMPLE_RATE = 22050  # Hz: folk tunes lose nothing audible, and the files are half the size
+TAIL = 0.5           # seconds kept after the last audible sample (the release of the last note)
+
+
+def find_soundfont() -> str | None:
+    """A General MIDI soundfont: $MUSICRNN_SOUNDFONT, else the first of Debian's that exists."""
+    given = os.environ.get("MUSICRNN_SOUNDFONT")
+    return next((p for p in ([given] if given else []) + list(SOUNDFONTS) if Path(p).is_file()), None)
+
+
+def missing_tools() -> dict[str, str]:
+    """what -> one line saying which package would add it, for each tool not installed."""
+    missing = {what: package for what, (program, package) in TOOLS.items() if not shutil.which(program)}
+    if "audio" not in missing and find_soundfont() is None:
+        missing["audio"] = "timgm6mb-soundfont"
+    if "MIDI" in missing:
+        missing.setdefault("audio", TOOLS["MIDI"][1])  # audio is played from the MIDI file
+    return {what: f"no {what}: apt-get install {package}" for what, package in missing.items()}
+
+
+def run_tool(args: list[str], cwd: Path, timeout: float) -> bool:
+    """Run one program (no shell) in cwd; False when it fails or runs out of time."""
+    try:
+        return subprocess.run(args, cwd=cwd, capture_output=True, timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# one tune
+
+
+def render_tune(abc: str, folder: Path, stem: str, timeout: float = 20.0) -> dict[str, Path]:
+    """Write stem.abc and, where the tools are installed, stem.svg, stem.mid and stem.wav.
+
+    Returns what -> path for the files made ("abc", "score", "MIDI", "audio").
+    """
+    made = {"abc": folder / f"{stem}.abc"}
+    made["abc"].write_text(abc, encoding="utf-8")
+    missing = missing_tools()
+    if "score" not in missing and run_tool(["abcm2ps", "-S", "-g", made["abc"].name, "-O", f"{stem}.svg"],
+                                           folder, timeout):
+        pages = sorted(folder.glob(f"{stem}[0-9][0-9][0-9].svg"))
+        if pages:  # abcm2ps numbers its pages: the first holds a tune of a page or less
+            made["score"] = pages[0].replace(folder / f"{stem}.svg")
+    midi = folder / f"{stem}.mid"
+    if "MIDI" not in missing and run_tool(["abc2midi", made["abc"].name, "-o", midi.name], folder, timeout) \
+            and midi.exists():
+        made["MIDI"] = midi
+        if "audio" not in missing and write_audio(midi, folder / f"{stem}.wav", timeout):
+            made["audio"] = folder / f"{stem}.wav"
+    return made
+
+
+def write_audio(midi: Path, out: Path, timeout: float) -> bool:
+    """MIDI -> WAV through fluidsynth and a General MIDI soundfont, silence trimmed from the end."""
+    command = ["fluidsynth", "-ni", "-q", "-F", out.name, "-r", str(SAMPLE_RATE), "-g", "0.7",
+               str(find_soundfont()), midi.name]
+    if not (run_tool(command, out.parent, timeout) and out.exists()):
+        return False
+    trim_silence(out)
+    return True
+
+
+def trim_silence(path: Path, threshold: float = 0.01) -> None:
+    """Cut a WAV file TAIL seconds after its last sample above threshold (of full scale):
+    fluidsynth plays on for seconds of near-silence after the last note."""
+    with wave.open(str(path)) as w:
+        params, frames = w.getparams(), w.readframes(w.getnframes())
+    samples = np.frombuffer(frames, dtype=np.int16).reshape(-1, params.nchannels)   # (frames, channels)
+    loud = np.flatnonzero(np.abs(samples).max(axis=1) > threshold * 32767)
+    end = min(len(samples), (loud[-1] + 1 if len(loud) else 0) + int(TAIL * params.framerate))
+    with wave.open(str(path), "wb") as w:
+        w.setparams(params)
+        w.writeframes(samples[:end].tobytes())
+
+
+def midi_seconds(data: bytes) -> float:
+    """How long a standard MIDI file plays: its last event, through its tempo changes."""
+    division = struct.unpack(">H", data[12:14])[0]  # ticks per quarter note
+    tempos, end, i = [(0, 500_000)], 0, 14          # microseconds per quarter note (MIDI's default)
+    while i + 8 <= len(data):
+        length = struct.unpack(">I", data[i + 4:i + 8])[0]
+        if data[i:i + 4] == b"MTrk":
+            end = max(end, _read_track(data[i + 8:i + 8 + length], tempos))
+        i += 8 + length
+    seconds, last_tick, tempo = 0.0, 0, 500_000
+    for tick, new_tempo in sorted(tempos):
+        tick = min(tick, end)
+        seconds += (tick - last_tick) * tempo / division / 1e6
+        last_tick, tempo = tick, new_tempo
+    return seconds + (end - last_tick) * tempo / division / 1e6
+
+
+def _read_track(track: bytes, tempos: list) -> int:
+    """The tick of a track's last event; its tempo changes are appended to tempos."""
+    j, tick, status = 0, 0, 0
+    while j < len(track):
+        delta, j = _varlen(track, j)
+        tick += delta
+        if track[j] & 0x80:
+            status, j = track[j], j + 1
+        if status == 0xFF:                            # meta event: type, length, data
+            meta = track[j]
+            n, j = _varlen(track, j + 1)
+            if meta == 0x51:
+                tempos.append((tick, int.from_bytes(track[j:j + 3], "big")))
+            j += n
+        elif status in (0xF0, 0xF7):                  # system exclusive: length, data
+            n, j = _varlen(track, j)
+            j += n
+        else:                                         # a channel message: program change and pressure have 1 data byte
+            j += 1 if status & 0xF0 in (0xC0, 0xD0) else 2
+    return tick
+
+
+def _varlen(data: bytes, i: int) -> tuple[int, int]:
+    value = 0
+    while True:
+        value, i = (value << 7) | (data[i] & 0x7F), i + 1
+        if data[i - 1] < 0x80:
+            return value, i
+
+
+# -----------------------------------------------------------------------------
+# a tunebook (generate --render)
+
+
+def rendered_files(path: Path) -> list[Path]:
+    """The MIDI files, audio and SVG scores that render_tunebook writes beside this tunebook."""
+    pattern = re.compile(rf"{re.escape(path.stem)}(\d+\.mid|\d+\.wav|\d{{3}}\.svg)")
+    return sorted(p for p in path.parent.glob(path.stem + "*") if pattern.fullmatch(p.name))
+
+
+def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0) -> list[str]:
+    """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps -g, in its secure mode
+    -S) beside a tunebook, where the tools are installed. They are made in a scratch folder
+    first; then those of an earlier render of the same name go (only with overwrite), and the
+    new ones move in. Returns one line per kind of file to show the user."""
+    folder, stem = path.parent, path.stem
+    old = rendered_files(path)
+    if old and not overwrite:
+        raise OutputError(f"rendering would replace {old[0]}: pass --overwrite")
+    missing = missing_tools()
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
+        work = Path(scratch)
+        shutil.copy(path, work / path.name)
+        if "MIDI" not in missing:
+            run_tool(["abc2midi", path.name], work, timeout)
+        if "score" not in missing:
+            run_tool(["abcm2ps", "-S", "-g", path.name, "-O", stem + ".svg"], work, timeout)
+        if "audio" not in missing:
+            for midi in sorted(work.glob(stem + "*.mid")):
+                write_audio(midi, midi.with_suffix(".wav"), timeout)
+        made = rendered_files(work / path.name)
+        for p in old:
+            p.unlink()
+        for p in made:
+            os.replace(p, folder / p.name)
+    count = {suffix: sum(p.suffix == suffix for p in made) for suffix in (".mid", ".wav", ".svg")}
+    lines = {"MIDI": f"MIDI: {count['.mid']} files {folder / stem}N.mid",
+             "audio": f"audio: {count['.wav']} files {folder / stem}N.wav",
+             "score": f"SVG: {count['.svg']} scores {folder / stem}NNN.svg"}
+    return [missing.get(what, line) for what, line in lines.items()]

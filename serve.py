@@ -1,0 +1,315 @@
+"""
+serve: a local page that writes, shows and plays tunes, backed by the exported ONNX model. Torch-free.
+
+    make serve                                        # = python serve.py --model runs/musicrnn.onnx
+    python serve.py --port 8080                       # then open http://127.0.0.1:8080/
+    python serve.py --host 0.0.0.0                    # listen beyond this machine: only when asked
+
+Pick a meter, a key, a temperature and a seed, press "Write tunes". Each tune comes back as
+a score (abcm2ps SVG), a player (fluidsynth WAV, General MIDI soundfont), its ABC text, and
+downloads of .abc, .mid and .wav. Everything is made here; the page loads nothing from
+elsewhere and runs no script. A missing tool costs only its part, and the page names the
+Debian package that adds it.
+
+Safe to leave running: it binds 127.0.0.1 unless --host says otherwise; every parameter is
+checked (HTTP 400, the reason on the page); a request writes at most MAX_TUNES tunes of
+MAX_TOKENS tokens and each tool gets RENDER_SECONDS; the server keeps the files of its last
+KEEP_REQUESTS requests, at most KEEP_BYTES, in a folder of its own that it removes when it
+stops, and serves nothing else; requests run in threads, at most MAX_ACTIVE at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+from argparse import ArgumentTypeError, Namespace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import cli
+import sampler
+from abc_constraint import AbcConstraint
+from cli import UserError
+from exported_model import load_model, onnx_step
+from rendering import missing_tools, render_tune
+
+MAX_TUNES = 8               # tunes per request
+MAX_TOKENS = 1000           # tokens per tune
+MAX_BODY = 8 * 1024         # bytes of a form: its fields are a few dozen
+MAX_DRAIN = 16 * 1024**2    # a larger body is read (and dropped) up to here, so the client sees the 413
+RENDER_SECONDS = 20         # per tool and tune
+KEEP_REQUESTS = 64          # requests whose files are kept for the page's players and downloads
+KEEP_BYTES = 256 * 1024**2  # and at most this many bytes of them
+MAX_ACTIVE = 64             # requests in progress at once; more get 503
+METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3/8"]
+KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B") for mode in ("", "m", "dor", "mix")]
+FIELDS = {  # name -> how its text is read; each is required, except the check box
+    "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
+    "num": cli.int_in(1, MAX_TUNES), "constrained": lambda text: text == "on",
+}
+DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on"}
+CONTENT_TYPES = {".abc": "text/vnd.abc; charset=utf-8", ".svg": "image/svg+xml", ".mid": "audio/midi",
+                 ".wav": "audio/wav"}
+FILE_PATH = re.compile(r"/files/([0-9a-f]{32})/(tune[1-9]\.(?:abc|svg|mid|wav))")
+
+
+class HTTPError(Exception):
+    """A request the server refuses: the status and one line for the page."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# -----------------------------------------------------------------------------
+# a request: its fields -> sampling options
+
+
+def read_form(body: bytes) -> dict[str, str]:
+    """The form's fields, each at most once; a missing one is named."""
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                          max_num_fields=len(FIELDS) + 1)
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "the form is not URL-encoded text") from None
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]}")
+    missing = [name for name in FIELDS if name not in fields and name != "constrained"]
+    if missing:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "missing field: " + ", ".join(missing))
+    return {name: values[-1] for name, values in fields.items()}
+
+
+def sampling_options(form: dict[str, str]) -> sampler.SamplingOptions:
+    """The same checks as the command line's flags (sampler.sampling_options)."""
+    values = {}
+    for name, read in FIELDS.items():
+        try:
+            values[name] = read(form.get(name, ""))
+        except ArgumentTypeError as e:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
+    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, **values)
+    try:
+        return sampler.sampling_options(args)
+    except UserError as e:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, str(e).replace("--", "")) from None
+
+
+# -----------------------------------------------------------------------------
+# the server: one model, one folder of files
+
+
+class TuneServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], model: str, folder: Path):
+        session, self.vocab, config = load_model(model)
+        self.step, self.folder = onnx_step(session, config), folder
+        self.constraint = AbcConstraint(self.vocab)   # its mask cache serves every request
+        self.generating = threading.Lock()            # one generation at a time: it holds the GIL anyway
+        self.active = threading.BoundedSemaphore(MAX_ACTIVE)
+        self.pruning = threading.Lock()
+        self.missing = missing_tools()
+        super().__init__(address, Handler)
+
+    def write_tunes(self, opts: sampler.SamplingOptions) -> tuple[str, list[dict]]:
+        """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
+        with self.generating:
+            try:
+                constraint = self.constraint if opts.constrained else None
+                if constraint:
+                    constraint.start(opts.prompt)  # refuses a header the automaton cannot fill
+                tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint)
+            except UserError as e:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, str(e).replace("--", "")) from None
+        name = secrets.token_hex(16)
+        folder = self.folder / name
+        folder.mkdir()
+        made = [render_tune(sampler.tunebook([t], first=n), folder, f"tune{n}", RENDER_SECONDS)
+                for n, t in enumerate(tunes, start=1)]
+        self.prune()
+        return name, made
+
+    def prune(self) -> None:
+        """Keep the newest KEEP_REQUESTS folders, within KEEP_BYTES."""
+        with self.pruning:
+            folders = sorted(self.folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            total = 0
+            for n, folder in enumerate(folders):
+                total += sum(f.stat().st_size for f in folder.iterdir())
+                if n >= KEEP_REQUESTS or total > KEEP_BYTES:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: TuneServer
+    timeout = 30                 # seconds a client may take to send its request
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path in ("/", "/index.html"):
+            self.send_page(HTTPStatus.OK, DEFAULTS)
+        elif m := FILE_PATH.fullmatch(self.path):
+            self.send_file(self.server.folder / m.group(1) / m.group(2))
+        else:
+            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
+
+    def do_POST(self) -> None:
+        if self.path != "/generate":
+            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
+            return
+        if not self.server.active.acquire(blocking=False):
+            self.send_page(HTTPStatus.SERVICE_UNAVAILABLE, DEFAULTS, error="busy: try again in a moment")
+            return
+        try:
+            self.generate()
+        finally:
+            self.server.active.release()
+
+    def generate(self) -> None:
+        form = dict(DEFAULTS)
+        try:
+            form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
+            opts = sampling_options(form)
+            folder, made = self.server.write_tunes(opts)
+            self.send_page(HTTPStatus.OK, form, tunes=(folder, made))
+        except HTTPError as e:
+            self.send_page(e.status, form, error=str(e))
+
+    def read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")
+        if int(length) > MAX_BODY:
+            self.drain(int(length))
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the form has {int(length):,} bytes; "
+                                                                  f"at most {MAX_BODY:,} are read")
+        return self.rfile.read(int(length))
+
+    def drain(self, length: int) -> None:
+        """Read and drop a body too large to use, so the client reads the answer; past
+        MAX_DRAIN, the connection is closed instead."""
+        self.close_connection = True
+        left = min(length, MAX_DRAIN)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    def send_file(self, path: Path) -> None:
+        if not path.is_file():
+            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error="that file is gone: write the tunes again")
+            return
+        data = path.read_bytes()
+        self.send_bytes(HTTPStatus.OK, CONTENT_TYPES[path.suffix], data)
+
+    def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None) -> None:
+        self.send_bytes(status, "text/html; charset=utf-8", page(form, tunes, error, self.server.missing).encode())
+
+    def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+# -----------------------------------------------------------------------------
+# the page: a form, then each tune's score, player, text and downloads
+
+
+STYLE = """body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
+form{display:flex;flex-wrap:wrap;gap:.8rem;align-items:end}label{display:flex;flex-direction:column;font-size:.9rem}
+input{width:6rem}.error{color:#a00;font-weight:bold}.missing{color:#666}
+.tune{border-top:1px solid #ccc;margin-top:1rem}.score{max-width:100%;background:#fff}
+pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"""
+
+
+def page(form: dict, tunes, error: str | None, missing: dict[str, str]) -> str:
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
+             f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form)]
+    if error:
+        parts.append(f'<p class=error id=error>{html.escape(error)}</p>')
+    if missing:
+        parts.append("<p class=missing>" + "; ".join(html.escape(line) for line in missing.values()) + "</p>")
+    if tunes:
+        folder, made = tunes
+        parts += [tune_html(n, folder, files) for n, files in enumerate(made, start=1)]
+    return "".join(parts) + "</body></html>"
+
+
+def form_html(form: dict) -> str:
+    def select(name, options):
+        items = "".join(f"<option{' selected' * (o == form[name])}>{html.escape(o)}</option>" for o in options)
+        return f"<label>{name}<select name={name} id={name}>{items}</select></label>"
+
+    def number(name, low, high, step):
+        return (f'<label>{name}<input type=number name={name} id={name} min={low} max={high} step={step} '
+                f'value="{html.escape(form[name])}"></label>')
+
+    checked = " checked" * (form.get("constrained") == "on")
+    return (f"<form method=post action=/generate>{select('meter', METERS)}{select('key', KEYS)}"
+            f"{number('temperature', 0.01, 100, 'any')}{number('seed', 0, 2**32 - 1, 1)}"
+            f"{number('num', 1, MAX_TUNES, 1)}<label>constrained<input type=checkbox name=constrained "
+            f"id=constrained{checked}></label><button id=write>Write tunes</button></form>")
+
+
+def tune_html(n: int, folder: str, files: dict[str, Path]) -> str:
+    url = {what: f"/files/{folder}/{path.name}" for what, path in files.items()}
+    text = files["abc"].read_text(encoding="utf-8")
+    parts = [f"<section class=tune id=tune-{n}><h2>Tune {n}</h2>"]
+    if "score" in url:
+        parts.append(f'<img class=score src="{url["score"]}" alt="score of tune {n}">')
+    if "audio" in url:
+        parts.append(f'<p><audio class=player controls preload=metadata src="{url["audio"]}"></audio></p>')
+    parts.append(f"<pre class=abc>{html.escape(text)}</pre><p class=downloads>")
+    parts += [f'<a download href="{url[what]}">{path.suffix}</a> ' for what, path in files.items()]
+    return "".join(parts) + "</p></section>"
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(prog="serve.py", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", default="runs/musicrnn.onnx",
+                        help="the exported model, made by export.py (default: runs/musicrnn.onnx)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=cli.int_in(0, 65535), default=8000,
+                        help="the port to listen on (default 8000; 0: any free port, printed at start)")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="musicrnn-serve.") as folder:
+        try:
+            server = TuneServer((args.host, args.port), args.model, Path(folder))
+        except OSError as e:
+            raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        host, port = server.server_address[:2]
+        print(f"serving http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+        with server:
+            server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_command(serve, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

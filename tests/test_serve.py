@@ -1,0 +1,214 @@
+"""The page (serve.py) in a real browser, its audio, and requests that must be refused."""
+
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, one_error_line, run_main
+
+import rendering
+import serve
+from judging import check_with_abc2midi
+
+VALID_FORM = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on"}
+needs = {tool: pytest.mark.skipif(not shutil.which(tool), reason=f"{tool} not installed (apt-get install {package})")
+         for tool, package in [("abc2midi", "abcmidi"), ("abcm2ps", "abcm2ps"), ("fluidsynth", "fluidsynth"),
+                               ("chromium", "chromium"), ("chromedriver", "chromium-driver")]}
+needs_soundfont = pytest.mark.skipif(rendering.find_soundfont() is None,
+                                     reason="no soundfont (apt-get install timgm6mb-soundfont)")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    """serve.py in a process of its own, with torch made unimportable there; yields its address."""
+    code = "import sys; sys.modules['torch'] = None; import serve; sys.exit(serve.main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(tiny_onnx), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving "):
+        proc.kill()
+        pytest.fail("serve.py did not start: " + line + proc.stderr.read())
+    yield line.split()[1].rstrip("/")
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def request(url: str, body: bytes | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET, or of a POST when body is given."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def form(**change) -> bytes:
+    fields = {**VALID_FORM, **change}
+    return "&".join(f"{k}={urllib.request.quote(v)}" for k, v in fields.items() if v is not None).encode()
+
+
+def error_on_page(page: bytes) -> str:
+    m = re.search(rb"<p class=error id=error>([^<]*)</p>", page)
+    return m.group(1).decode() if m else ""
+
+
+# --- a real browser
+
+
+@needs["chromium"]
+@needs["chromedriver"]
+@needs["abcm2ps"]
+@needs["abc2midi"]
+@needs["fluidsynth"]
+@needs_soundfont
+def test_a_browser_writes_two_jigs_in_d_and_shows_plays_and_prints_them(server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(server + "/")
+        Select(driver.find_element(By.ID, "meter")).select_by_visible_text("6/8")
+        Select(driver.find_element(By.ID, "key")).select_by_visible_text("D")
+        num = driver.find_element(By.ID, "num")
+        num.clear()
+        num.send_keys("2")
+        assert driver.find_element(By.ID, "constrained").is_selected()  # on by default
+        driver.find_element(By.ID, "write").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "section.tune")) == 2)
+        for tune in driver.find_elements(By.CSS_SELECTOR, "section.tune"):
+            score = tune.find_element(By.CSS_SELECTOR, "img.score")
+            assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", score) > 0
+            source = tune.find_element(By.CSS_SELECTOR, "audio.player").get_attribute("src")
+            status, kind, audio = request(source)
+            assert status == 200 and kind == "audio/wav" and audio[:4] == b"RIFF" and len(audio) > 10_000
+            text = tune.find_element(By.CSS_SELECTOR, "pre.abc").text
+            assert "M:6/8" in text and "K:D" in text and check_with_abc2midi(text)["valid"], text
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
+
+
+# --- sound
+
+
+@needs["abc2midi"]
+@needs["fluidsynth"]
+@needs_soundfont
+def test_audio_is_sound_as_long_as_the_midi_says(fixture_tunes, tmp_path):
+    made = rendering.render_tune(fixture_tunes[0], tmp_path, "jig")
+    midi = rendering.midi_seconds(made["MIDI"].read_bytes())
+    with wave.open(str(made["audio"])) as w:
+        seconds = w.getnframes() / w.getframerate()
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(float)
+    assert np.sqrt(np.mean(samples ** 2)) > 0.01 * 32767   # not silence: RMS above 1% of full scale
+    assert midi > 10 and abs(seconds - midi) <= 0.1 * midi, (seconds, midi)
+
+
+@needs["abc2midi"]
+def test_midi_seconds_reads_tempo_and_length(tmp_path):
+    # 4 bars of 4/4 at 120 crotchets a minute last 8 seconds (abc2midi adds a few ms); at 60, twice that
+    seconds = {}
+    for tempo in (120, 60):
+        abc = f"X:1\nM:4/4\nL:1/4\nQ:1/4={tempo}\nK:C\nCDEF|GABc|cBAG|FEDC|]\n"
+        made = rendering.render_tune(abc, tmp_path, f"t{tempo}")
+        seconds[tempo] = rendering.midi_seconds(made["MIDI"].read_bytes())
+    assert seconds[120] == pytest.approx(8.0, rel=0.005) and seconds[60] == pytest.approx(2 * seconds[120])
+
+
+def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    missing = rendering.missing_tools()
+    assert set(missing) == {"score", "MIDI", "audio"}
+    made = rendering.render_tune("X:1\nM:4/4\nL:1/4\nK:C\nCDEF|]\n", tmp_path, "tune1")
+    assert set(made) == {"abc"}
+    page = serve.page(VALID_FORM, ("0" * 32, [made]), None, missing)
+    assert "<pre class=abc>X:1\nM:4/4" in page and "<img" not in page and "<audio" not in page
+    assert "apt-get install abcm2ps" in page and "apt-get install abcmidi" in page
+
+
+# --- what the server refuses, and that it keeps serving
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (form(temperature="0"), 400, "temperature: must be a number at least 0.01"),
+    (form(num="1000"), 400, "num: must be a whole number from 1 to 8"),
+    (form(key="H#"), 400, "key H#: not a key"),
+    (form(seed=None), 400, "missing field: seed"),
+    (form(meter="7/0"), 400, "meter 7/0: not a meter"),
+    (form(tempo="fast"), 400, "unknown field: tempo"),
+    (b"\xff\xfe", 400, "not URL-encoded"),
+    (b"x" * 10 * 1024**2, 413, "the form has 10,485,760 bytes"),
+])
+def test_a_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving(server, body, status, message):
+    got, kind, page = request(server + "/generate", body)
+    assert (got, kind) == (status, "text/html; charset=utf-8") and message in error_on_page(page), page[-300:]
+    assert request(server + "/")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/../../etc/passwd", "/files/../../etc/passwd", "/files/%2e%2e/serve.py",
+                                  "/serve.py", "/files/" + "0" * 32 + "/tune1.wav"])
+def test_nothing_outside_its_own_files_is_served(server, path):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", path)  # sent as written: no client-side clean-up of ..
+    response = conn.getresponse()
+    assert response.status == 404 and b"root:" not in response.read()
+    conn.close()
+    assert request(server + "/")[0] == 200
+
+
+def test_concurrent_requests_each_get_their_own_tunes(server):
+    results = [None] * 6
+
+    def write(i):
+        results[i] = request(server + "/generate", form(seed=str(i), num="1"))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(status == 200 for status, _, _ in results)
+    texts = {re.search(rb"<pre class=abc>(.*?)</pre>", page, re.S).group(1) for _, _, page in results}
+    assert len(texts) == len(results)  # six seeds, six different tunes
+
+
+def test_the_same_form_gives_the_same_tunes(server):
+    pages = [request(server + "/generate", form(seed="7"))[2] for _ in range(2)]
+    abc = [re.findall(rb"<pre class=abc>(.*?)</pre>", page, re.S) for page in pages]
+    assert len(abc[0]) == 2 and abc[0] == abc[1]
+
+
+def test_serve_refuses_a_bad_port_and_a_busy_one_in_one_line(server, tiny_onnx):
+    assert one_error_line(*run_main(serve.main, "--model", str(tiny_onnx), "--port", "70000")[::2])
+    port = server.rsplit(":", 1)[1]
+    code, _, err = run_main(serve.main, "--model", str(tiny_onnx), "--port", port)
+    assert one_error_line(code, err) and f"cannot listen on 127.0.0.1:{port}" in err, err
+
+
+def test_serve_never_listens_beyond_this_machine_unless_asked():
+    assert serve.build_parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_the_page_runs_no_script_and_loads_nothing_from_elsewhere():
+    page = serve.page(VALID_FORM, None, None, {})
+    assert "<script" not in page and "http" not in page.replace('http-equiv', '')
+    assert Path(ROOT / "serve.py").read_text().count("Content-Security-Policy") == 1
