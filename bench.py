@@ -229,6 +229,43 @@ def process_bench(checkpoint: str, onnx_path: str, train_data: str, val_data: st
             "peak_mb_infer_onnx": ort_mb, "peak_mb_generate_torch": torch_mb, "peak_mb_train": train_mb}
 
 
+def server_bench(onnx_path: str, requests: int = 50) -> dict:
+    """serve.py on loopback: `requests` concurrent forms of 2 constrained tunes each (6/8, D,
+    a seed each), written, scored, rendered to MIDI and audio. Success share and latencies."""
+    import subprocess
+    import threading
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", onnx_path, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = proc.stdout.readline().split()[1] + "generate"
+    results = [None] * requests
+
+    def post(i: int) -> None:
+        body = f"meter=6%2F8&key=D&temperature=1.0&seed={i}&num=2&constrained=on".encode()
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(url, data=body, timeout=600) as r:
+                ok = r.status == 200 and r.read().count(b"<audio") == 2
+        except (urllib.error.URLError, OSError):
+            ok = False
+        results[i] = (ok, time.perf_counter() - start)
+
+    try:
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    seconds = np.array([s for _, s in results])
+    return {"serve_requests": requests, "serve_success": float(np.mean([ok for ok, _ in results])),
+            "serve_p50_s": float(np.percentile(seconds, 50)), "serve_p95_s": float(np.percentile(seconds, 95))}
+
+
 def markdown(results: dict) -> str:
     rows = [
         ("torch eager step, batch 1 (" + results["gen_torch_best_config"] + ")", results["gen_ms_per_token_torch"], "ms/token"),
@@ -246,6 +283,10 @@ def markdown(results: dict) -> str:
          "ms/token"),
         ("constraint overhead, cache filled (target <= 20%)", 100 * results["constraint_overhead"], "%"),
         ("constraint overhead, cache empty", 100 * results["constraint_overhead_cold"], "%"),
+        (f"serve.py: {results['serve_requests']} concurrent requests of 2 constrained tunes, answered in full",
+         100 * results["serve_success"], "%"),
+        ("serve.py: latency of those requests, p50", results["serve_p50_s"], "s"),
+        ("serve.py: latency of those requests, p95", results["serve_p95_s"], "s"),
     ]
     lines = ["| measurement | value | unit |", "|---|---:|---|"]
     lines += [f"| {name} | {value:,.3f} | {unit} |" for name, value, unit in rows]
@@ -288,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args) -> None:
     out = check_output(args.out, "--out", args.overwrite)
-    results = generation_bench(args.checkpoint, args.onnx, args.int8)
+    results = generation_bench(args.checkpoint, args.onnx, args.int8) | server_bench(args.onnx)
     print(markdown(results), flush=True)
     results |= training_bench(args.checkpoint, args.train_data)
     results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)

@@ -88,7 +88,10 @@ def render_tune(abc: str, folder: Path, stem: str, timeout: float = 20.0) -> dic
 
 
 def write_audio(midi: Path, out: Path, timeout: float) -> bool:
-    """MIDI -> WAV through fluidsynth and a General MIDI soundfont, silence trimmed from the end."""
+    """MIDI -> WAV through fluidsynth and a General MIDI soundfont: mono, silence trimmed from the end.
+
+    WAV and not Ogg (which fluidsynth also writes, ten times smaller): the trailing silence can
+    only be cut, and the sound only checked, in a format the standard library reads."""
     command = ["fluidsynth", "-ni", "-q", "-F", out.name, "-r", str(SAMPLE_RATE), "-g", "0.7",
                str(find_soundfont()), midi.name]
     if not (run_tool(command, out.parent, timeout) and out.exists()):
@@ -98,16 +101,18 @@ def write_audio(midi: Path, out: Path, timeout: float) -> bool:
 
 
 def trim_silence(path: Path, threshold: float = 0.01) -> None:
-    """Cut a WAV file TAIL seconds after its last sample above threshold (of full scale):
-    fluidsynth plays on for seconds of near-silence after the last note."""
+    """Rewrite a WAV file as mono, cut TAIL seconds after its last sample above threshold (of
+    full scale): fluidsynth plays on for 3 s of near-silence after the last note, in stereo that
+    a solo tune does not need (half the bytes)."""
     with wave.open(str(path)) as w:
         params, frames = w.getparams(), w.readframes(w.getnframes())
     samples = np.frombuffer(frames, dtype=np.int16).reshape(-1, params.nchannels)   # (frames, channels)
-    loud = np.flatnonzero(np.abs(samples).max(axis=1) > threshold * 32767)
-    end = min(len(samples), (loud[-1] + 1 if len(loud) else 0) + int(TAIL * params.framerate))
+    mono = samples.astype(np.int32).mean(axis=1).astype(np.int16)                   # (frames,)
+    loud = np.flatnonzero(np.abs(mono) > threshold * 32767)
+    end = min(len(mono), (loud[-1] + 1 if len(loud) else 0) + int(TAIL * params.framerate))
     with wave.open(str(path), "wb") as w:
-        w.setparams(params)
-        w.writeframes(samples[:end].tobytes())
+        w.setparams(params._replace(nchannels=1, nframes=end))
+        w.writeframes(mono[:end].tobytes())
 
 
 def midi_seconds(data: bytes) -> float:

@@ -110,6 +110,7 @@ def sampling_options(form: dict[str, str]) -> sampler.SamplingOptions:
 
 class TuneServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = MAX_ACTIVE  # connections waiting to be accepted (the standard library's 5 drops bursts)
 
     def __init__(self, address: tuple[str, int], model: str, folder: Path):
         session, self.vocab, config = load_model(model)
@@ -118,6 +119,7 @@ class TuneServer(ThreadingHTTPServer):
         self.generating = threading.Lock()            # one generation at a time: it holds the GIL anyway
         self.active = threading.BoundedSemaphore(MAX_ACTIVE)
         self.pruning = threading.Lock()
+        self.keep_requests, self.keep_bytes = KEEP_REQUESTS, KEEP_BYTES
         self.missing = missing_tools()
         super().__init__(address, Handler)
 
@@ -140,13 +142,13 @@ class TuneServer(ThreadingHTTPServer):
         return name, made
 
     def prune(self) -> None:
-        """Keep the newest KEEP_REQUESTS folders, within KEEP_BYTES."""
+        """Keep the newest keep_requests folders, within keep_bytes."""
         with self.pruning:
             folders = sorted(self.folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
             total = 0
             for n, folder in enumerate(folders):
                 total += sum(f.stat().st_size for f in folder.iterdir())
-                if n >= KEEP_REQUESTS or total > KEEP_BYTES:
+                if n >= self.keep_requests or total > self.keep_bytes:
                     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -233,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
 STYLE = """body{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}
 form{display:flex;flex-wrap:wrap;gap:.8rem;align-items:end}label{display:flex;flex-direction:column;font-size:.9rem}
 input{width:6rem}.error{color:#a00;font-weight:bold}.missing{color:#666}
-.tune{border-top:1px solid #ccc;margin-top:1rem}.score{max-width:100%;background:#fff}
+.tune{border-top:1px solid #ccc;margin-top:1rem}.downloads{display:flex;gap:1rem;align-items:center}.score{max-width:100%;background:#fff}
 pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"""
 
 
@@ -267,16 +269,17 @@ def form_html(form: dict) -> str:
 
 
 def tune_html(n: int, folder: str, files: dict[str, Path]) -> str:
+    """Heading, player and downloads, then the score, then the ABC text."""
     url = {what: f"/files/{folder}/{path.name}" for what, path in files.items()}
     text = files["abc"].read_text(encoding="utf-8")
-    parts = [f"<section class=tune id=tune-{n}><h2>Tune {n}</h2>"]
+    parts = [f"<section class=tune id=tune-{n}><h2>Tune {n}</h2><p class=downloads>"]
+    if "audio" in url:
+        parts.append(f'<audio class=player controls preload=metadata src="{url["audio"]}"></audio> ')
+    parts += [f'<a download href="{url[what]}">{path.suffix}</a> ' for what, path in files.items()]
+    parts.append("</p>")
     if "score" in url:
         parts.append(f'<img class=score src="{url["score"]}" alt="score of tune {n}">')
-    if "audio" in url:
-        parts.append(f'<p><audio class=player controls preload=metadata src="{url["audio"]}"></audio></p>')
-    parts.append(f"<pre class=abc>{html.escape(text)}</pre><p class=downloads>")
-    parts += [f'<a download href="{url[what]}">{path.suffix}</a> ' for what, path in files.items()]
-    return "".join(parts) + "</p></section>"
+    return "".join(parts) + f"<pre class=abc>{html.escape(text)}</pre></section>"
 
 
 # -----------------------------------------------------------------------------

@@ -212,3 +212,23 @@ def test_the_page_runs_no_script_and_loads_nothing_from_elsewhere():
     page = serve.page(VALID_FORM, None, None, {})
     assert "<script" not in page and "http" not in page.replace('http-equiv', '')
     assert Path(ROOT / "serve.py").read_text().count("Content-Security-Policy") == 1
+
+
+def test_the_server_keeps_only_its_newest_requests_files_within_the_byte_bound(tiny_onnx, tmp_path):
+    import os
+
+    server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    try:
+        for i in range(6):
+            folder = tmp_path / f"{i:032x}"
+            folder.mkdir()
+            (folder / "tune1.wav").write_bytes(b"x" * 1000)
+            os.utime(folder, (i, i))  # older first
+        server.keep_requests = 4
+        server.prune()
+        assert sorted(p.name[-1] for p in tmp_path.iterdir()) == ["2", "3", "4", "5"]
+        server.keep_bytes = 2500
+        server.prune()
+        assert sorted(p.name[-1] for p in tmp_path.iterdir()) == ["4", "5"]
+    finally:
+        server.server_close()
