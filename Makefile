@@ -6,15 +6,16 @@
 #   make serve     a local page at http://127.0.0.1:8000/ that writes, shows and plays tunes (no torch)
 #   make train-long  the long-run model (<= 60 min on 2 cores) in runs/long/, scored on validation and essen
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
+#   make data-large  data/large.json, ~60k tunes (training tunes in 12 keys + essen), for scale measurements
 
 PYTHON := .venv/bin/python
-SOURCES := musicrnn.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
+SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
               --epochs 36 --max-minutes 55
 
-.PHONY: venv data train train-long export generate serve bench test test-fast clean
+.PHONY: venv data data-large train train-long export generate serve bench test test-fast clean
 
 venv: .venv/installed
 .venv/installed: requirements.txt
@@ -25,6 +26,10 @@ venv: .venv/installed
 data: data/train.json
 data/train.json data/validation.json data/essen.json &: data/build_corpus.py corpus.py abc_music.py abc_tokens.py | venv
 	$(PYTHON) -m data.build_corpus
+
+data-large: data/large.json
+data/large.json: data/train.json data/essen.json data/build_large.py abc_music.py | venv
+	$(PYTHON) -m data.build_large
 
 runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
 	$(PYTHON) musicrnn.py train --overwrite

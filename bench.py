@@ -166,8 +166,9 @@ def useful_tokens_per_s(cfg, vocab, dataset, batches, seconds: float, pad_to: in
         if pad_to:  # the naive layout: every tune padded to the longest one
             x = torch.nn.functional.pad(x, (0, pad_to - x.shape[1]), value=vocab.pad_id)
             y = torch.nn.functional.pad(y, (0, pad_to - y.shape[1]), value=vocab.pad_id)
-        musicrnn.train_step(model, optimizer, x, y, vocab.pad_id, cfg.grad_clip)
-        tokens += int((y != vocab.pad_id).sum())
+        n = int((y != vocab.pad_id).sum())
+        musicrnn.train_step(model, optimizer, x, y, vocab.pad_id, cfg.grad_clip, n)
+        tokens += n
         if time.perf_counter() - start > seconds:
             break
     return tokens / (time.perf_counter() - start)
@@ -227,6 +228,48 @@ def process_bench(checkpoint: str, onnx_path: str, train_data: str, val_data: st
                       "--out", str(Path(checkpoint).parent / "bench-train"), "--overwrite")
     return {"startup_s_infer_onnx": ort_s, "startup_s_generate_torch": torch_s,
             "peak_mb_infer_onnx": ort_mb, "peak_mb_generate_torch": torch_mb, "peak_mb_train": train_mb}
+
+
+def train_processes(procs: int, train_data: str, val_data: str, out: str, *flags: str) -> tuple[float, list[float]]:
+    """musicrnn.py train, one epoch, in `procs` processes (torchrun when more than one, gloo, the
+    cores shared): useful tokens/s of the epoch, and each process's peak resident MB."""
+    import re
+    import subprocess
+
+    train = [sys.executable, "-c", _PEAK, "musicrnn.py", "train", "--train-data", train_data, "--val-data", val_data,
+             "--epochs", "1", "--out", out, "--overwrite", *flags]
+    if procs > 1:
+        train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                 "--no-python", *train]
+    done = subprocess.run(train, capture_output=True, text=True, check=True)
+    tokens_per_s = float(re.search(r"\| ([\d,]+) tok/s", done.stdout).group(1).replace(",", ""))
+    return tokens_per_s, [int(kb) / 1024 for kb in re.findall(r"PEAK_KB (\d+)", done.stderr)]
+
+
+def scaling_bench(train_data: str, val_data: str, out: str, repeats: int = 2) -> dict:
+    """1 process (all cores) against 2 under torchrun (the cores shared), the same global batch of
+    32, one epoch of 1,500 tunes each; interleaved, the best of each kept."""
+    best = {1: 0.0, 2: 0.0}
+    for _ in range(repeats):
+        for procs in best:
+            best[procs] = max(best[procs], train_processes(procs, train_data, val_data, out, "--limit", "1500")[0])
+    return {"train_tokens_per_s_1_process": best[1], "train_tokens_per_s_2_processes": best[2],
+            "scaling_2_over_1": best[2] / best[1]}
+
+
+def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dict:
+    """The scale measurements on data/large.json (make data-large): load and tokenize, the token
+    arrays' size, and `minutes` of training in 1 and in 2 processes (tokens/s, peak MB per process)."""
+    start = time.perf_counter()
+    tunes = musicrnn.load_tunes(data)
+    dataset = musicrnn.MusicDataset(tunes, musicrnn.build_vocabulary(tunes, musicrnn.Config()))
+    results = {"large_tunes": len(tunes), "large_chars": dataset.chars, "large_tokens": int(dataset.lengths().sum()),
+               "large_load_tokenize_s": time.perf_counter() - start,
+               "large_token_arrays_mb": sum(s.nbytes for s in dataset.sequences) / 2**20}
+    for procs in (1, 2):
+        speed, peaks = train_processes(procs, data, val_data, out, "--max-minutes", str(minutes))
+        results[f"large_tokens_per_s_{procs}"], results[f"large_peak_mb_per_process_{procs}"] = speed, max(peaks)
+    return results
 
 
 def server_bench(onnx_path: str, requests: int = 50) -> dict:
@@ -307,6 +350,10 @@ def training_markdown(r: dict) -> str:
         ("peak memory: infer_onnx.py", r["peak_mb_infer_onnx"], "MB"),
         ("peak memory: musicrnn.py generate", r["peak_mb_generate_torch"], "MB"),
         ("peak memory: one training epoch", r["peak_mb_train"], "MB"),
+        ("training, 1 process (2 threads), global batch 32", r["train_tokens_per_s_1_process"], "useful tokens/s"),
+        ("training, 2 processes under torchrun (1 thread each, gloo)", r["train_tokens_per_s_2_processes"],
+         "useful tokens/s"),
+        ("2 processes / 1 process, the same 2 cores", r["scaling_2_over_1"], "x"),
     ]
     lines = [f"FLOPs per training token = 3 x (8H(E+H) per layer + 2HV) = {r['train_flops_per_token']:,}",
              "", "| measurement | value | unit |", "|---|---:|---|"]
@@ -322,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "(default: runs/musicrnn.int8.onnx)")
     parser.add_argument("--train-data", default="data/train.json", help="tunes to train on (default: data/train.json)")
     parser.add_argument("--val-data", default="data/validation.json", help="default: data/validation.json")
+    parser.add_argument("--large", help="instead: the scale measurements on this corpus (data/large.json from "
+                                        "make data-large): load, memory, 1 and 2 training processes")
     parser.add_argument("--out", default="runs/bench.json", help="every figure as JSON (default: runs/bench.json)")
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     return cli.run_command(bench, parser.parse_args(argv))
@@ -329,10 +378,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args) -> None:
     out = check_output(args.out, "--out", args.overwrite)
+    if args.large:
+        results = large_bench(args.large, args.val_data, str(Path(args.checkpoint).parent / "bench-large"))
+        print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))
+        write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)
+        return
     results = generation_bench(args.checkpoint, args.onnx, args.int8) | server_bench(args.onnx)
     print(markdown(results), flush=True)
     results |= training_bench(args.checkpoint, args.train_data)
     results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)
+    results |= scaling_bench(args.train_data, args.val_data, str(Path(args.checkpoint).parent / "bench-train"))
     print()
     print(training_markdown(results))
     write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import cli
+import distributed
 import judging
 import plots
 import sampler
@@ -53,6 +54,7 @@ from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_
 from abc_tokens import Vocabulary
 from cli import UserError
 from corpus import load_tunes
+from distributed import World
 from safe_write import check_output, folder_lock, write_atomic
 from settings import FLAG_CHOICES, FLAG_TYPES, check_config, config_from_dict, resumed_config
 
@@ -165,10 +167,13 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return batches
 
 
-def collate(items: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a batch to its longest tune. The padding mask is y == pad_id: cross_entropy's
-    ignore_index leaves those positions out of the loss and its gradient."""
-    length = max(len(x) for x, _ in items)
+def collate(items: list[tuple[np.ndarray, np.ndarray]], pad_id: int,
+            length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch to its longest tune (or to `length`). The padding mask is y == pad_id:
+    cross_entropy's ignore_index leaves those positions out of the loss and its gradient.
+    No items give one row of padding: a process whose share of a batch is empty still steps."""
+    items = items or [(np.zeros(0, np.int32), np.zeros(0, np.int32))]
+    length = length or max(len(x) for x, _ in items)
     x = np.stack([pad_or_truncate(x, length, pad_id) for x, _ in items])  # (B, T)
     y = np.stack([pad_or_truncate(y, length, pad_id) for _, y in items])  # (B, T)
     return torch.from_numpy(x).long(), torch.from_numpy(y).long()
@@ -324,6 +329,8 @@ class Run:
     model: MusicRNN
     optimizer: torch.optim.Optimizer
     progress: Progress
+    world: World                                  # this process among the training's (distributed.py)
+    stepper: nn.Module                            # the model steps go through: DistributedDataParallel(model) or it
     started: float = 0.0                          # time.time() when the first epoch began
 
     def time_used(self) -> float:
@@ -331,24 +338,26 @@ class Run:
         return (time.time() - self.started) / (self.cfg.max_minutes * 60)
 
 
-def train_step(model: MusicRNN, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
-               grad_clip: float, chunk: int = CHUNK) -> float:
-    """One step of gradient descent on a batch; returns its loss per real token.
+def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
+               grad_clip: float, tokens: int, ranks: int = 1, chunk: int = CHUNK) -> float:
+    """One step of gradient descent; returns the summed loss (nats) of the rows x, y (B, T).
+
+    The loss is the mean over the batch's `tokens` real tokens. Under torchrun the batch is
+    split over `ranks` processes, each holding some rows, and DistributedDataParallel averages
+    their gradients: so each sums its rows' losses, divides by the whole batch's token count
+    and multiplies by ranks. Every token then weighs the same, whichever process holds it.
 
     A batch longer than `chunk` tokens is learnt chunk by chunk: the LSTM state is carried
     into the next chunk but the gradient is not (truncated backpropagation through time), so
-    memory stays bounded. Each chunk's mean loss is weighted by its share of the real tokens,
-    so the sum is the batch's mean; every tune of the corpus fits in one chunk (weight 1).
+    memory stays bounded; every tune of the corpus fits in one chunk.
     """
     optimizer.zero_grad(set_to_none=True)
-    tokens, state, total = int((y != pad_id).sum()), None, 0.0
+    state, total = None, 0.0
     for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):   # (B, <= chunk) each
         logits, state = model(xc, state)                                  # (B, t, V)
-        share = int((yc != pad_id).sum()) / tokens
-        if share:
-            loss = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), ignore_index=pad_id) * share
-            loss.backward()
-            total += loss.item()
+        nll = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), ignore_index=pad_id, reduction="sum")
+        (nll * ranks / tokens).backward()
+        total += nll.item()
         state = tuple(s.detach() for s in state)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -381,16 +390,23 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
           log=log_line, given: set[str] | None = None) -> dict:
     """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the last epoch's row.
 
-    The run folder is locked for the whole run: a second training into it is refused.
+    The run folder is locked for the whole run: a second training into it is refused. Under
+    torchrun this is one of several processes (distributed.py): each steps through its share
+    of every batch, and rank 0 alone holds the lock, logs and writes.
     """
     out = check_output(cfg.out_dir, "--out", folder=True)
-    with folder_lock(out):
-        return train_locked(start_run(cfg, resume, overwrite, given, log), tensorboard, log)
+    world, device = distributed.start(cfg.device)
+    log = log if world.writer else (lambda *args: None)
+    try:
+        with folder_lock(out) if world.writer else contextlib.nullcontext(), distributed.peer_loss_as_error(world):
+            return train_locked(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
+    finally:
+        distributed.stop(world)
 
 
 def train_locked(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
-    writer = tensorboard_writer(out) if tensorboard else None
+    writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
     while run.progress.epoch < run.cfg.epochs:
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
@@ -399,7 +415,8 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
         figures, out_of_time = train_epoch(run, train_set, rng)
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
-    plots.plot_history(run.progress.history, out / "loss.png")
+    if run.world.writer:
+        plots.plot_history(run.progress.history, out / "loss.png")
     log(f"best val loss {run.progress.best_val:.4f}, checkpoints in {out}/, loss curve {out}/loss.png")
     return run.progress.history[-1] if run.progress.history else {}
 
@@ -408,25 +425,29 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     """One pass over length-grouped batches; its figures, and whether the time budget ran out."""
     from tqdm import tqdm
 
-    cfg, p, pad_id = run.cfg, run.progress, run.vocab.pad_id
+    cfg, p, pad_id, world = run.cfg, run.progress, run.vocab.pad_id, run.world
     total_steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
-    loader, batches = batch_loader(train_set, cfg.batch_size, pad_id, rng)
+    lengths = train_set.lengths()
+    batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
     started, sum_loss, sum_tokens, out_of_time = time.time(), 0.0, 0, False
-    bar = tqdm(loader, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, disable=None, file=sys.stderr)
-    for x, y in bar:
-        x, y = x.to(run.device), y.to(run.device)                          # (B, T)
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, run.time_used())
-        loss = train_step(run.model, run.optimizer, x, y, pad_id, cfg.grad_clip)
-        n = int((y != pad_id).sum())
-        sum_loss, sum_tokens, p.step = sum_loss + loss * n, sum_tokens + n, p.step + 1
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if run.time_used() > 1:
+    bar = tqdm(batches, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, disable=None if world.writer else True,
+               file=sys.stderr)
+    for batch in bar:
+        time_used = world.from_writer(run.time_used())                    # one clock for every process
+        if time_used > 1:
             out_of_time = True
             break
-    figures = {"train_loss": sum_loss / max(1, sum_tokens), "tokens_per_s": sum_tokens / (time.time() - started),
-               "padding": padding_fraction(train_set.lengths(), batches)}
+        x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
+        tokens = int(lengths[batch].sum())                                 # real tokens of the whole batch
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
+        loss = train_step(run.stepper, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
+                          tokens, world.size)
+        sum_loss, sum_tokens, p.step = sum_loss + loss, sum_tokens + tokens, p.step + 1
+        bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
+    figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens),
+               "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches)}
     return figures, out_of_time
 
 
@@ -434,7 +455,7 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
     """Validate, log, write the checkpoints; True when early stopping ends the run."""
     p, out = run.progress, Path(run.cfg.out_dir)
     p.epoch += 1
-    val = evaluate(run.model, run.val_set, run.vocab.pad_id, run.device)
+    val = evaluate(run.model, run.val_set, run.vocab.pad_id, run.device, world=run.world)
     row = {"epoch": p.epoch, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
            "val_bits_per_char": val["bits_per_char"], "tokens_per_s": figures["tokens_per_s"],
            "padding": figures["padding"], "elapsed_s": time.time() - run.started,
@@ -447,22 +468,26 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
     if writer:
         for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
             writer.add_scalar(key, row[key], p.epoch)
-    if val["loss"] < p.best_val:
+    improved = run.world.from_writer(val["loss"] < p.best_val)  # decided once, for every process
+    if improved:
         p.best_val, p.stale = val["loss"], 0
-        save_checkpoint(out / "best.pt", run)
     else:
         p.stale += 1
         p.lr_scale *= 0.5  # only the plateau schedule reads it
-    save_checkpoint(out / "last.pt", run)
+    if run.world.writer:
+        if improved:
+            save_checkpoint(out / "best.pt", run)
+        save_checkpoint(out / "last.pt", run)
     if p.stale >= run.cfg.patience and p.epoch < run.cfg.epochs:
         log(f"early stop: no better validation loss for {run.cfg.patience} epochs")
         return True
     return False
 
 
-def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log) -> Run:
+def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log,
+              world: World | None = None, device_name: str | None = None) -> Run:
     """A new run, or with resume the one in OUT/last.pt (resumed_config says which settings
-    this command may change)."""
+    this command may change). world and device_name come from distributed.start."""
     last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
     if ckpt is None and not overwrite and (last_path.exists() or last_path.with_name("best.pt").exists()):
@@ -471,19 +496,21 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     check_config(cfg, "the settings")
     if ckpt is not None:
         cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
-    device = pick_device(cfg.device)
+    device = pick_device(device_name or cfg.device)
     seed_everything(cfg.seed)
     train_tunes, val_tunes = load_tunes(cfg.train_data), load_tunes(cfg.val_data)
     train_tunes = train_tunes[: cfg.limit] if cfg.limit else train_tunes
     with checkpoint_mismatch(str(last_path)):
         vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes, cfg)
         model = build_model(cfg, len(vocab)).to(device)
+        world = world or World()
         run = Run(cfg, device, vocab, train_tunes, MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab),
-                  model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress())
+                  model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
+    run.stepper = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
-        f"({cfg.tokenizer} tokens), device {device}")
+        f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}")
     log(parameter_summary(model))
     return run
 
@@ -516,12 +543,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_loader(dataset: MusicDataset, batch_size: int, pad_id: int, rng: np.random.Generator | None):
-    batches = length_batches(dataset.lengths(), batch_size, rng)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                       collate_fn=lambda items: collate(items, pad_id)), batches
-
-
 def tensorboard_writer(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -536,27 +557,29 @@ def tensorboard_writer(out: Path):
 
 @torch.no_grad()
 def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.device,
-             batch_size: int = 32, chunk: int = CHUNK) -> dict:
+             batch_size: int = 32, chunk: int = CHUNK, world: World | None = None) -> dict:
     """Loss per token, perplexity and bits per character over whole tunes.
 
     bits/char = total negative log-likelihood in bits (every token, each tune's <eos>
     included) / characters of the tunes' text. It does not depend on the tokenizer. Tunes
     longer than `chunk` tokens are read chunk by chunk with the state carried: the same
-    numbers in bounded memory.
+    numbers in bounded memory. Under torchrun each process scores its share of every batch
+    and the sums are added up: the same figures as one process.
     """
     from tqdm import tqdm
 
     model.eval()
-    loader, _ = batch_loader(dataset, batch_size, pad_id, rng=None)
-    total_nll, total_tokens = 0.0, 0
-    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None, file=sys.stderr):
+    world, lengths, total_nll = world or World(), dataset.lengths(), 0.0
+    for batch in tqdm(length_batches(lengths, batch_size, None), desc="evaluate", leave=False,
+                      disable=None if world.writer else True, file=sys.stderr):
+        x, y = collate([dataset[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
         state = None
         for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):  # long tunes: the state carried on
             logits, state = model(xc.to(device), state)                    # (B, t, V)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), yc.to(device).flatten(),
                                   ignore_index=pad_id, reduction="sum")
             total_nll += nll.item()
-        total_tokens += int((y != pad_id).sum())
+    total_nll, total_tokens = world.sum(total_nll), int(lengths.sum())
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
             "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}

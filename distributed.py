@@ -1,0 +1,131 @@
+"""
+distributed: what musicrnn.py train needs to run as N processes under torchrun.
+
+    torchrun --standalone --nproc_per_node=2 musicrnn.py train
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 musicrnn.py train
+
+Holds World: this process's rank among world size processes, started from torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
+GPU; its share of a batch; the sums and broadcasts that keep the ranks in step; and the
+thread count chosen so that the processes of one machine fill its cores without
+oversubscribing them. Without torchrun, World() is one process and every call is a no-op.
+
+The gradients themselves are averaged by DistributedDataParallel; nothing here all-reduces
+them by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cli import UserError
+
+
+class PeerLost(UserError):
+    """Another process of the training stopped: this one cannot go on alone."""
+
+
+@dataclass
+class World:
+    rank: int = 0          # this process, 0..size-1; rank 0 alone writes checkpoints, logs and plots
+    size: int = 1          # processes in the training
+    local_rank: int = 0    # this process on its machine: its GPU with --device cuda
+    local_size: int = 1    # processes on this machine, which share its cores
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's rows of a global batch: every size-th, from its rank. Rows are sorted
+        by length within a batch, so the shares' lengths are alike."""
+        return batch[self.rank::self.size]
+
+    def sum(self, value: float) -> float:
+        """value summed over the ranks (in float64: the same digits as one process)."""
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def from_writer(self, value: float) -> float:
+        """Rank 0's value, on every rank: decisions made once (the clock, early stopping)."""
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# what a collective says when another process has died: gloo closes the connection, NCCL times out
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|timed? ?out|NCCL", re.I)
+
+
+@contextlib.contextmanager
+def peer_loss_as_error(world: World):
+    """Inside: an all-reduce (DistributedDataParallel's, or ours) that fails because another
+    process died becomes one clear error line instead of a traceback. torchrun then stops the
+    job and names the process that failed first."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as e:
+        if world.size == 1 or not _PEER_LOST.search(str(e)):
+            raise
+        raise PeerLost(f"rank {world.rank}: another process of this training stopped; `--resume` under torchrun "
+                       f"continues from the last checkpoint") from None
+
+
+def start(device_name: str) -> tuple[World, str]:
+    """The World torchrun describes (or one process), the device name to use, and the threads
+    set for this process. Joins the process group when there are several ranks."""
+    env = os.environ
+    if "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) == 1:
+        return World(), device_name
+    world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    torch.set_num_threads(threads_per_process(world.local_size))
+    return world, f"cuda:{world.local_rank}" if cuda else "cpu"
+
+
+def threads_per_process(local_size: int, cores: int | None = None) -> int:
+    """The machine's cores shared evenly by its processes, at least one each. torchrun sets
+    OMP_NUM_THREADS=1 for safety; on a CPU-only run that would leave cores idle."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // local_size)
+
+
+def describe(world: World, device: torch.device) -> str:
+    threads = f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
+    if world.size == 1:
+        return f"1 process, {threads}, device {device}"
+    return (f"{world.size} processes ({world.local_size} on this machine), {threads} each, {dist.get_backend()}, "
+            f"device {device} on rank 0")
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """The model that training steps through: DistributedDataParallel averages the gradients
+    of every backward over the ranks (and starts every rank from rank 0's weights)."""
+    if world.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def stop(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

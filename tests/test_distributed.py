@@ -1,0 +1,118 @@
+"""Training under torchrun: 2 processes (gloo, 1 thread each) against 1, a rank killed, --resume."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import corpus
+import distributed
+from conftest import ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train_command(data: dict, out: Path, *extra: str) -> list[str]:
+    # 22 tunes in batches of 7: the last batch has one tune, so one process's share is empty
+    return ["musicrnn.py", "train", "--train-data", data["train"], "--val-data", data["val"], "--limit", "22",
+            "--batch-size", "7", "--hidden-dim", "32", "--embedding-dim", "16", "--dropout", "0", "--lr", "3e-3",
+            "--warmup-steps", "2", "--epochs", "2", "--seed", "5", "--device", "cpu", "--out", str(out), *extra]
+
+
+def run(command: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def val_losses(stdout: str) -> list[str]:
+    return re.findall(r"\| val loss (\d+\.\d+)", stdout)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_model_as_one(fixture_data, tmp_path):
+    one = run([sys.executable, *train_command(fixture_data, tmp_path / "one")])
+    two = run(TORCHRUN + train_command(fixture_data, tmp_path / "two"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes (2 on this machine), 1 thread each, gloo" in two.stdout
+    assert len(val_losses(one.stdout)) == 2 and val_losses(one.stdout) == val_losses(two.stdout), (one.stdout, two.stdout)
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8  # 2 epochs of 4 batches
+    for name, value in a["model"].items():
+        assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=0), name
+    assert a["history"][1]["train_loss"] < a["history"][0]["train_loss"]  # it did learn: the weights moved
+    # and a checkpoint written by 2 processes loads in one
+    import musicrnn
+    model, _, _ = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tmp_path / "two" / "last.pt")))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path, fixture_tunes):
+    train, val = tmp_path / "train.json", tmp_path / "val.json"
+    corpus.write_irishman_json(train, fixture_tunes * 100)   # epochs of seconds, long enough to be caught in
+    corpus.write_irishman_json(val, fixture_tunes[:2])
+    out = tmp_path / "run"
+    args = ["musicrnn.py", "train", "--train-data", str(train), "--val-data", str(val), "--hidden-dim", "128",
+            "--embedding-dim", "32", "--batch-size", "8", "--epochs", "5", "--out", str(out)]  # ~2 s an epoch
+    tag = f"MUSICRNN_DRILL={os.getpid()}-{time.time()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", tag.split("=")[0]: tag.split("=")[1]}
+    job = subprocess.Popen(TORCHRUN + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=env)
+    deadline = time.time() + 180
+    while not (out / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    rank1 = rank_process(tag.encode(), 1)
+    assert job.poll() is None and rank1, "the job ended before the drill could kill a rank"
+    os.kill(rank1, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]  # torchrun names the cause
+    assert "error: rank 0: another process of this training stopped; `--resume`" in err  # and rank 0 says what to do
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= 1
+    done = run(TORCHRUN + args + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 5 and [row["epoch"] for row in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert "resuming" in done.stdout
+
+
+def rank_process(tag: bytes, rank: int) -> int | None:
+    """The PID of the process whose environment holds tag and RANK=rank (a torchrun worker)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            values = environ.read_bytes().split(b"\0")
+        except OSError:  # not ours, or it has just ended
+            continue
+        if tag in values and f"RANK={rank}".encode() in values:
+            return int(environ.parent.name)
+    return None
+
+
+def test_shares_of_a_batch_are_disjoint_and_cover_it():
+    batch = np.arange(11)
+    shares = [distributed.World(rank, 3).share(batch) for rank in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(11))
+    assert [len(s) for s in shares] == [4, 4, 3]
+
+
+def test_threads_share_the_cores_without_oversubscribing():
+    assert distributed.threads_per_process(2, cores=2) == 1
+    assert distributed.threads_per_process(1, cores=16) == 16
+    assert distributed.threads_per_process(4, cores=16) == 4
+    assert distributed.threads_per_process(8, cores=2) == 1
+
+
+def test_one_process_without_torchrun_is_a_world_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world, device = distributed.start("cpu")
+    assert (world.rank, world.size, device) == (0, 1, "cpu") and world.sum(2.5) == 2.5
