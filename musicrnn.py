@@ -12,12 +12,14 @@ infer_onnx.py can generate without torch: corpus (reading collections), abc_toke
 (tokenizer, vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_constraint
 (the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi,
 the sweep), plots, settings (ranges, resume rules), cli and safe_write (errors, outputs).
+Training on several processes (torchrun) is distributed.py's: the lesson keeps its call sites.
 
     make train                                   # venv, data, train, export, one tune
     make train-long                              # the long-run model in runs/long/ (<= 60 min)
     python musicrnn.py stats --data data/train.json --plot runs/stats.png
     python musicrnn.py train                     # the default config, runs/best.pt
     python musicrnn.py train --augment-key 0.5 --out runs/augmented
+    torchrun --standalone --nproc_per_node=2 musicrnn.py train   # 2 processes, one model
     python musicrnn.py evaluate --checkpoint runs/best.pt --data data/validation.json
     python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D --constrained
     python musicrnn.py sweep --onnx runs/musicrnn.onnx  # validity per temperature, with abc2midi
