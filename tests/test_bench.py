@@ -1,0 +1,24 @@
+"""make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused."""
+
+import bench
+
+
+def test_interleaved_measures_in_turns_and_keeps_the_best_and_the_spread():
+    order, costs = [], {"a": iter([2.0, 1.0, 1.5]), "b": iter([4.0, 4.0, 5.0])}
+
+    def side(name):
+        def measure():
+            order.append(name)
+            return next(costs[name])
+        return measure
+
+    result = bench.interleaved({"a": side("a"), "b": side("b")}, repeats=3)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert result == {"a": (1.0, 1.0), "b": (4.0, 0.25)}
+
+
+def test_a_flop_utilisation_above_one_is_reported_as_a_measurement_error():
+    assert bench.utilisation(0.55) == 0.55
+    assert bench.utilisation(1.02) == "measurement error (1.02 > 1)"
+    table = bench.table([("train_flop_utilisation", bench.utilisation(1.02), "of the ceiling")], {"GEMM": 0.1})
+    assert "| train_flop_utilisation | measurement error (1.02 > 1) |" in table and "GEMM 10%" in table
