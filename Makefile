@@ -24,7 +24,7 @@ venv: .venv/installed
 	touch $@
 
 data: data/train.json
-data/train.json data/validation.json data/essen.json &: data/build_corpus.py corpus.py abc_music.py abc_tokens.py | venv
+data/train.json data/validation.json data/essen.json &: data/build_corpus.py corpus.py abc_music.py abc_tokens.py abc_form.py | venv
 	$(PYTHON) -m data.build_corpus
 
 data-large: data/large.json

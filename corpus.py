@@ -76,6 +76,7 @@ def read_irishman_json(path: str) -> list[str]:
     return [str(t) for t in df["abc notation"] if isinstance(t, str) and t.strip()]
 
 
-def write_irishman_json(path: Path, tunes: list[str]) -> None:
-    records = [{"control code": "", "abc notation": t} for t in tunes]
+def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None) -> None:
+    """IrishMAN records: each tune with its control code (abc_form.control_code), or "" without codes."""
+    records = [{"control code": code, "abc notation": t} for t, code in zip(tunes, codes or [""] * len(tunes))]
     write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))

@@ -6,7 +6,8 @@ Build the default corpus from the ABC tunebooks that ship inside the music21 whe
 Steps: fetch music21==10.5.1 with `pip download --no-deps` (cached in data/cache/),
 check its sha256, read the folk tunebooks straight out of the zip (nothing imports
 music21), normalise each tune into the IrishMAN record form with musicrnn's own
-reader, de-duplicate, split 95/5 by a hash of the text, and write
+reader, de-duplicate, split 95/5 by a hash of the text, compute each tune's control
+code (abc_form), and write
 
     data/train.json, data/validation.json     the training corpus
     data/essen.json                           essenFolksong: never trained on, for out-of-collection scores
@@ -23,8 +24,9 @@ import zipfile
 from pathlib import Path
 
 import corpus
-from cli import UserError
+from abc_form import control_code
 from abc_music import read_tunebook
+from cli import UserError
 
 WHEEL = "music21==10.5.1"
 WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
@@ -82,7 +84,8 @@ Aird's Airs, two small folk books) transcribed by volunteers; see each file's `Z
 `X:1`, then `L:` and `M:` when present, then `K:`, then the body. Titles, notes, sources,
 comments, lyrics, annotations (`"^text"`) and fingerings (`"4"`) are dropped; chord symbols
 and decorations are kept; mid-tune `K:`/`M:`/`L:` lines become inline fields. Multi-voice tunes
-and tunes without notes are skipped. `"control code"` is left empty: this model does not use it.
+and tunes without notes are skipped. `"control code"` holds each tune's form as IrishMAN writes it
+(sections, bars, similarities; `abc_form.control_code`, whose docstring gives the rules).
 
 | folder | usable tunes |
 |---|---:|
@@ -114,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
-    corpus.write_irishman_json(out / "train.json", train)
-    corpus.write_irishman_json(out / "validation.json", val)
-    corpus.write_irishman_json(out / "essen.json", essen)
+    for name, tunes in (("train", train), ("validation", val), ("essen", essen)):
+        corpus.write_irishman_json(out / f"{name}.json", tunes, [control_code(t) for t in tunes])
     (out / "README.md").write_text(provenance(counts, essen_counts, len(tunes), train, val, essen))
     print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
     return 0

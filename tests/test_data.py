@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import abc_form
 import abc_music
 import plots
 import corpus
@@ -42,8 +43,10 @@ def test_irishman_json_round_trip(tmp_path, fixture_tunes):
     path = tmp_path / "train.json"
     corpus.write_irishman_json(path, fixture_tunes)
     records = json.loads(path.read_text())
-    assert set(records[0]) == {"control code", "abc notation"}
+    assert set(records[0]) == {"control code", "abc notation"} and records[0]["control code"] == ""
     assert musicrnn.load_tunes(str(path)) == fixture_tunes
+    corpus.write_irishman_json(path, fixture_tunes, [abc_form.control_code(t) for t in fixture_tunes])
+    assert json.loads(path.read_text())[0]["control code"] == "S:2\nB:8\nE:2\nB:4\n"  # the jig: AABB
 
 
 def test_split_is_deterministic_and_deduplicated(fixture_tunes):
@@ -83,3 +86,14 @@ def test_stats(fixture_tunes):
     assert stats["chars"]["max"] == max(map(len, fixture_tunes))
     assert stats["top_tokens"][0][0] in {" ", "|"}
     assert len(stats["top_tokens"]) == 20
+    assert dict(stats["forms"]) == {"8+4": 3, "16": 1, "4+4": 1, "4": 2, "7": 1} and "8+4:3" in plots.stats_text(stats)
+
+
+def test_an_fsspec_url_holding_irishman_records_with_control_codes_reads_as_hf_would(fixture_tunes):
+    # the code path of hf://datasets/... (pandas through fsspec), without a network: memory://
+    import fsspec
+
+    records = [{"control code": abc_form.control_code(t), "abc notation": t} for t in fixture_tunes]
+    with fsspec.open("memory://irishman/train.json", "w") as f:
+        json.dump(records, f)
+    assert musicrnn.load_tunes("memory://irishman/train.json") == fixture_tunes

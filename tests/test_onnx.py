@@ -145,7 +145,7 @@ def test_two_layer_model_exports_with_parity(exported, tmp_path):
 
 
 TORCH_FREE = ["abc_tokens", "abc_music", "abc_constraint", "sampler", "judging", "plots", "cli", "settings", "corpus",
-              "safe_write", "exported_model", "infer_onnx", "rendering", "serve"]
+              "safe_write", "exported_model", "infer_onnx", "rendering", "serve", "abc_form"]
 
 
 def test_the_machinery_imports_without_torch():

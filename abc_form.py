@@ -1,0 +1,191 @@
+"""
+abc_form: a tune's musical form and its IrishMAN control code, torch-free.
+
+Holds:
+- sections(tune) -> [Section]: the tune cut where it repeats or double-bars, each with its
+  bars and its music as written;
+- similarity_level(a, b): 0..10, how alike two sections are;
+- control_code(tune) -> "S:2\\nB:8\\nE:6\\nB:8\\n": TunesFormer's code (arXiv 2301.02884) in
+  IrishMAN's text form: S, the number of sections; B, the first section's bars; then for each
+  later section one E line per earlier section (its similarity to that one, in order), then its B.
+
+Where the paper leaves a detail open, these are the choices (tests/test_form.py checks each on
+tunes whose form is known by hand):
+- a section ends at :|, ::, || or |], and before a |: that follows bars of music (such a bar
+  line with no bar since the last one ends nothing); a tune without any of these is one section;
+- endings (|1 ... :|2 ..., or [1 ... [2 ...) belong to the section they end, which counts its
+  bars as played the last time through: its common bars plus its last ending's;
+- a bar shorter than the meter that opens a section is a pickup and not counted; a short bar
+  that closes a section (it completes the pickup) is counted; without a numeric meter every bar
+  counts;
+- similarity = 1 - Levenshtein distance / the longer length, over the two sections' notes,
+  rests and chords as written (chord symbols, decorations, grace notes and spaces left out),
+  in tenths, rounded.
+These are the counts as found: IrishMAN's ranges (1-8 sections, 1-32 bars) are for requests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from abc_music import default_unit, parse_length, parse_meter
+from abc_tokens import PITCH, iter_token_kinds
+
+SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
+ENDING_NUMBER = re.compile(r"(\d+)(?:[,-]\d+)*$")  # |1 :|2 [1 [2 |1,3
+TUPLET_TIME = {2: Fraction(3, 2), 3: Fraction(2, 3), 4: Fraction(3, 4)}  # (p: p notes in the time of q
+_LENGTH_AFTER = re.compile(rf"^(?:{PITCH}|[zx]|\])")
+
+
+@dataclass
+class Section:
+    common_bars: int = 0                          # bars before any ending
+    ending_bars: int = 0                          # bars of the ending read last
+    music: list[str] = field(default_factory=list)  # notes, rests and chords as written
+
+    @property
+    def bars(self) -> int:
+        return self.common_bars + self.ending_bars
+
+
+@dataclass
+class _Reader:
+    """Where the walk through a tune's body stands."""
+    full: Fraction | None                         # a full bar in units of L (None: no numeric meter)
+    meter: str | None                             # M: and L: as they stand (inline fields change them)
+    unit: str | None
+    sections: list[Section] = field(default_factory=lambda: [Section()])
+    time: Fraction = Fraction(0)                  # this bar so far, in units of L
+    opening: bool = True                          # this bar opens a section: if short, a pickup
+    ending: int = 0                               # the number of the ending being read (0: none)
+    tuplet: tuple[int, Fraction] = (0, Fraction(1))  # notes left in a tuplet, and their time factor
+    chord: list | None = None                     # the notes of an open [chord]
+
+
+def _field(tune: str, letter: str) -> str | None:
+    m = re.search(rf"(?m)^{letter}:(.*)$", tune)
+    return m.group(1).strip() if m else None
+
+
+def _full_bar(meter: str | None, unit: str | None) -> Fraction | None:
+    parsed = parse_meter(meter) if meter else None
+    if parsed is None:
+        return None
+    unit_length = Fraction(unit) if unit and re.fullmatch(r"1/\d+", unit) else default_unit(meter)
+    return Fraction(*parsed) / unit_length
+
+
+def sections(tune: str) -> list[Section]:
+    """The tune's sections in order, by the rules in the module's docstring."""
+    meter, unit = _field(tune, "M"), _field(tune, "L")
+    r = _Reader(_full_bar(meter, unit), meter, unit)
+    body = re.split(r"(?m)^K:.*$\n?", tune, maxsplit=1)[-1]
+    for token, kind in iter_token_kinds(body):
+        if kind in ("note", "rest", "chord_open", "chord_close", "tuplet"):
+            _add_time(r, token, kind)
+        elif kind in ("bar", "ending"):
+            _bar_line(r, token)
+        elif kind == "inline_field" and token[1] in "LM":
+            _change_meter(r, token)
+    _close_bar(r)
+    if len(r.sections) > 1 and not r.sections[-1].bars:
+        r.sections.pop()
+    return r.sections
+
+
+def _add_time(r: _Reader, token: str, kind: str) -> None:
+    if kind == "tuplet":
+        p = int(re.match(r"\((\d+)", token).group(1))
+        r.tuplet = (p, TUPLET_TIME.get(p, Fraction(1)))
+        return
+    if kind == "chord_open":
+        r.chord = []
+        return
+    r.sections[-1].music.append(token)
+    if token.startswith("Z"):  # Z4: four bars of rest, each a full bar
+        r.time += r.full or 1
+        _count_bars(r, int(token[1:] or 1) - 1)
+        return
+    suffix = _LENGTH_AFTER.sub("", token)
+    length = parse_length(suffix) if re.fullmatch(r"\d*/*\d*", suffix) else Fraction(1)
+    if r.chord is not None and kind == "note":
+        r.chord.append(length)  # a chord lasts as long as its first note, times the length after ]
+        return
+    if kind == "chord_close":
+        length *= r.chord[0] if r.chord else 1
+        r.chord = None
+    left, factor = r.tuplet
+    r.time += length * (factor if left else 1)
+    r.tuplet = (max(0, left - 1), factor)
+
+
+def _close_bar(r: _Reader) -> None:
+    """Count the bar that a bar line (or the tune's end) closes, unless it is a pickup."""
+    if r.time > 0:
+        pickup = r.opening and r.full is not None and r.time < r.full
+        _count_bars(r, 0 if pickup else 1)
+        r.opening = False
+    r.time = Fraction(0)
+
+
+def _count_bars(r: _Reader, n: int) -> None:
+    if r.ending:
+        r.sections[-1].ending_bars += n
+    else:
+        r.sections[-1].common_bars += n
+
+
+def _bar_line(r: _Reader, token: str) -> None:
+    _close_bar(r)
+    section, ending = r.sections[-1], ENDING_NUMBER.search(token)
+    if ending:  # a new ending replaces the one before it: the section counts the last one played
+        r.ending, section.ending_bars = int(ending.group(1)), 0
+    elif r.ending == 1 and token.startswith(":|"):
+        pass    # the repeat at the end of a first ending: the second ending follows ([1 ...:| [2 ...)
+    elif section.bars and (SECTION_END.search(token) or token.startswith("|:")):
+        _new_section(r)  # (a double bar right after another one ends nothing more)
+
+
+def _new_section(r: _Reader) -> None:
+    r.sections.append(Section())
+    r.opening, r.ending = True, 0
+
+
+def _change_meter(r: _Reader, token: str) -> None:
+    letter, value = token[1], token[3:-1].strip()
+    if letter == "M":
+        r.meter = value
+    else:
+        r.unit = value
+    r.full = _full_bar(r.meter, r.unit)
+
+
+def levenshtein(a: list[str], b: list[str]) -> int:
+    """Edits (insert, delete, replace one item) that turn a into b."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def similarity_level(a: Section, b: Section) -> int:
+    """0 (nothing alike) .. 10 (the same music)."""
+    longest = max(len(a.music), len(b.music))
+    if longest == 0:
+        return 10
+    return round(10 * (1 - levenshtein(a.music, b.music) / longest))
+
+
+def control_code(tune: str) -> str:
+    """IrishMAN's control code of a tune: S, then B (and the E lines before each later B)."""
+    found = sections(tune)
+    lines = [f"S:{len(found)}"]
+    for i, section in enumerate(found):
+        lines += [f"E:{similarity_level(section, earlier)}" for earlier in found[:i]]
+        lines.append(f"B:{section.bars}")
+    return "\n".join(lines) + "\n"
