@@ -90,14 +90,15 @@ def start(device_name: str) -> tuple[World, str]:
     """The World torchrun describes (or one process), the device name to use, and the threads
     set for this process. Joins the process group when there are several ranks."""
     env = os.environ
-    if "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) == 1:
+    if "LOCAL_WORLD_SIZE" in env:  # started by torchrun, which sets OMP_NUM_THREADS=1
+        torch.set_num_threads(threads_per_process(int(env["LOCAL_WORLD_SIZE"])))
+    if int(env.get("WORLD_SIZE", 1)) == 1:
         return World(), device_name
     world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    torch.set_num_threads(threads_per_process(world.local_size))
     return world, f"cuda:{world.local_rank}" if cuda else "cpu"
 
 
