@@ -21,6 +21,7 @@ stops, and serves nothing else; requests run in threads, at most MAX_ACTIVE at o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import re
 import secrets
@@ -147,9 +148,18 @@ class TuneServer(ThreadingHTTPServer):
             folders = sorted(self.folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
             total = 0
             for n, folder in enumerate(folders):
-                total += sum(f.stat().st_size for f in folder.iterdir())
+                total += _bytes(folder)
                 if n >= self.keep_requests or total > self.keep_bytes:
                     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bytes(folder: Path) -> int:
+    """The size of a request's files; one being renamed by a tool right now counts as nothing."""
+    total = 0
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -186,6 +196,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.OK, form, tunes=(folder, made))
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
+        except OSError as e:  # the server's own folder: a full disk, say
+            self.send_page(HTTPStatus.INTERNAL_SERVER_ERROR, form, error=f"could not write the tunes' files: "
+                                                                         f"{e.strerror or e}")
 
     def read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
