@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
-    for name, tunes in (("train", train), ("validation", val), ("essen", essen)):
-        corpus.write_irishman_json(out / f"{name}.json", tunes, [control_code(t) for t in tunes])
+    for name, records in (("train", train), ("validation", val), ("essen", essen)):
+        corpus.write_irishman_json(out / f"{name}.json", records, [control_code(t) for t in records])
     (out / "README.md").write_text(provenance(counts, essen_counts, len(tunes), train, val, essen))
     print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
     return 0
