@@ -30,13 +30,12 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from abc_music import default_unit, parse_length, parse_meter
-from abc_tokens import PITCH, iter_token_kinds
+from abc_music import default_unit, parse_meter, token_length, tune_body
+from abc_tokens import iter_token_kinds
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
 ENDING_NUMBER = re.compile(r"(\d+)(?:[,-]\d+)*$")  # |1 :|2 [1 [2 |1,3
 TUPLET_TIME = {2: Fraction(3, 2), 3: Fraction(2, 3), 4: Fraction(3, 4)}  # (p: p notes in the time of q
-_LENGTH_AFTER = re.compile(rf"^(?:{PITCH}|[zx]|\])")
 
 
 @dataclass
@@ -81,8 +80,7 @@ def sections(tune: str) -> list[Section]:
     """The tune's sections in order, by the rules in the module's docstring."""
     meter, unit = _field(tune, "M"), _field(tune, "L")
     r = _Reader(_full_bar(meter, unit), meter, unit)
-    body = re.split(r"(?m)^K:.*$\n?", tune, maxsplit=1)[-1]
-    for token, kind in iter_token_kinds(body):
+    for token, kind in iter_token_kinds(tune_body(tune)):
         if kind in ("note", "rest", "chord_open", "chord_close", "tuplet"):
             _add_time(r, token, kind)
         elif kind in ("bar", "ending"):
@@ -108,8 +106,7 @@ def _add_time(r: _Reader, token: str, kind: str) -> None:
         r.time += r.full or 1
         _count_bars(r, int(token[1:] or 1) - 1)
         return
-    suffix = _LENGTH_AFTER.sub("", token)
-    length = parse_length(suffix) if re.fullmatch(r"\d*/*\d*", suffix) else Fraction(1)
+    length = token_length(token)
     if r.chord is not None and kind == "note":
         r.chord.append(length)  # a chord lasts as long as its first note, times the length after ]
         return

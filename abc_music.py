@@ -10,7 +10,7 @@ Holds:
   read_tunebook; and the parts of a tune: tune_body, note_tokens;
 - keys: Key, parse_key, transpose_key;
 - transposition: transpose_tune, TransposeError, parse_note_range;
-- lengths and rhythm: scale_lengths, change_rhythm, set_unit_length.
+- lengths and rhythm: scale_lengths, token_length, change_rhythm, set_unit_length.
 
 Pitches are tracked the way ABC defines them: key signature, then accidentals that hold to
 the end of the bar for that pitch and octave. The tests check every rewrite against
@@ -101,6 +101,11 @@ _LENGTHED = re.compile(rf"(?P<what>{PITCH}|[zx]|\])(?P<length>[\d/]*)")  # a not
 def scale_lengths(token: str, factor: Fraction) -> str:
     """A note, rest or chord close with its length multiplied by factor."""
     return _LENGTHED.sub(lambda m: m["what"] + format_length(parse_length(m["length"]) * factor), token)
+
+
+def token_length(token: str) -> Fraction:
+    """A note's, rest's or chord close's length in units of L: "^c'3/2" -> 3/2, "]2" -> 2."""
+    return parse_length(_LENGTHED.match(token)["length"])
 
 
 def _rewrite_lengths(abc: str, factor_for) -> str:
