@@ -40,15 +40,16 @@ def timed(fn, repeats: int = 3) -> float:
 REPEATS = 3  # turns of each side of a ratio
 
 
-def interleaved(sides: dict, repeats: int = REPEATS) -> dict[str, tuple[float, float]]:
+def interleaved(sides: dict, repeats: int = REPEATS) -> tuple[list[float], dict[str, float]]:
     """Measure every side `repeats` times, in turns (a, b, c, a, b, c, ...), so that a change
     in the machine's speed falls on each side alike. Each side returns a cost (seconds, or
-    seconds per token): name -> (best = the lowest, spread = highest / lowest - 1)."""
+    seconds per token). Returns each side's best (the lowest), in order, and name -> its
+    spread (highest / lowest - 1)."""
     costs = {name: [] for name in sides}
     for _ in range(repeats):
         for name, measure in sides.items():
             costs[name].append(measure())
-    return {name: (min(c), max(c) / min(c) - 1) for name, c in costs.items()}
+    return [min(c) for c in costs.values()], {name: max(c) / min(c) - 1 for name, c in costs.items()}
 
 
 def step_loop(step, eos_id: int, batch: int, tokens: int):
@@ -152,10 +153,10 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     threads, mkldnn = best_torch_config(model, vocab)
     _, ort_threads = ort_ms_per_token(onnx_path)
     ort = ort_runner(onnx_path, ort_threads)
-    sides = interleaved({"torch": lambda: torch_ms_per_token(model, vocab, threads, mkldnn),
-                         "onnxruntime": lambda: ort_step_ms(ort),
-                         "prefix": lambda: prefix_ms_per_token(model, vocab)})
-    (torch_ms, _), (ort_ms, _), (prefix_ms, _) = sides.values()
+    (torch_ms, ort_ms, prefix_ms), spread = interleaved({
+        "torch": lambda: torch_ms_per_token(model, vocab, threads, mkldnn),
+        "onnxruntime": lambda: ort_step_ms(ort),
+        "prefix": lambda: prefix_ms_per_token(model, vocab)})
     int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
     batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
     return {
@@ -167,7 +168,7 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
         "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,
         "ort_speedup_over_torch": torch_ms / ort_ms,
         "state_speedup_over_prefix": prefix_ms / ort_ms,
-        "spread_generation": {name: spread for name, (_, spread) in sides.items()},
+        "spread_generation": spread,
         **constraint_overhead(onnx_path),
     }
 
@@ -219,18 +220,17 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
     order = rng.permutation(len(lengths))
     naive = [order[i:i + 8] for i in range(0, len(order), 8)]
     flops = train_flops_per_token(cfg, len(vocab))
-    sides = interleaved({
+    (gemm_s, ours_s, naive_s), spread = interleaved({
         "GEMM ceiling": gemm_seconds,
         "training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, ours, seconds),
         "padded training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, naive, seconds,
                                                             pad_to=int(lengths.max()))})
-    (gemm_s, _), (ours_s, _), (naive_s, _) = sides.values()
     return {"gemm_gflops": 2 * GEMM_N ** 3 / gemm_s / 1e9, "train_tokens_per_s": 1 / ours_s,
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
             "train_speedup": naive_s / ours_s, "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
-            "spread_training": {name: spread for name, (_, spread) in sides.items()}}
+            "spread_training": spread}
 
 
 _PEAK = """
@@ -289,10 +289,10 @@ def scaling_bench(train_data: str, val_data: str, out: str) -> dict:
     def seconds_per_token(procs: int) -> float:
         return 1 / train_processes(procs, train_data, val_data, out, "--limit", "1000")[0]
 
-    sides = interleaved({"1 process": lambda: seconds_per_token(1), "2 processes": lambda: seconds_per_token(2)})
-    (one, _), (two, _) = sides.values()
+    (one, two), spread = interleaved({"1 process": lambda: seconds_per_token(1),
+                                      "2 processes": lambda: seconds_per_token(2)})
     return {"train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
-            "scaling_2_over_1": one / two, "spread_processes": {name: spread for name, (_, spread) in sides.items()}}
+            "scaling_2_over_1": one / two, "spread_processes": spread}
 
 
 def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dict:

@@ -33,6 +33,7 @@ TOOLS = {  # what -> (program, Debian package)
 }
 SOUNDFONTS = ("/usr/share/sounds/sf2/TimGM6mb.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
               "/usr/share/sounds/sf2/FluidR3_GM.sf2")
+SCORE = ["abcm2ps", "-S", "-g"]  # SVG pages, in abcm2ps's secure mode
 SAMPLE_RATE = 22050  # Hz: folk tunes lose nothing audible, and the files are half the size
 TAIL = 0.5           # seconds kept after the last audible sample (the release of the last note)
 
@@ -73,8 +74,7 @@ def render_tune(abc: str, folder: Path, stem: str, timeout: float = 20.0) -> dic
     made = {"abc": folder / f"{stem}.abc"}
     made["abc"].write_text(abc, encoding="utf-8")
     missing = missing_tools()
-    if "score" not in missing and run_tool(["abcm2ps", "-S", "-g", made["abc"].name, "-O", f"{stem}.svg"],
-                                           folder, timeout):
+    if "score" not in missing and run_tool([*SCORE, made["abc"].name, "-O", f"{stem}.svg"], folder, timeout):
         pages = sorted(folder.glob(f"{stem}[0-9][0-9][0-9].svg"))
         if pages:  # abcm2ps numbers its pages: the first holds a tune of a page or less
             made["score"] = pages[0].replace(folder / f"{stem}.svg")
@@ -188,7 +188,7 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0)
         if "MIDI" not in missing:
             run_tool(["abc2midi", path.name], work, timeout)
         if "score" not in missing:
-            run_tool(["abcm2ps", "-S", "-g", path.name, "-O", stem + ".svg"], work, timeout)
+            run_tool([*SCORE, path.name, "-O", stem + ".svg"], work, timeout)
         if "audio" not in missing:
             for midi in sorted(work.glob(stem + "*.mid")):
                 write_audio(midi, midi.with_suffix(".wav"), timeout)

@@ -99,8 +99,15 @@ def sampling_options(form: dict[str, str]) -> sampler.SamplingOptions:
         except ArgumentTypeError as e:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
     args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, **values)
-    try:
+    with user_errors_as_bad_requests():
         return sampler.sampling_options(args)
+
+
+@contextlib.contextmanager
+def user_errors_as_bad_requests():
+    """The command line's own checks, worded for a form: "--key H#: ..." -> 400 "key H#: ..."."""
+    try:
+        yield
     except UserError as e:
         raise HTTPError(HTTPStatus.BAD_REQUEST, str(e).replace("--", "")) from None
 
@@ -126,14 +133,11 @@ class TuneServer(ThreadingHTTPServer):
 
     def write_tunes(self, opts: sampler.SamplingOptions) -> tuple[str, list[dict]]:
         """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
-        with self.generating:
-            try:
-                constraint = self.constraint if opts.constrained else None
-                if constraint:
-                    constraint.start(opts.prompt)  # refuses a header the automaton cannot fill
-                tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint)
-            except UserError as e:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, str(e).replace("--", "")) from None
+        with self.generating, user_errors_as_bad_requests():
+            constraint = self.constraint if opts.constrained else None
+            if constraint:
+                constraint.start(opts.prompt)  # refuses a header the automaton cannot fill
+            tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint)
         name = secrets.token_hex(16)
         folder = self.folder / name
         folder.mkdir()
