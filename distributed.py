@@ -4,7 +4,7 @@ distributed: what musicrnn.py train needs to run as N processes under torchrun.
     torchrun --standalone --nproc_per_node=2 musicrnn.py train
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 musicrnn.py train
 
-Holds World: this process's rank among world size processes, started from torchrun's
+Holds session (the with-block a training runs in) and World: this process's rank among world size processes, started from torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
 GPU; its share of a batch; the sums and broadcasts that keep the ranks in step; and the
 thread count chosen so that the processes of one machine fill its cores without
@@ -73,17 +73,22 @@ _PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Bro
 
 
 @contextlib.contextmanager
-def peer_loss_as_error(world: World):
-    """Inside: an all-reduce (DistributedDataParallel's, or ours) that fails because another
-    process died becomes one clear error line instead of a traceback. torchrun then stops the
-    job and names the process that failed first."""
+def session(device_name: str):
+    """(World, device name) for the training inside: joined from torchrun's environment by
+    start, left at the end. An all-reduce (DistributedDataParallel's, or ours) that fails
+    because another process died becomes one clear error line instead of a traceback;
+    torchrun then stops the job and names the process that failed first."""
+    world, device = start(device_name)
     try:
-        yield
+        yield world, device
     except (RuntimeError, dist.DistBackendError) as e:
         if world.size == 1 or not _PEER_LOST.search(str(e)):
             raise
         raise PeerLost(f"rank {world.rank}: another process of this training stopped; `--resume` under torchrun "
                        f"continues from the last checkpoint") from None
+    finally:
+        if world.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def start(device_name: str) -> tuple[World, str]:
@@ -126,7 +131,3 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-
-def stop(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()

@@ -397,13 +397,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     of every batch, and rank 0 alone holds the lock, logs and writes.
     """
     out = check_output(cfg.out_dir, "--out", folder=True)
-    world, device = distributed.start(cfg.device)
-    log = log if world.writer else (lambda *args: None)
-    try:
-        with folder_lock(out) if world.writer else contextlib.nullcontext(), distributed.peer_loss_as_error(world):
+    with distributed.session(cfg.device) as (world, device):
+        log = log if world.writer else (lambda *args: None)
+        with folder_lock(out) if world.writer else contextlib.nullcontext():
             return train_locked(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
-    finally:
-        distributed.stop(world)
 
 
 def train_locked(run: Run, tensorboard: bool, log) -> dict:
@@ -489,7 +486,7 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
 def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log,
               world: World | None = None, device_name: str | None = None) -> Run:
     """A new run, or with resume the one in OUT/last.pt (resumed_config says which settings
-    this command may change). world and device_name come from distributed.start."""
+    this command may change). world and device_name come from distributed.session."""
     last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
     if ckpt is None and not overwrite and (last_path.exists() or last_path.with_name("best.pt").exists()):
