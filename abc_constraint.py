@@ -25,7 +25,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from abc_music import CHORD_SYMBOL, default_unit, note_shape, parse_meter, pitch_spelling
+from abc_form import CODE_LINES, next_code_field
+from abc_music import CHORD_SYMBOL, TUNE_TYPES, default_unit, note_shape, parse_meter, pitch_spelling
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -41,14 +42,18 @@ MIN_NOTES = 16  # a tune ends only after 4 full bars and this many notes
 BAR_LINES = ("|", "||", "|]", "|:", ":|", "::", "|1", ":|2")
 # no fermata (H, !fermata!): abc2midi lengthens the note, which breaks the bar and broken rhythm;
 DECORATIONS = ("~", "T", "u", "v", "!trill!", "!accent!")  # no staccato either: abc2midi shortens the note
-HEADER_LINES = [  # the header the constraint writes: X, L, M, K in this order
+HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K in this order
     ["X:1"],
+    ["R:" + name for name in TUNE_TYPES],
     ["L:1/8", "L:1/16", "L:1/4"],
     ["M:" + m for m in ("2/4", "3/4", "4/4", "6/8", "9/8", "12/8", "3/8", "2/2", "C", "C|", "3/2", "6/4")],
     ["K:" + root + mode for root in ("C", "D", "E", "F", "G", "A", "B", "Bb", "Eb", "Ab", "F#", "C#")
      for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")],
 ]
-HEADER_ORDER = "XLMK"
+HEADER_ORDER = "XRLMK"
+OPTIONAL_FIELDS = "R"
+BODY = len(HEADER_ORDER)  # the phase after the header
+CODE = -1                 # the phase before it, in a tune that begins with its control code
 
 
 def body_tokens() -> dict[str, tuple[int, int]]:
@@ -114,7 +119,12 @@ class _PrefixTable:
 class TuneState:
     """Where the automaton stands in one tune."""
 
-    phase: int = 0                 # 0..3: the header line being written (X, L, M, K); 4: the body
+    phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
+    code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
+    form: tuple = ()               # bars of each section, when a form is asked for (): any form)
+    section: int = 0               # under a form: sections finished
+    section_bars: int = 0          # under a form: this section's bars so far, as abc_form counts them
+    common_bars: int = 0           # under a form, in an ending: the section's bars before it
     pending: str = ""              # the token being written, not yet committed
     pending_must_end: bool = False # must_end as it was when the pending token began
     meter: str | None = None       # M: and L: as written
@@ -157,33 +167,60 @@ class TuneState:
                 self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
-                min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end)
+                min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end, self.code, self.form_key())
+
+    def form_key(self) -> tuple:
+        """What the rules read of a form: bars left in this section (and at its ending's start),
+        whether it is the last section; not the sections already written."""
+        if not self.form:
+            return ()
+        if self.section >= len(self.form):
+            return (0,)
+        target = self.form[self.section]
+        return (target - self.section_bars, target - self.common_bars if self.ending else 0,
+                self.section + 1 == len(self.form))
 
     def key(self, must_end: bool) -> tuple:
         """state_key and the token being written, a note by its shape ("^f2" as "c2")."""
-        exact = self.tie_pitch >= 0 or self.pending == "-" or self.phase < 4
+        exact = self.tie_pitch >= 0 or self.pending == "-" or self.phase < BODY
         pending = self.pending if exact else note_shape(self.pending)
         return self.state_key(must_end) + (pending, self.pending_must_end,
                                            self.last_pitch if self.pending == "-" else None)
 
     def can_end(self) -> bool:
-        return (self.phase == 4 and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE) and self.bar == 0
-                and self.full_bars >= 4 and self.notes >= MIN_NOTES and self.ending != 1 and not self.repeat_open
-                and self.tie_pitch < 0)
+        """At a section's end, nothing open; then either the form is complete, or (with no
+        form asked for) at least 4 full bars and MIN_NOTES notes were written."""
+        at_end = (self.phase == BODY and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE)
+                  and self.bar == 0 and self.ending != 1 and not self.repeat_open and self.tie_pitch < 0)
+        if self.form:
+            return at_end and self.section == len(self.form)
+        return at_end and self.full_bars >= 4 and self.notes >= MIN_NOTES
+
+    def may_end_tune(self) -> bool:
+        """Whether the section being written may be the tune's last."""
+        if self.form:
+            return self.section + 1 == len(self.form)
+        return self.full_bars >= 4 and self.notes >= MIN_NOTES
 
 
 class AbcConstraint:
     """Masks a vocabulary's tokens so that a sampled tune is valid ABC whose bars are full.
 
-    start(prompt) -> TuneState; mask(state, tokens_left) -> (V,) bool; advance(state, id).
+    start(prompt, form) -> TuneState; mask(state, tokens_left) -> (V,) bool; advance(state, id).
     Masks are cached by TuneState.key; use_cache=False builds every one afresh from the
     rules, which is how the tests check that the key leaves out nothing the rules read.
+
+    A form (bars per section, abc_form's counting) is held exactly: every section ends on
+    its last bar with a repeat or a double bar, and the tune ends after the last section.
+    With coded=True (a model trained with control codes, train --control) each tune begins
+    with its IrishMAN control code, written line by line in the code's order; the form it
+    names is then held the same way.
     """
 
     END_RESERVE = 120  # tokens kept to finish the bar and close the tune
 
-    def __init__(self, vocab: Vocabulary, max_bars: int = 32, use_cache: bool = True):
-        self.vocab, self.max_bars, self.use_cache = vocab, max_bars, use_cache
+    def __init__(self, vocab: Vocabulary, max_bars: int = 32, use_cache: bool = True, coded: bool = False):
+        self.vocab, self.max_bars, self.use_cache, self.coded = vocab, max_bars, use_cache, coded
         char_ids = {t: i for i, t in enumerate(vocab.tokens) if len(t) == 1 and i >= len(SPECIALS)}
         missing = sorted(set("|\nXLMK:1/8CDEFGABcdefgab") - set(char_ids))
         if missing:
@@ -191,8 +228,9 @@ class AbcConstraint:
         self.char_ids = char_ids
         info = body_tokens()
         self.body = _PrefixTable(info, char_ids)  # only what this vocabulary can spell
-        self.headers = [_PrefixTable(lines, char_ids) for lines in HEADER_LINES]
-        if not all(table.strings for table in self.headers):
+        lines = dict(zip(HEADER_ORDER, HEADER_LINES)) | (CODE_LINES if coded else {})
+        self.lines = {letter: _PrefixTable(spelled, char_ids) for letter, spelled in lines.items()}
+        if not all(table.strings for letter, table in self.lines.items() if letter not in OPTIONAL_FIELDS):
             raise PromptError("--constrained: the model's vocabulary cannot spell a header")
         self.kind = np.array([info[s][0] for s in self.body.strings], dtype=np.int8)    # (N,)
         self.ticks = np.array([info[s][1] for s in self.body.strings], dtype=np.int64)  # (N,)
@@ -210,34 +248,36 @@ class AbcConstraint:
         whole = [vocab.tokens[i] for i in self.whole_ids]
         self.whole_body = np.array([self.at.get(t, -1) for t in whole], dtype=np.int64)
         self.whole_first = np.array([self.char_ids.get(t[0], -1) for t in whole], dtype=np.int64)
-        self.whole_header = [np.isin(whole, lines) for lines in HEADER_LINES]
+        self.whole_lines = {letter: np.isin(whole, spelled) for letter, spelled in lines.items()}
         self.cache: dict[tuple, np.ndarray] = {}
 
     # --- state ------------------------------------------------------------------
 
-    def start(self, prompt: str) -> TuneState:
+    def start(self, prompt: str, form: tuple[int, ...] = ()) -> TuneState:
         """The state after the prompt; refuses a prompt that the constraints would not allow.
+        form: the bars of each section to hold (with coded=True the prompt's code names it).
 
         Chord symbols ("G", "Am7", "D/F#") in the prompt's body take no time, so the automaton
         steps over them. It never writes one: abc2midi's accompaniment for them can outlast the
         melody (measured on random tunes), so a generated tune would no longer be clean.
         """
-        state, i = TuneState(), 0
+        state, i = TuneState(phase=CODE if self.coded else 0, form=tuple(form)), 0
         while i < len(prompt):
             ch = prompt[i]
-            if state.phase == 4 and ch == '"':
+            if state.phase == BODY and ch == '"':
                 i = self._skip_chord_symbol(prompt, i)
                 continue
             i += 1
             if ch not in self.char_ids:
                 raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write")
-            if state.phase < 4:
+            if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
                 raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}")
             else:
                 self.advance(state, self.char_ids[ch])
-        if state.phase < 4 and state.pending and state.pending not in self.headers[state.phase].prefixes:
+        tables = self._line_tables(state) if state.phase < BODY else []
+        if state.pending and tables and not any(state.pending in table.prefixes for _, table in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
@@ -257,7 +297,7 @@ class AbcConstraint:
             state.ended = True
             return
         token = self.vocab.tokens[token_id]
-        if state.phase < 4:
+        if state.phase < BODY:
             self._advance_header(state, token)
         elif len(token) == 1 and state.pending + token in self.body.prefixes:
             state.pending += token
@@ -266,24 +306,50 @@ class AbcConstraint:
                 self._commit(state, state.pending)
             state.pending, state.pending_must_end = token, state.must_end
 
+    def _line_tables(self, s: TuneState) -> list[tuple[str, _PrefixTable]]:
+        """The header or code lines that may come next: (letter, its table) for each."""
+        if s.phase == CODE:
+            letters = next_code_field(s.code)
+        else:
+            letters = HEADER_ORDER[s.phase] + (HEADER_ORDER[s.phase + 1] if HEADER_ORDER[s.phase] in OPTIONAL_FIELDS
+                                               else "")
+        return [(letter, self.lines[letter]) for letter in letters]
+
     def _advance_header(self, state: TuneState, text: str) -> None:
         for ch in text:
             if ch != "\n":
                 state.pending += ch
                 continue
             line, state.pending = state.pending, ""
-            letter, value = line[:1], line[2:]
-            if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
-                raise PromptError(f"--constrained: the header must be X:, L:, M:, K: in order, not {line!r}")
-            if letter == "L":
-                state.unit = value
-            elif letter == "M":
-                state.meter = value
-            state.phase = HEADER_ORDER.index(letter) + 1
-            if letter == "K":
-                if state.meter is None:
-                    raise PromptError("--constrained: the header needs an M: line before K:")
-                state.full = bar_ticks(state.meter, state.unit)
+            if state.phase == CODE:
+                self._code_line(state, line)
+            else:
+                self._header_line(state, line)
+
+    def _code_line(self, state: TuneState, line: str) -> None:
+        want = next_code_field(state.code)
+        if line[:1] != want or line not in CODE_LINES[want]:
+            raise PromptError(f"--constrained: the tune's control code needs a {want}: line next, not {line!r}")
+        state.code += (line,)
+        if next_code_field(state.code) == "X":
+            state.form = tuple(int(line[2:]) for line in state.code if line[0] == "B")
+            state.phase = 0
+
+    @staticmethod
+    def _header_line(state: TuneState, line: str) -> None:
+        letter, value = line[:1], line[2:]
+        if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
+            raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
+                              f"not {line!r}")
+        if letter == "L":
+            state.unit = value
+        elif letter == "M":
+            state.meter = value
+        state.phase = HEADER_ORDER.index(letter) + 1
+        if letter == "K":
+            if state.meter is None:
+                raise PromptError("--constrained: the header needs an M: line before K:")
+            state.full = bar_ticks(state.meter, state.unit)
 
     def _commit(self, s: TuneState, text: str) -> None:
         """A finished token joins the tune: the rules of what it does to the state."""
@@ -348,6 +414,8 @@ class AbcConstraint:
             s.need_note = True
 
     def _commit_bar(self, s: TuneState, bar: str) -> None:
+        if s.form:
+            _count_form_bar(s, bar)
         if s.bar == 0:
             pass  # |: before any note
         elif s.short_next:
@@ -381,12 +449,12 @@ class AbcConstraint:
         return self._masks(state, tokens_left)[1]
 
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
-        must_end = state.full_bars >= self.max_bars or tokens_left < self.END_RESERVE
+        must_end = (not state.form and state.full_bars >= self.max_bars) or tokens_left < self.END_RESERVE
         state.must_end = must_end
         return self._cached(state.key(must_end), lambda: self._build_masks(state, must_end))
 
     def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
-        mask = self._header_mask(state) if state.phase < 4 else self._body_mask(state, must_end)
+        mask = self._header_mask(state) if state.phase < BODY else self._body_mask(state, must_end)
         return mask, np.where(mask, 0.0, -np.inf).astype(np.float32)
 
     def _cached(self, key: tuple, build):
@@ -403,12 +471,12 @@ class AbcConstraint:
 
     def _header_mask(self, s: TuneState) -> np.ndarray:
         mask = np.zeros(len(self.vocab), dtype=bool)
-        table = self.headers[s.phase]
-        mask[table.children(s.pending)[0]] = True
-        if s.pending in table.index:
-            mask[self.char_ids["\n"]] = True
-        if not s.pending:
-            mask[self.whole_ids[self.whole_header[s.phase]]] = True
+        for letter, table in self._line_tables(s):
+            mask[table.children(s.pending)[0]] = True
+            if s.pending in table.index:
+                mask[self.char_ids["\n"]] = True
+            if not s.pending:
+                mask[self.whole_ids[self.whole_lines[letter]]] = True
         return mask
 
     def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:
@@ -522,8 +590,8 @@ class AbcConstraint:
             return legal
         legal |= (self.is_note | self.is_rest) & fits
         self._put_marks(legal, s, rem, must_end)
-        for bar in self._bar_lines(s, must_end):
-            self._put(legal, bar, not (s.line_letter and bar.startswith(":")))
+        for bar in self._bar_lines(s, must_end and not s.form):  # a form decides the bar lines itself
+            self._put(legal, bar, not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar))
         return legal
 
     def _put_marks(self, legal: np.ndarray, s: TuneState, rem: int, must_end: bool) -> None:
@@ -545,6 +613,9 @@ class AbcConstraint:
         has a pickup) the short bar that completes it."""
         if s.short_next:
             return s.short_next
+        if s.form and s.section < len(s.form):  # its last bar is known from its start: short after a pickup
+            last = s.section_bars + 1 == s.form[s.section]
+            return s.full - s.pickup if last and s.pickup else s.full
         inside = s.chord or s.grace or s.tuplet_left or s.broken_len or s.tie_pitch >= 0 or s.need_note
         if must_end and s.pickup and s.bar <= s.full - s.pickup and not inside:
             return s.full - s.pickup  # (not in mid-chord: what was begun under the old target finishes)
@@ -567,7 +638,7 @@ class AbcConstraint:
         if s.pickup:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
-                if not s.repeat_open and s.full_bars >= 4 and s.notes >= MIN_NOTES:
+                if not s.repeat_open and s.may_end_tune():
                     bars += ["||", "|]"]  # the end of the tune, which may only come after 16 notes
             return bars
         if full:
@@ -582,6 +653,43 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
+
+
+def _counted(s: TuneState) -> int:
+    """1 if the bar that a bar line now closes counts in its section (abc_form's rule: a short
+    bar that opens a section is a pickup and does not), else 0."""
+    pickup = s.short_next or (s.first_bar and s.bar < s.full)
+    return int(s.bar > 0 and not pickup)
+
+
+def _ends_section(s: TuneState, bar: str, bars: int) -> bool:
+    """abc_form's rule: :|, ::, ||, |] and |: end a section that has bars."""
+    return bars > 0 and bar in (":|", "::", "||", "|]", "|:")
+
+
+def _form_allows(s: TuneState, bar: str) -> bool:
+    """Under a form: a bar line that keeps this section on its count of bars."""
+    if not s.form:
+        return True
+    bars, target = s.section_bars + _counted(s), s.form[s.section]
+    if _ends_section(s, bar, bars):
+        last = s.section + 1 == len(s.form)
+        return bars == target and not (last and bar in ("|:", "::"))
+    return bars == target if bar == ":|2" else bars < target  # |, |1: the section goes on
+
+
+def _count_form_bar(s: TuneState, bar: str) -> None:
+    """Under a form: count the bar this bar line closes; an ending's bars replace the one
+    before it, as abc_form counts them; after the last section the tune ends."""
+    bars = s.section_bars + _counted(s)
+    if bar == "|1":
+        s.common_bars = bars
+    elif bar == ":|2":
+        bars = s.common_bars
+    s.section_bars = bars
+    if _ends_section(s, bar, bars):
+        s.section, s.section_bars, s.common_bars = s.section + 1, 0, 0
+        s.final = s.section == len(s.form)
 
 
 def _copy(state: TuneState) -> TuneState:

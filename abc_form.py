@@ -22,6 +22,9 @@ tunes whose form is known by hand):
   rests and chords as written (chord symbols, decorations, grace notes and spaces left out),
   in tenths, rounded.
 These are the counts as found: IrishMAN's ranges (1-8 sections, 1-32 bars) are for requests.
+
+Also: parse_control_code and form_code (a requested form, in either spelling), next_code_field
+(the order of a code's lines, which --constrained follows), strip_control_code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from abc_music import default_unit, parse_meter, token_length, tune_body
-from abc_tokens import iter_token_kinds
+from abc_tokens import PromptError, iter_token_kinds
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
 ENDING_NUMBER = re.compile(r"(\d+)(?:[,-]\d+)*$")  # |1 :|2 [1 [2 |1,3
@@ -186,3 +189,60 @@ def control_code(tune: str) -> str:
         lines += [f"E:{similarity_level(section, earlier)}" for earlier in found[:i]]
         lines.append(f"B:{section.bars}")
     return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# requests: a form asked for, as an IrishMAN code or as sections and bars
+
+MAX_SECTIONS, MAX_BARS, MAX_LEVEL = 8, 32, 10   # IrishMAN's ranges (TunesFormer)
+CODE_LINES = {"S": [f"S:{n}" for n in range(1, MAX_SECTIONS + 1)], "B": [f"B:{n}" for n in range(1, MAX_BARS + 1)],
+              "E": [f"E:{n}" for n in range(MAX_LEVEL + 1)]}
+# A code names every similarity; a request by sections and bars names none, so it asks for
+# the training corpus's most common level between two parts (2,014 of its 2,521 8+8 tunes
+# have E:1 to E:5, the most E:3).
+DEFAULT_SIMILARITY = 3
+_CODE_LINE = re.compile(r"^[SBE]:\d+$")
+
+
+def next_code_field(lines: tuple[str, ...] | list[str]) -> str:
+    """The letter the next line of a control code begins with: S, E or B, or X when it is complete."""
+    if not lines:
+        return "S"
+    bars = sum(line[0] == "B" for line in lines)
+    if bars == int(lines[0][2:]):
+        return "X"
+    since_bar = len(lines) - 1 - max((i for i, line in enumerate(lines) if line[0] == "B"), default=0)
+    return "B" if since_bar == bars else "E"  # section i (from 0) is i E lines, then its B
+
+
+def parse_control_code(text: str, flag: str = "--form") -> tuple[tuple[int, ...], str]:
+    """A control code as a user may type it ("S:2 B:8 E:3 B:8", newlines, commas or a literal
+    \\n between lines) -> (bars of each section, the code in IrishMAN's form)."""
+    lines = [part for part in re.split(r"(?:\\n|[\s,;])+", text.strip()) if part]
+    for i, line in enumerate(lines):
+        want = next_code_field(lines[:i])
+        if want == "X" or not _CODE_LINE.match(line) or line[0] != want:
+            raise PromptError(f"{flag} {text!r}: expected {'no more lines' if want == 'X' else want + ':'} "
+                              f"at {line!r}; a code is S:n, B:n, then E:n lines and a B:n per later section, "
+                              f"e.g. \"S:2 B:8 E:3 B:8\"")
+        if line not in CODE_LINES[want]:
+            low, high = CODE_LINES[want][0][2:], CODE_LINES[want][-1][2:]
+            what = {"S": "sections", "B": "bars in a section", "E": "similarity levels"}[want]
+            raise PromptError(f"{flag} {text!r}: {line}: {what} must be {low} to {high}")
+    if not lines or next_code_field(lines) != "X":
+        raise PromptError(f"{flag} {text!r}: the code is incomplete; e.g. \"S:2 B:8 E:3 B:8\" is two sections "
+                          f"of 8 bars")
+    return tuple(int(line[2:]) for line in lines if line[0] == "B"), "\n".join(lines) + "\n"
+
+
+def form_code(bars: list[int], similarity: int = DEFAULT_SIMILARITY) -> str:
+    """The control code of a form given as bars per section, every similarity `similarity`."""
+    lines = [f"S:{len(bars)}"]
+    for i, n in enumerate(bars):
+        lines += [f"E:{similarity}"] * i + [f"B:{n}"]
+    return "\n".join(lines) + "\n"
+
+
+def strip_control_code(text: str) -> str:
+    """The tune after the control code that a --control model writes before it."""
+    return re.sub(r"\A(?:[SBE]:\d+\n)*", "", text)

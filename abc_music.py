@@ -151,6 +151,24 @@ CHORD_SYMBOL = re.compile(
     r'(?:/[A-Ga-g][#b]?)?\)?"')
 
 
+# The tune types an R: line may name, normalised to one lowercase spelling each; other
+# values (rare dances, free text) are dropped, never guessed from the meter.
+TUNE_TYPES = ("reel", "jig", "slip jig", "hornpipe", "strathspey", "clog", "air", "fling", "waltz", "slide",
+              "polka", "march", "mazurka", "barndance")
+_TYPE_SPELLINGS = {name.replace(" ", ""): name for name in TUNE_TYPES} | {"doublejig": "jig", "highlandfling": "fling"}
+
+
+def tune_type(value: str) -> str | None:
+    """R: text -> one of TUNE_TYPES, or None: "Slip Jig", "slipjig", "slip-jig" -> "slip jig"."""
+    return _TYPE_SPELLINGS.get(re.sub(r"[\s_-]+", "", value.lower()))
+
+
+def tune_types(tunes: list[str]) -> tuple[str, ...]:
+    """The types that the tunes' R: lines name, in TUNE_TYPES order."""
+    named = {m.group(1).strip() for m in (re.search(r"(?m)^R:(.*)$", t) for t in tunes) if m}
+    return tuple(name for name in TUNE_TYPES if name in named)
+
+
 def split_tunebook(text: str) -> list[list[str]]:
     """A tunebook -> the lines of each tune, from its X: line to the next blank line."""
     tunes, current = [], None
@@ -174,7 +192,9 @@ def clean_body_line(line: str) -> str:
 
 
 def normalize_tune(lines: list[str]) -> str | None:
-    """One tune's lines -> IrishMAN form (X:1, L:, M:, K:, body), or None to skip it.
+    """One tune's lines -> IrishMAN form (X:1, R:, L:, M:, K:, body), or None to skip it.
+
+    R: is kept only when it names one of TUNE_TYPES (as tune_type spells it).
 
     Skipped: tunes with several voices (V:), with no K: line, or whose body is not music
     (looks_like_music).
@@ -189,6 +209,8 @@ def normalize_tune(lines: list[str]) -> str | None:
             if not in_body:
                 if letter in "LMK" and letter not in header:
                     header[letter] = value
+                elif letter == "R" and letter not in header and tune_type(value):
+                    header[letter] = tune_type(value)
                 in_body = letter == "K"
             elif letter in "LMK":
                 body.append(f"[{letter}:{value}]")  # a mid-tune change, kept as an inline field
@@ -201,7 +223,7 @@ def normalize_tune(lines: list[str]) -> str | None:
                 body.append(line)
     if "K" not in header or not looks_like_music("\n".join(body)):
         return None
-    head = ["X:1"] + [f"{k}:{header[k]}" for k in "LMK" if k in header]
+    head = ["X:1"] + [f"{k}:{header[k]}" for k in "RLMK" if k in header]
     return "\n".join(head + body) + "\n"
 
 

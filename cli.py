@@ -146,10 +146,15 @@ def dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None =
         title = groups.get(f.name, "options")
         if title not in sections:
             sections[title] = parser.add_argument_group(title)
-        kind = types.get(f.name) or {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
         flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
+        default = getattr(defaults, f.name)
+        about = f"{comments.get(f.name, '')} (default: {({True: 'on', False: 'off'}.get(default, default))})"
+        if f.type == "bool":  # a switch: given, it is on
+            sections[title].add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=about)
+            continue
+        kind = types.get(f.name) or {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
         sections[title].add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name), default=None,
-                           help=f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)})")
+                                     help=about)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):

@@ -4,7 +4,8 @@ corpus: reading and writing collections of tunes, torch-free.
 Holds:
 - load_tunes: the "abc notation" texts of an IrishMAN-format JSON list of records (any path
   or URL pandas opens, hf://datasets/... included), of an .abc tunebook, or of a folder of
-  them; tunes that are not music are skipped and counted;
+  them; tunes that are not music are skipped and counted; load_records: the same with each
+  tune's "control code" ("" where the record has none, and for tunebooks);
 - read_irishman_json, read_text: the two readers, each failure one clear line (UserError);
 - write_irishman_json: tunes as IrishMAN records.
 """
@@ -21,7 +22,12 @@ from safe_write import write_atomic
 
 
 def load_tunes(path: str) -> list[str]:
-    """The "abc notation" texts of a collection.
+    """The "abc notation" texts of a collection (load_records without the codes)."""
+    return [tune for _, tune in load_records(path)]
+
+
+def load_records(path: str) -> list[tuple[str, str]]:
+    """(control code, abc notation) of each tune of a collection; "" where there is no code.
 
     path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
     path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them.
@@ -31,13 +37,17 @@ def load_tunes(path: str) -> list[str]:
     p = Path(path)
     if "://" not in path and not p.exists():
         raise UserError(f"{path}: no such file or folder")
-    tunes, skipped = read_tunebooks(p) if p.is_dir() or p.suffix.lower() == ".abc" else (read_irishman_json(path), 0)
+    if p.is_dir() or p.suffix.lower() == ".abc":
+        tunes, skipped = read_tunebooks(p)
+        records = [("", t) for t in tunes]
+    else:
+        records, skipped = read_irishman_json(path), 0
     why = f"{skipped} tunes skipped: several voices, no K: line, or not music" if skipped else ""
-    if not tunes:
+    if not records:
         raise UserError(f"{path}: no tunes found" + (f" ({why})" if why else ""))
     if skipped:
-        print(f"note: {path}: {len(tunes)} tunes read, {why}", file=sys.stderr)
-    return tunes
+        print(f"note: {path}: {len(records)} tunes read, {why}", file=sys.stderr)
+    return records
 
 
 def read_tunebooks(path: Path) -> tuple[list[str], int]:
@@ -57,7 +67,7 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def read_irishman_json(path: str) -> list[str]:
+def read_irishman_json(path: str) -> list[tuple[str, str]]:
     import pandas as pd  # only this reader needs it; import costs ~0.5 s
 
     try:
@@ -73,7 +83,9 @@ def read_irishman_json(path: str) -> list[str]:
         return []
     if "abc notation" not in df.columns:
         raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, df.columns))})")
-    return [str(t) for t in df["abc notation"] if isinstance(t, str) and t.strip()]
+    codes = df["control code"] if "control code" in df.columns else [""] * len(df)
+    return [(c if isinstance(c, str) else "", t) for c, t in zip(codes, df["abc notation"])
+            if isinstance(t, str) and t.strip()]
 
 
 def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None) -> None:

@@ -69,20 +69,22 @@ def example_inputs(cfg: musicrnn.Config, batch: int, vocab_size: int, seed: int 
     return tokens, h0, c0
 
 
-def metadata(cfg: musicrnn.Config, vocab: Vocabulary) -> dict[str, str]:
-    """Everything infer_onnx.py needs to encode a prompt and decode tokens, as strings."""
+def metadata(cfg: musicrnn.Config, vocab: Vocabulary, tune_types: tuple[str, ...] = ()) -> dict[str, str]:
+    """Everything infer_onnx.py needs to encode a prompt and decode tokens, as strings; "control"
+    says whether the model reads a control code before each tune (train --control)."""
     return {
         "musicrnn.format": exported_model.METADATA_FORMAT,
         "musicrnn.vocab": vocab.to_json(),
         "musicrnn.tokenizer": vocab.kind,
         "musicrnn.special_ids": json.dumps({t: vocab.index[t] for t in SPECIALS}),
         "musicrnn.config": json.dumps({k: getattr(cfg, k) for k in
-                                       ("embedding_dim", "hidden_dim", "num_layers", "tokenizer")}),
+                                       ("embedding_dim", "hidden_dim", "num_layers", "tokenizer", "control")}),
+        "musicrnn.tune_types": json.dumps(list(tune_types)),
     }
 
 
 def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabulary, out: Path,
-                overwrite: bool = True) -> None:
+                overwrite: bool = True, tune_types: tuple[str, ...] = ()) -> None:
     """Write the step graph with its metadata, checked by onnx.checker."""
     step = StepModel(model.eval())
     # An example batch of 1 would silently fix the batch dimension at 1, even with a Dim.
@@ -97,7 +99,7 @@ def export_onnx(model: musicrnn.MusicRNN, cfg: musicrnn.Config, vocab: Vocabular
             dynamic_shapes={"tokens": {0: batch}, "h0": {1: batch}, "c0": {1: batch}},
         )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata(cfg, vocab))
+    onnx.helper.set_model_props(proto, metadata(cfg, vocab, tune_types))
     onnx.checker.check_model(proto)
     write_atomic(out, proto.SerializeToString(), overwrite)
 
@@ -185,8 +187,9 @@ def export(args: argparse.Namespace) -> None:
     out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint])
     int8 = check_output(out.with_suffix(".int8.onnx"), "--int8", args.overwrite, inputs=[args.checkpoint]) \
         if args.int8 else None
-    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(args.checkpoint), args.checkpoint)
-    export_onnx(model, cfg, vocab, out, args.overwrite)
+    ckpt = musicrnn.load_checkpoint(args.checkpoint)
+    model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, args.checkpoint)
+    export_onnx(model, cfg, vocab, out, args.overwrite, musicrnn.model_facts(ckpt, cfg).tune_types)
     diff = parity(model, cfg, vocab, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
           f"max |onnxruntime - torch| = {diff:.2e}")

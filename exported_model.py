@@ -5,7 +5,8 @@ Holds:
 - load_model: the onnxruntime session, the vocabulary and the model shape from the file's
   metadata (METADATA_FORMAT names its version), checked by one trial step, or ModelError
   with one clear line;
-- onnx_step: the session as the sampler's step function, carrying the LSTM state (h, c).
+- onnx_step: the session as the sampler's step function, carrying the LSTM state (h, c);
+- model_facts: whether it reads control codes, and the tune types it knows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnxruntime as ort
 
 from abc_tokens import Vocabulary
 from cli import UserError, first_line
+from sampler import ModelFacts
 
 METADATA_FORMAT = "musicrnn-onnx-1"  # export.py writes it; bump it if the metadata changes
 
@@ -70,12 +72,18 @@ def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dic
         vocab = Vocabulary.from_json(meta["musicrnn.vocab"])
         config = json.loads(meta["musicrnn.config"])
         config["hidden_dim"], config["num_layers"] = int(config["hidden_dim"]), int(config["num_layers"])
+        config["tune_types"] = [str(name) for name in json.loads(meta.get("musicrnn.tune_types", "[]"))]
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {e})") from None
     if not (1 <= config["hidden_dim"] <= 65536 and 1 <= config["num_layers"] <= 64):
         raise ModelError(f"{path}: damaged musicrnn metadata (hidden_dim {config['hidden_dim']}, "
                          f"num_layers {config['num_layers']})")
     return vocab, config
+
+
+def model_facts(config: dict) -> ModelFacts:
+    """From the metadata: control codes or not (files exported before them have none), tune types."""
+    return ModelFacts(bool(config.get("control", False)), tuple(config["tune_types"]))
 
 
 def onnx_step(session: ort.InferenceSession, config: dict):

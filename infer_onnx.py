@@ -18,7 +18,7 @@ import sys
 
 import cli
 import sampler
-from exported_model import load_model, onnx_step
+from exported_model import load_model, model_facts, onnx_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> None:
     def load():
         session, vocab, config = load_model(args.model, args.threads)
-        return onnx_step(session, config), vocab
+        return onnx_step(session, config), vocab, model_facts(config)
 
     sampler.run_generation(load, args, args.model)
 

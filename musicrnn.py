@@ -55,7 +55,9 @@ import sampler
 from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune
 from abc_tokens import Vocabulary
 from cli import UserError
-from corpus import load_tunes
+from abc_form import control_code
+from abc_music import tune_types
+from corpus import load_records, load_tunes
 from distributed import World
 from safe_write import check_output, folder_lock, write_atomic
 from settings import FLAG_CHOICES, FLAG_TYPES, check_config, config_from_dict, resumed_config
@@ -67,6 +69,7 @@ class Config:
     train_data: str = "data/train.json"         # IrishMAN JSON, any pandas path, .abc file or folder
     val_data: str = "data/validation.json"      # the same, for validation
     limit: int | None = None                    # use only the first N training tunes (None = all)
+    control: bool = False                       # read each tune's control code (its form) before it: p(tune | form)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
     augment_key: float = 0.0                    # share (0..1) of training tunes put in a random key each epoch
@@ -98,10 +101,21 @@ class Config:
 #
 #     {"control code": "S:2\nB:8\n...", "abc notation": "X:1\nL:1/8\nM:6/8\nK:D\nA|dfa ..."}
 #
-# The control code describes the tune's form (sections, bars); the model reads the ABC.
-# corpus.load_tunes returns the "abc notation" texts. It also reads ABC tunebooks (.abc files
-# or folders of them), normalised into the same form by abc_music.normalize_tune: X:1, then
-# L:, M:, K:, then the music, with titles, comments and lyrics dropped.
+# The control code describes the tune's form (TunesFormer): S sections, B bars in each, E how
+# alike each later section is to every earlier one. By default the model reads the ABC alone;
+# with --control it reads the code first and learns p(tune | form), which generation then asks
+# for (--form). corpus.load_records returns both texts; a record without a code gets the one
+# abc_form.control_code computes. ABC tunebooks (.abc files or folders of them) are read too,
+# normalised into the same form by abc_music.normalize_tune: X:1, R: (the tune type, when
+# known), L:, M:, K:, then the music, with titles, comments and lyrics dropped.
+
+
+def load_collection(path: str, control: bool, limit: int | None = None) -> tuple[list[str], list[str] | None]:
+    """The first `limit` tunes of a collection and, for a --control model, their control codes:
+    as the records give them, else computed."""
+    records = load_records(path)[:limit]
+    tunes = [tune for _, tune in records]
+    return tunes, [code or control_code(tune) for code, tune in records] if control else None
 
 
 # -----------------------------------------------------------------------------
@@ -135,12 +149,18 @@ class MusicDataset(torch.utils.data.Dataset):
     """Each tune as <eos> tune <eos>: x = all but the last id, y = all but the first.
 
     The leading <eos> is the start symbol, so the model is scored on every token of
-    the tune, its first one and its end included.
+    the tune, its first one and its end included. With codes, each tune is read as
+    <eos> code tune <eos>, and the code's own tokens are not scored: they are the request,
+    given, so the loss and bits/char count the tune alone, comparable with a model without.
     """
 
-    def __init__(self, tunes: list[str], vocab: Vocabulary):
+    def __init__(self, tunes: list[str], vocab: Vocabulary, codes: list[str] | None = None):
         # int32 arrays, not lists of Python ints: 4 bytes a token instead of 8 or more
-        self.sequences = [np.array([vocab.eos_id, *vocab.encode(t), vocab.eos_id], dtype=np.int32) for t in tunes]
+        codes = codes or [""] * len(tunes)
+        self.sequences = [np.array([vocab.eos_id, *vocab.encode(c + t), vocab.eos_id], dtype=np.int32)
+                          for c, t in zip(codes, tunes)]
+        self.given = [len(vocab.encode(c)) for c in codes]  # leading tokens read but not scored
+        self.pad_id = vocab.pad_id
         self.chars = sum(len(t) for t in tunes)
         self.unknown = sum(int((seq == vocab.unk_id).sum()) for seq in self.sequences)
 
@@ -149,10 +169,17 @@ class MusicDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         seq = self.sequences[i]
-        return seq[:-1], seq[1:]  # the one-step shift: y[t] is the token after x[t]
+        x, y = seq[:-1], seq[1:].copy()  # the one-step shift: y[t] is the token after x[t]
+        y[: self.given[i]] = self.pad_id  # the code is read, never predicted: padding, to the loss
+        return x, y
 
     def lengths(self) -> np.ndarray:
+        """Tokens read per tune: what a batch pads to."""
         return np.array([len(s) - 1 for s in self.sequences])
+
+    def scored(self) -> np.ndarray:
+        """Tokens scored per tune (its code's left out): what the loss divides by."""
+        return self.lengths() - np.array(self.given, dtype=np.int64)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -283,6 +310,11 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     return ckpt
 
 
+def model_facts(ckpt: dict, cfg: Config) -> sampler.ModelFacts:
+    """What generation needs besides the vocabulary: control codes or not, the tune types known."""
+    return sampler.ModelFacts(cfg.control, tuple(ckpt.get("tune_types", ())))
+
+
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRNN, Config, Vocabulary]:
     cfg = config_from_dict(Config, ckpt["config"], path)
     with checkpoint_mismatch(path):
@@ -326,6 +358,7 @@ class Run:
     device: torch.device
     vocab: Vocabulary
     train_tunes: list[str]                        # as written; augmentation rewrites copies
+    train_codes: list[str] | None                 # their control codes, read before each (--control)
     train_set: MusicDataset
     val_set: MusicDataset
     model: MusicRNN
@@ -426,7 +459,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
 
     cfg, p, pad_id, world = run.cfg, run.progress, run.vocab.pad_id, run.world
     total_steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
-    lengths = train_set.lengths()
+    lengths, scored = train_set.lengths(), train_set.scored()
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
     started, sum_loss, sum_tokens, out_of_time = time.time(), 0.0, 0, False
@@ -438,7 +471,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
             out_of_time = True
             break
         x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
-        tokens = int(lengths[batch].sum())                                 # real tokens of the whole batch
+        tokens = int(scored[batch].sum())                                  # scored tokens of the whole batch
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
         loss = train_step(run.stepper, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
@@ -497,14 +530,15 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
         cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
     device = pick_device(device_name or cfg.device)
     seed_everything(cfg.seed)
-    train_tunes, val_tunes = load_tunes(cfg.train_data), load_tunes(cfg.val_data)
-    train_tunes = train_tunes[: cfg.limit] if cfg.limit else train_tunes
+    train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit)
+    val_tunes, val_codes = load_collection(cfg.val_data, cfg.control)
     with checkpoint_mismatch(str(last_path)):
-        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes, cfg)
+        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes + (train_codes or []), cfg)
         model = build_model(cfg, len(vocab)).to(device)
         world = world or World()
-        run = Run(cfg, device, vocab, train_tunes, MusicDataset(train_tunes, vocab), MusicDataset(val_tunes, vocab),
-                  model, torch.optim.Adam(model.parameters(), lr=cfg.lr), Progress(), world, model)
+        run = Run(cfg, device, vocab, train_tunes, train_codes, MusicDataset(train_tunes, vocab, train_codes),
+                  MusicDataset(val_tunes, vocab, val_codes), model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                  Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
     run.stepper = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
@@ -529,7 +563,7 @@ def save_checkpoint(path: Path, run: Run) -> None:
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "config": asdict(run.cfg), "vocab": run.vocab.to_dict(),
         "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
-        "history": p.history, "lr_scale": p.lr_scale,
+        "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
     }
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
@@ -578,7 +612,7 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
             nll = F.cross_entropy(logits.flatten(0, 1).float(), yc.to(device).flatten(),
                                   ignore_index=pad_id, reduction="sum")
             total_nll += nll.item()
-    total_nll, total_tokens = world.sum(total_nll), int(lengths.sum())
+    total_nll, total_tokens = world.sum(total_nll), int(dataset.scored().sum())
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
             "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}
@@ -668,7 +702,7 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
                  for t in run.train_tunes]
     log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
         f"by the range guard {cfg.transpose_range}")
-    return MusicDataset([t for t, _ in augmented], run.vocab)
+    return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)  # the form survives every rewrite
 
 
 # -----------------------------------------------------------------------------
@@ -743,7 +777,8 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     device = pick_device(args.device)
     model, cfg, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
-    metrics = evaluate(model.to(device), MusicDataset(load_tunes(args.data), vocab), vocab.pad_id, device)
+    tunes, codes = load_collection(args.data, cfg.control)  # a --control model reads each code first
+    metrics = evaluate(model.to(device), MusicDataset(tunes, vocab, codes), vocab.pad_id, device)
     if args.json:
         print(json.dumps({k: metrics[k] for k in ("loss", "perplexity", "bits_per_char", "tunes", "chars", "unknown")}))
     else:
@@ -756,8 +791,9 @@ def cmd_evaluate(args) -> None:
 def cmd_generate(args) -> None:
     def load():
         device = pick_device(args.device)
-        model, _, vocab = model_from_checkpoint(load_checkpoint(args.checkpoint, device), args.checkpoint)
-        return torch_step(model.to(device).eval(), device), vocab
+        ckpt = load_checkpoint(args.checkpoint, device)
+        model, cfg, vocab = model_from_checkpoint(ckpt, args.checkpoint)
+        return torch_step(model.to(device).eval(), device), vocab, model_facts(ckpt, cfg)
 
     sampler.run_generation(load, args, args.checkpoint)
 
@@ -786,16 +822,18 @@ def cmd_sweep(args) -> None:
 
 def torch_generator(checkpoint: str):
     device = torch.device("cpu")
-    model, cfg, vocab = model_from_checkpoint(load_checkpoint(checkpoint, device), checkpoint)
-    return lambda opts: generate(model, vocab, device, opts)
+    ckpt = load_checkpoint(checkpoint, device)
+    model, cfg, vocab = model_from_checkpoint(ckpt, checkpoint)
+    step, facts = torch_step(model, device), model_facts(ckpt, cfg)
+    return lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)
 
 
 def onnx_generator(path: str):
     import exported_model  # onnxruntime, imported only when a sweep asks for it
 
     session, vocab, config = exported_model.load_model(path)
-    step = exported_model.onnx_step(session, config)
-    return lambda opts: sampler.generate_tunes(step, vocab, opts)
+    step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
+    return lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_sweep,

@@ -2,7 +2,7 @@
 plots: corpus statistics and the pictures, written as PNG files (matplotlib, no display).
 
 Holds:
-- corpus_stats: tunes, characters, tune lengths, the most frequent ABC tokens and forms;
+- corpus_stats: tunes, characters, tune lengths, the most frequent ABC tokens, tune types and forms;
 - stats_text: those figures as `musicrnn.py stats` prints them;
 - plot_stats: the length histogram and the token counts;
 - plot_history: the training and validation loss per epoch (runs/loss.png).
@@ -11,6 +11,7 @@ Holds:
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 from abc_form import sections
 from abc_tokens import tokenize_abc
 from safe_write import write_atomic
+
+TYPE_LINE = re.compile(r"(?m)^R:(.*)$")
 
 
 def corpus_stats(tunes: list[str]) -> dict:
@@ -36,6 +39,7 @@ def corpus_stats(tunes: list[str]) -> dict:
         "tokens": {"max": int(token_lengths.max()), "mean": float(token_lengths.mean()),
                    "median": float(np.median(token_lengths))},
         "top_tokens": counts.most_common(20),
+        "types": Counter(m.group(1) if m else "none" for m in (TYPE_LINE.search(t) for t in tunes)).most_common(),
         "forms": Counter("+".join(str(s.bars) for s in sections(t)) for t in tunes).most_common(12),
         "_char_lengths": char_lengths, "_token_lengths": token_lengths,
     }
@@ -49,6 +53,7 @@ def stats_text(stats: dict) -> str:
         s = stats[unit]
         lines.append(f"length ({unit:<6}) max {s['max']:,}  mean {s['mean']:.1f}  median {s['median']:.0f}")
     lines.append("top 20 tokens    " + "  ".join(f"{tok!r}:{n:,}" for tok, n in stats["top_tokens"]))
+    lines.append("tune types (R:)  " + "  ".join(f"{name}:{n:,}" for name, n in stats["types"]))
     lines.append("forms (bars per section, sections joined by +)    "
                  + "  ".join(f"{form}:{n:,}" for form, n in stats["forms"]))
     return "\n".join(lines)

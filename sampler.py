@@ -30,7 +30,8 @@ import numpy as np
 
 import cli
 from abc_constraint import AbcConstraint
-from abc_music import parse_key, parse_meter
+from abc_form import MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
+from abc_music import TUNE_TYPES, parse_key, parse_meter, tune_type
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
 from rendering import render_tunebook, rendered_files
@@ -47,6 +48,19 @@ class SamplingOptions:
     constrained: bool = False       # mask every token that would break the tune (abc_constraint)
     max_bars: int = 32              # with constrained: end the tune cleanly after this many bars
     prompt: str = ""                # the text every tune starts from (a header, or the opening bars)
+    form: str = ""                  # a control code to write to ("S:2\nB:8\nE:3\nB:8\n"; "": any form)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What generation needs to know of a model besides its vocabulary."""
+    control_codes: bool = False     # trained with each tune's control code before it (train --control)
+    tune_types: tuple = ()          # the R: types its training tunes name, for --type
+
+
+def form_bars(code: str) -> tuple[int, ...]:
+    """The bars of each section that a control code asks for; () for no code."""
+    return parse_control_code(code)[0] if code else ()
 
 
 # -----------------------------------------------------------------------------
@@ -73,24 +87,29 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return np.minimum((cdf <= u).sum(axis=1), z.shape[1] - 1)         # (B,)
 
 
-def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions,
-                   constraint: AbcConstraint | None = None) -> list[str]:
+def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: AbcConstraint | None = None,
+                   facts: ModelFacts = ModelFacts()) -> list[str]:
     """opts.num tunes as one batch, each the prompt followed by what the model writes until <eos>.
 
     The prompt is fed one token at a time, as generation is, so both back ends run the same
     code path. Rows stop independently at <eos>. With opts.constrained, illegal tokens get
     -inf before the draw, from a new AbcConstraint or the one given (its mask cache kept).
+    A model trained with control codes reads opts.form before the prompt (and, without one,
+    writes a code itself); the tunes come back without it.
     """
-    prompt_ids = encode_prompt(vocab, opts.prompt)
+    coded = facts.control_codes
+    model_prompt = (opts.form if coded else "") + opts.prompt
+    prompt_ids = encode_prompt(vocab, model_prompt)
     if not opts.constrained:
         constraint = None
     elif constraint is None:
-        constraint = AbcConstraint(vocab, opts.max_bars)
+        constraint = AbcConstraint(vocab, opts.max_bars, coded=coded)
     rng, num = np.random.default_rng(opts.seed), opts.num
     state = None
     for tok in prompt_ids[:-1]:
         _, state = step(np.full((num, 1), tok, dtype=np.int64), state)
-    tunes = [constraint.start(opts.prompt) for _ in range(num)] if constraint else []
+    form = () if coded else form_bars(opts.form)  # a coded model's prompt names its form itself
+    tunes = [constraint.start(model_prompt, form) for _ in range(num)] if constraint else []
     tokens = np.full(num, prompt_ids[-1], dtype=np.int64)             # (B,)
     out, done = [[] for _ in range(num)], np.zeros(num, dtype=bool)
     for t in range(opts.max_tokens):
@@ -108,7 +127,8 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions,
                 constraint.advance(tunes[b], int(tokens[b]))
         if done.all():
             break
-    return [opts.prompt + vocab.decode(row) for row in out]
+    texts = [model_prompt + vocab.decode(row) for row in out]
+    return [strip_control_code(t) for t in texts] if coded else texts
 
 
 # -----------------------------------------------------------------------------
@@ -118,7 +138,7 @@ BATCH = 64  # tunes generated at once: memory stays bounded whatever --num asks 
 
 
 def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint: AbcConstraint | None = None,
-                     batch: int = BATCH):
+                     facts: ModelFacts = ModelFacts(), batch: int = BATCH):
     """opts.num tunes in batches of at most `batch`, yielded as each batch finishes.
 
     The first batch draws from opts.seed itself (so up to `batch` tunes are exactly
@@ -126,10 +146,10 @@ def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint:
     serves every batch, so its mask cache fills once.
     """
     if opts.constrained and constraint is None:
-        constraint = AbcConstraint(vocab, opts.max_bars)
+        constraint = AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
     for k, first in enumerate(range(0, opts.num, batch)):
         part = replace(opts, num=min(batch, opts.num - first), seed=opts.seed if k == 0 else (opts.seed, k))
-        yield generate_tunes(step, vocab, part, constraint)
+        yield generate_tunes(step, vocab, part, constraint, facts)
 
 
 def tunebook(bodies: list[str], first: int = 1) -> str:
@@ -161,12 +181,12 @@ def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
 
 def run_generation(load_model, args: argparse.Namespace, model_path: str) -> None:
     """The generate command of musicrnn.py and infer_onnx.py: check the flags and the outputs,
-    then load_model() -> (step, vocab), then stream the tunes out and render them if asked."""
+    then load_model() -> (step, vocab, facts), then stream the tunes out and render them if asked."""
     opts = sampling_options(args)
     out = check_outputs(args, model_path)
-    step, vocab = load_model()
-    constraint = check_against_vocabulary(opts, vocab)
-    write_tunes(generate_batches(step, vocab, opts, constraint), opts.num, out, args.overwrite)
+    step, vocab, facts = load_model()
+    opts, constraint = check_against_model(opts, vocab, facts, args.type)
+    write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite)
     if out and args.render:
         for line in render_tunebook(out, args.overwrite):
             print(line, file=sys.stderr)
@@ -185,17 +205,37 @@ def check_outputs(args: argparse.Namespace, model_path: str) -> Path | None:
     return out
 
 
-def check_against_vocabulary(opts: SamplingOptions, vocab: Vocabulary) -> AbcConstraint | None:
-    """What only the model can answer: is top-k within its vocabulary, can it read (and, when
-    constrained, continue) the prompt. Returns the constraint that generation will use."""
+def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFacts,
+                        type_asked: str | None = None) -> tuple[SamplingOptions, AbcConstraint | None]:
+    """What only the model can answer: is top-k within its vocabulary, does it know the tune
+    type, can it read (and, when constrained, continue) the prompt. Returns the options with
+    the type's R: line in the prompt, and the constraint that generation will use."""
     if opts.top_k is not None and opts.top_k > len(vocab):
         raise UserError(f"--top-k {opts.top_k}: the model has only {len(vocab)} tokens")
-    encode_prompt(vocab, opts.prompt)
+    if type_asked is not None:
+        opts = replace(opts, prompt=typed_prompt(opts.prompt, type_asked, facts))
+    if facts.control_codes and opts.prompt and not opts.form:
+        raise PromptError("this model was trained with control codes, which come before the header: with "
+                          "--prompt, --meter, --key or --type, give --form or --sections/--bars too")
+    if opts.form and not facts.control_codes and not opts.constrained:
+        print("note: this model was trained without control codes (train --control): only --constrained "
+              "holds it to --form", file=sys.stderr)
+    coded_prompt = (opts.form if facts.control_codes else "") + opts.prompt
+    encode_prompt(vocab, coded_prompt)
     if not opts.constrained:
-        return None
-    constraint = AbcConstraint(vocab, opts.max_bars)
-    constraint.start(opts.prompt)
-    return constraint
+        return opts, None
+    constraint = AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
+    constraint.start(coded_prompt, () if facts.control_codes else form_bars(opts.form))
+    return opts, constraint
+
+
+def typed_prompt(prompt: str, asked: str, facts: ModelFacts) -> str:
+    """The header prompt with the R: line of --type after its X:1."""
+    name = tune_type(asked)
+    if name is None or name not in facts.tune_types:
+        known = ", ".join(facts.tune_types) or "none: it was trained on tunes without R: lines"
+        raise PromptError(f"--type {asked}: unknown to this model; it knows {known}")
+    return re.sub(r"\AX:1\n|\A", f"X:1\nR:{name}\n", prompt, count=1)
 
 
 # -----------------------------------------------------------------------------
@@ -227,7 +267,18 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8", "C" or "C|"')
     start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix"')
-    start.add_argument("--prompt", help='start from this ABC text instead of --meter/--key, e.g. "X:1\\nL:1/8\\n"')
+    start.add_argument("--type", help=f'prime the header with this tune type (R:), e.g. "jig", "reel" or "slip jig"; '
+                                      f'one the model met in training (normalised: {", ".join(TUNE_TYPES)})')
+    start.add_argument("--prompt", help='start from this ABC text instead of --meter/--key/--type, e.g. '
+                                        '"X:1\\nL:1/8\\n"')
+    form = parser.add_argument_group("form (sections and bars; exact with --constrained)")
+    form.add_argument("--form", help='an IrishMAN control code: S:sections, B:bars of the first section, then for '
+                                     'each later section E:similarity (0-10) to every earlier one and its B:bars; '
+                                     'lines apart by spaces, e.g. "S:2 B:8 E:3 B:8" (two parts of 8 bars)')
+    form.add_argument("--sections", type=cli.int_in(1, MAX_SECTIONS),
+                      help=f"the same, spelt short: this many sections (1-{MAX_SECTIONS}), with --bars")
+    form.add_argument("--bars", help='with --sections: bars per section (1-32), one number for all or one per '
+                                     'section, e.g. "8" or "8,8,16"; similarities default to E:3')
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
                                       "unless --overwrite)")
@@ -239,14 +290,40 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The options that the sampling flags ask for; meter and key checked alike in both modes."""
-    if args.prompt is not None and (args.meter or args.key):
-        raise PromptError("--prompt cannot be combined with --meter or --key")
+    if args.prompt is not None and (args.meter or args.key or args.type):
+        raise PromptError("--prompt cannot be combined with --meter, --key or --type")
     if args.meter is not None and parse_meter(args.meter) is None:
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
     if args.key is not None and parse_key(args.key) is None:
         raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
+    form = requested_form(args)
+    if len(form_bars(form)) and sum(form_bars(form)) * TOKENS_PER_BAR > args.max_tokens:
+        raise UserError(f"--max-tokens {args.max_tokens} is too few for {sum(form_bars(form))} bars: give at least "
+                        f"{TOKENS_PER_BAR} per bar, --max-tokens {sum(form_bars(form)) * TOKENS_PER_BAR}")
     return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                            max_tokens=args.max_tokens, constrained=args.constrained, max_bars=args.max_bars,
-                           prompt=header_prompt(args.meter, args.key, args.prompt))
+                           prompt=header_prompt(args.meter, args.key, args.prompt), form=form)
+
+
+TOKENS_PER_BAR = 24  # the token budget a requested bar needs at least (a 6/8 bar is ~10 characters, ornaments aside)
+
+
+def requested_form(args: argparse.Namespace) -> str:
+    """The control code that --form, or --sections with --bars, asks for ("" for none)."""
+    if args.form is not None and (args.sections or args.bars):
+        raise PromptError("give --form, or --sections with --bars, not both")
+    if args.form is not None:
+        return parse_control_code(args.form)[1]
+    if args.sections is None and args.bars is None:
+        return ""
+    if args.sections is None or args.bars is None:
+        raise PromptError("--sections and --bars go together, e.g. --sections 2 --bars 8")
+    parts = args.bars.replace(" ", "").split(",")
+    if not all(p.isdigit() for p in parts) or len(parts) not in (1, args.sections):
+        raise PromptError(f"--bars {args.bars}: one number, or {args.sections} numbers apart by commas")
+    bars = [int(p) for p in parts] * (args.sections if len(parts) == 1 else 1)
+    if not all(1 <= n <= MAX_BARS for n in bars):
+        raise PromptError(f"--bars {args.bars}: bars per section must be 1 to {MAX_BARS}")
+    return form_code(bars)

@@ -39,7 +39,7 @@ import cli
 import sampler
 from abc_constraint import AbcConstraint
 from cli import UserError
-from exported_model import load_model, onnx_step
+from exported_model import load_model, model_facts, onnx_step
 from rendering import missing_tools, render_tune
 
 MAX_TUNES = 8               # tunes per request
@@ -98,7 +98,8 @@ def sampling_options(form: dict[str, str]) -> sampler.SamplingOptions:
             values[name] = read(form.get(name, ""))
         except ArgumentTypeError as e:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
-    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, **values)
+    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, type=None, form=None,
+                     sections=None, bars=None, **values)
     with user_errors_as_bad_requests():
         return sampler.sampling_options(args)
 
@@ -122,8 +123,8 @@ class TuneServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], model: str, folder: Path):
         session, self.vocab, config = load_model(model)
-        self.step, self.folder = onnx_step(session, config), folder
-        self.constraint = AbcConstraint(self.vocab)   # its mask cache serves every request
+        self.step, self.folder, self.facts = onnx_step(session, config), folder, model_facts(config)
+        self.constraint = AbcConstraint(self.vocab, coded=self.facts.control_codes)  # its mask cache serves all
         self.generating = threading.Lock()            # one generation at a time: it holds the GIL anyway
         self.active = threading.BoundedSemaphore(MAX_ACTIVE)
         self.pruning = threading.Lock()
@@ -134,10 +135,9 @@ class TuneServer(ThreadingHTTPServer):
     def write_tunes(self, opts: sampler.SamplingOptions) -> tuple[str, list[dict]]:
         """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
         with self.generating, user_errors_as_bad_requests():
+            sampler.check_against_model(opts, self.vocab, self.facts)  # refuses a header the automaton cannot fill
             constraint = self.constraint if opts.constrained else None
-            if constraint:
-                constraint.start(opts.prompt)  # refuses a header the automaton cannot fill
-            tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint)
+            tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
         name = secrets.token_hex(16)
         folder = self.folder / name
         folder.mkdir()

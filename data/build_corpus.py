@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -62,10 +63,20 @@ def read_books(wheel: Path, books: list[str]) -> tuple[list[str], dict[str, int]
 
 
 def split_train_validation(tunes: list[str], val_percent: int = 5) -> tuple[list[str], list[str]]:
-    """De-duplicate, then split by a hash of each tune's text: stable under reordering."""
-    unique = list(dict.fromkeys(tunes))
-    in_val = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % 100 < val_percent for t in unique]
+    """De-duplicate, then split by a hash of each tune's music: stable under reordering.
+
+    The tune type (R:) is left out of both, so that two copies of a tune that differ only in
+    it count once, and keeping R: moved no tune between the two files."""
+    first = {}
+    for t in tunes:
+        first.setdefault(without_type(t), t)
+    unique = list(first.values())
+    in_val = [int(hashlib.sha256(without_type(t).encode()).hexdigest(), 16) % 100 < val_percent for t in unique]
     return ([t for t, v in zip(unique, in_val) if not v], [t for t, v in zip(unique, in_val) if v])
+
+
+def without_type(tune: str) -> str:
+    return re.sub(r"(?m)^R:.*\n", "", tune, count=1)
 
 
 def provenance(counts: dict[str, int], essen_counts: dict[str, int], n_all: int, train: list[str],
