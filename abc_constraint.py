@@ -25,7 +25,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from abc_form import CODE_LINES, next_code_field
+from abc_form import CODE_LINES, MAX_LEVEL, next_code_field
 from abc_music import CHORD_SYMBOL, TUNE_TYPES, default_unit, note_shape, parse_meter, pitch_spelling
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
@@ -228,8 +228,7 @@ class AbcConstraint:
         self.char_ids = char_ids
         info = body_tokens()
         self.body = _PrefixTable(info, char_ids)  # only what this vocabulary can spell
-        lines = dict(zip(HEADER_ORDER, HEADER_LINES)) | (CODE_LINES if coded else {})
-        self.lines = {letter: _PrefixTable(spelled, char_ids) for letter, spelled in lines.items()}
+        self.lines = {letter: _PrefixTable(spelled, char_ids) for letter, spelled in zip(HEADER_ORDER, HEADER_LINES)}
         if not all(table.strings for letter, table in self.lines.items() if letter not in OPTIONAL_FIELDS):
             raise PromptError("--constrained: the model's vocabulary cannot spell a header")
         self.kind = np.array([info[s][0] for s in self.body.strings], dtype=np.int8)    # (N,)
@@ -248,7 +247,8 @@ class AbcConstraint:
         whole = [vocab.tokens[i] for i in self.whole_ids]
         self.whole_body = np.array([self.at.get(t, -1) for t in whole], dtype=np.int64)
         self.whole_first = np.array([self.char_ids.get(t[0], -1) for t in whole], dtype=np.int64)
-        self.whole_lines = {letter: np.isin(whole, spelled) for letter, spelled in lines.items()}
+        self.whole_lines = {letter: np.isin(whole, spelled) for letter, spelled in zip(HEADER_ORDER, HEADER_LINES)}
+        self.whole = whole
         self.cache: dict[tuple, np.ndarray] = {}
 
     # --- state ------------------------------------------------------------------
@@ -277,7 +277,7 @@ class AbcConstraint:
             else:
                 self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []
-        if state.pending and tables and not any(state.pending in table.prefixes for _, table in tables):
+        if state.pending and tables and not any(state.pending in table.prefixes for table, _ in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
@@ -306,14 +306,26 @@ class AbcConstraint:
                 self._commit(state, state.pending)
             state.pending, state.pending_must_end = token, state.must_end
 
-    def _line_tables(self, s: TuneState) -> list[tuple[str, _PrefixTable]]:
-        """The header or code lines that may come next: (letter, its table) for each."""
+    def _line_tables(self, s: TuneState) -> list[tuple[_PrefixTable, np.ndarray]]:
+        """The header or code lines that may come next: (their table, the whole tokens among them)."""
         if s.phase == CODE:
-            letters = next_code_field(s.code)
-        else:
-            letters = HEADER_ORDER[s.phase] + (HEADER_ORDER[s.phase + 1] if HEADER_ORDER[s.phase] in OPTIONAL_FIELDS
-                                               else "")
-        return [(letter, self.lines[letter]) for letter in letters]
+            return [self._code_table(s.code)]
+        letters = HEADER_ORDER[s.phase] + (HEADER_ORDER[s.phase + 1] if HEADER_ORDER[s.phase] in OPTIONAL_FIELDS else "")
+        return [(self.lines[letter], self.whole_lines[letter]) for letter in letters]
+
+    def _code_table(self, code: tuple[str, ...]) -> tuple[_PrefixTable, np.ndarray]:
+        """The code's next line, as the code's order allows; a code the model writes itself
+        names at most max_bars bars in all, so the tune fits the budget that --max-bars sets."""
+        letter = next_code_field(code)
+        bars = sum(int(line[2:]) for line in code if line[0] == "B")
+        sections_after = int(code[0][2:]) - 1 - sum(line[0] == "B" for line in code) if code else 0
+        limit = self.max_bars - bars - sections_after if letter in "SB" else MAX_LEVEL
+
+        def build():
+            lines = [line for line in CODE_LINES[letter] if int(line[2:]) <= limit]
+            return _PrefixTable(lines, self.char_ids), np.isin(self.whole, lines)
+
+        return self._cached(("code", letter, limit), build)
 
     def _advance_header(self, state: TuneState, text: str) -> None:
         for ch in text:
@@ -471,12 +483,12 @@ class AbcConstraint:
 
     def _header_mask(self, s: TuneState) -> np.ndarray:
         mask = np.zeros(len(self.vocab), dtype=bool)
-        for letter, table in self._line_tables(s):
+        for table, whole in self._line_tables(s):
             mask[table.children(s.pending)[0]] = True
             if s.pending in table.index:
                 mask[self.char_ids["\n"]] = True
             if not s.pending:
-                mask[self.whole_ids[self.whole_lines[letter]]] = True
+                mask[self.whole_ids[whole]] = True
         return mask
 
     def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:

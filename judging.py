@@ -22,6 +22,7 @@ import numpy as np
 
 from abc_constraint import SECTION_ENDS
 from abc_music import note_tokens, pitch_class, pitch_spelling, tune_body
+from rendering import for_abc2midi
 
 # -----------------------------------------------------------------------------
 # abc2midi, the judge
@@ -36,13 +37,13 @@ def abc2midi_available() -> bool:
 def check_with_abc2midi(tune: str) -> dict:
     """Run abc2midi on one tune. It exits 0 even on errors, so its output is what counts.
 
-    valid: a MIDI file is written and no "Error" line is printed.
+    valid: a MIDI file is written and no "Error" line is printed (R:hornpipe aside: for_abc2midi).
     bar_clean: valid, and no "Bar N has X time units" warning (abc2midi does not warn
     about a pickup bar or the short last bar that completes it).
     """
     with tempfile.TemporaryDirectory() as tmp:
         src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
-        src.write_text(tune if tune.startswith("X:") else "X:1\n" + tune)
+        src.write_text(for_abc2midi(tune if tune.startswith("X:") else "X:1\n" + tune))
         result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True, timeout=30)
         lines = (result.stdout + result.stderr).splitlines()
         valid = midi.exists() and midi.stat().st_size > 0 and not any("Error" in line for line in lines)

@@ -62,6 +62,17 @@ def run_tool(args: list[str], cwd: Path, timeout: float) -> bool:
         return False
 
 
+def for_abc2midi(abc: str) -> str:
+    """The tune as abc2midi should read it: as written, without an R:hornpipe line. abc2midi takes
+    that line as an order to swing pairs of notes, then refuses every meter but 2/4 and 4/4 and
+    miscounts bars (measured on the corpus: 33 of its first 80 hornpipes valid with the line, 79
+    without). Scores and downloads keep it."""
+    return _HORNPIPE_LINE.sub("", abc)
+
+
+_HORNPIPE_LINE = re.compile(r"(?mi)^R:\s*hornpipe\s*\n")
+
+
 # -----------------------------------------------------------------------------
 # one tune
 
@@ -78,12 +89,14 @@ def render_tune(abc: str, folder: Path, stem: str, timeout: float = 20.0) -> dic
         pages = sorted(folder.glob(f"{stem}[0-9][0-9][0-9].svg"))
         if pages:  # abcm2ps numbers its pages: the first holds a tune of a page or less
             made["score"] = pages[0].replace(folder / f"{stem}.svg")
-    midi = folder / f"{stem}.mid"
-    if "MIDI" not in missing and run_tool(["abc2midi", made["abc"].name, "-o", midi.name], folder, timeout) \
+    midi, played = folder / f"{stem}.mid", folder / f".{stem}.play.abc"
+    played.write_text(for_abc2midi(abc), encoding="utf-8")
+    if "MIDI" not in missing and run_tool(["abc2midi", played.name, "-o", midi.name], folder, timeout) \
             and midi.exists():
         made["MIDI"] = midi
         if "audio" not in missing and write_audio(midi, folder / f"{stem}.wav", timeout):
             made["audio"] = folder / f"{stem}.wav"
+    played.unlink()
     return made
 
 
@@ -184,9 +197,11 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0)
     missing = missing_tools()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
         work = Path(scratch)
-        shutil.copy(path, work / path.name)
+        text = path.read_text(encoding="utf-8")
         if "MIDI" not in missing:
+            (work / path.name).write_text(for_abc2midi(text), encoding="utf-8")
             run_tool(["abc2midi", path.name], work, timeout)
+        (work / path.name).write_text(text, encoding="utf-8")
         if "score" not in missing:
             run_tool([*SCORE, path.name, "-O", stem + ".svg"], work, timeout)
         if "audio" not in missing:

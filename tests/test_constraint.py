@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 import abc_constraint
+import abc_form
 import abc_tokens
 import judging
 import sampler
 from abc_constraint import AbcConstraint
 from abc_tokens import PromptError, Vocabulary
 
-ABC_CHARS = sorted(set("ABCDEFGabcdefgzxZ^_=,'/0123456789|:[](){}<>-~.!\"+ \nXLMKTHuvmrtilcoenad#bjs"))
+ABC_CHARS = sorted(set("ABCDEFGabcdefgzxZ^_=,'/0123456789|:[](){}<>-~.!\"+ \nXLMKRSTHuvmrtilcoenad#bjsph"))
 VOCAB = Vocabulary("char", abc_tokens.SPECIALS + ABC_CHARS)
 HEAD = "X:1\nL:1/8\nM:2/4\nK:D\n"  # a full bar is 4 units of L
 FULL = "defg|"  # a full first bar: after it, a short bar is an error, not a pickup
@@ -184,19 +185,23 @@ def test_a_vocabulary_without_bar_lines_is_refused():
         AbcConstraint(Vocabulary("char", abc_tokens.SPECIALS + list("ABCabc")))
 
 
-@pytest.mark.parametrize("head", [
-    "X:1\nL:1/8\nM:6/8\nK:D\n", "X:1\nL:1/16\nM:4/4\nK:G\n", "X:1\nL:1/4\nM:3/4\nK:Ador\n",
-    "X:1\nL:1/8\nM:C|\nK:Bb\n", "X:1\nM:2/4\nK:E\n", "",  # "": the tune writes its own header
+@pytest.mark.parametrize("head, form, coded", [
+    ("X:1\nL:1/8\nM:6/8\nK:D\n", (), False), ("X:1\nL:1/16\nM:4/4\nK:G\n", (), False),
+    ("X:1\nL:1/4\nM:3/4\nK:Ador\n", (), False), ("X:1\nL:1/8\nM:C|\nK:Bb\n", (), False),
+    ("X:1\nM:2/4\nK:E\n", (), False), ("", (), False),  # "": the tune writes its own header
+    ("X:1\nL:1/8\nM:6/8\nK:D\n", (4, 2, 3), False),   # a requested form
+    ("", (), True),                                       # a control code, then the form it names
 ])
 @pytest.mark.slow
-def test_cached_masks_equal_masks_built_afresh(head):
+def test_cached_masks_equal_masks_built_afresh(head, form, coded):
     """Every mask the cache serves equals the one the rules build for that very state, over
     many tunes from random logits: the cache key leaves out nothing the rules read."""
-    cached, fresh = AbcConstraint(VOCAB, max_bars=12), AbcConstraint(VOCAB, max_bars=12, use_cache=False)
-    rng, steps = np.random.default_rng(len(head)), 0
+    cached = AbcConstraint(VOCAB, max_bars=12, coded=coded)
+    fresh = AbcConstraint(VOCAB, max_bars=12, use_cache=False, coded=coded)
+    rng, steps = np.random.default_rng(len(head) + len(form)), 0
     for _ in range(20):
-        a, b = cached.start(head), fresh.start(head)
-        for left in range(400, 0, -1):
+        a, b = cached.start(head, form), fresh.start(head, form)
+        for left in range(1000 if coded else 400, 0, -1):
             mask = cached.mask(a, left)
             assert np.array_equal(mask, fresh.mask(b, left)), a
             assert np.array_equal(cached.penalty(a, left), fresh.penalty(b, left))
@@ -237,3 +242,79 @@ def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
     assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
+
+
+# -----------------------------------------------------------------------------
+# forms: sections and bars held exactly, as abc_form counts them
+
+
+def random_logits_tunes(constraint, prompt: str, form=(), num: int = 8, seed: int = 0) -> list[str]:
+    """Tunes written by random logits under the constraint: only the constraint keeps them right."""
+    rng, tunes = np.random.default_rng(seed), []
+    for _ in range(num):
+        state, out = constraint.start(prompt, form), []
+        for left in range(1500, 0, -1):
+            logits = rng.normal(size=(1, len(VOCAB))) * 3 + constraint.penalty(state, left)
+            token = int(sampler.sample_next(logits, rng)[0])
+            constraint.advance(state, token)
+            if token == VOCAB.eos_id:
+                break
+            out.append(token)
+        assert state.ended
+        tunes.append(prompt + VOCAB.decode(out))
+    return tunes
+
+
+def sections_and_bars(tune: str) -> tuple[int, ...]:
+    return tuple(s.bars for s in abc_form.sections(tune))
+
+
+@pytest.mark.parametrize("head, form", [
+    ("X:1\nL:1/8\nM:6/8\nK:D\n", (8, 8)), ("X:1\nL:1/8\nM:4/4\nK:G\n", (8, 8)), ("", (8, 8, 8)),
+    ("X:1\nL:1/8\nM:3/4\nK:Ador\n", (16,)), ("X:1\nL:1/16\nM:2/4\nK:A\n", (4, 4, 4, 4)),
+    ("X:1\nL:1/8\nM:6/8\nK:D\nA|", (3, 5, 2)),       # a pickup: every section then ends on a short bar
+    ("X:1\nL:1/8\nM:9/8\nK:D\n", (1,)),
+])
+def test_a_requested_form_is_held_exactly(constraint, head, form):
+    tunes = random_logits_tunes(constraint, head, form)
+    assert [sections_and_bars(t) for t in tunes] == [form] * len(tunes)
+    assert all(abc_form.control_code(t).startswith(f"S:{len(form)}\nB:{form[0]}\n") for t in tunes)
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the forms held")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
+
+
+def test_endings_count_as_abc_form_counts_them(constraint):
+    """Endings are where the two counts could part: tunes that use them, of the right length."""
+    tunes = [t for seed in range(6) for t in random_logits_tunes(constraint, HEAD, (6, 6), num=10, seed=seed)]
+    with_endings = [t for t in tunes if "|1" in t]
+    assert len(with_endings) >= 3
+    assert {sections_and_bars(t) for t in with_endings} == {(6, 6)}
+
+
+def test_a_coded_tune_writes_its_code_then_holds_its_form():
+    coded = AbcConstraint(VOCAB, max_bars=16, coded=True)  # a code it writes itself names at most 16 bars
+    tunes = random_logits_tunes(coded, "", num=10, seed=3)
+    assert all(sum(abc_form.parse_control_code(t[: t.index("X:")])[0]) <= 16 for t in tunes)
+    for text in tunes:
+        bars, _ = abc_form.parse_control_code(text[: text.index("X:")])
+        assert sections_and_bars(abc_form.strip_control_code(text)) == bars
+    given = random_logits_tunes(coded, "S:2\nB:4\nE:3\nB:4\nX:1\nL:1/8\nM:6/8\nK:D\n", num=4)
+    assert {sections_and_bars(abc_form.strip_control_code(t)) for t in given} == {(4, 4)}
+
+
+@pytest.mark.parametrize("prompt, says", [
+    ("X:1\n", "needs a S: line next"), ("S:2\nB:8\nB:8\n", "needs a E: line next"),
+    ("S:9\n", "needs a S: line next"),
+])
+def test_a_coded_prompt_must_be_a_code(prompt, says):
+    with pytest.raises(PromptError, match=says):
+        AbcConstraint(VOCAB, coded=True).start(prompt)
+
+
+def test_the_tune_type_line_is_optional_and_comes_after_x(constraint):
+    assert legal_chars(constraint, "X:1\n") >= {"R", "L"}
+    assert accepts(constraint, "A2|", head="X:1\nR:jig\nL:1/8\nM:6/8\nK:D\n")
+    assert "R" not in legal_chars(constraint, "X:1\nL:1/8\n")
+    with pytest.raises(PromptError, match="in order"):
+        constraint.start("X:1\nL:1/8\nR:jig\n")

@@ -59,3 +59,46 @@ def test_similarity_levels_run_from_unrelated_to_identical():
     assert abc_form.similarity_level(a, c) == 10  # one note of 22 changed: 0.95, rounded
     assert abc_form.similarity_level(a, abc_form.sections(tune("DFA dFA|GBd gfe"))[0]) == 5  # half of it
     assert abc_form.levenshtein(list("kitten"), list("sitting")) == 3
+
+
+# -----------------------------------------------------------------------------
+# requests: the two spellings of a form, and what is out of range
+
+
+@pytest.mark.parametrize("text", ["S:2 B:8 E:3 B:8", "S:2\nB:8\nE:3\nB:8\n", "S:2\\nB:8\\nE:3\\nB:8", "S:2,B:8,E:3,B:8"])
+def test_a_control_code_is_read_in_any_of_its_spellings(text):
+    assert abc_form.parse_control_code(text) == ((8, 8), "S:2\nB:8\nE:3\nB:8\n")
+
+
+def test_a_short_spelling_makes_the_same_code_as_the_long_one():
+    assert abc_form.form_code([8, 8, 16]) == "S:3\nB:8\nE:3\nB:8\nE:3\nE:3\nB:16\n"
+    assert abc_form.parse_control_code(abc_form.form_code([8, 8, 16]))[0] == (8, 8, 16)
+    # and a computed code reads back as the tune's own form
+    code = abc_form.control_code(tune(f"|:{A}:|\n|:{B}:|\n|:{A}:|"))
+    assert abc_form.parse_control_code(code) == ((4, 4, 4), code)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("S:0 B:8", "sections must be 1 to 8"), ("S:9", "sections must be 1 to 8"),
+    ("S:2 B:40 E:3 B:8", "bars in a section must be 1 to 32"), ("S:1 B:0", "bars in a section must be 1 to 32"),
+    ("S:2 B:8 E:11 B:8", "similarity levels must be 0 to 10"), ("S:2 B:8", "incomplete"),
+    ("S:2 B:8 B:8", "expected E:"), ("S:1 B:8 E:3", "expected no more lines"), ("", "incomplete"),
+    ("two parts", "expected S:"),
+])
+def test_an_impossible_code_is_refused_with_its_reason(text, says):
+    with pytest.raises(abc_form.PromptError, match=says):
+        abc_form.parse_control_code(text)
+
+
+def test_the_code_lines_come_in_irishmans_order():
+    order = []
+    for _ in range(8):
+        letter = abc_form.next_code_field(order)
+        if letter == "X":
+            break
+        order.append(letter + ":1" if letter != "S" else "S:3")
+    assert [line[0] for line in order] == list("SBEBEEB")
+
+
+def test_a_generated_code_is_taken_off_the_tune():
+    assert abc_form.strip_control_code("S:1\nB:8\nX:1\nK:D\nS:1 is no code here\n") == "X:1\nK:D\nS:1 is no code here\n"
