@@ -51,9 +51,10 @@ def tiny_onnx(tiny_run) -> Path:
     """The tiny model exported to ONNX."""
     import export
 
-    model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(str(tiny_run / "best.pt")))
+    ckpt = musicrnn.load_checkpoint(str(tiny_run / "best.pt"))
+    model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt)
     path = tiny_run / "tiny.onnx"
-    export.export_onnx(model, cfg, vocab, path)
+    export.export_onnx(model, cfg, vocab, path, tune_types=musicrnn.model_facts(ckpt, cfg).tune_types)
     return path
 
 

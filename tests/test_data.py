@@ -19,6 +19,15 @@ def test_normalise_keeps_music_drops_the_rest():
     assert tune == 'X:1\nL:1/8\nM:6/8\nK:G\n"G"GAB c2d | "D7"e3 d3 |]\nABc\n'
 
 
+@pytest.mark.parametrize("written, kept", [
+    ("R:Reel", "reel"), ("R: slip jig", "slip jig"), ("R:Slipjig", "slip jig"), ("R:Double Jig", "jig"),
+    ("R:Highland Fling", "fling"), ("R:HORNPIPE", "hornpipe"), ("R:Schottische", None), ("R:", None),
+])
+def test_the_tune_type_is_kept_after_x_in_one_spelling(written, kept):
+    tune = abc_music.normalize_tune(["X:3", "T:Title", "M:2/4", "L:1/8", written, "K:D", "ABcd|", "R:jig", "dcBA|"])
+    assert tune == "X:1\n" + (f"R:{kept}\n" if kept else "") + "L:1/8\nM:2/4\nK:D\nABcd|\ndcBA|\n"
+
+
 def test_mid_tune_field_lines_become_inline_fields():
     tune = abc_music.normalize_tune(["X:1", "M:3/4", "K:D", "ABc|", "M:2/4", "AB|", "K:G", "GA|"])
     assert tune == "X:1\nM:3/4\nK:D\nABc|\n[M:2/4]\nAB|\n[K:G]\nGA|\n"
@@ -47,6 +56,13 @@ def test_irishman_json_round_trip(tmp_path, fixture_tunes):
     assert musicrnn.load_tunes(str(path)) == fixture_tunes
     corpus.write_irishman_json(path, fixture_tunes, [abc_form.control_code(t) for t in fixture_tunes])
     assert json.loads(path.read_text())[0]["control code"] == "S:2\nB:8\nE:2\nB:4\n"  # the jig: AABB
+
+
+def test_a_tune_type_moves_no_tune_between_training_and_validation(fixture_tunes):
+    tunes = [f"X:1\nL:1/8\nM:2/4\nK:D\n{'ABcd' * (i % 9 + 1)}{i}|\n" for i in range(300)]
+    typed = [t.replace("X:1\n", "X:1\nR:reel\n") for t in tunes]
+    assert [len(part) for part in split_train_validation(typed)] == [len(part) for part in split_train_validation(tunes)]
+    assert split_train_validation(tunes + typed)[1] == split_train_validation(tunes)[1]  # typed copies: duplicates
 
 
 def test_split_is_deterministic_and_deduplicated(fixture_tunes):
@@ -87,6 +103,7 @@ def test_stats(fixture_tunes):
     assert stats["top_tokens"][0][0] in {" ", "|"}
     assert len(stats["top_tokens"]) == 20
     assert dict(stats["forms"]) == {"8+4": 3, "16": 1, "4+4": 1, "4": 2, "7": 1} and "8+4:3" in plots.stats_text(stats)
+    assert dict(stats["types"]) == {"none": 7, "reel": 1} and "tune types (R:)  none:7  reel:1" in plots.stats_text(stats)
 
 
 def test_an_fsspec_url_holding_irishman_records_with_control_codes_reads_as_hf_would(fixture_tunes):
