@@ -7,6 +7,7 @@ Holds:
 - tune_metrics: validity, bar-cleanness, length, diversity (distinct 4-grams), pitch classes
   against the training tunes, copying of a training tune's first 8 bars;
 - sweep, sweep_table: those metrics per temperature, free and constrained, as a Markdown table;
+- form_sweep, type_sweep, markdown_table: whether requested forms and tune types are honoured.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from abc_constraint import SECTION_ENDS
+from abc_form import control_code, form_code, parse_control_code, sections
 from abc_music import note_tokens, pitch_class, pitch_spelling, tune_body
+from abc_tokens import header_prompt
 from rendering import for_abc2midi
 
 # -----------------------------------------------------------------------------
@@ -113,14 +116,98 @@ def sweep_table(rows: list[dict]) -> str:
                ("min16_notes", ">=16 notes"), ("section_end", "ends a section"), ("mean_notes", "notes/tune"),
                ("distinct_4grams", "distinct 4-grams"), ("pitch_class_distance", "pitch-class dist."),
                ("copies_first_8_bars", "copies 8 bars")]
-    columns = [(k, name) for k, name in columns if k in rows[0]]
+    return markdown_table(rows, columns, {"valid", "bar_clean", "min16_notes", "section_end", "copies_first_8_bars"})
+
+
+# -----------------------------------------------------------------------------
+# requests honoured: forms (sections and bars) and tune types
+
+FORM_REQUESTS = [((8, 8), "6/8"), ((8, 8), "4/4"), ((8, 8, 8), None), ((16,), None), ((4, 4, 4, 4), None)]
+
+
+def form_match(tunes: list[str], code: str) -> dict:
+    """Shares of tunes whose own control code (abc_form) has the requested sections, bars, and all of it."""
+    requested, found = parse_control_code(code)[0], [sections(t) for t in tunes]
+    return {"sections": float(np.mean([len(f) == len(requested) for f in found])),
+            "bars": float(np.mean([tuple(s.bars for s in f) == requested for f in found])),
+            "code": float(np.mean([control_code(t) == code for t in tunes]))}
+
+
+def form_sweep(generate_fn, opts, requests=FORM_REQUESTS, log=print) -> list[dict]:
+    """generate_fn(options) -> tunes, for each request (bars per section, meter or None), free
+    and constrained: how often the tunes have the form asked for, and abc2midi's verdict."""
+    judge, rows = abc2midi_available(), []
+    for bars, meter in requests:
+        for constrained in (False, True):
+            code = form_code(list(bars))
+            tunes = generate_fn(replace(opts, form=code, constrained=constrained, prompt=header_prompt(meter)))
+            row = {"request": "+".join(map(str, bars)), "meter": meter or "any", "constrained": constrained,
+                   **form_match(tunes, code)}
+            if judge:
+                results = [check_with_abc2midi(t) for t in tunes]
+                row |= {"valid": float(np.mean([r["valid"] for r in results])),
+                        "bar_clean": float(np.mean([r["bar_clean"] for r in results]))}
+            rows.append(row)
+            log(", ".join(f"{k} {v}" for k, v in row.items()))
+    return rows
+
+
+def meter_of(tune: str) -> str | None:
+    m = re.search(r"(?m)^M:(.*)$", tune)
+    return m.group(1).strip() if m else None
+
+
+def dotted_rhythm(tune: str) -> bool:
+    """Broken rhythm (> or <) in half its bars or more: what marks a hornpipe written out
+    (26% of the corpus's hornpipes, 3% of its reels)."""
+    bars = [b for b in re.split(r"\|", tune_body(tune)) if re.search(r"[A-Ga-g]", b)]
+    return sum(">" in b or "<" in b for b in bars) >= max(1, len(bars)) / 2
+
+
+TYPE_MARKS = {  # a type -> what it looks like on the page, as a test of one tune
+    "jig": ("in 6/8", lambda t: meter_of(t) == "6/8"),
+    "slip jig": ("in 9/8", lambda t: meter_of(t) == "9/8"),
+    "reel": ("in C| or 2/4", lambda t: meter_of(t) in ("C|", "2/4")),
+    "hornpipe": ("dotted rhythm", dotted_rhythm),
+}
+
+
+def type_sweep(generate_fn, opts, corpus_tunes: list[str], types=tuple(TYPE_MARKS), log=print) -> list[dict]:
+    """For each type (of TYPE_MARKS): the share of tunes with its mark, in the corpus's tunes of
+    that type, in tunes written with R: of that type primed, and in tunes written without."""
+    unprimed = generate_fn(replace(opts, prompt="", form="", constrained=False))
+    rows = []
+    for name in types:
+        mark, test = TYPE_MARKS[name]
+        typed = [t for t in corpus_tunes if re.search(rf"(?m)^R:{name}$", t)]
+        primed = generate_fn(replace(opts, prompt=f"X:1\nR:{name}\n", form="", constrained=False))
+        rows.append({"type": name, "mark": mark, "corpus_tunes": len(typed),
+                     "corpus": float(np.mean([test(t) for t in typed])) if typed else float("nan"),
+                     "primed": float(np.mean([test(t) for t in primed])),
+                     "unprimed": float(np.mean([test(t) for t in unprimed]))})
+        log(", ".join(f"{k} {v}" for k, v in rows[-1].items()))
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]], shares: set[str]) -> str:
+    """rows as a Markdown table: (key, heading) columns; keys in shares as percentages."""
+    columns = [(key, name) for key, name in columns if key in rows[0]]
     lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row[key]
-            cells.append("yes" if value is True else "no" if value is False else
-                         f"{value:.0%}" if key in ("valid", "bar_clean", "min16_notes", "section_end",
-                                                   "copies_first_8_bars") else f"{value:.3g}")
+        cells = ["yes" if row[k] is True else "no" if row[k] is False else f"{row[k]:.0%}" if k in shares
+                 else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def form_table(rows: list[dict]) -> str:
+    return markdown_table(rows, [("request", "sections x bars"), ("meter", "meter"), ("constrained", "constrained"),
+                                 ("sections", "sections match"), ("bars", "bars match"), ("code", "whole code matches"),
+                                 ("valid", "valid"), ("bar_clean", "bar-clean")],
+                          {"sections", "bars", "code", "valid", "bar_clean"})
+
+
+def type_table(rows: list[dict]) -> str:
+    return markdown_table(rows, [("type", "--type"), ("mark", "share of tunes"), ("corpus", "corpus, that type"),
+                                 ("primed", "written with --type"), ("unprimed", "written without")],
+                          {"corpus", "primed", "unprimed"})

@@ -730,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run: one token at a time is fastest on the CPU (default: cpu)")
     sampler.add_sampling_flags(p)
     add_sweep_parser(sub)
+    add_request_parsers(sub)
     p = command(sub, "stats", "corpus statistics: tunes, lengths, the most frequent tokens")
     p.add_argument("--data", default="data/train.json", help=f"{DATA_HELP} (default: data/train.json)")
     p.add_argument("--plot", help="also draw the length histogram and the token counts to this .png file")
@@ -766,6 +767,25 @@ def add_sweep_parser(sub) -> None:
                    help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
     p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+
+
+def add_request_parsers(sub) -> None:
+    forms = command(sub, "forms", "how often tunes have the form asked for (--form), free and --constrained, "
+                                  "with abc2midi's verdict")
+    types = command(sub, "types", "how often tunes written with --type look like the corpus's tunes of that "
+                                  "type (jigs in 6/8, hornpipes dotted, ...), against tunes written without")
+    for p in (forms, types):
+        p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
+        p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+        p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row (default 50)")
+        p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
+        p.add_argument("--temperature", type=sampler.TEMPERATURE, default=1.0,
+                       help="divides the logits before each draw (default 1.0)")
+        name = p.prog.split()[-1]
+        p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
+        p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    types.add_argument("--train-data", default="data/train.json",
+                       help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
 
 
 def cmd_train(args) -> None:
@@ -812,10 +832,36 @@ def cmd_stats(args) -> None:
 def cmd_sweep(args) -> None:
     out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, args.train_data])
     training_tunes = load_tunes(args.train_data)
-    generate_fn = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    generate_fn, _ = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
     rows = judging.sweep(generate_fn, opts, training_tunes, args.temperatures)
     print(judging.sweep_table(rows))
+    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
+    print(f"written to {out}")
+
+
+def cmd_forms(args) -> None:
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx])
+    generate_fn, _ = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
+    rows = judging.form_sweep(generate_fn, opts)
+    print(judging.form_table(rows))
+    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
+    print(f"written to {out}")
+
+
+def cmd_types(args) -> None:
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, args.train_data])
+    corpus_tunes = load_tunes(args.train_data)
+    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    if facts.control_codes:
+        raise UserError("types measures a model trained without --control (one with codes needs a form too)")
+    types = [name for name in judging.TYPE_MARKS if name in facts.tune_types]
+    if not types:
+        raise UserError(f"the model knows none of the types measured ({', '.join(judging.TYPE_MARKS)})")
+    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
+    rows = judging.type_sweep(generate_fn, opts, corpus_tunes, types)
+    print(judging.type_table(rows))
     write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
     print(f"written to {out}")
 
@@ -825,7 +871,7 @@ def torch_generator(checkpoint: str):
     ckpt = load_checkpoint(checkpoint, device)
     model, cfg, vocab = model_from_checkpoint(ckpt, checkpoint)
     step, facts = torch_step(model, device), model_facts(ckpt, cfg)
-    return lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)
+    return (lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)), facts
 
 
 def onnx_generator(path: str):
@@ -833,11 +879,11 @@ def onnx_generator(path: str):
 
     session, vocab, config = exported_model.load_model(path)
     step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
-    return lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)
+    return (lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)), facts
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_sweep,
-            "stats": cmd_stats}
+            "forms": cmd_forms, "types": cmd_types, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:

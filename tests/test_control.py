@@ -151,3 +151,26 @@ def test_abc2midi_judges_a_hornpipe_as_written(tmp_path):
     raw = subprocess.run(["abc2midi", "h.abc", "-o", "h.mid"], cwd=tmp_path, capture_output=True, text=True)
     assert "Hornpipe must be in 2/4 or 4/4" in raw.stdout + raw.stderr
     assert judging.check_with_abc2midi(tune)["bar_clean"]
+
+
+def test_the_forms_table_measures_requests_free_and_constrained(tiny_onnx, tmp_path):
+    out = tmp_path / "forms.json"
+    code, printed, err = run_main(musicrnn.main, "forms", "--onnx", tiny_onnx, "--num", "3", "--out", out)
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [(r["request"], r["constrained"]) for r in rows][:2] == [("8+8", False), ("8+8", True)] and len(rows) == 10
+    assert all(r["sections"] == r["bars"] == 1.0 for r in rows if r["constrained"])
+    assert all(r.get("bar_clean", 1.0) == 1.0 for r in rows if r["constrained"])
+    assert "| 8+8 | 6/8 | yes | 100% | 100% |" in printed
+
+
+def test_the_types_table_compares_primed_tunes_with_the_corpus(tiny_onnx, fixture_data, tmp_path):
+    out = tmp_path / "types.json"
+    code, printed, err = run_main(musicrnn.main, "types", "--onnx", tiny_onnx, "--num", "4", "--out", out,
+                                  "--train-data", fixture_data["train"])
+    assert code == 0, err
+    rows = {r["type"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["reel"]  # the only type the tiny model met
+    assert rows["reel"]["corpus_tunes"] == 3 and rows["reel"]["corpus"] == 1.0  # the fixture reel, three times, in C|
+    assert "| reel | in C| or 2/4 | 100% |" in printed
+    assert all(0.0 <= r["primed"] <= 1.0 and 0.0 <= r["unprimed"] <= 1.0 for r in rows.values())
