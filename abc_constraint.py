@@ -310,7 +310,8 @@ class AbcConstraint:
         """The header or code lines that may come next: (their table, the whole tokens among them)."""
         if s.phase == CODE:
             return [self._code_table(s.code)]
-        letters = HEADER_ORDER[s.phase] + (HEADER_ORDER[s.phase + 1] if HEADER_ORDER[s.phase] in OPTIONAL_FIELDS else "")
+        letter = HEADER_ORDER[s.phase]
+        letters = letter + (HEADER_ORDER[s.phase + 1] if letter in OPTIONAL_FIELDS else "")  # or skip it
         return [(self.lines[letter], self.whole_lines[letter]) for letter in letters]
 
     def _code_table(self, code: tuple[str, ...]) -> tuple[_PrefixTable, np.ndarray]:

@@ -122,7 +122,8 @@ def sweep_table(rows: list[dict]) -> str:
 # -----------------------------------------------------------------------------
 # requests honoured: forms (sections and bars) and tune types
 
-FORM_REQUESTS = [((8, 8), "6/8"), ((8, 8), "4/4"), ((8, 8, 8), None), ((16,), None), ((4, 4, 4, 4), None)]
+FORM_REQUESTS = [((8, 8), None), ((8, 8), "6/8"), ((8, 8), "4/4"), ((8, 8, 8), None), ((16,), None),
+                 ((4, 4, 4, 4), None)]  # bars per section, meter (None: the model's choice)
 
 
 def form_match(tunes: list[str], code: str) -> dict:
@@ -195,7 +196,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]], shares: set
     lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["yes" if row[k] is True else "no" if row[k] is False else f"{row[k]:.0%}" if k in shares
-                 else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k, _ in columns]
+                 else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]).replace("|", "\\|")
+                 for k, _ in columns]  # a bar line in a cell ("C|") would end it
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

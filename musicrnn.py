@@ -22,6 +22,8 @@ Training on several processes (torchrun) is distributed.py's: the lesson keeps i
     torchrun --standalone --nproc_per_node=2 musicrnn.py train   # 2 processes, one model
     python musicrnn.py evaluate --checkpoint runs/best.pt --data data/validation.json
     python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D --constrained
+    python musicrnn.py generate --constrained --type jig --sections 2 --bars 8   # a jig, two parts of 8 bars
+    python musicrnn.py train --control --out runs/control   # learn p(tune | form) from the control codes
     python musicrnn.py sweep --onnx runs/musicrnn.onnx  # validity per temperature, with abc2midi
 """
 
@@ -533,7 +535,8 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit)
     val_tunes, val_codes = load_collection(cfg.val_data, cfg.control)
     with checkpoint_mismatch(str(last_path)):
-        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(train_tunes + (train_codes or []), cfg)
+        texts = train_tunes + (train_codes or [])
+        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(texts, cfg)
         model = build_model(cfg, len(vocab)).to(device)
         world = world or World()
         run = Run(cfg, device, vocab, train_tunes, train_codes, MusicDataset(train_tunes, vocab, train_codes),
@@ -655,7 +658,9 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # guarantees: a header X:, L:, M:, K: in that order; bars that are exactly full (broken
 # rhythm, triplets, chords, ties and pickups counted); chords and grace groups closed;
 # an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
-# and max_tokens tokens. It never replaces the model's choice, it only removes the illegal ones.
+# and max_tokens tokens. Asked for a form (--form, --sections/--bars: opts.form), it holds
+# exactly that many sections of exactly those bars, counted as abc_form counts them, and ends
+# after the last. It never replaces the model's choice, it only removes the illegal ones.
 
 
 # -----------------------------------------------------------------------------

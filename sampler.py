@@ -243,6 +243,7 @@ def typed_prompt(prompt: str, asked: str, facts: ModelFacts) -> str:
 
 TEMPERATURE = cli.float_in(0.01, 100)
 SEED = cli.int_in(0, 2**32 - 1)
+SECTIONS = cli.int_in(1, MAX_SECTIONS)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -275,7 +276,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     form.add_argument("--form", help='an IrishMAN control code: S:sections, B:bars of the first section, then for '
                                      'each later section E:similarity (0-10) to every earlier one and its B:bars; '
                                      'lines apart by spaces, e.g. "S:2 B:8 E:3 B:8" (two parts of 8 bars)')
-    form.add_argument("--sections", type=cli.int_in(1, MAX_SECTIONS),
+    form.add_argument("--sections", type=SECTIONS,
                       help=f"the same, spelt short: this many sections (1-{MAX_SECTIONS}), with --bars")
     form.add_argument("--bars", help='with --sections: bars per section (1-32), one number for all or one per '
                                      'section, e.g. "8" or "8,8,16"; similarities default to E:3')

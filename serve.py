@@ -52,11 +52,15 @@ KEEP_BYTES = 256 * 1024**2  # and at most this many bytes of them
 MAX_ACTIVE = 64             # requests in progress at once; more get 503
 METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3/8"]
 KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B") for mode in ("", "m", "dor", "mix")]
-FIELDS = {  # name -> how its text is read; each is required, except the check box
+FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
     "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
     "num": cli.int_in(1, MAX_TUNES), "constrained": lambda text: text == "on",
+    "type": lambda text: text or None, "sections": lambda text: sampler.SECTIONS(text) if text else None,
+    "bars": lambda text: text or None,
 }
-DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on"}
+OPTIONAL = {"constrained", "type", "sections", "bars"}  # a browser leaves out an unticked box
+DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on",
+            "type": "", "sections": "", "bars": ""}
 CONTENT_TYPES = {".abc": "text/vnd.abc; charset=utf-8", ".svg": "image/svg+xml", ".mid": "audio/midi",
                  ".wav": "audio/wav"}
 FILE_PATH = re.compile(r"/files/([0-9a-f]{32})/(tune[1-9]\.(?:abc|svg|mid|wav))")
@@ -84,24 +88,24 @@ def read_form(body: bytes) -> dict[str, str]:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]}")
-    missing = [name for name in FIELDS if name not in fields and name != "constrained"]
+    missing = [name for name in FIELDS if name not in fields and name not in OPTIONAL]
     if missing:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "missing field: " + ", ".join(missing))
     return {name: values[-1] for name, values in fields.items()}
 
 
-def sampling_options(form: dict[str, str]) -> sampler.SamplingOptions:
-    """The same checks as the command line's flags (sampler.sampling_options)."""
+def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str | None]:
+    """The same checks as the command line's flags (sampler.sampling_options); and the tune
+    type asked for, which only the model can check."""
     values = {}
     for name, read in FIELDS.items():
         try:
             values[name] = read(form.get(name, ""))
         except ArgumentTypeError as e:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
-    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, type=None, form=None,
-                     sections=None, bars=None, **values)
+    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, form=None, **values)
     with user_errors_as_bad_requests():
-        return sampler.sampling_options(args)
+        return sampler.sampling_options(args), args.type
 
 
 @contextlib.contextmanager
@@ -132,10 +136,10 @@ class TuneServer(ThreadingHTTPServer):
         self.missing = missing_tools()
         super().__init__(address, Handler)
 
-    def write_tunes(self, opts: sampler.SamplingOptions) -> tuple[str, list[dict]]:
+    def write_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> tuple[str, list[dict]]:
         """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
         with self.generating, user_errors_as_bad_requests():
-            sampler.check_against_model(opts, self.vocab, self.facts)  # refuses a header the automaton cannot fill
+            opts, _ = sampler.check_against_model(opts, self.vocab, self.facts, tune_type)  # type, prompt, form
             constraint = self.constraint if opts.constrained else None
             tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
         name = secrets.token_hex(16)
@@ -195,8 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         form = dict(DEFAULTS)
         try:
             form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
-            opts = sampling_options(form)
-            folder, made = self.server.write_tunes(opts)
+            folder, made = self.server.write_tunes(*sampling_options(form))
             self.send_page(HTTPStatus.OK, form, tunes=(folder, made))
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
@@ -233,7 +236,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(HTTPStatus.OK, CONTENT_TYPES[path.suffix], data)
 
     def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None) -> None:
-        self.send_bytes(status, "text/html; charset=utf-8", page(form, tunes, error, self.server.missing).encode())
+        html_text = page(form, tunes, error, self.server.missing, self.server.facts.tune_types)
+        self.send_bytes(status, "text/html; charset=utf-8", html_text.encode())
 
     def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
         self.send_response(status)
@@ -256,9 +260,9 @@ input{width:6rem}.error{color:#a00;font-weight:bold}.missing{color:#666}
 pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"""
 
 
-def page(form: dict, tunes, error: str | None, missing: dict[str, str]) -> str:
+def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: tuple = ()) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
-             f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form)]
+             f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form, types)]
     if error:
         parts.append(f'<p class=error id=error>{html.escape(error)}</p>')
     if missing:
@@ -269,9 +273,11 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str]) -> str:
     return "".join(parts) + "</body></html>"
 
 
-def form_html(form: dict) -> str:
-    def select(name, options):
-        items = "".join(f"<option{' selected' * (o == form[name])}>{html.escape(o)}</option>" for o in options)
+def form_html(form: dict, types: tuple = ()) -> str:
+    form = {**DEFAULTS, **form}  # the optional fields a request left out, shown empty
+    def select(name, options, label=None):
+        items = "".join(f"<option value=\"{html.escape(o)}\"{' selected' * (o == form[name])}>"
+                        f"{html.escape(label(o) if label else o)}</option>" for o in options)
         return f"<label>{name}<select name={name} id={name}>{items}</select></label>"
 
     def number(name, low, high, step):
@@ -279,7 +285,11 @@ def form_html(form: dict) -> str:
                 f'value="{html.escape(form[name])}"></label>')
 
     checked = " checked" * (form.get("constrained") == "on")
+    bars = (f'<label>bars<input name=bars id=bars placeholder="8 or 8,16" value="{html.escape(form["bars"])}">'
+            f'</label>')
     return (f"<form method=post action=/generate>{select('meter', METERS)}{select('key', KEYS)}"
+            f"{select('type', ('',) + tuple(types), lambda o: o or 'any')}"
+            f"{number('sections', 1, sampler.MAX_SECTIONS, 1)}{bars}"
             f"{number('temperature', 0.01, 100, 'any')}{number('seed', 0, 2**32 - 1, 1)}"
             f"{number('num', 1, MAX_TUNES, 1)}<label>constrained<input type=checkbox name=constrained "
             f"id=constrained{checked}></label><button id=write>Write tunes</button></form>")

@@ -1,5 +1,6 @@
 """The page (serve.py) in a real browser, its audio, and requests that must be refused."""
 
+import html
 import http.client
 import re
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, one_error_line, run_main
 
+import abc_form
 import rendering
 import serve
 from judging import check_with_abc2midi
@@ -154,6 +156,9 @@ def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(t
     (form(seed=None), 400, "missing field: seed"),
     (form(meter="7/0"), 400, "meter 7/0: not a meter"),
     (form(tempo="fast"), 400, "unknown field: tempo"),
+    (form(sections="9", bars="8"), 400, "sections: must be a whole number from 1 to 8"),
+    (form(sections="2", bars="40"), 400, "bars 40: bars per section must be 1 to 32"),
+    (form(type="polka"), 400, "type polka: unknown to this model; it knows reel"),
     (b"\xff\xfe", 400, "not URL-encoded"),
     (b"x" * 10 * 1024**2, 413, "the form has 10,485,760 bytes"),
 ])
@@ -189,6 +194,15 @@ def test_concurrent_requests_each_get_their_own_tunes(server):
     assert all(status == 200 for status, _, _ in results)
     texts = {re.search(rb"<pre class=abc>(.*?)</pre>", page, re.S).group(1) for _, _, page in results}
     assert len(texts) == len(results)  # six seeds, six different tunes
+
+
+def test_a_type_and_a_form_on_the_page_give_tunes_of_that_type_and_form(server):
+    status, _, page = request(server + "/generate", form(type="reel", sections="2", bars="4", meter="C|"))
+    assert status == 200, error_on_page(page)
+    texts = [html.unescape(t.decode()) for t in re.findall(rb"<pre class=abc>(.*?)</pre>", page, re.S)]
+    assert len(texts) == 2 and all(t.split("\n")[1] == "R:reel" for t in texts)
+    assert all([s.bars for s in abc_form.sections(t)] == [4, 4] for t in texts)
+    assert b'<option value="reel">reel</option>' in request(server + "/")[2]  # the model's types, offered
 
 
 def test_the_same_form_gives_the_same_tunes(server):
