@@ -10,7 +10,8 @@ Holds:
 
 An automaton follows the ABC being written and gives -inf to every token that would
 make the tune invalid: a note that overflows the bar, a bar line before the bar is
-full, an unclosed chord, an <eos> in mid-section. It reads characters, so it serves
+full, an unclosed chord, an <eos> in mid-section; asked for a form (bars per section), a
+section end anywhere but on the section's last bar. It reads characters, so it serves
 both vocabularies: a character model writes a token over several steps (the token
 not yet finished is `pending`), an ABC-token model in one. A mask depends only on a
 small state, so masks are cached and most steps cost a dictionary look-up.

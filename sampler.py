@@ -63,6 +63,14 @@ def form_bars(code: str) -> tuple[int, ...]:
     return parse_control_code(code)[0] if code else ()
 
 
+def model_prompt(opts: SamplingOptions, facts: ModelFacts) -> tuple[str, tuple[int, ...]]:
+    """What the model reads before it writes, and the form the constraint is told of: a model
+    trained with codes reads the code, then the prompt (and the constraint reads the form there)."""
+    if facts.control_codes:
+        return opts.form + opts.prompt, ()
+    return opts.prompt, form_bars(opts.form)
+
+
 # -----------------------------------------------------------------------------
 # one draw, then the loop
 
@@ -98,8 +106,8 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     writes a code itself); the tunes come back without it.
     """
     coded = facts.control_codes
-    model_prompt = (opts.form if coded else "") + opts.prompt
-    prompt_ids = encode_prompt(vocab, model_prompt)
+    prompt, form = model_prompt(opts, facts)
+    prompt_ids = encode_prompt(vocab, prompt)
     if not opts.constrained:
         constraint = None
     elif constraint is None:
@@ -108,8 +116,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     state = None
     for tok in prompt_ids[:-1]:
         _, state = step(np.full((num, 1), tok, dtype=np.int64), state)
-    form = () if coded else form_bars(opts.form)  # a coded model's prompt names its form itself
-    tunes = [constraint.start(model_prompt, form) for _ in range(num)] if constraint else []
+    tunes = [constraint.start(prompt, form) for _ in range(num)] if constraint else []
     tokens = np.full(num, prompt_ids[-1], dtype=np.int64)             # (B,)
     out, done = [[] for _ in range(num)], np.zeros(num, dtype=bool)
     for t in range(opts.max_tokens):
@@ -127,7 +134,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
                 constraint.advance(tunes[b], int(tokens[b]))
         if done.all():
             break
-    texts = [model_prompt + vocab.decode(row) for row in out]
+    texts = [prompt + vocab.decode(row) for row in out]
     return [strip_control_code(t) for t in texts] if coded else texts
 
 
@@ -220,12 +227,12 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     if opts.form and not facts.control_codes and not opts.constrained:
         print("note: this model was trained without control codes (train --control): only --constrained "
               "holds it to --form", file=sys.stderr)
-    coded_prompt = (opts.form if facts.control_codes else "") + opts.prompt
-    encode_prompt(vocab, coded_prompt)
+    prompt, form = model_prompt(opts, facts)
+    encode_prompt(vocab, prompt)
     if not opts.constrained:
         return opts, None
     constraint = AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
-    constraint.start(coded_prompt, () if facts.control_codes else form_bars(opts.form))
+    constraint.start(prompt, form)
     return opts, constraint
 
 
