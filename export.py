@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace) -> None:
     out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint])
+    if out.suffix.lower() != ".onnx":  # onnx and its quantizer read a file's format from its name
+        raise UserError(f"--out {args.out}: give a file name ending in .onnx")
     int8 = check_output(out.with_suffix(".int8.onnx"), "--int8", args.overwrite, inputs=[args.checkpoint]) \
         if args.int8 else None
     ckpt = musicrnn.load_checkpoint(args.checkpoint)

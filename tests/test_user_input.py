@@ -47,7 +47,16 @@ def writers(c, out) -> list:
         (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", out,
                          "--temperatures", "1", *cheap]),
         (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", out]),
+        (musicrnn.main, ["forms", "--checkpoint", c["copy.pt"], "--num", "1", "--out", out]),
+        (musicrnn.main, ["types", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--num", "1",
+                         "--out", out]),
     ]
+
+
+def test_an_export_is_named_onnx(copies, tmp_path):
+    """onnx reads a file's format from its name: an export called .json would not load again."""
+    code, _, err = run_main(export.main, "--checkpoint", copies["copy.pt"], "--out", tmp_path / "model.json")
+    assert one_error_line(code, err) and "ending in .onnx" in err and not (tmp_path / "model.json").exists()
 
 
 # --- 1. an output never replaces an input, even with --overwrite
@@ -498,16 +507,21 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
              "musicrnn.py evaluate": ["--checkpoint", "model.pt", "--data", val],
              "musicrnn.py generate": ["--checkpoint", "model.pt"], "infer_onnx.py": ["--model", "model.onnx"],
              "musicrnn.py sweep": ["--checkpoint", "model.pt", "--train-data", train], "export.py": ["--checkpoint",
-                                                                                                  "model.pt"]}
-    fresh_outputs = {"musicrnn.py train": "--out", "musicrnn.py sweep": "--out", "export.py": "--out"}
+                                                                                                  "model.pt"],
+             "musicrnn.py forms": ["--checkpoint", "model.pt"],
+             "musicrnn.py types": ["--checkpoint", "model.pt", "--train-data", train]}
+    fresh_outputs = {"musicrnn.py train": "--out", "musicrnn.py sweep": "--out", "export.py": "--out",
+                     "musicrnn.py forms": "--out", "musicrnn.py types": "--out"}
     # every line stays short: few tunes and tokens, one small epoch; the fuzzed values come first
     bounds = {"musicrnn.py train": ["--epochs", "1", "--max-minutes", "0.2", "--hidden-dim", "16", "--limit", "8"],
               "musicrnn.py sweep": ["--num", "2", "--temperatures", "1", "--max-tokens", "40"],
               "musicrnn.py generate": ["--num", "2", "--max-tokens", "60"], "infer_onnx.py": ["--num", "2",
-                                                                                              "--max-tokens", "60"]}
+                                                                                              "--max-tokens", "60"],
+              "musicrnn.py forms": ["--num", "1"], "musicrnn.py types": ["--num", "1"]}
     rng, outcomes = np.random.default_rng(11), {0: 0, 2: 0}
-    for i in range(240):
-        name, parser = list(all_parsers().items())[i % 7]
+    fuzzed = [(name, parser) for name, parser in all_parsers().items() if name != "serve.py"]  # serve: test_serve
+    for i in range(30 * len(fuzzed)):
+        name, parser = fuzzed[i % len(fuzzed)]
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
         chosen = rng.choice(len(actions), size=min(len(actions), int(rng.integers(1, 5))), replace=False)
         fresh = [fresh_outputs[name], f"new{i}"] if name in fresh_outputs else []
@@ -516,5 +530,5 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
         code, _, err = run_main(mains[name.split()[0]], *argv, *bounds.get(name, []))
         assert code == 0 or one_error_line(code, err), (name, argv, code, err)
         outcomes[code] += 1
-    report(f"fuzz, seed 11: 240 command lines, {outcomes[0]} ran, {outcomes[2]} refused with one error line")
+    report(f"fuzz, seed 11: {i + 1} command lines, {outcomes[0]} ran, {outcomes[2]} refused with one error line")
     assert outcomes[0] > 20 and outcomes[2] > 60
