@@ -105,13 +105,10 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     A model trained with control codes reads opts.form before the prompt (and, without one,
     writes a code itself); the tunes come back without it.
     """
-    coded = facts.control_codes
     prompt, form = model_prompt(opts, facts)
     prompt_ids = encode_prompt(vocab, prompt)
-    if not opts.constrained:
-        constraint = None
-    elif constraint is None:
-        constraint = AbcConstraint(vocab, opts.max_bars, coded=coded)
+    constraint = (constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)) \
+        if opts.constrained else None
     rng, num = np.random.default_rng(opts.seed), opts.num
     state = None
     for tok in prompt_ids[:-1]:
@@ -135,7 +132,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
         if done.all():
             break
     texts = [prompt + vocab.decode(row) for row in out]
-    return [strip_control_code(t) for t in texts] if coded else texts
+    return [strip_control_code(t) for t in texts] if facts.control_codes else texts
 
 
 # -----------------------------------------------------------------------------
@@ -212,11 +209,12 @@ def check_outputs(args: argparse.Namespace, model_path: str) -> Path | None:
     return out
 
 
-def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFacts,
-                        type_asked: str | None = None) -> tuple[SamplingOptions, AbcConstraint | None]:
+def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFacts, type_asked: str | None = None,
+                        constraint: AbcConstraint | None = None) -> tuple[SamplingOptions, AbcConstraint | None]:
     """What only the model can answer: is top-k within its vocabulary, does it know the tune
     type, can it read (and, when constrained, continue) the prompt. Returns the options with
-    the type's R: line in the prompt, and the constraint that generation will use."""
+    the type's R: line in the prompt, and the constraint that generation will use: the one
+    given (its mask cache kept), or a new one."""
     if opts.top_k is not None and opts.top_k > len(vocab):
         raise UserError(f"--top-k {opts.top_k}: the model has only {len(vocab)} tokens")
     if type_asked is not None:
@@ -231,7 +229,7 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     encode_prompt(vocab, prompt)
     if not opts.constrained:
         return opts, None
-    constraint = AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
+    constraint = constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
     constraint.start(prompt, form)
     return opts, constraint
 
@@ -307,9 +305,10 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
     form = requested_form(args)
-    if len(form_bars(form)) and sum(form_bars(form)) * TOKENS_PER_BAR > args.max_tokens:
-        raise UserError(f"--max-tokens {args.max_tokens} is too few for {sum(form_bars(form))} bars: give at least "
-                        f"{TOKENS_PER_BAR} per bar, --max-tokens {sum(form_bars(form)) * TOKENS_PER_BAR}")
+    bars = sum(form_bars(form))
+    if bars * TOKENS_PER_BAR > args.max_tokens:
+        raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least "
+                        f"{TOKENS_PER_BAR} per bar, --max-tokens {bars * TOKENS_PER_BAR}")
     return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                            max_tokens=args.max_tokens, constrained=args.constrained, max_bars=args.max_bars,
                            prompt=header_prompt(args.meter, args.key, args.prompt), form=form)

@@ -139,8 +139,7 @@ class TuneServer(ThreadingHTTPServer):
     def write_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> tuple[str, list[dict]]:
         """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
         with self.generating, user_errors_as_bad_requests():
-            opts, _ = sampler.check_against_model(opts, self.vocab, self.facts, tune_type)  # type, prompt, form
-            constraint = self.constraint if opts.constrained else None
+            opts, constraint = sampler.check_against_model(opts, self.vocab, self.facts, tune_type, self.constraint)
             tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
         name = secrets.token_hex(16)
         folder = self.folder / name
