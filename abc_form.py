@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from abc_music import default_unit, parse_meter, token_length, tune_body
+from abc_music import default_unit, header_field, parse_meter, token_length, tune_body
 from abc_tokens import PromptError, iter_token_kinds
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
@@ -66,11 +66,6 @@ class _Reader:
     chord: list | None = None                     # the notes of an open [chord]
 
 
-def _field(tune: str, letter: str) -> str | None:
-    m = re.search(rf"(?m)^{letter}:(.*)$", tune)
-    return m.group(1).strip() if m else None
-
-
 def _full_bar(meter: str | None, unit: str | None) -> Fraction | None:
     parsed = parse_meter(meter) if meter else None
     if parsed is None:
@@ -81,7 +76,7 @@ def _full_bar(meter: str | None, unit: str | None) -> Fraction | None:
 
 def sections(tune: str) -> list[Section]:
     """The tune's sections in order, by the rules in the module's docstring."""
-    meter, unit = _field(tune, "M"), _field(tune, "L")
+    meter, unit = header_field(tune, "M"), header_field(tune, "L")
     r = _Reader(_full_bar(meter, unit), meter, unit)
     for token, kind in iter_token_kinds(tune_body(tune)):
         if kind in ("note", "rest", "chord_open", "chord_close", "tuplet"):

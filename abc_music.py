@@ -165,7 +165,7 @@ def tune_type(value: str) -> str | None:
 
 def tune_types(tunes: list[str]) -> tuple[str, ...]:
     """The types that the tunes' R: lines name, in TUNE_TYPES order."""
-    named = {m.group(1).strip() for m in (re.search(r"(?m)^R:(.*)$", t) for t in tunes) if m}
+    named = {header_field(t, "R") for t in tunes}
     return tuple(name for name in TUNE_TYPES if name in named)
 
 
@@ -246,6 +246,12 @@ def read_tunebook(text: str) -> tuple[list[str], int]:
     blocks = split_tunebook(text)
     tunes = [t for t in (normalize_tune(lines) for lines in blocks) if t is not None]
     return tunes, len(blocks) - len(tunes)
+
+
+def header_field(tune: str, letter: str) -> str | None:
+    """The value of the tune's first `letter:` line ("M" -> "6/8"), or None."""
+    m = re.search(rf"(?m)^{letter}:(.*)$", tune)
+    return m.group(1).strip() if m else None
 
 
 def tune_body(tune: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from abc_constraint import SECTION_ENDS
 from abc_form import control_code, form_code, parse_control_code, sections
-from abc_music import note_tokens, pitch_class, pitch_spelling, tune_body
+from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body
 from abc_tokens import header_prompt
 from rendering import for_abc2midi
 
@@ -153,11 +153,6 @@ def form_sweep(generate_fn, opts, requests=FORM_REQUESTS, log=print) -> list[dic
     return rows
 
 
-def meter_of(tune: str) -> str | None:
-    m = re.search(r"(?m)^M:(.*)$", tune)
-    return m.group(1).strip() if m else None
-
-
 def dotted_rhythm(tune: str) -> bool:
     """Broken rhythm (> or <) in half its bars or more: what marks a hornpipe written out
     (26% of the corpus's hornpipes, 3% of its reels)."""
@@ -166,9 +161,9 @@ def dotted_rhythm(tune: str) -> bool:
 
 
 TYPE_MARKS = {  # a type -> what it looks like on the page, as a test of one tune
-    "jig": ("in 6/8", lambda t: meter_of(t) == "6/8"),
-    "slip jig": ("in 9/8", lambda t: meter_of(t) == "9/8"),
-    "reel": ("in C| or 2/4", lambda t: meter_of(t) in ("C|", "2/4")),
+    "jig": ("in 6/8", lambda t: header_field(t, "M") == "6/8"),
+    "slip jig": ("in 9/8", lambda t: header_field(t, "M") == "9/8"),
+    "reel": ("in C| or 2/4", lambda t: header_field(t, "M") in ("C|", "2/4")),
     "hornpipe": ("dotted rhythm", dotted_rhythm),
 }
 
@@ -180,7 +175,7 @@ def type_sweep(generate_fn, opts, corpus_tunes: list[str], types=tuple(TYPE_MARK
     rows = []
     for name in types:
         mark, test = TYPE_MARKS[name]
-        typed = [t for t in corpus_tunes if re.search(rf"(?m)^R:{name}$", t)]
+        typed = [t for t in corpus_tunes if header_field(t, "R") == name]
         primed = generate_fn(replace(opts, prompt=f"X:1\nR:{name}\n", form="", constrained=False))
         rows.append({"type": name, "mark": mark, "corpus_tunes": len(typed),
                      "corpus": float(np.mean([test(t) for t in typed])) if typed else float("nan"),

@@ -11,17 +11,15 @@ Holds:
 from __future__ import annotations
 
 import io
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from abc_form import sections
+from abc_music import header_field
 from abc_tokens import tokenize_abc
 from safe_write import write_atomic
-
-TYPE_LINE = re.compile(r"(?m)^R:(.*)$")
 
 
 def corpus_stats(tunes: list[str]) -> dict:
@@ -39,7 +37,7 @@ def corpus_stats(tunes: list[str]) -> dict:
         "tokens": {"max": int(token_lengths.max()), "mean": float(token_lengths.mean()),
                    "median": float(np.median(token_lengths))},
         "top_tokens": counts.most_common(20),
-        "types": Counter(m.group(1) if m else "none" for m in (TYPE_LINE.search(t) for t in tunes)).most_common(),
+        "types": Counter(header_field(t, "R") or "none" for t in tunes).most_common(),
         "forms": Counter("+".join(str(s.bars) for s in sections(t)) for t in tunes).most_common(12),
         "_char_lengths": char_lengths, "_token_lengths": token_lengths,
     }
