@@ -54,11 +54,10 @@ import distributed
 import judging
 import plots
 import sampler
-from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune
+from abc_form import control_code
+from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune, tune_types
 from abc_tokens import Vocabulary
 from cli import UserError
-from abc_form import control_code
-from abc_music import tune_types
 from corpus import load_records, load_tunes
 from distributed import World
 from safe_write import check_output, folder_lock, write_atomic
@@ -644,9 +643,10 @@ def torch_step(model: MusicRNN, device: torch.device):
 
 
 def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
-             opts: sampler.SamplingOptions = sampler.SamplingOptions()) -> list[str]:
+             opts: sampler.SamplingOptions = sampler.SamplingOptions(),
+             facts: sampler.ModelFacts = sampler.ModelFacts()) -> list[str]:
     """opts.num tunes, each opts.prompt followed by what the model writes until <eos>."""
-    return sampler.generate_tunes(torch_step(model.eval(), device), vocab, opts)
+    return sampler.generate_tunes(torch_step(model.eval(), device), vocab, opts, facts=facts)
 
 
 # -----------------------------------------------------------------------------
@@ -734,8 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="where to run: one token at a time is fastest on the CPU (default: cpu)")
     sampler.add_sampling_flags(p)
-    add_sweep_parser(sub)
-    add_request_parsers(sub)
+    add_judging_parsers(sub)
     p = command(sub, "stats", "corpus statistics: tunes, lengths, the most frequent tokens")
     p.add_argument("--data", default="data/train.json", help=f"{DATA_HELP} (default: data/train.json)")
     p.add_argument("--plot", help="also draw the length histogram and the token counts to this .png file")
@@ -758,39 +757,36 @@ def add_train_parser(sub) -> None:
     p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
 
 
-def add_sweep_parser(sub) -> None:
-    p = command(sub, "sweep", "judge generated tunes per temperature, free and --constrained (abc2midi)")
-    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
-    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-    p.add_argument("--train-data", default="data/train.json",
-                   help="the training tunes, for pitch classes and copying (default: data/train.json)")
-    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
-    p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
-    p.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000, help="tokens per tune at most "
-                                                                                   "(default 1000)")
-    p.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
-                   help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
-    p.add_argument("--out", default="runs/sweep.json", help="the table as JSON (default: runs/sweep.json)")
-    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-
-
-def add_request_parsers(sub) -> None:
-    forms = command(sub, "forms", "how often tunes have the form asked for (--form), free and --constrained, "
-                                  "with abc2midi's verdict")
-    types = command(sub, "types", "how often tunes written with --type look like the corpus's tunes of that "
-                                  "type (jigs in 6/8, hornpipes dotted, ...), against tunes written without")
+def add_judging_parsers(sub) -> None:
+    sweep = judging_command(sub, "sweep", "judge generated tunes per temperature, free and --constrained (abc2midi)")
+    sweep.add_argument("--train-data", default="data/train.json",
+                       help="the training tunes, for pitch classes and copying (default: data/train.json)")
+    sweep.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
+                       help="tokens per tune at most (default 1000)")
+    sweep.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
+                       help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
+    forms = judging_command(sub, "forms", "how often tunes have the form asked for (--form), free and "
+                                          "--constrained, with abc2midi's verdict")
+    types = judging_command(sub, "types", "how often tunes written with --type look like the corpus's tunes "
+                                          "of that type (jigs in 6/8, hornpipes dotted, ...), against tunes "
+                                          "written without")
     for p in (forms, types):
-        p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
-        p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-        p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row (default 50)")
-        p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
         p.add_argument("--temperature", type=sampler.TEMPERATURE, default=1.0,
                        help="divides the logits before each draw (default 1.0)")
-        name = p.prog.split()[-1]
-        p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
-        p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     types.add_argument("--train-data", default="data/train.json",
                        help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
+
+
+def judging_command(sub, name: str, what: str) -> argparse.ArgumentParser:
+    """A command that writes tunes with a model and judges them: the flags they all share."""
+    p = command(sub, name, what)
+    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
+    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
+    p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
+    p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    return p
 
 
 def cmd_train(args) -> None:
@@ -835,38 +831,39 @@ def cmd_stats(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, args.train_data])
     training_tunes = load_tunes(args.train_data)
-    generate_fn, _ = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
-    rows = judging.sweep(generate_fn, opts, training_tunes, args.temperatures)
-    print(judging.sweep_table(rows))
-    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
-    print(f"written to {out}")
+    judge_and_write(args, lambda generate_fn, _: judging.sweep(generate_fn, opts, training_tunes, args.temperatures),
+                    judging.sweep_table, [args.train_data])
 
 
 def cmd_forms(args) -> None:
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx])
-    generate_fn, _ = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
-    rows = judging.form_sweep(generate_fn, opts)
-    print(judging.form_table(rows))
-    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
-    print(f"written to {out}")
+    judge_and_write(args, lambda generate_fn, _: judging.form_sweep(generate_fn, opts), judging.form_table)
 
 
 def cmd_types(args) -> None:
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, args.train_data])
     corpus_tunes = load_tunes(args.train_data)
-    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
-    if facts.control_codes:
-        raise UserError("types measures a model trained without --control (one with codes needs a form too)")
-    types = [name for name in judging.TYPE_MARKS if name in facts.tune_types]
-    if not types:
-        raise UserError(f"the model knows none of the types measured ({', '.join(judging.TYPE_MARKS)})")
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
-    rows = judging.type_sweep(generate_fn, opts, corpus_tunes, types)
-    print(judging.type_table(rows))
+
+    def judge(generate_fn, facts: sampler.ModelFacts) -> list[dict]:
+        if facts.control_codes:
+            raise UserError("types measures a model trained without --control (one with codes needs a form too)")
+        types = [name for name in judging.TYPE_MARKS if name in facts.tune_types]
+        if not types:
+            raise UserError(f"the model knows none of the types measured ({', '.join(judging.TYPE_MARKS)})")
+        return judging.type_sweep(generate_fn, opts, corpus_tunes, types)
+
+    judge_and_write(args, judge, judging.type_table, [args.train_data])
+
+
+def judge_and_write(args, judge, table, inputs: list[str] = ()) -> None:
+    """The judging commands' one path: check --out, load the model (torch, or onnxruntime with
+    --onnx), judge(generate_fn, facts) -> rows, print them as a table and write them as JSON."""
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, *inputs])
+    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    rows = judge(generate_fn, facts)
+    print(table(rows))
     write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
     print(f"written to {out}")
 
@@ -875,8 +872,8 @@ def torch_generator(checkpoint: str):
     device = torch.device("cpu")
     ckpt = load_checkpoint(checkpoint, device)
     model, cfg, vocab = model_from_checkpoint(ckpt, checkpoint)
-    step, facts = torch_step(model, device), model_facts(ckpt, cfg)
-    return (lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)), facts
+    facts = model_facts(ckpt, cfg)
+    return (lambda opts: generate(model, vocab, device, opts, facts)), facts
 
 
 def onnx_generator(path: str):
