@@ -30,7 +30,7 @@ import numpy as np
 
 import cli
 from abc_constraint import AbcConstraint
-from abc_form import MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
+from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
 from abc_music import TUNE_TYPES, parse_key, parse_meter, tune_type
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
@@ -270,6 +270,18 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                        help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
     group.add_argument("--max-bars", type=cli.int_in(1, 1000), default=32,
                        help="with --constrained: end the tune cleanly after this many full bars (default 32)")
+    add_request_flags(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
+                                      "unless --overwrite)")
+    output.add_argument("--render", action="store_true",
+                        help="with --out: also write MIDI (abc2midi), audio (fluidsynth, .wav) and SVG scores "
+                             "(abcm2ps) beside it")
+    output.add_argument("--overwrite", action="store_true", help="let --out and --render replace existing files")
+
+
+def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """What a tune should be: its header (meter, key, type) or a prompt, and its form."""
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8", "C" or "C|"')
     start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix"')
@@ -283,15 +295,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                                      'lines apart by spaces, e.g. "S:2 B:8 E:3 B:8" (two parts of 8 bars)')
     form.add_argument("--sections", type=SECTIONS,
                       help=f"the same, spelt short: this many sections (1-{MAX_SECTIONS}), with --bars")
-    form.add_argument("--bars", help='with --sections: bars per section (1-32), one number for all or one per '
-                                     'section, e.g. "8" or "8,8,16"; similarities default to E:3')
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
-                                      "unless --overwrite)")
-    output.add_argument("--render", action="store_true",
-                        help="with --out: also write MIDI (abc2midi), audio (fluidsynth, .wav) and SVG scores "
-                             "(abcm2ps) beside it")
-    output.add_argument("--overwrite", action="store_true", help="let --out and --render replace existing files")
+    form.add_argument("--bars", help=f'with --sections: bars per section (1-{MAX_BARS}), one number for all or '
+                                     f'one per section, e.g. "8" or "8,8,16"; similarities default to '
+                                     f'E:{DEFAULT_SIMILARITY}')
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
