@@ -161,14 +161,16 @@ class TuneState:
         """What the legal tokens of the committed state depend on, and no more, so that
         they can be cached and shared: the last pitch counts only by whether there is one,
         except in a tie, where it decides; bars and notes only as far as the end rule needs
-        (4 and 16; one commit adds at most one)."""
+        (4 and 16; one commit adds at most one); the control code only while it is written
+        (after it, the form alone counts, as far as form_key says)."""
         tie = self.tie_pitch >= 0
         return (self.phase, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
                 self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
                 self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
-                min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end, self.code, self.form_key())
+                min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
+                self.code if self.phase == CODE else (), self.form_key())
 
     def form_key(self) -> tuple:
         """What the rules read of a form: bars left in this section (and at its ending's start),
