@@ -67,11 +67,11 @@ def split_train_validation(tunes: list[str], val_percent: int = 5) -> tuple[list
 
     The tune type (R:) is left out of both, so that two copies of a tune that differ only in
     it count once, and keeping R: moved no tune between the two files."""
-    first = {}
+    first = {}  # music -> the first tune that has it
     for t in tunes:
         first.setdefault(without_type(t), t)
     unique = list(first.values())
-    in_val = [int(hashlib.sha256(without_type(t).encode()).hexdigest(), 16) % 100 < val_percent for t in unique]
+    in_val = [int(hashlib.sha256(music.encode()).hexdigest(), 16) % 100 < val_percent for music in first]
     return ([t for t, v in zip(unique, in_val) if not v], [t for t, v in zip(unique, in_val) if v])
 
 
