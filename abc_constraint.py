@@ -26,7 +26,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from abc_form import CODE_LINES, MAX_LEVEL, next_code_field
+from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, ends_section, next_code_field
 from abc_music import CHORD_SYMBOL, TUNE_TYPES, default_unit, note_shape, parse_meter, pitch_spelling
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
@@ -678,9 +678,9 @@ def _counted(s: TuneState) -> int:
     return int(s.bar > 0 and not pickup)
 
 
-def _ends_section(s: TuneState, bar: str, bars: int) -> bool:
-    """abc_form's rule: :|, ::, ||, |] and |: end a section that has bars."""
-    return bars > 0 and bar in (":|", "::", "||", "|]", "|:")
+def _ends_section(bar: str, bars: int) -> bool:
+    """abc_form's rule, for a section with `bars` bars."""
+    return bars > 0 and not ENDING_NUMBER.search(bar) and ends_section(bar)
 
 
 def _form_allows(s: TuneState, bar: str) -> bool:
@@ -688,7 +688,7 @@ def _form_allows(s: TuneState, bar: str) -> bool:
     if not s.form:
         return True
     bars, target = s.section_bars + _counted(s), s.form[s.section]
-    if _ends_section(s, bar, bars):
+    if _ends_section(bar, bars):
         last = s.section + 1 == len(s.form)
         return bars == target and not (last and bar in ("|:", "::"))
     return bars == target if bar == ":|2" else bars < target  # |, |1: the section goes on
@@ -703,7 +703,7 @@ def _count_form_bar(s: TuneState, bar: str) -> None:
     elif bar == ":|2":
         bars = s.common_bars
     s.section_bars = bars
-    if _ends_section(s, bar, bars):
+    if _ends_section(bar, bars):
         s.section, s.section_bars, s.common_bars = s.section + 1, 0, 0
         s.final = s.section == len(s.form)
 

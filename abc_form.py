@@ -139,8 +139,13 @@ def _bar_line(r: _Reader, token: str) -> None:
         r.ending, section.ending_bars = int(ending.group(1)), 0
     elif r.ending == 1 and token.startswith(":|"):
         pass    # the repeat at the end of a first ending: the second ending follows ([1 ...:| [2 ...)
-    elif section.bars and (SECTION_END.search(token) or token.startswith("|:")):
+    elif section.bars and ends_section(token):
         _new_section(r)  # (a double bar right after another one ends nothing more)
+
+
+def ends_section(bar: str) -> bool:
+    """Whether a bar line that is no ending ends a section that has bars: :|, ::, ||, |], |:."""
+    return bool(SECTION_END.search(bar) or bar.startswith("|:"))
 
 
 def _new_section(r: _Reader) -> None:
