@@ -10,6 +10,7 @@ import torch
 
 import abc_form
 import corpus
+import exported_model
 import infer_onnx
 import musicrnn
 import sampler
@@ -92,9 +93,8 @@ def test_a_control_model_writes_the_form_asked_for_without_its_code(control_onnx
 
 
 def test_a_control_model_without_a_form_writes_its_own_code(control_onnx):
-    session, vocab, config = __import__("exported_model").load_model(str(control_onnx))
-    facts = __import__("exported_model").model_facts(config)
-    step = __import__("exported_model").onnx_step(session, config)
+    session, vocab, config = exported_model.load_model(str(control_onnx))
+    step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
     opts = sampler.SamplingOptions(num=4, seed=1, constrained=True, max_bars=12)
     tunes = sampler.generate_tunes(step, vocab, opts, facts=facts)
     assert all(t.startswith("X:1\n") for t in tunes)
