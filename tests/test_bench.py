@@ -22,3 +22,13 @@ def test_a_flop_utilisation_above_one_is_reported_as_a_measurement_error():
     assert bench.utilisation(1.02) == "measurement error (1.02 > 1)"
     table = bench.table([("train_flop_utilisation", bench.utilisation(1.02), "of the ceiling")], {"GEMM": 0.1})
     assert "| train_flop_utilisation | measurement error (1.02 > 1) |" in table and "GEMM 10%" in table
+
+
+def test_the_constraint_table_shows_both_runs_side_by_side():
+    keys = ["gen_ms_per_token_sampled_ort", "gen_ms_per_token_constrained_cold_ort", "gen_ms_per_token_constrained_ort",
+            "constraint_overhead_cold", "constraint_overhead", "gen_tokens_per_s_batch32_free",
+            "gen_tokens_per_s_batch32_constrained", "constrained_share_batch32"]
+    results = {f"{key}_run{n}": float(n) for key in keys for n in (1, 2)} | {"constraint_overhead_run2": 0.125}
+    table = bench.constraint_markdown(results)
+    assert "| constraint overhead, after 50 tunes (target <= 10%) | 100.000 | 12.500 | % |" in table
+    assert "| free sampling, batch 32 | 1.000 | 2.000 | tokens/s |" in table
