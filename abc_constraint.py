@@ -22,12 +22,11 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, ends_section, next_code_field
-from abc_music import CHORD_SYMBOL, TUNE_TYPES, default_unit, note_shape, parse_meter, pitch_spelling
+from abc_music import CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -81,15 +80,12 @@ def body_tokens() -> dict[str, tuple[int, int]]:
 
 
 def bar_ticks(meter: str, unit: str | None) -> int:
-    """Ticks in a full bar: the meter in units of L (L defaults as ABC says)."""
-    parsed = parse_meter(meter)
-    if parsed is None:
+    """Ticks in a full bar: the meter in units of L (abc_music.bar_units), L as written."""
+    units = bar_units(meter, unit)
+    if units is None:
         raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter.strip()}")
-    bar = Fraction(*parsed)
-    unit = unit.strip() if unit else str(default_unit(meter))
-    u = re.fullmatch(r"1/(\d+)", unit)
-    ticks = bar * int(u.group(1)) * TICKS if u else Fraction(1, 3)
-    if ticks.denominator != 1 or ticks % GRANULE:
+    ticks = units * TICKS
+    if (unit and not re.fullmatch(r"1/\d+", unit.strip())) or ticks.denominator != 1 or ticks % GRANULE:
         raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
     return int(ticks)
 

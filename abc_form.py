@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from abc_music import default_unit, header_field, parse_meter, token_length, tune_body
+from abc_music import bar_units, header_field, token_length, tune_body
 from abc_tokens import PromptError, iter_token_kinds
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
@@ -66,18 +66,10 @@ class _Reader:
     chord: list | None = None                     # the notes of an open [chord]
 
 
-def _full_bar(meter: str | None, unit: str | None) -> Fraction | None:
-    parsed = parse_meter(meter) if meter else None
-    if parsed is None:
-        return None
-    unit_length = Fraction(unit) if unit and re.fullmatch(r"1/\d+", unit) else default_unit(meter)
-    return Fraction(*parsed) / unit_length
-
-
 def sections(tune: str) -> list[Section]:
     """The tune's sections in order, by the rules in the module's docstring."""
     meter, unit = header_field(tune, "M"), header_field(tune, "L")
-    r = _Reader(_full_bar(meter, unit), meter, unit)
+    r = _Reader(bar_units(meter, unit), meter, unit)
     for token, kind in iter_token_kinds(tune_body(tune)):
         if kind in ("note", "rest", "chord_open", "chord_close", "tuplet"):
             _add_time(r, token, kind)
@@ -159,7 +151,7 @@ def _change_meter(r: _Reader, token: str) -> None:
         r.meter = value
     else:
         r.unit = value
-    r.full = _full_bar(r.meter, r.unit)
+    r.full = bar_units(r.meter, r.unit)
 
 
 def levenshtein(a: list[str], b: list[str]) -> int:

@@ -76,6 +76,16 @@ def default_unit(meter: str | None) -> Fraction:
     return Fraction(1, 16) if parsed is not None and Fraction(*parsed) < Fraction(3, 4) else Fraction(1, 8)
 
 
+def bar_units(meter: str | None, unit: str | None) -> Fraction | None:
+    """A full bar in units of L: the meter over the unit length (L: as written when it reads
+    1/N, else ABC's default); None without a numeric meter."""
+    parsed = parse_meter(meter) if meter else None
+    if parsed is None:
+        return None
+    unit_length = Fraction(unit.strip()) if unit and re.fullmatch(r"1/\d+", unit.strip()) else default_unit(meter)
+    return Fraction(*parsed) / unit_length
+
+
 def parse_length(text: str) -> Fraction:
     """ABC length suffix -> multiple of L: "" 1, "3" 3, "/" 1/2, "//" 1/4, "3/2" 3/2, "3/" 3/2."""
     m = re.fullmatch(r"(\d*)(/*)(\d*)", text)

@@ -71,10 +71,19 @@ def torch_ms_per_token(model, vocab, threads: int, mkldnn: bool) -> float:
     return seconds / TUNE_TOKENS * 1e3
 
 
-def best_torch_config(model, vocab) -> tuple[int, bool]:
-    """Torch at its best: the fastest of threads x oneDNN on/off."""
-    configs = [(threads, mkldnn) for threads in (1, 2) for mkldnn in (False, True)]
-    return min(configs, key=lambda c: torch_ms_per_token(model, vocab, *c))
+TORCH_CONFIGS = [(threads, mkldnn) for threads in (1, 2) for mkldnn in (False, True)]
+
+
+def fastest(measures: dict, wins: dict):
+    """A side of a ratio at its best in this turn: the fastest of its configurations, chosen
+    again in every turn, so that one disturbed measurement cannot fix the choice for a run.
+    Counts each turn's winner in `wins`."""
+    def measure() -> float:
+        costs = {name: m() for name, m in measures.items()}
+        best = min(costs, key=costs.get)
+        wins[best] = wins.get(best, 0) + 1
+        return costs[best]
+    return measure
 
 
 def ort_ms_per_token(path: str, batch: int = 1) -> tuple[float, int]:
@@ -111,6 +120,9 @@ def prefix_ms_per_token(model, vocab, stride: int = 10) -> float:
     return (time.perf_counter() - start) * stride / TUNE_TOKENS * 1e3
 
 
+ROUNDS = 9  # of the constraint's batch-1 measurement: each side's best of 9 is steadier than of 5
+
+
 def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
     """Whole generation steps (model, mask, sampler) at batch 1, with and without --constrained.
 
@@ -118,7 +130,7 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
     state, but a new tune still meets states the cache has not seen. Two figures: the first
     `tunes` tunes of a fresh process (infer_onnx.py --num 10), and `tunes` more after 50
     tunes have filled the cache. Free and constrained alternate over the same seeds; the
-    best of 5 rounds is kept (the least disturbed by the machine).
+    best of ROUNDS rounds is kept (the least disturbed by the machine).
     """
     def ms_per_token(c, seeds) -> float:
         tokens, start = 0, time.perf_counter()
@@ -130,7 +142,7 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
 
     assert 2 * tunes + 50 <= 100, "rounds would share seeds"
     free = cold = warm = float("inf")
-    for r in range(5):
+    for r in range(ROUNDS):
         seeds = range(100 * r, 100 * r + tunes)  # each round's 2 x tunes + 50 seeds stay below the next's
         free = min(free, ms_per_token(None, seeds))
         constraint = AbcConstraint(vocab)                 # a fresh process: empty cache
@@ -176,19 +188,20 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     """Each back end at its best configuration (chosen first), then torch, onnxruntime and the
     stateless prefix recompute measured in turns for the ratios between them."""
     model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
-    threads, mkldnn = best_torch_config(model, vocab)
-    _, ort_threads = ort_ms_per_token(onnx_path)
-    ort = ort_runner(onnx_path, ort_threads)
+    torch_wins, ort_wins = {}, {}
+    torch_side = fastest({f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}":
+                          (lambda c=(threads, mkldnn): torch_ms_per_token(model, vocab, *c))
+                          for threads, mkldnn in TORCH_CONFIGS}, torch_wins)
+    ort_side = fastest({threads: (lambda r=ort_runner(onnx_path, threads): ort_step_ms(r)) for threads in (1, 2)},
+                       ort_wins)
     (torch_ms, ort_ms, prefix_ms), spread = interleaved(repeats=STEP_REPEATS, sides={
-        "torch": lambda: torch_ms_per_token(model, vocab, threads, mkldnn),
-        "onnxruntime": lambda: ort_step_ms(ort),
-        "prefix": lambda: prefix_ms_per_token(model, vocab)})
+        "torch": torch_side, "onnxruntime": ort_side, "prefix": lambda: prefix_ms_per_token(model, vocab)})
     int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
     batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
     return {
         "gen_ms_per_token_torch": torch_ms,
-        "gen_torch_best_config": f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}",
-        "gen_ms_per_token_ort": ort_ms, "gen_ort_threads": ort_threads,
+        "gen_torch_best_config": max(torch_wins, key=torch_wins.get),
+        "gen_ms_per_token_ort": ort_ms, "gen_ort_threads": max(ort_wins, key=ort_wins.get),
         "gen_ms_per_token_ort_int8": int8_ms,
         "gen_ms_per_token_prefix": prefix_ms,
         "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,

@@ -32,3 +32,11 @@ def test_the_constraint_table_shows_both_runs_side_by_side():
     table = bench.constraint_markdown(results)
     assert "| constraint overhead, after 50 tunes (target <= 10%) | 100.000 | 12.500 | % |" in table
     assert "| free sampling, batch 32 | 1.000 | 2.000 | tokens/s |" in table
+
+
+def test_each_turn_takes_the_fastest_configuration_and_counts_the_winners():
+    costs = {"one thread": iter([3.0, 1.0]), "two threads": iter([2.0, 4.0])}
+    wins = {}
+    side = bench.fastest({name: (lambda n=name: next(costs[n])) for name in costs}, wins)
+    assert [side(), side()] == [2.0, 1.0]
+    assert wins == {"two threads": 1, "one thread": 1}
