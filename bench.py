@@ -185,8 +185,8 @@ def constraint_bench(onnx_path: str) -> dict:
 
 
 def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
-    """Each back end at its best configuration (chosen first), then torch, onnxruntime and the
-    stateless prefix recompute measured in turns for the ratios between them."""
+    """Torch, onnxruntime and the stateless prefix recompute measured in turns for the ratios
+    between them, each back end in every turn at the fastest of its configurations."""
     model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
     torch_wins, ort_wins = {}, {}
     torch_side = fastest({f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}":
