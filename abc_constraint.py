@@ -20,13 +20,12 @@ small state, so masks are cached and most steps cost a dictionary look-up.
 from __future__ import annotations
 
 import bisect
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, ends_section, next_code_field
-from abc_music import CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling
+from abc_music import CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, written_unit
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -85,7 +84,7 @@ def bar_ticks(meter: str, unit: str | None) -> int:
     if units is None:
         raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter.strip()}")
     ticks = units * TICKS
-    if (unit and not re.fullmatch(r"1/\d+", unit.strip())) or ticks.denominator != 1 or ticks % GRANULE:
+    if (unit and written_unit(unit) is None) or ticks.denominator != 1 or ticks % GRANULE:
         raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
     return int(ticks)
 

@@ -76,14 +76,18 @@ def default_unit(meter: str | None) -> Fraction:
     return Fraction(1, 16) if parsed is not None and Fraction(*parsed) < Fraction(3, 4) else Fraction(1, 8)
 
 
+def written_unit(unit: str | None) -> Fraction | None:
+    """An L: value that reads 1/N, as a length ("1/8" -> 1/8); None for anything else."""
+    return Fraction(unit.strip()) if unit and re.fullmatch(r"1/\d+", unit.strip()) else None
+
+
 def bar_units(meter: str | None, unit: str | None) -> Fraction | None:
     """A full bar in units of L: the meter over the unit length (L: as written when it reads
     1/N, else ABC's default); None without a numeric meter."""
     parsed = parse_meter(meter) if meter else None
     if parsed is None:
         return None
-    unit_length = Fraction(unit.strip()) if unit and re.fullmatch(r"1/\d+", unit.strip()) else default_unit(meter)
-    return Fraction(*parsed) / unit_length
+    return Fraction(*parsed) / (written_unit(unit) or default_unit(meter))
 
 
 def parse_length(text: str) -> Fraction:
