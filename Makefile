@@ -13,7 +13,7 @@ PYTHON := .venv/bin/python
 # 1.20-1.39x the tokens/s of one process with 2 threads (make bench), the same model step for step
 TRAIN_PROCS := $(shell nproc 2>/dev/null | awk '{print ($$1 >= 2) ? 2 : 1}')
 TRAIN := $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(TRAIN_PROCS) musicrnn.py train
-SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
+SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_form.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
