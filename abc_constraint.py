@@ -103,7 +103,9 @@ class _PrefixTable:
     def children(self, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vocabulary ids of the chars c that extend prefix, range starts, range ends)."""
         if prefix not in self._children:
-            chars = sorted({s[len(prefix)] for s in self.strings if len(s) > len(prefix) and s.startswith(prefix)})
+            under = self.strings[bisect.bisect_left(self.strings, prefix):
+                                 bisect.bisect_left(self.strings, prefix + "\U0010ffff")]
+            chars = sorted({s[len(prefix)] for s in under if len(s) > len(prefix)})
             lo = [bisect.bisect_left(self.strings, prefix + c) for c in chars]
             hi = [bisect.bisect_left(self.strings, prefix + c + "\U0010ffff") for c in chars]
             self._children[prefix] = (np.array([self.char_ids[c] for c in chars], dtype=np.int64),
