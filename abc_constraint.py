@@ -100,16 +100,18 @@ class _PrefixTable:
         self.char_ids = char_ids
         self._children: dict[str, tuple] = {}
 
+    def span(self, prefix: str) -> tuple[int, int]:
+        """[lo, hi): the indices of the strings that begin with prefix."""
+        return bisect.bisect_left(self.strings, prefix), bisect.bisect_left(self.strings, prefix + "\U0010ffff")
+
     def children(self, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vocabulary ids of the chars c that extend prefix, range starts, range ends)."""
         if prefix not in self._children:
-            under = self.strings[bisect.bisect_left(self.strings, prefix):
-                                 bisect.bisect_left(self.strings, prefix + "\U0010ffff")]
-            chars = sorted({s[len(prefix)] for s in under if len(s) > len(prefix)})
-            lo = [bisect.bisect_left(self.strings, prefix + c) for c in chars]
-            hi = [bisect.bisect_left(self.strings, prefix + c + "\U0010ffff") for c in chars]
+            lo, hi = self.span(prefix)
+            chars = sorted({s[len(prefix)] for s in self.strings[lo:hi] if len(s) > len(prefix)})
+            spans = np.array([self.span(prefix + c) for c in chars], dtype=np.int64).reshape(-1, 2)  # (C, 2)
             self._children[prefix] = (np.array([self.char_ids[c] for c in chars], dtype=np.int64),
-                                      np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64))
+                                      spans[:, 0], spans[:, 1])
         return self._children[prefix]
 
 
