@@ -91,7 +91,7 @@ def bar_ticks(meter: str, unit: str | None) -> int:
 
 class _PrefixTable:
     """Sorted strings; the strings under a prefix are one contiguous range, so "is any
-    legal string under prefix+c" is a difference of prefix sums."""
+    legal string under prefix+c" is one reduction over each character's range."""
 
     def __init__(self, strings, char_ids: dict[str, int]):
         self.strings = sorted(s for s in set(strings) if all(ch in char_ids for ch in s))
@@ -104,15 +104,23 @@ class _PrefixTable:
         """[lo, hi): the indices of the strings that begin with prefix."""
         return bisect.bisect_left(self.strings, prefix), bisect.bisect_left(self.strings, prefix + "\U0010ffff")
 
-    def children(self, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vocabulary ids of the chars c that extend prefix, range starts, range ends)."""
+    def children(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary ids of the chars c that extend prefix, their ranges' bounds for any_under)."""
         if prefix not in self._children:
             lo, hi = self.span(prefix)
             chars = sorted({s[len(prefix)] for s in self.strings[lo:hi] if len(s) > len(prefix)})
-            spans = np.array([self.span(prefix + c) for c in chars], dtype=np.int64).reshape(-1, 2)  # (C, 2)
-            self._children[prefix] = (np.array([self.char_ids[c] for c in chars], dtype=np.int64),
-                                      spans[:, 0], spans[:, 1])
+            bounds = np.array([self.span(prefix + c) for c in chars], dtype=np.int64).ravel()  # lo, hi, lo, ...
+            if len(bounds) and bounds[-1] == len(self.strings):
+                bounds = bounds[:-1]  # reduceat's last range runs to the end
+            self._children[prefix] = (np.array([self.char_ids[c] for c in chars], dtype=np.int64), bounds)
         return self._children[prefix]
+
+    def any_under(self, prefix: str, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of the chars c that extend prefix, whether any string under prefix + c is flagged)."""
+        ids, bounds = self.children(prefix)
+        if not len(ids):
+            return ids, np.zeros(0, dtype=bool)
+        return ids, np.logical_or.reduceat(flags, bounds)[::2]  # a reduction per [lo, hi); the [hi, lo) between drop
 
 
 @dataclass
@@ -470,7 +478,7 @@ class AbcConstraint:
 
     def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
         mask = self._header_mask(state) if state.phase < BODY else self._body_mask(state, must_end)
-        return mask, np.where(mask, 0.0, -np.inf).astype(np.float32)
+        return mask, np.where(mask, np.float32(0), np.float32(-np.inf))
 
     def _cached(self, key: tuple, build):
         """build(), once per key: a mask depends on the state's key alone. With use_cache off
@@ -496,10 +504,10 @@ class AbcConstraint:
 
     def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:
         # a token already begun finishes under the rules it began under
-        legal, counts = self._legal_counts(s, s.pending_must_end)    # (N,), (N + 1,)
-        ids, lo, hi = self.body.children(s.pending)
+        legal = self._legal_cached(s, s.pending_must_end)             # (N,)
+        ids, grows = self.body.any_under(s.pending, legal)
         mask = np.zeros(len(self.vocab), dtype=bool)
-        mask[ids] = counts[hi] > counts[lo]                           # the pending token grows
+        mask[ids] = grows                                             # the pending token grows
         if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
             return mask
         after = s
@@ -515,23 +523,20 @@ class AbcConstraint:
         mask[self.vocab.eos_id] = can_end
         return mask
 
-    def _legal_counts(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
-        def build():
-            legal = self._legal(s, must_end)
-            return legal, np.concatenate(([0], np.cumsum(legal)))
-
-        return self._cached(("legal",) + s.state_key(must_end), build)
+    def _legal_cached(self, s: TuneState, must_end: bool) -> np.ndarray:
+        return self._cached(("legal",) + s.state_key(must_end), lambda: self._legal(s, must_end))
 
     def _starts(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, bool]:
         """(V,) the tokens that may begin now, and whether the tune may end here."""
         def build():
-            legal, counts = self._legal_counts(s, must_end)
+            legal = self._legal_cached(s, must_end)
             starts = np.zeros(len(self.vocab), dtype=bool)
-            ids, lo, hi = self.body.children("")
-            starts[ids] = counts[hi] > counts[lo]
-            whole = self.whole_body >= 0
-            whole[whole] = legal[self.whole_body[whole]]
-            starts[self.whole_ids[whole]] = True
+            ids, begins = self.body.any_under("", legal)
+            starts[ids] = begins
+            if len(self.whole_ids):
+                whole = self.whole_body >= 0
+                whole[whole] = legal[self.whole_body[whole]]
+                starts[self.whole_ids[whole]] = True
             return starts, s.can_end()
 
         return self._cached(("starts",) + s.state_key(must_end), build)
@@ -589,25 +594,32 @@ class AbcConstraint:
 
     def _legal_in_bar(self, s: TuneState, rem: int, must_end: bool) -> np.ndarray:
         """Outside chords, grace groups, tuplets and broken rhythm: rem ticks are left in the bar."""
-        legal = np.zeros(len(self.kind), dtype=bool)
-        fits = (self.ticks <= rem) & self.fits_granule
         if s.short_next and s.bar == 0 and not s.repeat_open:
+            legal = np.zeros(len(self.kind), dtype=bool)
             self._put(legal, "|:", True)  # the next section opens its repeat before its pickup
             self._put(legal, "\n", s.last != NEWLINE)
             return legal
-        if must_end and rem >= TICKS:  # finish the bar in few tokens: no ornaments, notes of L or longer
-            fits &= self.ticks >= TICKS
+        # finishing the bar in few tokens (must_end): no ornaments, notes of L or longer
+        notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
         if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
-            return self.is_note & fits & (self.pitch == s.tie_pitch)
+            return notes & (self.pitch == s.tie_pitch)
         if s.need_note:
-            legal |= self.is_note & fits
+            legal = notes.copy()
             self._put(legal, "[", rem >= GRANULE and s.last != DECORATION)  # abc2midi: no rolls or trills on chords
             return legal
-        legal |= (self.is_note | self.is_rest) & fits
+        legal = sounds.copy()
         self._put_marks(legal, s, rem, must_end)
         for bar in self._bar_lines(s, must_end and not s.form):  # a form decides the bar lines itself
             self._put(legal, bar, not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar))
         return legal
+
+    def _fitting(self, rem: int, long_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) the notes, and the notes and rests, that fit in rem ticks (long_only: of L or longer)."""
+        def build():
+            fits = (self.ticks <= rem) & self.fits_granule & ((self.ticks >= TICKS) | (not long_only))
+            return self.is_note & fits, (self.is_note | self.is_rest) & fits
+
+        return self._cached(("fitting", rem, long_only), build)
 
     def _put_marks(self, legal: np.ndarray, s: TuneState, rem: int, must_end: bool) -> None:
         """Ornaments, chords, tuplets, broken rhythm, ties, spaces and line breaks: where they fit."""
@@ -708,4 +720,6 @@ def _count_form_bar(s: TuneState, bar: str) -> None:
 
 
 def _copy(state: TuneState) -> TuneState:
-    return TuneState(**vars(state))
+    copy = object.__new__(TuneState)  # a field-for-field copy, without __init__'s cost per step
+    copy.__dict__.update(state.__dict__)
+    return copy
