@@ -22,6 +22,7 @@ import exported_model
 import musicrnn
 import sampler
 from abc_constraint import AbcConstraint
+from abc_music import note_shape
 from safe_write import check_output, write_atomic
 
 TUNE_TOKENS = 500  # "a 500-token tune"
@@ -145,7 +146,8 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
     for r in range(ROUNDS):
         seeds = range(100 * r, 100 * r + tunes)  # each round's 2 x tunes + 50 seeds stay below the next's
         free = min(free, ms_per_token(None, seeds))
-        constraint = AbcConstraint(vocab)                 # a fresh process: empty cache
+        constraint = AbcConstraint(vocab)                 # a fresh process: empty caches,
+        note_shape.cache_clear()                          # the module's one included
         cold = min(cold, ms_per_token(constraint, seeds))
         ms_per_token(constraint, range(seeds.stop, seeds.stop + 50))         # 50 more tunes fill the cache
         later = range(seeds.stop + 50, seeds.stop + 50 + tunes)                # then new tunes again
