@@ -9,6 +9,7 @@ run, with the default model: compare them with each other, not with another mach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -39,7 +40,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 REPEATS = 3       # turns of each side of a ratio
-STEP_REPEATS = 7  # turns for the batch-1 steps, which take microseconds and so meet the most noise
+STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so meet the most noise
 
 
 def interleaved(sides: dict, repeats: int = REPEATS) -> tuple[list[float], dict[str, float]]:
@@ -63,12 +64,21 @@ def step_loop(step, eos_id: int, batch: int, tokens: int):
     return run
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Torch's intra-op threads set for a measurement, and set back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def torch_ms_per_token(model, vocab, threads: int, mkldnn: bool) -> float:
     """Torch eager, one token per step, in this configuration."""
-    torch.set_num_threads(threads)
-    with torch.backends.mkldnn.flags(enabled=mkldnn):
+    with torch_threads(threads), torch.backends.mkldnn.flags(enabled=mkldnn):
         seconds = timed(step_loop(musicrnn.torch_step(model, torch.device("cpu")), vocab.eos_id, 1, TUNE_TOKENS))
-    torch.set_num_threads(2)
     return seconds / TUNE_TOKENS * 1e3
 
 
@@ -105,7 +115,7 @@ def ort_step_ms(runner, batch: int = 1) -> float:
 
 
 @torch.no_grad()
-def prefix_ms_per_token(model, vocab, stride: int = 10) -> float:
+def prefix_ms_per_token(model, vocab, threads: int, stride: int = 20) -> float:
     """What a stateless generator pays: re-run the whole prefix for every new token.
 
     Timing all 500 prefixes takes minutes, so every `stride`-th prefix length is timed
@@ -114,11 +124,13 @@ def prefix_ms_per_token(model, vocab, stride: int = 10) -> float:
     """
     x = torch.full((1, TUNE_TOKENS), vocab.eos_id, dtype=torch.long)
     lengths = range(stride // 2, TUNE_TOKENS + 1, stride)
-    model(x[:, :stride])  # warm-up
-    start = time.perf_counter()
-    for t in lengths:
-        model(x[:, :t])
-    return (time.perf_counter() - start) * stride / TUNE_TOKENS * 1e3
+    with torch_threads(threads):
+        model(x[:, :stride])  # warm-up
+        start = time.perf_counter()
+        for t in lengths:
+            model(x[:, :t])
+        seconds = time.perf_counter() - start
+    return seconds * stride / TUNE_TOKENS * 1e3
 
 
 ROUNDS = 9  # of the constraint's batch-1 measurement: each side's best of 9 is steadier than of 5
@@ -160,7 +172,7 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
 
 def constrained_batch(step, vocab, batch: int = 32) -> dict:
     """Tokens/s of one batch of `batch` new tunes, free and --constrained (a cache filled by 50
-    tunes first), in turns, each batch with its own seed; the best of 3 turns of each."""
+    tunes first), in turns, each batch with its own seed; the best of STEP_REPEATS turns of each."""
     constraint = AbcConstraint(vocab)
     seeds = iter(range(10_000, 20_000))
 
@@ -173,7 +185,8 @@ def constrained_batch(step, vocab, batch: int = 32) -> dict:
     sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=50, max_tokens=TUNE_TOKENS, constrained=True),
                            constraint)
     (free, constrained), spread = interleaved({"free, batch 32": lambda: seconds_per_token(None),
-                                               "constrained, batch 32": lambda: seconds_per_token(constraint)})
+                                               "constrained, batch 32": lambda: seconds_per_token(constraint)},
+                                              repeats=STEP_REPEATS)  # a batch takes a fraction of a second
     return {"gen_tokens_per_s_batch32_free": 1 / free, "gen_tokens_per_s_batch32_constrained": 1 / constrained,
             "constrained_share_batch32": free / constrained, "spread_batch32": spread}
 
@@ -190,14 +203,18 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     """Torch, onnxruntime and the stateless prefix recompute measured in turns for the ratios
     between them, each back end in every turn at the fastest of its configurations."""
     model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
-    torch_wins, ort_wins = {}, {}
+    torch_wins, ort_wins, prefix_wins = {}, {}, {}
     torch_side = fastest({f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}":
                           (lambda c=(threads, mkldnn): torch_ms_per_token(model, vocab, *c))
                           for threads, mkldnn in TORCH_CONFIGS}, torch_wins)
     ort_side = fastest({threads: (lambda r=ort_runner(onnx_path, threads): ort_step_ms(r)) for threads in (1, 2)},
                        ort_wins)
+    # every side at the fastest of 1 and 2 threads in each turn: when something else takes a
+    # core for a while, a 2-thread side alone would slow down and move the ratios between runs
+    prefix_side = fastest({threads: (lambda t=threads: prefix_ms_per_token(model, vocab, t)) for threads in (1, 2)},
+                          prefix_wins)
     (torch_ms, ort_ms, prefix_ms), spread = interleaved(repeats=STEP_REPEATS, sides={
-        "torch": torch_side, "onnxruntime": ort_side, "prefix": lambda: prefix_ms_per_token(model, vocab)})
+        "torch": torch_side, "onnxruntime": ort_side, "prefix": prefix_side})
     int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
     batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
     return {
@@ -205,7 +222,7 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
         "gen_torch_best_config": max(torch_wins, key=torch_wins.get),
         "gen_ms_per_token_ort": ort_ms, "gen_ort_threads": max(ort_wins, key=ort_wins.get),
         "gen_ms_per_token_ort_int8": int8_ms,
-        "gen_ms_per_token_prefix": prefix_ms,
+        "gen_ms_per_token_prefix": prefix_ms, "gen_prefix_threads": max(prefix_wins, key=prefix_wins.get),
         "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,
         "ort_speedup_over_torch": torch_ms / ort_ms,
         "state_speedup_over_prefix": prefix_ms / ort_ms,
@@ -399,7 +416,8 @@ def markdown(results: dict) -> str:
         (f"onnxruntime fp32 step, batch 1 ({results['gen_ort_threads']} thread"
          + "s" * (results["gen_ort_threads"] > 1) + ")", results["gen_ms_per_token_ort"], "ms/token"),
         ("onnxruntime int8 step, batch 1", results["gen_ms_per_token_ort_int8"], "ms/token"),
-        (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune", results["gen_ms_per_token_prefix"], "ms/token"),
+        (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune ({results['gen_prefix_threads']} thread"
+         + "s" * (results["gen_prefix_threads"] > 1) + ")", results["gen_ms_per_token_prefix"], "ms/token"),
         ("onnxruntime fp32, batch 32", results["gen_tokens_per_s_batch32_ort"], "tokens/s"),
         ("onnxruntime speed-up over torch eager (target >= 2)", results["ort_speedup_over_torch"], "x"),
         ("carried state speed-up over prefix recompute (target >= 50)", results["state_speedup_over_prefix"], "x"),
@@ -436,8 +454,8 @@ def table(rows: list[tuple], spreads: dict[str, float]) -> str:
     lines += [f"| {name} | {value if isinstance(value, str) else f'{value:,.3f}'} | {unit} |"
               for name, value, unit in rows]
     spread = ", ".join(f"{name} {100 * value:.0f}%" for name, value in spreads.items())
-    return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({STEP_REPEATS} for the " \
-        f"batch-1 steps); their spread (worst / best - 1): " + spread
+    return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({STEP_REPEATS} for " \
+        f"generation); their spread (worst / best - 1): " + spread
 
 
 def utilisation(value: float) -> float | str:
