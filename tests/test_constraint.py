@@ -318,3 +318,15 @@ def test_the_tune_type_line_is_optional_and_comes_after_x(constraint):
     assert "R" not in legal_chars(constraint, "X:1\nL:1/8\n")
     with pytest.raises(PromptError, match="in order"):
         constraint.start("X:1\nL:1/8\nR:jig\n")
+
+
+def test_any_under_reduces_each_next_characters_range_including_the_last_one():
+    chars = {c: i for i, c in enumerate("ab|:")}
+    table = abc_constraint._PrefixTable(["a", "ab", "abb", "b", "|", "|:", "b|"], chars)  # sorted: a ab abb b b| | |:
+    flags = np.array([s in ("abb", "|:") for s in table.strings])
+    ids, any_flagged = table.any_under("", flags)
+    assert dict(zip(ids.tolist(), any_flagged.tolist())) == {chars["a"]: True, chars["b"]: False, chars["|"]: True}
+    ids, any_flagged = table.any_under("|", flags)  # the last range runs to the end of the strings
+    assert ids.tolist() == [chars[":"]] and any_flagged.tolist() == [True]
+    ids, any_flagged = table.any_under("abb", flags)  # nothing extends it
+    assert len(ids) == len(any_flagged) == 0
