@@ -118,8 +118,6 @@ class _PrefixTable:
     def any_under(self, prefix: str, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the ids of the chars c that extend prefix, whether any string under prefix + c is flagged)."""
         ids, bounds = self.children(prefix)
-        if not len(ids):
-            return ids, np.zeros(0, dtype=bool)
         return ids, np.logical_or.reduceat(flags, bounds)[::2]  # a reduction per [lo, hi); the [hi, lo) between drop
 
 
@@ -533,10 +531,9 @@ class AbcConstraint:
             starts = np.zeros(len(self.vocab), dtype=bool)
             ids, begins = self.body.any_under("", legal)
             starts[ids] = begins
-            if len(self.whole_ids):
-                whole = self.whole_body >= 0
-                whole[whole] = legal[self.whole_body[whole]]
-                starts[self.whole_ids[whole]] = True
+            whole = self.whole_body >= 0
+            whole[whole] = legal[self.whole_body[whole]]
+            starts[self.whole_ids[whole]] = True
             return starts, s.can_end()
 
         return self._cached(("starts",) + s.state_key(must_end), build)
@@ -616,7 +613,9 @@ class AbcConstraint:
     def _fitting(self, rem: int, long_only: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N,) the notes, and the notes and rests, that fit in rem ticks (long_only: of L or longer)."""
         def build():
-            fits = (self.ticks <= rem) & self.fits_granule & ((self.ticks >= TICKS) | (not long_only))
+            fits = (self.ticks <= rem) & self.fits_granule
+            if long_only:
+                fits &= self.ticks >= TICKS
             return self.is_note & fits, (self.is_note | self.is_rest) & fits
 
         return self._cached(("fitting", rem, long_only), build)
