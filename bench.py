@@ -287,7 +287,8 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
-            "train_speedup": naive_s / ours_s, "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
+            "train_speedup": naive_s / ours_s, "train_batch_size": cfg.batch_size,
+            "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
             "spread_training": spread}
 
 
@@ -343,7 +344,7 @@ def train_processes(procs: int, train_data: str, val_data: str, out: str, *flags
 
 def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int) -> dict:
     """1 process (all cores) against 2 under torchrun (the cores shared; make train's way), the
-    same global batch of 32, one epoch of 1,000 tunes each, and the GEMM ceiling, in turns: the
+    same global batch (the default's), one epoch of 1,000 tunes each, and the GEMM ceiling, in turns: the
     FLOP utilisation of each is measured against a ceiling taken beside it."""
     def seconds_per_token(procs: int) -> float:
         return 1 / train_processes(procs, train_data, val_data, out, "--limit", "1000")[0]
@@ -466,7 +467,7 @@ def utilisation(value: float) -> float | str:
 def training_markdown(r: dict) -> str:
     rows = [
         ("fp32 GEMM 2048^3 (the ceiling, measured now)", r["gemm_gflops"], "GFLOP/s"),
-        ("training, length-grouped batches of 32", r["train_tokens_per_s"], "useful tokens/s"),
+        (f"training, length-grouped batches of {r['train_batch_size']}", r["train_tokens_per_s"], "useful tokens/s"),
         ("training, pad to the longest tune, batch 8", r["train_tokens_per_s_padded"],
          "useful tokens/s"),
         ("train_speedup (target >= 5)", r["train_speedup"], "x"),
@@ -477,7 +478,8 @@ def training_markdown(r: dict) -> str:
         ("peak memory: infer_onnx.py", r["peak_mb_infer_onnx"], "MB"),
         ("peak memory: musicrnn.py generate", r["peak_mb_generate_torch"], "MB"),
         ("peak memory: one training epoch", r["peak_mb_train"], "MB"),
-        ("training, 1 process (2 threads), global batch 32", r["train_tokens_per_s_1_process"], "useful tokens/s"),
+        (f"training, 1 process (2 threads), global batch {r['train_batch_size']}", r["train_tokens_per_s_1_process"],
+         "useful tokens/s"),
         ("training, 2 processes under torchrun (1 thread each, gloo)", r["train_tokens_per_s_2_processes"],
          "useful tokens/s"),
         ("2 processes / 1 process, the same 2 cores", r["scaling_2_over_1"], "x"),

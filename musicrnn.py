@@ -83,7 +83,7 @@ class Config:
     num_layers: int = 1                         # stacked LSTM layers
     dropout: float = 0.2                        # on the embedding, between layers and before the output
     # optimisation
-    batch_size: int = 32                        # tunes per batch (grouped by length, so little padding)
+    batch_size: int = 16                        # tunes per batch, grouped by length (README: 16 beat 32 in 10 min)
     lr: float = 4e-3                            # peak learning rate of Adam
     schedule: str = "cosine"                    # "cosine" (warm-up then decay) or "plateau" (halve when stuck)
     warmup_steps: int = 50                      # linear warm-up, cosine schedule only
