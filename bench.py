@@ -64,6 +64,10 @@ def step_loop(step, eos_id: int, batch: int, tokens: int):
     return run
 
 
+def threads_label(threads: int) -> str:
+    return f"{threads} thread" + "s" * (threads > 1)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int):
     """Torch's intra-op threads set for a measurement, and set back after it."""
@@ -204,7 +208,7 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     between them, each back end in every turn at the fastest of its configurations."""
     model, cfg, vocab = musicrnn.model_from_checkpoint(musicrnn.load_checkpoint(checkpoint), checkpoint)
     torch_wins, ort_wins, prefix_wins = {}, {}, {}
-    torch_side = fastest({f"{threads} thread{'s' * (threads > 1)}, oneDNN {'on' if mkldnn else 'off'}":
+    torch_side = fastest({f"{threads_label(threads)}, oneDNN {'on' if mkldnn else 'off'}":
                           (lambda c=(threads, mkldnn): torch_ms_per_token(model, vocab, *c))
                           for threads, mkldnn in TORCH_CONFIGS}, torch_wins)
     ort_side = fastest({threads: (lambda r=ort_runner(onnx_path, threads): ort_step_ms(r)) for threads in (1, 2)},
@@ -354,6 +358,7 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
                                               "2 processes": lambda: seconds_per_token(2)})
     ceiling = 2 * GEMM_N ** 3 / gemm_s
     return {"train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
+            "processes_batch_size": musicrnn.Config.batch_size,  # train_processes passes no --batch-size
             "scaling_2_over_1": one / two, "spread_processes": spread,
             "train_flop_utilisation_1_process": flops_per_token / one / ceiling,
             "train_flop_utilisation_2_processes": flops_per_token / two / ceiling}
@@ -414,11 +419,11 @@ def server_bench(onnx_path: str, requests: int = 50) -> dict:
 def markdown(results: dict) -> str:
     rows = [
         ("torch eager step, batch 1 (" + results["gen_torch_best_config"] + ")", results["gen_ms_per_token_torch"], "ms/token"),
-        (f"onnxruntime fp32 step, batch 1 ({results['gen_ort_threads']} thread"
-         + "s" * (results["gen_ort_threads"] > 1) + ")", results["gen_ms_per_token_ort"], "ms/token"),
+        (f"onnxruntime fp32 step, batch 1 ({threads_label(results['gen_ort_threads'])})",
+         results["gen_ms_per_token_ort"], "ms/token"),
         ("onnxruntime int8 step, batch 1", results["gen_ms_per_token_ort_int8"], "ms/token"),
-        (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune ({results['gen_prefix_threads']} thread"
-         + "s" * (results["gen_prefix_threads"] > 1) + ")", results["gen_ms_per_token_prefix"], "ms/token"),
+        (f"prefix recompute (stateless), {TUNE_TOKENS}-token tune ({threads_label(results['gen_prefix_threads'])})",
+         results["gen_ms_per_token_prefix"], "ms/token"),
         ("onnxruntime fp32, batch 32", results["gen_tokens_per_s_batch32_ort"], "tokens/s"),
         ("onnxruntime speed-up over torch eager (target >= 2)", results["ort_speedup_over_torch"], "x"),
         ("carried state speed-up over prefix recompute (target >= 50)", results["state_speedup_over_prefix"], "x"),
@@ -478,7 +483,7 @@ def training_markdown(r: dict) -> str:
         ("peak memory: infer_onnx.py", r["peak_mb_infer_onnx"], "MB"),
         ("peak memory: musicrnn.py generate", r["peak_mb_generate_torch"], "MB"),
         ("peak memory: one training epoch", r["peak_mb_train"], "MB"),
-        (f"training, 1 process (2 threads), global batch {r['train_batch_size']}", r["train_tokens_per_s_1_process"],
+        (f"training, 1 process (2 threads), global batch {r['processes_batch_size']}", r["train_tokens_per_s_1_process"],
          "useful tokens/s"),
         ("training, 2 processes under torchrun (1 thread each, gloo)", r["train_tokens_per_s_2_processes"],
          "useful tokens/s"),
