@@ -99,6 +99,8 @@ class _PrefixTable:
         self.prefixes = {s[:k] for s in self.strings for k in range(len(s) + 1)}
         self.char_ids = char_ids
         self._children: dict[str, tuple] = {}
+        for prefix in self.prefixes:  # all at start-up (~15 ms for a body table), not on a tune's first steps
+            self.children(prefix)
 
     def span(self, prefix: str) -> tuple[int, int]:
         """[lo, hi): the indices of the strings that begin with prefix."""
@@ -189,11 +191,15 @@ class TuneState:
                 self.section + 1 == len(self.form))
 
     def key(self, must_end: bool) -> tuple:
-        """state_key and the token being written, a note by its shape ("^f2" as "c2")."""
+        """state_key and the token being written, as pending_key gives it."""
+        return self.state_key(must_end) + self.pending_key()
+
+    def pending_key(self) -> tuple:
+        """The token being written, a note by its shape ("^f2" as "c2"), except where its pitch
+        counts: in a tie, or a tie's "-" itself (which takes the last note's pitch)."""
         exact = self.tie_pitch >= 0 or self.pending == "-" or self.phase < BODY
         pending = self.pending if exact else note_shape(self.pending)
-        return self.state_key(must_end) + (pending, self.pending_must_end,
-                                           self.last_pitch if self.pending == "-" else None)
+        return pending, self.pending_must_end, self.last_pitch if self.pending == "-" else None
 
     def can_end(self) -> bool:
         """At a section's end, nothing open; then either the form is complete, or (with no
@@ -258,6 +264,8 @@ class AbcConstraint:
         self.whole_lines = {letter: np.isin(whole, spelled) for letter, spelled in zip(HEADER_ORDER, HEADER_LINES)}
         self.whole = whole
         self.cache: dict[tuple, np.ndarray] = {}
+        self.legal_ids: dict[bytes, int] = {}  # a legal set (as bytes) -> its number
+        self.extending = {p: self._extending(p) for p in self.body.prefixes}  # at start-up, with the table
 
     # --- state ------------------------------------------------------------------
 
@@ -472,11 +480,14 @@ class AbcConstraint:
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
         must_end = (not state.form and state.full_bars >= self.max_bars) or tokens_left < self.END_RESERVE
         state.must_end = must_end
-        return self._cached(state.key(must_end), lambda: self._build_masks(state, must_end))
+        key = state.key(must_end)
+        masks = self.cache.get(key) if self.use_cache else None  # most steps end here
+        return masks if masks is not None else self._cached(key, lambda: self._build_masks(state, must_end))
 
     def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
-        mask = self._header_mask(state) if state.phase < BODY else self._body_mask(state, must_end)
-        return mask, np.where(mask, np.float32(0), np.float32(-np.inf))
+        if state.phase == BODY:
+            return self._body_masks(state, must_end)
+        return _with_penalty(self._header_mask(state))
 
     def _cached(self, key: tuple, build):
         """build(), once per key: a mask depends on the state's key alone. With use_cache off
@@ -500,55 +511,75 @@ class AbcConstraint:
                 mask[self.whole_ids[whole]] = True
         return mask
 
-    def _body_mask(self, s: TuneState, must_end: bool) -> np.ndarray:
-        # a token already begun finishes under the rules it began under
-        legal = self._legal_cached(s, s.pending_must_end)             # (N,)
-        ids, grows = self.body.any_under(s.pending, legal)
-        mask = np.zeros(len(self.vocab), dtype=bool)
-        mask[ids] = grows                                             # the pending token grows
+    def _body_masks(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A body mask reads the state only through two legal sets: the tokens legal now, which the
+        pending token must grow into, and (once it is complete) those legal after it, which the
+        next token starts from. Legal sets are few (tens in a tune that visits hundreds of
+        states), so masks are cached by the pair; a new state mostly costs the two look-ups."""
+        legal_id, legal = self._legal_cached(s, s.pending_must_end)   # a token already begun finishes
+        pending = s.pending_key()                                      # under the rules it began under
         if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
-            return mask
+            return self._cached(("grows", legal_id) + pending, lambda: _with_penalty(self._grows(s, legal)))
         after = s
-        if s.pending:                                                 # or it is finished ...
+        if s.pending:                                                  # it may be finished ...
             after = _copy(s)
             self._commit(after, s.pending)
             after.pending, after.pending_must_end = "", False
-        starts, can_end = self._starts(after, must_end)               # ... and a new one starts
+        after_id, _ = self._legal_cached(after, must_end)              # ... and a new one start
+        can_end = after.can_end()
+        return self._cached(("body", legal_id, after_id, can_end, must_end) + pending,
+                            lambda: _with_penalty(self._body_mask(s, legal, after, can_end, must_end)))
+
+    def _grows(self, s: TuneState, legal: np.ndarray) -> np.ndarray:
+        """(V,) the characters that extend the pending token towards a legal one."""
+        ids, grows = self.body.any_under(s.pending, legal)
+        mask = np.zeros(len(self.vocab), dtype=bool)
+        mask[ids] = grows
+        return mask
+
+    def _body_mask(self, s: TuneState, legal: np.ndarray, after: TuneState, can_end: bool,
+                   must_end: bool) -> np.ndarray:
+        """(V,) the pending token grows, or it is finished and a new one starts, or the tune ends."""
+        mask = self._grows(s, legal)
         if can_end and must_end:  # time to stop: nothing else
             mask[:] = False
         else:
-            mask |= starts & ~self._extending(s.pending)
+            mask |= self._starts(after, must_end) & ~self.extending.get(s.pending, self.extending[""])  # "": none
         mask[self.vocab.eos_id] = can_end
         return mask
 
-    def _legal_cached(self, s: TuneState, must_end: bool) -> np.ndarray:
-        return self._cached(("legal",) + s.state_key(must_end), lambda: self._legal(s, must_end))
-
-    def _starts(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, bool]:
-        """(V,) the tokens that may begin now, and whether the tune may end here."""
+    def _legal_cached(self, s: TuneState, must_end: bool) -> tuple[int, np.ndarray]:
+        """(the legal set's number, the set): equal sets share a number, whichever state they came from."""
         def build():
-            legal = self._legal_cached(s, must_end)
+            legal = self._legal(s, must_end)
+            number = self.legal_ids.setdefault(legal.tobytes(), len(self.legal_ids))
+            return number, legal
+
+        return self._cached(("legal",) + s.state_key(must_end), build)
+
+    def _starts(self, s: TuneState, must_end: bool) -> np.ndarray:
+        """(V,) the tokens that may begin now."""
+        legal_id, legal = self._legal_cached(s, must_end)
+
+        def build():
             starts = np.zeros(len(self.vocab), dtype=bool)
             ids, begins = self.body.any_under("", legal)
             starts[ids] = begins
             whole = self.whole_body >= 0
             whole[whole] = legal[self.whole_body[whole]]
             starts[self.whole_ids[whole]] = True
-            return starts, s.can_end()
+            return starts
 
-        return self._cached(("starts",) + s.state_key(must_end), build)
+        return self._cached(("starts", legal_id), build)
 
     def _extending(self, pending: str) -> np.ndarray:
         """(V,) the tokens whose first character would extend the pending one: never a new start."""
-        def build():
-            extends = np.zeros(len(self.vocab) + 1, dtype=bool)       # (V + 1,) index -1: no character
-            if pending:
-                extends[self.body.children(pending)[0]] = True
-            tokens = extends[:-1].copy()
-            tokens[self.whole_ids] = extends[self.whole_first]
-            return tokens
-
-        return self._cached(("extending", pending), build)
+        extends = np.zeros(len(self.vocab) + 1, dtype=bool)           # (V + 1,) index -1: no character
+        if pending:
+            extends[self.body.children(pending)[0]] = True
+        tokens = extends[:-1].copy()
+        tokens[self.whole_ids] = extends[self.whole_first]
+        return tokens
 
     def _put(self, legal: np.ndarray, text: str, value: bool) -> None:
         """legal[text] = value; a token this vocabulary cannot spell stays illegal."""
@@ -716,6 +747,11 @@ def _count_form_bar(s: TuneState, bar: str) -> None:
     if _ends_section(bar, bars):
         s.section, s.section_bars, s.common_bars = s.section + 1, 0, 0
         s.final = s.section == len(s.form)
+
+
+def _with_penalty(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, its penalty: 0 where legal, -inf elsewhere)."""
+    return mask, np.where(mask, np.float32(0), np.float32(-np.inf))
 
 
 def _copy(state: TuneState) -> TuneState:
