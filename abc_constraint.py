@@ -13,14 +13,18 @@ make the tune invalid: a note that overflows the bar, a bar line before the bar 
 full, an unclosed chord, an <eos> in mid-section; asked for a form (bars per section), a
 section end anywhere but on the section's last bar. It reads characters, so it serves
 both vocabularies: a character model writes a token over several steps (the token
-not yet finished is `pending`), an ABC-token model in one. A mask depends only on a
-small state, so masks are cached and most steps cost a dictionary look-up.
+not yet finished is `pending`), an ABC-token model in one.
+
+A mask depends only on a small state, so masks are cached, in two levels: by the state
+(its committed part numbered once per commit, and the token being written), and behind
+that by the legal sets the mask is made of, which are far fewer than the states. Most
+steps cost one dictionary look-up; a state seen for the first time mostly costs two.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -163,6 +167,7 @@ class TuneState:
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
+    memo: tuple | None = field(default=None, compare=False, repr=False)  # AbcConstraint._number's, until a commit
 
     def state_key(self, must_end: bool) -> tuple:
         """What the legal tokens of the committed state depend on, and no more, so that
@@ -189,10 +194,6 @@ class TuneState:
         target = self.form[self.section]
         return (target - self.section_bars, target - self.common_bars if self.ending else 0,
                 self.section + 1 == len(self.form))
-
-    def key(self, must_end: bool) -> tuple:
-        """state_key and the token being written, as pending_key gives it."""
-        return self.state_key(must_end) + self.pending_key()
 
     def pending_key(self) -> tuple:
         """The token being written, a note by its shape ("^f2" as "c2"), except where its pitch
@@ -221,8 +222,9 @@ class AbcConstraint:
     """Masks a vocabulary's tokens so that a sampled tune is valid ABC whose bars are full.
 
     start(prompt, form) -> TuneState; mask(state, tokens_left) -> (V,) bool; advance(state, id).
-    Masks are cached by TuneState.key; use_cache=False builds every one afresh from the
-    rules, which is how the tests check that the key leaves out nothing the rules read.
+    Masks are cached by the committed state's key (TuneState.state_key, numbered) and the
+    token being written (TuneState.pending_key); use_cache=False builds every one afresh
+    from the rules, which is how the tests check that the keys leave out nothing the rules read.
 
     A form (bars per section, abc_form's counting) is held exactly: every section ends on
     its last bar with a repeat or a double bar, and the tune ends after the last section.
@@ -265,6 +267,8 @@ class AbcConstraint:
         self.whole = whole
         self.cache: dict[tuple, np.ndarray] = {}
         self.legal_ids: dict[bytes, int] = {}  # a legal set (as bytes) -> its number
+        self.state_numbers: dict[tuple, int] = {}  # a committed state's state_key -> its number
+        self.numbering = 0                         # counts the times the numbers were forgotten
         self.extending = {p: self._extending(p) for p in self.body.prefixes}  # at start-up, with the table
 
     # --- state ------------------------------------------------------------------
@@ -350,6 +354,7 @@ class AbcConstraint:
                 state.pending += ch
                 continue
             line, state.pending = state.pending, ""
+            state.memo = None
             if state.phase == CODE:
                 self._code_line(state, line)
             else:
@@ -382,6 +387,7 @@ class AbcConstraint:
 
     def _commit(self, s: TuneState, text: str) -> None:
         """A finished token joins the tune: the rules of what it does to the state."""
+        s.memo = None
         kind, ticks = self.info[text]
         if kind in (NOTE, REST):
             self._commit_note(s, kind, ticks, text)
@@ -480,9 +486,26 @@ class AbcConstraint:
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
         must_end = (not state.form and state.full_bars >= self.max_bars) or tokens_left < self.END_RESERVE
         state.must_end = must_end
-        key = state.key(must_end)
-        masks = self.cache.get(key) if self.use_cache else None  # most steps end here
+        if not self.use_cache:
+            return self._build_masks(state, must_end)
+        key = (self._number(state, must_end),) + state.pending_key()
+        masks = self.cache.get(key)  # most steps end here
         return masks if masks is not None else self._cached(key, lambda: self._build_masks(state, must_end))
+
+    def _number(self, s: TuneState, must_end: bool) -> int:
+        """The committed state's number: equal state_keys share one. Kept on the state until it
+        commits a token, so the steps that only grow a token cost no key at all."""
+        memo = s.memo
+        if memo is None or memo[0] != must_end or memo[1] != self.numbering:
+            key = s.state_key(must_end)
+            number = self.state_numbers.get(key)
+            if number is None:
+                if len(self.state_numbers) > 200_000:  # forget them all, and every mask cached by them
+                    self.state_numbers.clear(), self.cache.clear()
+                    self.numbering += 1
+                number = self.state_numbers[key] = len(self.state_numbers)
+            memo = s.memo = (must_end, self.numbering, number)
+        return memo[2]
 
     def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
         if state.phase == BODY:
@@ -555,7 +578,7 @@ class AbcConstraint:
             number = self.legal_ids.setdefault(legal.tobytes(), len(self.legal_ids))
             return number, legal
 
-        return self._cached(("legal",) + s.state_key(must_end), build)
+        return self._cached(("legal", self._number(s, must_end)), build)
 
     def _starts(self, s: TuneState, must_end: bool) -> np.ndarray:
         """(V,) the tokens that may begin now."""
