@@ -513,8 +513,8 @@ class AbcConstraint:
         return _with_penalty(self._header_mask(state))
 
     def _cached(self, key: tuple, build):
-        """build(), once per key: a mask depends on the state's key alone. With use_cache off
-        every mask is built afresh, which is how a test checks the keys."""
+        """build(), once per key: what is cached depends on its key alone. With use_cache off
+        every value is built afresh, which is how a test checks the keys."""
         if not self.use_cache:
             return build()
         value = self.cache.get(key)
@@ -567,7 +567,8 @@ class AbcConstraint:
         if can_end and must_end:  # time to stop: nothing else
             mask[:] = False
         else:
-            mask |= self._starts(after, must_end) & ~self.extending.get(s.pending, self.extending[""])  # "": none
+            extending = self.extending.get(s.pending, self.extending[""])  # a token no prefix spells: none
+            mask |= self._starts(after, must_end) & ~extending
         mask[self.vocab.eos_id] = can_end
         return mask
 

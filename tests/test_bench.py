@@ -27,7 +27,7 @@ def test_a_flop_utilisation_above_one_is_reported_as_a_measurement_error():
 def test_the_constraint_table_shows_both_runs_side_by_side():
     keys = ["gen_ms_per_token_sampled_ort", "gen_ms_per_token_constrained_cold_ort", "gen_ms_per_token_constrained_ort",
             "constraint_overhead_cold", "constraint_overhead", "gen_tokens_per_s_batch32_free",
-            "gen_tokens_per_s_batch32_constrained", "constrained_share_batch32"]
+            "gen_tokens_per_s_batch32_constrained", "constrained_share_batch32", "constraint_startup_ms"]
     results = {f"{key}_run{n}": float(n) for key in keys for n in (1, 2)} | {"constraint_overhead_run2": 0.125}
     table = bench.constraint_markdown(results)
     assert "| constraint overhead, after 50 tunes (target <= 10%) | 100.000 | 12.500 | % |" in table
