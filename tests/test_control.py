@@ -3,7 +3,6 @@ generation asked for a form or a type, from torch and from onnxruntime."""
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
