@@ -486,11 +486,8 @@ class AbcConstraint:
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
         must_end = (not state.form and state.full_bars >= self.max_bars) or tokens_left < self.END_RESERVE
         state.must_end = must_end
-        if not self.use_cache:
-            return self._build_masks(state, must_end)
         key = (self._number(state, must_end),) + state.pending_key()
-        masks = self.cache.get(key)  # most steps end here
-        return masks if masks is not None else self._cached(key, lambda: self._build_masks(state, must_end))
+        return self._cached(key, lambda: self._build_masks(state, must_end))
 
     def _number(self, s: TuneState, must_end: bool) -> int:
         """The committed state's number: equal state_keys share one. Kept on the state until it
@@ -501,7 +498,8 @@ class AbcConstraint:
             number = self.state_numbers.get(key)
             if number is None:
                 if len(self.state_numbers) > 200_000:  # forget them all, and every mask cached by them
-                    self.state_numbers.clear(), self.cache.clear()
+                    self.state_numbers.clear()
+                    self.cache.clear()
                     self.numbering += 1
                 number = self.state_numbers[key] = len(self.state_numbers)
             memo = s.memo = (must_end, self.numbering, number)
@@ -548,10 +546,10 @@ class AbcConstraint:
             after = _copy(s)
             self._commit(after, s.pending)
             after.pending, after.pending_must_end = "", False
-        after_id, _ = self._legal_cached(after, must_end)              # ... and a new one start
+        after_legal = self._legal_cached(after, must_end)              # ... and a new one starts
         can_end = after.can_end()
-        return self._cached(("body", legal_id, after_id, can_end, must_end) + pending,
-                            lambda: _with_penalty(self._body_mask(s, legal, after, can_end, must_end)))
+        return self._cached(("body", legal_id, after_legal[0], can_end, must_end) + pending,
+                            lambda: _with_penalty(self._body_mask(s, legal, after_legal, can_end, must_end)))
 
     def _grows(self, s: TuneState, legal: np.ndarray) -> np.ndarray:
         """(V,) the characters that extend the pending token towards a legal one."""
@@ -560,7 +558,7 @@ class AbcConstraint:
         mask[ids] = grows
         return mask
 
-    def _body_mask(self, s: TuneState, legal: np.ndarray, after: TuneState, can_end: bool,
+    def _body_mask(self, s: TuneState, legal: np.ndarray, after_legal: tuple[int, np.ndarray], can_end: bool,
                    must_end: bool) -> np.ndarray:
         """(V,) the pending token grows, or it is finished and a new one starts, or the tune ends."""
         mask = self._grows(s, legal)
@@ -568,7 +566,7 @@ class AbcConstraint:
             mask[:] = False
         else:
             extending = self.extending.get(s.pending, self.extending[""])  # a token no prefix spells: none
-            mask |= self._starts(after, must_end) & ~extending
+            mask |= self._starts(*after_legal) & ~extending
         mask[self.vocab.eos_id] = can_end
         return mask
 
@@ -581,10 +579,8 @@ class AbcConstraint:
 
         return self._cached(("legal", self._number(s, must_end)), build)
 
-    def _starts(self, s: TuneState, must_end: bool) -> np.ndarray:
-        """(V,) the tokens that may begin now."""
-        legal_id, legal = self._legal_cached(s, must_end)
-
+    def _starts(self, legal_id: int, legal: np.ndarray) -> np.ndarray:
+        """(V,) the tokens that may begin where `legal` (numbered legal_id) is what may be committed."""
         def build():
             starts = np.zeros(len(self.vocab), dtype=bool)
             ids, begins = self.body.any_under("", legal)
