@@ -1,5 +1,7 @@
 """make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused."""
 
+import pytest
+
 import bench
 
 
@@ -26,12 +28,26 @@ def test_a_flop_utilisation_above_one_is_reported_as_a_measurement_error():
 
 def test_the_constraint_table_shows_both_runs_side_by_side():
     keys = ["gen_ms_per_token_sampled_ort", "gen_ms_per_token_constrained_cold_ort", "gen_ms_per_token_constrained_ort",
+            "gen_ms_per_token_sampled_later_ort",
             "constraint_overhead_cold", "constraint_overhead", "gen_tokens_per_s_batch32_free",
             "gen_tokens_per_s_batch32_constrained", "constrained_share_batch32", "constraint_startup_ms"]
     results = {f"{key}_run{n}": float(n) for key in keys for n in (1, 2)} | {"constraint_overhead_run2": 0.125}
     table = bench.constraint_markdown(results)
     assert "| constraint overhead, after 50 tunes (target <= 10%) | 100.000 | 12.500 | % |" in table
     assert "| free sampling, batch 32 | 1.000 | 2.000 | tokens/s |" in table
+
+
+def test_free_and_constrained_tunes_alternate_over_the_same_seeds(monkeypatch):
+    calls = []
+
+    def fake_tune_seconds(step, vocab, constraint, seed):
+        calls.append((constraint, seed))
+        return (0.2, 100) if constraint else (0.1, 100 + seed)  # constrained: 2 ms a token
+
+    monkeypatch.setattr(bench, "tune_seconds", fake_tune_seconds)
+    free, constrained = bench.paired_ms_per_token(None, None, "constraint", range(3))
+    assert calls == [(None, 0), ("constraint", 0), (None, 1), ("constraint", 1), (None, 2), ("constraint", 2)]
+    assert free == pytest.approx(0.3 / 303 * 1e3) and constrained == pytest.approx(2.0)
 
 
 def test_each_turn_takes_the_fastest_configuration_and_counts_the_winners():
