@@ -41,6 +41,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 REPEATS = 3       # turns of each side of a ratio
 STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so meet the most noise
+PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
 
 
 def interleaved(sides: dict, repeats: int = REPEATS) -> tuple[list[float], dict[str, float]]:
@@ -190,10 +191,13 @@ def paired_ms_per_token(step, vocab, constraint: AbcConstraint, seeds) -> tuple[
     return float(free), float(constrained)
 
 
+BATCH_TURNS = 15  # a batch of 32 takes a third of a second: at 7 turns, one run's two figures were 13% apart
+
+
 def constrained_batch(step, vocab, batch: int = 32) -> dict:
     """Tokens/s of one batch of `batch` new tunes, free and --constrained (a cache filled by 50
     tunes first), in turns, each turn's two batches from one seed of their own; the best of
-    STEP_REPEATS turns of each."""
+    BATCH_TURNS turns of each."""
     constraint = AbcConstraint(vocab)
     seeds = {None: iter(range(10_000, 20_000)), constraint: iter(range(10_000, 20_000))}  # a turn's sides: one seed
 
@@ -207,7 +211,7 @@ def constrained_batch(step, vocab, batch: int = 32) -> dict:
                            constraint)
     (free, constrained), spread = interleaved({"free, batch 32": lambda: seconds_per_token(None),
                                                "constrained, batch 32": lambda: seconds_per_token(constraint)},
-                                              repeats=STEP_REPEATS)  # a batch takes a fraction of a second
+                                              repeats=BATCH_TURNS)
     return {"gen_tokens_per_s_batch32_free": 1 / free, "gen_tokens_per_s_batch32_constrained": 1 / constrained,
             "constrained_share_batch32": free / constrained, "spread_batch32": spread}
 
@@ -380,7 +384,8 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
 
     (gemm_s, one, two), spread = interleaved({"GEMM ceiling beside them": gemm_seconds,
                                               "1 process": lambda: seconds_per_token(1),
-                                              "2 processes": lambda: seconds_per_token(2)})
+                                              "2 processes": lambda: seconds_per_token(2)},
+                                             repeats=PROCESS_REPEATS)
     ceiling = 2 * GEMM_N ** 3 / gemm_s
     return {"gemm_gflops_processes": ceiling / 1e9,
             "train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
@@ -489,7 +494,7 @@ def table(rows: list[tuple], spreads: dict[str, float]) -> str:
               for name, value, unit in rows]
     spread = ", ".join(f"{name} {100 * value:.0f}%" for name, value in spreads.items())
     return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({STEP_REPEATS} for " \
-        f"generation); their spread (worst / best - 1): " + spread
+        f"generation, {PROCESS_REPEATS} for the training processes); their spread (worst / best - 1): " + spread
 
 
 def utilisation(value: float) -> float | str:
