@@ -7,11 +7,14 @@ Holds:
 - tune_metrics: validity, bar-cleanness, length, diversity (distinct 4-grams), pitch classes
   against the training tunes, copying of a training tune's first 8 bars;
 - sweep, sweep_table: those metrics per temperature, free and constrained, as a Markdown table;
-- form_sweep, type_sweep, markdown_table: whether requested forms and tune types are honoured.
+- form_sweep, type_sweep, markdown_table: whether requested forms and tune types are honoured;
+- add_commands, run_command: musicrnn.py's sweep, forms and types commands, which write tunes
+  with a model (torch through musicrnn.py, or onnxruntime with --onnx) and judge them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -24,8 +27,13 @@ import numpy as np
 from abc_constraint import SECTION_ENDS
 from abc_form import control_code, form_code, parse_control_code, sections
 from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body
+import cli
+import sampler
 from abc_tokens import header_prompt
+from cli import UserError
+from corpus import load_tunes
 from rendering import for_abc2midi
+from safe_write import check_output, write_atomic
 
 # -----------------------------------------------------------------------------
 # abc2midi, the judge
@@ -208,3 +216,85 @@ def type_table(rows: list[dict]) -> str:
     return markdown_table(rows, [("type", "--type"), ("mark", "share of tunes"), ("corpus", "corpus, that type"),
                                  ("primed", "written with --type"), ("unprimed", "written without")],
                           {"corpus", "primed", "unprimed"})
+
+
+# -----------------------------------------------------------------------------
+# the commands: sweep, forms, types (musicrnn.py's parser holds them; torch is musicrnn.py's)
+
+
+def add_commands(sub, command) -> None:
+    """The three judging commands on musicrnn.py's subparsers; command(sub, name, what) makes one."""
+    sweep_parser = judging_parser(sub, command, "sweep", "judge generated tunes per temperature, free and "
+                                                         "--constrained (abc2midi)")
+    sweep_parser.add_argument("--train-data", default="data/train.json",
+                              help="the training tunes, for pitch classes and copying (default: data/train.json)")
+    sweep_parser.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
+                              help="tokens per tune at most (default 1000)")
+    sweep_parser.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
+                              help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
+    forms = judging_parser(sub, command, "forms", "how often tunes have the form asked for (--form), free and "
+                                                  "--constrained, with abc2midi's verdict")
+    types = judging_parser(sub, command, "types", "how often tunes written with --type look like the corpus's "
+                                                  "tunes of that type (jigs in 6/8, hornpipes dotted, ...), against "
+                                                  "tunes written without")
+    for p in (forms, types):
+        p.add_argument("--temperature", type=sampler.TEMPERATURE, default=1.0,
+                       help="divides the logits before each draw (default 1.0)")
+    types.add_argument("--train-data", default="data/train.json",
+                       help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
+
+
+def judging_parser(sub, command, name: str, what: str):
+    """A judging command, with the flags they all share: the model, how many tunes, the seed, the output."""
+    p = command(sub, name, what)
+    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
+    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
+    p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
+    p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    return p
+
+
+def run_command(args, torch_generator) -> None:
+    """sweep, forms or types: read the corpus and check --out, load the model as generate_fn(options)
+    -> tunes (torch_generator(checkpoint), or onnxruntime with --onnx), judge, print the table,
+    write it as JSON."""
+    corpus = load_tunes(args.train_data) if "train_data" in args else []  # refused before the model loads
+    inputs = [args.train_data] if "train_data" in args else []
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, *inputs])
+    judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),
+                    "types": (judge_types, type_table)}[args.command]
+    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    rows = judge(args, corpus, generate_fn, facts)
+    print(table(rows))
+    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
+    print(f"written to {out}")
+
+
+def judge_sweep(args, corpus: list[str], generate_fn, facts) -> list[dict]:
+    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
+    return sweep(generate_fn, opts, corpus, args.temperatures)
+
+
+def judge_forms(args, corpus: list[str], generate_fn, facts) -> list[dict]:
+    return form_sweep(generate_fn, sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature))
+
+
+def judge_types(args, corpus: list[str], generate_fn, facts: sampler.ModelFacts) -> list[dict]:
+    if facts.control_codes:
+        raise UserError("types measures a model trained without --control (one with codes needs a form too)")
+    types = [name for name in TYPE_MARKS if name in facts.tune_types]
+    if not types:
+        raise UserError(f"the model knows none of the types measured ({', '.join(TYPE_MARKS)})")
+    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
+    return type_sweep(generate_fn, opts, corpus, types)
+
+
+def onnx_generator(path: str):
+    """(generate_fn, facts) for an exported model, through onnxruntime."""
+    import exported_model  # onnxruntime, imported only when a command asks for it
+
+    session, vocab, config = exported_model.load_model(path)
+    step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
+    return (lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)), facts

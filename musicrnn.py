@@ -11,7 +11,8 @@ The machinery lives in torch-free modules, each named for what it holds, so that
 infer_onnx.py can generate without torch: corpus (reading collections), abc_tokens
 (tokenizer, vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_constraint
 (the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi,
-the sweep), plots, settings (ranges, resume rules), cli and safe_write (errors, outputs).
+the sweep, and the sweep, forms and types commands), plots, settings (ranges, resume rules),
+cli and safe_write (errors, outputs).
 Training on several processes (torchrun) is distributed.py's: the lesson keeps its call sites.
 
     make train                                   # venv, data, train, export, one tune
@@ -734,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="where to run: one token at a time is fastest on the CPU (default: cpu)")
     sampler.add_sampling_flags(p)
-    add_judging_parsers(sub)
+    judging.add_commands(sub, command)  # sweep, forms, types
     p = command(sub, "stats", "corpus statistics: tunes, lengths, the most frequent tokens")
     p.add_argument("--data", default="data/train.json", help=f"{DATA_HELP} (default: data/train.json)")
     p.add_argument("--plot", help="also draw the length histogram and the token counts to this .png file")
@@ -755,38 +756,6 @@ def add_train_parser(sub) -> None:
                             "and --device may change")
     again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
     p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
-
-
-def add_judging_parsers(sub) -> None:
-    sweep = judging_command(sub, "sweep", "judge generated tunes per temperature, free and --constrained (abc2midi)")
-    sweep.add_argument("--train-data", default="data/train.json",
-                       help="the training tunes, for pitch classes and copying (default: data/train.json)")
-    sweep.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
-                       help="tokens per tune at most (default 1000)")
-    sweep.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
-                       help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
-    forms = judging_command(sub, "forms", "how often tunes have the form asked for (--form), free and "
-                                          "--constrained, with abc2midi's verdict")
-    types = judging_command(sub, "types", "how often tunes written with --type look like the corpus's tunes "
-                                          "of that type (jigs in 6/8, hornpipes dotted, ...), against tunes "
-                                          "written without")
-    for p in (forms, types):
-        p.add_argument("--temperature", type=sampler.TEMPERATURE, default=1.0,
-                       help="divides the logits before each draw (default 1.0)")
-    types.add_argument("--train-data", default="data/train.json",
-                       help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
-
-
-def judging_command(sub, name: str, what: str) -> argparse.ArgumentParser:
-    """A command that writes tunes with a model and judges them: the flags they all share."""
-    p = command(sub, name, what)
-    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
-    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
-    p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
-    p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
-    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    return p
 
 
 def cmd_train(args) -> None:
@@ -830,42 +799,9 @@ def cmd_stats(args) -> None:
         print(f"plot written to {plot}")
 
 
-def cmd_sweep(args) -> None:
-    training_tunes = load_tunes(args.train_data)
-    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
-    judge_and_write(args, lambda generate_fn, _: judging.sweep(generate_fn, opts, training_tunes, args.temperatures),
-                    judging.sweep_table, [args.train_data])
-
-
-def cmd_forms(args) -> None:
-    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
-    judge_and_write(args, lambda generate_fn, _: judging.form_sweep(generate_fn, opts), judging.form_table)
-
-
-def cmd_types(args) -> None:
-    corpus_tunes = load_tunes(args.train_data)
-    opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
-
-    def judge(generate_fn, facts: sampler.ModelFacts) -> list[dict]:
-        if facts.control_codes:
-            raise UserError("types measures a model trained without --control (one with codes needs a form too)")
-        types = [name for name in judging.TYPE_MARKS if name in facts.tune_types]
-        if not types:
-            raise UserError(f"the model knows none of the types measured ({', '.join(judging.TYPE_MARKS)})")
-        return judging.type_sweep(generate_fn, opts, corpus_tunes, types)
-
-    judge_and_write(args, judge, judging.type_table, [args.train_data])
-
-
-def judge_and_write(args, judge, table, inputs: list[str] = ()) -> None:
-    """The judging commands' one path: check --out, load the model (torch, or onnxruntime with
-    --onnx), judge(generate_fn, facts) -> rows, print them as a table and write them as JSON."""
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, *inputs])
-    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
-    rows = judge(generate_fn, facts)
-    print(table(rows))
-    write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
-    print(f"written to {out}")
+def cmd_judge(args) -> None:
+    """sweep, forms and types: judging.py's commands, with the torch model loaded here."""
+    judging.run_command(args, torch_generator)
 
 
 def torch_generator(checkpoint: str):
@@ -876,16 +812,8 @@ def torch_generator(checkpoint: str):
     return (lambda opts: generate(model, vocab, device, opts, facts)), facts
 
 
-def onnx_generator(path: str):
-    import exported_model  # onnxruntime, imported only when a sweep asks for it
-
-    session, vocab, config = exported_model.load_model(path)
-    step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
-    return (lambda opts: sampler.generate_tunes(step, vocab, opts, facts=facts)), facts
-
-
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_sweep,
-            "forms": cmd_forms, "types": cmd_types, "stats": cmd_stats}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "sweep": cmd_judge,
+            "forms": cmd_judge, "types": cmd_judge, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:
