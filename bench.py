@@ -153,31 +153,32 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
     (what it builds ahead, so that the first tunes do not) is timed apart.
     """
     assert 2 * tunes + 50 <= 100, "rounds would share seeds"
-    best = dict.fromkeys(["free", "cold", "free_later", "warm", "startup"], float("inf"))
+    rounds = []  # per round: start-up s, then free, cold, free later, warm (ms per token)
     for r in range(ROUNDS):
         seeds = range(100 * r, 100 * r + tunes)  # each round's 2 x tunes + 50 seeds stay below the next's
         start = time.perf_counter()
         constraint = AbcConstraint(vocab)                 # a fresh process: empty caches,
-        best["startup"] = min(best["startup"], time.perf_counter() - start)
+        startup = time.perf_counter() - start
         note_shape.cache_clear()                          # the module's one included
         free, cold = paired_ms_per_token(step, vocab, constraint, seeds)
         for seed in range(seeds.stop, seeds.stop + 50):   # 50 more tunes fill the cache
-            tune_seconds(step, vocab, constraint, seed)
-        free_later, warm = paired_ms_per_token(step, vocab, constraint, range(seeds.stop + 50, seeds.stop + 50 + tunes))
-        for key, value in zip(best, (free, cold, free_later, warm)):
-            best[key] = min(best[key], value)
-    return {"gen_ms_per_token_sampled_ort": best["free"], "gen_ms_per_token_constrained_cold_ort": best["cold"],
-            "gen_ms_per_token_sampled_later_ort": best["free_later"], "gen_ms_per_token_constrained_ort": best["warm"],
-            "constraint_overhead_cold": best["cold"] / best["free"] - 1,
-            "constraint_overhead": best["warm"] / best["free_later"] - 1, "constraint_startup_ms": best["startup"] * 1e3}
+            tunes_seconds(step, vocab, constraint, seed)
+        later = range(seeds.stop + 50, seeds.stop + 50 + tunes)
+        rounds.append((startup, free, cold, *paired_ms_per_token(step, vocab, constraint, later)))
+    startup, free, cold, free_later, warm = np.min(rounds, axis=0).tolist()  # each side's best
+    return {"gen_ms_per_token_sampled_ort": free, "gen_ms_per_token_constrained_cold_ort": cold,
+            "gen_ms_per_token_sampled_later_ort": free_later, "gen_ms_per_token_constrained_ort": warm,
+            "constraint_overhead_cold": cold / free - 1, "constraint_overhead": warm / free_later - 1,
+            "constraint_startup_ms": startup * 1e3}
 
 
-def tune_seconds(step, vocab, constraint: AbcConstraint | None, seed: int) -> tuple[float, int]:
-    """(seconds, tokens) to generate one tune of this seed, free (constraint None) or constrained."""
-    opts = sampler.SamplingOptions(seed=seed, max_tokens=TUNE_TOKENS, constrained=constraint is not None)
+def tunes_seconds(step, vocab, constraint: AbcConstraint | None, seed: int, num: int = 1) -> tuple[float, int]:
+    """(seconds, tokens) to generate one batch of `num` tunes from this seed, free (constraint
+    None) or constrained; each tune's tokens counted with its <eos>."""
+    opts = sampler.SamplingOptions(num=num, seed=seed, max_tokens=TUNE_TOKENS, constrained=constraint is not None)
     start = time.perf_counter()
-    tune = sampler.generate_tunes(step, vocab, opts, constraint)[0]
-    return time.perf_counter() - start, len(vocab.encode(tune)) + 1
+    tunes = sampler.generate_tunes(step, vocab, opts, constraint)
+    return time.perf_counter() - start, sum(len(vocab.encode(t)) + 1 for t in tunes)
 
 
 def paired_ms_per_token(step, vocab, constraint: AbcConstraint, seeds) -> tuple[float, float]:
@@ -185,8 +186,8 @@ def paired_ms_per_token(step, vocab, constraint: AbcConstraint, seeds) -> tuple[
     constrained, tune by tune."""
     totals = np.zeros((2, 2))  # (free, constrained) x (seconds, tokens)
     for seed in seeds:
-        totals[0] += tune_seconds(step, vocab, None, seed)
-        totals[1] += tune_seconds(step, vocab, constraint, seed)
+        totals[0] += tunes_seconds(step, vocab, None, seed)
+        totals[1] += tunes_seconds(step, vocab, constraint, seed)
     free, constrained = totals[:, 0] / totals[:, 1] * 1e3
     return float(free), float(constrained)
 
@@ -202,10 +203,8 @@ def constrained_batch(step, vocab, batch: int = 32) -> dict:
     seeds = {None: iter(range(10_000, 20_000)), constraint: iter(range(10_000, 20_000))}  # a turn's sides: one seed
 
     def seconds_per_token(c) -> float:
-        opts = sampler.SamplingOptions(num=batch, seed=next(seeds[c]), max_tokens=TUNE_TOKENS, constrained=c is not None)
-        start = time.perf_counter()
-        tunes = sampler.generate_tunes(step, vocab, opts, c)
-        return (time.perf_counter() - start) / sum(len(vocab.encode(t)) + 1 for t in tunes)
+        seconds, tokens = tunes_seconds(step, vocab, c, next(seeds[c]), batch)
+        return seconds / tokens
 
     sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=50, max_tokens=TUNE_TOKENS, constrained=True),
                            constraint)

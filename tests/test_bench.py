@@ -40,11 +40,11 @@ def test_the_constraint_table_shows_both_runs_side_by_side():
 def test_free_and_constrained_tunes_alternate_over_the_same_seeds(monkeypatch):
     calls = []
 
-    def fake_tune_seconds(step, vocab, constraint, seed):
+    def fake_tunes_seconds(step, vocab, constraint, seed):
         calls.append((constraint, seed))
         return (0.2, 100) if constraint else (0.1, 100 + seed)  # constrained: 2 ms a token
 
-    monkeypatch.setattr(bench, "tune_seconds", fake_tune_seconds)
+    monkeypatch.setattr(bench, "tunes_seconds", fake_tunes_seconds)
     free, constrained = bench.paired_ms_per_token(None, None, "constraint", range(3))
     assert calls == [(None, 0), ("constraint", 0), (None, 1), ("constraint", 1), (None, 2), ("constraint", 2)]
     assert free == pytest.approx(0.3 / 303 * 1e3) and constrained == pytest.approx(2.0)
