@@ -260,8 +260,8 @@ def run_command(args, torch_generator) -> None:
     """sweep, forms or types: read the corpus and check --out, load the model as generate_fn(options)
     -> tunes (torch_generator(checkpoint), or onnxruntime with --onnx), judge, print the table,
     write it as JSON."""
-    corpus = load_tunes(args.train_data) if "train_data" in args else []  # refused before the model loads
-    inputs = [args.train_data] if "train_data" in args else []
+    inputs = [args.train_data] if "train_data" in args else []  # sweep and types read a corpus
+    corpus = load_tunes(inputs[0]) if inputs else []              # refused before the model loads
     out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, *inputs])
     judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),
                     "types": (judge_types, type_table)}[args.command]

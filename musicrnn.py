@@ -10,9 +10,9 @@ The lesson, top to bottom in pipeline order:
 The machinery lives in torch-free modules, each named for what it holds, so that
 infer_onnx.py can generate without torch: corpus (reading collections), abc_tokens
 (tokenizer, vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_constraint
-(the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi,
-the sweep, and the sweep, forms and types commands), plots, settings (ranges, resume rules),
-cli and safe_write (errors, outputs).
+(the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi;
+the sweep, forms and types commands), plots, settings (ranges, resume rules), cli and
+safe_write (errors, outputs).
 Training on several processes (torchrun) is distributed.py's: the lesson keeps its call sites.
 
     make train                                   # venv, data, train, export, one tune
