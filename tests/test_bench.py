@@ -56,3 +56,13 @@ def test_each_turn_takes_the_fastest_configuration_and_counts_the_winners():
     side = bench.fastest({name: (lambda n=name: next(costs[n])) for name in costs}, wins)
     assert [side(), side()] == [2.0, 1.0]
     assert wins == {"two threads": 1, "one thread": 1}
+
+
+def test_the_server_is_not_measured_without_its_rendering_tools(monkeypatch):
+    monkeypatch.setattr(bench.rendering, "missing_tools", lambda: {"audio": "no audio: apt-get install fluidsynth"})
+    results = bench.server_bench("no-such-model.onnx", requests=3)  # returns before it starts a server
+    assert results == {"serve_requests": 3, "serve_not_measured": "no audio: apt-get install fluidsynth"}
+    assert bench.serve_rows(results) == [("serve.py: 3 concurrent requests of 2 constrained tunes",
+                                          "not measured (no audio: apt-get install fluidsynth)", "")]
+    measured = bench.serve_rows({"serve_requests": 3, "serve_success": 1.0, "serve_p50_s": 2.0, "serve_p95_s": 3.0})
+    assert measured[0] == ("serve.py: 3 concurrent requests of 2 constrained tunes, answered in full", 100.0, "%")
