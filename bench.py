@@ -41,8 +41,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 REPEATS = 3       # turns of each side of a ratio
-STEP_REPEATS = 11  # turns for generation, whose steps take microseconds and so meet the most noise
-                   # (at 7, torch's best moved 29% between the two runs of a pair, onnxruntime's 12%)
+STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so meet the most noise
 PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
 
 
