@@ -256,16 +256,22 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     }
 
 
-GEMM_N = 2048  # the ceiling: an fp32 product of two GEMM_N x GEMM_N matrices
+GEMM_N = 2048  # the ceiling: a product of two GEMM_N x GEMM_N matrices, in the precision training multiplies in
 
 
 GEMM_TURN_SECONDS = 10.0  # a ceiling turn as long as a training turn: a shorter one is the likelier to catch a quiet spell
 
 
-def gemm_seconds(n: int = GEMM_N, seconds: float = GEMM_TURN_SECONDS) -> float:
-    """Seconds per large fp32 matrix product on this machine, now: the mean over products repeated
+def product_dtype(cfg: musicrnn.Config) -> torch.dtype:
+    """What training with cfg multiplies in on this CPU (musicrnn.bf16_products): bf16 units
+    multiply several times faster than fp32 ones, so its ceiling is measured in the same type."""
+    return torch.bfloat16 if musicrnn.bf16_products(cfg.precision, torch.device("cpu")) else torch.float32
+
+
+def gemm_seconds(dtype: torch.dtype = torch.float32, n: int = GEMM_N, seconds: float = GEMM_TURN_SECONDS) -> float:
+    """Seconds per large matrix product on this machine, now: the mean over products repeated
     for `seconds`, a sustained rate like the training turns it divides, not one product's burst."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     products, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -286,6 +292,7 @@ def useful_tokens_per_s(cfg, vocab, dataset, batches, seconds: float, pad_to: in
     torch.manual_seed(0)
     model = musicrnn.build_model(cfg, len(vocab)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    bf16 = product_dtype(cfg) == torch.bfloat16
     tokens, start = 0, time.perf_counter()
     for batch in batches:
         x, y = musicrnn.collate([dataset[i] for i in batch], vocab.pad_id)      # (B, T)
@@ -293,7 +300,7 @@ def useful_tokens_per_s(cfg, vocab, dataset, batches, seconds: float, pad_to: in
             x = torch.nn.functional.pad(x, (0, pad_to - x.shape[1]), value=vocab.pad_id)
             y = torch.nn.functional.pad(y, (0, pad_to - y.shape[1]), value=vocab.pad_id)
         n = int((y != vocab.pad_id).sum())
-        musicrnn.train_step(model, optimizer, x, y, vocab.pad_id, cfg.grad_clip, n)
+        musicrnn.train_step(model, optimizer, x, y, vocab.pad_id, cfg.grad_clip, n, bf16=bf16)
         tokens += n
         if time.perf_counter() - start > seconds:
             break
@@ -310,9 +317,9 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
     ours = musicrnn.length_batches(lengths, cfg.batch_size, rng)
     order = rng.permutation(len(lengths))
     naive = [order[i:i + 8] for i in range(0, len(order), 8)]
-    flops = train_flops_per_token(cfg, len(vocab))
+    flops, dtype = train_flops_per_token(cfg, len(vocab)), product_dtype(cfg)
     (gemm_s, ours_s, naive_s), spread = interleaved({
-        "GEMM ceiling": gemm_seconds,
+        "GEMM ceiling": lambda: gemm_seconds(dtype),
         "training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, ours, seconds),
         "padded training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, naive, seconds,
                                                             pad_to=int(lengths.max()))})
@@ -322,6 +329,7 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
             "train_speedup": naive_s / ours_s, "train_batch_size": cfg.batch_size,
             "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
+            "train_products": "bf16" if dtype == torch.bfloat16 else "fp32",
             "spread_training": spread}
 
 
@@ -382,7 +390,8 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
     def seconds_per_token(procs: int) -> float:
         return 1 / train_processes(procs, train_data, val_data, out, "--limit", "1000")[0]
 
-    (gemm_s, one, two), spread = interleaved({"GEMM ceiling beside them": gemm_seconds,
+    dtype = product_dtype(musicrnn.Config())  # train_processes passes no --precision
+    (gemm_s, one, two), spread = interleaved({"GEMM ceiling beside them": lambda: gemm_seconds(dtype),
                                               "1 process": lambda: seconds_per_token(1),
                                               "2 processes": lambda: seconds_per_token(2)},
                                              repeats=PROCESS_REPEATS)
@@ -511,9 +520,10 @@ def utilisation(value: float) -> float | str:
 
 def training_markdown(r: dict) -> str:
     rows = [
-        (f"fp32 GEMM 2048^3, sustained over {GEMM_TURN_SECONDS:.0f} s (the ceiling, measured now)", r["gemm_gflops"],
-         "GFLOP/s"),
-        (f"training, length-grouped batches of {r['train_batch_size']}", r["train_tokens_per_s"], "useful tokens/s"),
+        (f"{r['train_products']} GEMM 2048^3, sustained over {GEMM_TURN_SECONDS:.0f} s (the ceiling, measured now)",
+         r["gemm_gflops"], "GFLOP/s"),
+        (f"training ({r['train_products']} products), length-grouped batches of {r['train_batch_size']}",
+         r["train_tokens_per_s"], "useful tokens/s"),
         ("training, pad to the longest tune, batch 8", r["train_tokens_per_s_padded"],
          "useful tokens/s"),
         ("train_speedup (target >= 5)", r["train_speedup"], "x"),
@@ -529,7 +539,7 @@ def training_markdown(r: dict) -> str:
         ("training, 2 processes under torchrun (1 thread each, gloo)", r["train_tokens_per_s_2_processes"],
          "useful tokens/s"),
         ("2 processes / 1 process, the same 2 cores", r["scaling_2_over_1"], "x"),
-        ("fp32 GEMM ceiling, in turns with the two above", r["gemm_gflops_processes"], "GFLOP/s"),
+        (f"{r['train_products']} GEMM ceiling, in turns with the two above", r["gemm_gflops_processes"], "GFLOP/s"),
         ("FLOP utilisation, 1 process (target >= 0.5)", utilisation(r["train_flop_utilisation_1_process"]),
          "of the GEMM ceiling"),
         ("FLOP utilisation, 2 processes: make train (target >= 0.5)",

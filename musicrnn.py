@@ -74,23 +74,24 @@ class Config:
     control: bool = False                       # read each tune's control code (its form) before it: p(tune | form)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # a whole token joins the vocabulary at this many uses
-    augment_key: float = 0.0                    # share (0..1) of training tunes put in a random key each epoch
+    augment_key: float = 0.3                    # share (0..1) of training tunes put in a random key each epoch
     augment_rhythm: float = 0.0                 # share (0..1) with every length doubled or halved (M: scaled)
-    augment_unit: float = 0.0                   # share (0..1) rewritten in a random unit length (L:1/8, 1/16, 1/4)
+    augment_unit: float = 0.3                   # share (0..1) rewritten in a random unit length (L:1/8, 1/16, 1/4)
     transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 384                       # LSTM state size (README: 384 beat 256 and 512 in 10 min)
     num_layers: int = 1                         # stacked LSTM layers
-    dropout: float = 0.2                        # on the embedding, between layers and before the output
+    dropout: float = 0.3                        # on the embedding, between layers and before the output
     # optimisation
     batch_size: int = 16                        # tunes per batch, grouped by length (README: 16 beat 32 in 10 min)
     lr: float = 4e-3                            # peak learning rate of Adam
     schedule: str = "cosine"                    # "cosine" (warm-up then decay) or "plateau" (halve when stuck)
     warmup_steps: int = 50                      # linear warm-up, cosine schedule only
-    epochs: int = 15                            # passes over the training tunes (what 10 min on 2 cores fit, a fast hour)
+    epochs: int = 19                            # passes over the training tunes (what 10 min on 2 cores fit in bf16)
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
+    precision: str = "auto"                     # products in "bf16", "fp32", or "auto": bf16 where the device has bf16 units
     max_minutes: float = 10.0                   # wall-clock budget for training; stops cleanly after it
     # run
     out_dir: str = "runs"                       # best.pt, last.pt, loss.png go here
@@ -277,6 +278,16 @@ def build_model(cfg: Config, vocab_size: int) -> MusicRNN:
     return MusicRNN(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout)
 
 
+def bf16_products(precision: str, device: torch.device) -> bool:
+    """Whether training multiplies in bfloat16 (autocast; the weights and Adam stay fp32).
+    auto asks for it only where the hardware has bf16 units: emulated, it is slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -368,6 +379,7 @@ class Run:
     progress: Progress
     world: World                                  # this process among the training's (distributed.py)
     stepper: nn.Module                            # the model steps go through: DistributedDataParallel(model) or it
+    bf16: bool = False                            # the step's products in bfloat16 (bf16_products)
     started: float = 0.0                          # time.time() when the first epoch began
 
     def time_used(self) -> float:
@@ -376,7 +388,7 @@ class Run:
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
-               grad_clip: float, tokens: int, ranks: int = 1, chunk: int = CHUNK) -> float:
+               grad_clip: float, tokens: int, ranks: int = 1, bf16: bool = False, chunk: int = CHUNK) -> float:
     """One step of gradient descent; returns the summed loss (nats) of the rows x, y (B, T).
 
     The loss is the mean over the batch's `tokens` real tokens. Under torchrun the batch is
@@ -387,12 +399,16 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pa
     A batch longer than `chunk` tokens is learnt chunk by chunk: the LSTM state is carried
     into the next chunk but the gradient is not (truncated backpropagation through time), so
     memory stays bounded; every tune of the corpus fits in one chunk.
+
+    With bf16 the forward products run in bfloat16 (their gradients follow); the loss, the
+    weights and Adam's moments stay fp32, so only the products' rounding changes.
     """
     optimizer.zero_grad(set_to_none=True)
     state, total = None, 0.0
     for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):   # (B, <= chunk) each
-        logits, state = model(xc, state)                                  # (B, t, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), ignore_index=pad_id, reduction="sum")
+        with torch.autocast(xc.device.type, torch.bfloat16, enabled=bf16):
+            logits, state = model(xc, state)                              # (B, t, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), yc.flatten(), ignore_index=pad_id, reduction="sum")
         (nll * ranks / tokens).backward()
         total += nll.item()
         state = tuple(s.detach() for s in state)
@@ -477,7 +493,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
         loss = train_step(run.stepper, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
-                          tokens, world.size)
+                          tokens, world.size, run.bf16)
         sum_loss, sum_tokens, p.step = sum_loss + loss, sum_tokens + tokens, p.step + 1
         bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
     figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens),
@@ -545,8 +561,9 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
         if ckpt:
             restore(run, ckpt, log)
     run.stepper = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
+    run.bf16 = bf16_products(cfg.precision, device)
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
-        f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}")
+        f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}, {'bf16' if run.bf16 else 'fp32'} products")
     log(parameter_summary(model))
     return run
 
@@ -752,8 +769,8 @@ def add_train_parser(sub) -> None:
     cli.dataclass_flags(p, Config, FLAG_CHOICES, FLAG_TYPES, flag_names={"out_dir": "out"})
     again = p.add_argument_group("an existing run folder").add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience "
-                            "and --device may change")
+                       help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience, "
+                            "--device and --precision may change")
     again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
     p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
 

@@ -28,7 +28,8 @@ FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and o
     "patience": cli.int_in(1, 10**6), "grad_clip": cli.float_in(0, 1e6, low_open=True),
     "max_minutes": cli.float_in(0, 10**6, low_open=True), "seed": cli.int_in(0, 2**32 - 1),
 }
-FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"]}
+FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"],
+                "precision": ["auto", "bf16", "fp32"]}
 MAX_PARAMETERS = 100_000_000  # a model this project's CPUs can train; Adam keeps 3 more copies
 
 
@@ -67,7 +68,7 @@ def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
     return cfg
 
 
-RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device")  # the rest would make it another run
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device", "precision")  # the rest would make it another run
 
 
 def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):

@@ -207,6 +207,29 @@ def test_render_writes_midi_audio_and_svg_beside_the_tunebook(tiny_run, tmp_path
         assert "no audio: apt-get install" in messages
 
 
+def test_a_bf16_step_rounds_the_products_but_keeps_fp32_weights_and_loss():
+    torch.manual_seed(0)
+    model = musicrnn.MusicRNN(20, 16, 64).eval()  # no dropout: both steps see the same function
+    x, y = torch.randint(1, 20, (4, 30)), torch.randint(1, 20, (4, 30))   # (B, T)
+    losses, grads = {}, {}
+    for bf16 in (False, True):
+        copy = musicrnn.MusicRNN(20, 16, 64).eval()
+        copy.load_state_dict(model.state_dict())
+        losses[bf16] = musicrnn.train_step(copy, torch.optim.SGD(copy.parameters(), lr=0.0), x, y, 0, 1e6, 120,
+                                           bf16=bf16)
+        grads[bf16] = copy.lstm.weight_hh_l0.grad
+        assert all(p.dtype == torch.float32 for p in copy.parameters()) and grads[bf16].dtype == torch.float32
+    assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert torch.allclose(grads[True], grads[False], atol=0.05 * float(grads[False].abs().max()))
+
+
+def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
+    cpu = torch.device("cpu")
+    assert musicrnn.bf16_products("bf16", cpu) and not musicrnn.bf16_products("fp32", cpu)
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert musicrnn.bf16_products("auto", cpu) == native
+
+
 def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
     cfg = musicrnn.Config(lr=1e-2, warmup_steps=0, max_minutes=10)
     assert musicrnn.learning_rate(cfg, 10, 1000, 1.0) > 0.99e-2         # early in the steps, no time used
