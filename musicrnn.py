@@ -463,6 +463,9 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
         figures, out_of_time = train_epoch(run, train_set, rng)
+        if out_of_time and not figures["tokens"] and run.progress.epoch:  # spent before this epoch's first step
+            log(f"time budget reached after epoch {run.progress.epoch}")
+            break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
     if run.world.writer:
@@ -496,7 +499,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
                           tokens, world.size, run.bf16)
         sum_loss, sum_tokens, p.step = sum_loss + loss, sum_tokens + tokens, p.step + 1
         bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
-    figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens),
+    figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens), "tokens": sum_tokens,
                "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches)}
     return figures, out_of_time
 

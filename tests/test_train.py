@@ -230,6 +230,17 @@ def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
     assert musicrnn.bf16_products("auto", cpu) == native
 
 
+def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_data, monkeypatch):
+    ended, lines = [], []
+    end_of_epoch = musicrnn.end_of_epoch
+    monkeypatch.setattr(musicrnn, "end_of_epoch", lambda *args: ended.append(1) or end_of_epoch(*args))
+    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 2.0 if ended else 0.0)  # spent once epoch 1 ends
+    musicrnn.train(tiny_config(fixture_data, tmp_path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and len(ended) == 1
+    assert "time budget reached after epoch 1" in lines
+
+
 def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
     cfg = musicrnn.Config(lr=1e-2, warmup_steps=0, max_minutes=10)
     assert musicrnn.learning_rate(cfg, 10, 1000, 1.0) > 0.99e-2         # early in the steps, no time used
