@@ -268,6 +268,10 @@ def product_dtype(cfg: musicrnn.Config) -> torch.dtype:
     return torch.bfloat16 if musicrnn.bf16_products(cfg.precision, torch.device("cpu")) else torch.float32
 
 
+def products_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def gemm_seconds(dtype: torch.dtype = torch.float32, n: int = GEMM_N, seconds: float = GEMM_TURN_SECONDS) -> float:
     """Seconds per large matrix product on this machine, now: the mean over products repeated
     for `seconds`, a sustained rate like the training turns it divides, not one product's burst."""
@@ -329,7 +333,7 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
             "train_speedup": naive_s / ours_s, "train_batch_size": cfg.batch_size,
             "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
-            "train_products": "bf16" if dtype == torch.bfloat16 else "fp32",
+            "train_products": products_name(dtype),
             "spread_training": spread}
 
 
@@ -399,6 +403,7 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
     return {"gemm_gflops_processes": ceiling / 1e9,
             "train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
             "processes_batch_size": musicrnn.Config.batch_size,  # train_processes passes no --batch-size
+            "processes_products": products_name(dtype),
             "scaling_2_over_1": one / two, "spread_processes": spread,
             "train_flop_utilisation_1_process": flops_per_token / one / ceiling,
             "train_flop_utilisation_2_processes": flops_per_token / two / ceiling}
@@ -539,7 +544,7 @@ def training_markdown(r: dict) -> str:
         ("training, 2 processes under torchrun (1 thread each, gloo)", r["train_tokens_per_s_2_processes"],
          "useful tokens/s"),
         ("2 processes / 1 process, the same 2 cores", r["scaling_2_over_1"], "x"),
-        (f"{r['train_products']} GEMM ceiling, in turns with the two above", r["gemm_gflops_processes"], "GFLOP/s"),
+        (f"{r['processes_products']} GEMM ceiling, in turns with the two above", r["gemm_gflops_processes"], "GFLOP/s"),
         ("FLOP utilisation, 1 process (target >= 0.5)", utilisation(r["train_flop_utilisation_1_process"]),
          "of the GEMM ceiling"),
         ("FLOP utilisation, 2 processes: make train (target >= 0.5)",
