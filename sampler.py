@@ -119,9 +119,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     for t in range(opts.max_tokens):
         logits, state = step(tokens[:, None], state)                  # (B, V), the state carried on
         if constraint:
-            for row, tune in zip(logits, tunes):                      # (V,) each, masked in place
-                if not tune.ended:
-                    row += constraint.penalty(tune, opts.max_tokens - t)  # -inf where illegal
+            mask_illegal(logits, tunes, constraint, opts.max_tokens - t)
         tokens = sample_next(logits, rng, opts.temperature, opts.top_k)  # (B,)
         for b in np.flatnonzero(~done):
             done[b] = tokens[b] == vocab.eos_id
@@ -133,6 +131,13 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
             break
     texts = [prompt + vocab.decode(row) for row in out]
     return [strip_control_code(t) for t in texts] if facts.control_codes else texts
+
+
+def mask_illegal(logits: np.ndarray, tunes: list, constraint: AbcConstraint, tokens_left: int) -> None:
+    """-inf, in place, on every token that would break its row's tune (rows that ended are left)."""
+    for row, tune in zip(logits, tunes):                              # (V,) each
+        if not tune.ended:
+            row += constraint.penalty(tune, tokens_left)
 
 
 # -----------------------------------------------------------------------------
