@@ -41,7 +41,7 @@ LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24
  TIE, DECORATION, SPACE, NEWLINE) = range(13)
 
 SECTION_ENDS = (":|", "||", "|]")
-MIN_NOTES = 16  # a tune ends only after 4 full bars and this many notes
+MIN_NOTES = 16  # a tune ends only after 4 full bars and this many notes, unless it must end sooner
 BAR_LINES = ("|", "||", "|]", "|:", ":|", "::", "|1", ":|2")
 # no fermata (H, !fermata!): abc2midi lengthens the note, which breaks the bar and broken rhythm;
 DECORATIONS = ("~", "T", "u", "v", "!trill!", "!accent!")  # no staccato either: abc2midi shortens the note
@@ -202,20 +202,23 @@ class TuneState:
         pending = self.pending if exact else note_shape(self.pending)
         return pending, self.pending_must_end, self.last_pitch if self.pending == "-" else None
 
-    def can_end(self) -> bool:
+    def can_end(self, must_end: bool) -> bool:
         """At a section's end, nothing open; then either the form is complete, or (with no
-        form asked for) at least 4 full bars and MIN_NOTES notes were written."""
+        form asked for) the tune is long enough (may_end_tune)."""
         at_end = (self.phase == BODY and self.last_bar in SECTION_ENDS and self.last in (BAR, NEWLINE)
                   and self.bar == 0 and self.ending != 1 and not self.repeat_open and self.tie_pitch < 0)
         if self.form:
             return at_end and self.section == len(self.form)
-        return at_end and self.full_bars >= 4 and self.notes >= MIN_NOTES
+        return at_end and self.may_end_tune(must_end)
 
-    def may_end_tune(self) -> bool:
-        """Whether the section being written may be the tune's last."""
+    def may_end_tune(self, must_end: bool) -> bool:
+        """Whether the section being written may be the tune's last: under a form, its last section;
+        else after 4 full bars and MIN_NOTES notes, or sooner when the tune must end (a bar cap
+        under 4, or a token budget nearly spent: without this, a tune with a pickup could only
+        go on writing short sections, and be cut off unfinished)."""
         if self.form:
             return self.section + 1 == len(self.form)
-        return self.full_bars >= 4 and self.notes >= MIN_NOTES
+        return must_end or (self.full_bars >= 4 and self.notes >= MIN_NOTES)
 
 
 class AbcConstraint:
@@ -547,7 +550,7 @@ class AbcConstraint:
             self._commit(after, s.pending)
             after.pending, after.pending_must_end = "", False
         after_legal = self._legal_cached(after, must_end)              # ... and a new one starts
-        can_end = after.can_end()
+        can_end = after.can_end(must_end)
         return self._cached(("body", legal_id, after_legal[0], can_end, must_end) + pending,
                             lambda: _with_penalty(self._body_mask(s, legal, after_legal, can_end, must_end)))
 
@@ -715,7 +718,7 @@ class AbcConstraint:
         if s.pickup:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
-                if not s.repeat_open and s.may_end_tune():
+                if not s.repeat_open and s.may_end_tune(must_end):
                     bars += ["||", "|]"]  # the end of the tune, which may only come after 16 notes
             return bars
         if full:

@@ -146,15 +146,30 @@ def test_a_char_model_is_constrained_character_by_character(constraint):
     assert {"|", ":"} <= legal_chars(constraint, HEAD + "d2f2|d2f2")
 
 
-def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800) -> list[list[int]]:
+def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800, max_bars: int = 16,
+                 prompt: str = "") -> list[list[int]]:
     """n constrained tunes from a "model" that knows nothing: any token, any time."""
     rng = np.random.default_rng(seed)
 
     def step(tokens, state):
         return rng.normal(size=(len(tokens), len(vocab))).astype(np.float32) * 3, state
 
-    opts = sampler.SamplingOptions(num=n, seed=seed + 1, max_tokens=max_tokens, constrained=True, max_bars=16)
+    opts = sampler.SamplingOptions(num=n, seed=seed + 1, max_tokens=max_tokens, constrained=True,
+                                   max_bars=max_bars, prompt=prompt)
     return [vocab.encode(t) for t in sampler.generate_tunes(step, vocab, opts)]
+
+
+@pytest.mark.parametrize("max_bars, max_tokens", [(2, 400), (1, 400), (32, 140)])
+def test_a_tune_that_must_end_before_four_bars_still_ends_cleanly(max_bars, max_tokens):
+    """A bar cap under 4, or a token budget too small for 4 bars: the tune ends at its next section
+    end, instead of writing short sections after its pickup until it is cut off."""
+    ids = random_tunes(VOCAB, 40, seed=2, max_tokens=max_tokens, max_bars=max_bars, prompt=HEAD)
+    assert all(len(row) < max_tokens for row in ids)  # each ended with <eos> within its budget
+    tunes = [VOCAB.decode(row) for row in ids]
+    assert all(t.rstrip().endswith((":|", "||", "|]")) for t in tunes)
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
 
 
 @pytest.mark.slow
