@@ -11,6 +11,7 @@ Holds:
   field's own comment and its group from the comment line above, so each setting is
   documented once, in the dataclass;
 - dataclass_from_args: the dataclass back from the parsed flags;
+- abc_text: an ABC prompt as typed on a command line, its \\n as line breaks;
 - positive_int, positive_float: argparse types that refuse what makes no sense, in words.
 """
 
@@ -54,6 +55,12 @@ def error_line(message: str) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n)."""
     print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return 2
+
+
+def abc_text(value: str) -> str:
+    """ABC typed on a command line, where a shell passes \\n through as two characters: each \\n
+    becomes the line break it stands for (in a prompt it stands for nothing else)."""
+    return value.replace("\\n", "\n")
 
 
 class Parser(argparse.ArgumentParser):

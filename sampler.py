@@ -292,8 +292,9 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix"')
     start.add_argument("--type", help=f'prime the header with this tune type (R:), e.g. "jig", "reel" or "slip jig"; '
                                       f'one the model met in training (normalised: {", ".join(TUNE_TYPES)})')
-    start.add_argument("--prompt", help='start from this ABC text instead of --meter/--key/--type, e.g. '
-                                        '"X:1\\nL:1/8\\n"')
+    start.add_argument("--prompt", type=cli.abc_text,
+                       help='start from this ABC text instead of --meter/--key/--type, e.g. '
+                            '"X:1\\nL:1/8\\nM:6/8\\nK:D\\n" (\\n: a line break)')
     form = parser.add_argument_group("form (sections and bars; exact with --constrained)")
     form.add_argument("--form", help='an IrishMAN control code: S:sections, B:bars of the first section, then for '
                                      'each later section E:similarity (0-10) to every earlier one and its B:bars; '
