@@ -650,7 +650,7 @@ class AbcConstraint:
             self._put(legal, "|:", True)  # the next section opens its repeat before its pickup
             self._put(legal, "\n", s.last != NEWLINE)
             return legal
-        # finishing the bar in few tokens (must_end): no ornaments, notes of L or longer
+        # finishing the bar in few tokens (must_end): no ornaments, the longest notes that fit
         notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
         if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
             return notes & (self.pitch == s.tie_pitch)
@@ -664,15 +664,17 @@ class AbcConstraint:
             self._put(legal, bar, not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar))
         return legal
 
-    def _fitting(self, rem: int, long_only: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(N,) the notes, and the notes and rests, that fit in rem ticks (long_only: of L or longer)."""
+    def _fitting(self, rem: int, longest: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) the notes, and the notes and rests, that fit in rem ticks (longest: only the longest
+        length that fits, so that a bar ends in a token or two whatever L is; what it leaves is a
+        multiple of L/4, filled the same way)."""
         def build():
             fits = (self.ticks <= rem) & self.fits_granule
-            if long_only:
-                fits &= self.ticks >= TICKS
+            if longest:
+                fits &= self.ticks == self.ticks[fits].max()
             return self.is_note & fits, (self.is_note | self.is_rest) & fits
 
-        return self._cached(("fitting", rem, long_only), build)
+        return self._cached(("fitting", rem, longest), build)
 
     def _put_marks(self, legal: np.ndarray, s: TuneState, rem: int, must_end: bool) -> None:
         """Ornaments, chords, tuplets, broken rhythm, ties, spaces and line breaks: where they fit."""

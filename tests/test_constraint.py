@@ -263,12 +263,12 @@ def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
 # forms: sections and bars held exactly, as abc_form counts them
 
 
-def random_logits_tunes(constraint, prompt: str, form=(), num: int = 8, seed: int = 0) -> list[str]:
+def random_logits_tunes(constraint, prompt: str, form=(), num: int = 8, seed: int = 0, tokens: int = 1500) -> list[str]:
     """Tunes written by random logits under the constraint: only the constraint keeps them right."""
     rng, tunes = np.random.default_rng(seed), []
     for _ in range(num):
         state, out = constraint.start(prompt, form), []
-        for left in range(1500, 0, -1):
+        for left in range(tokens, 0, -1):
             logits = rng.normal(size=(1, len(VOCAB))) * 3 + constraint.penalty(state, left)
             token = int(sampler.sample_next(logits, rng)[0])
             constraint.advance(state, token)
@@ -294,6 +294,18 @@ def test_a_requested_form_is_held_exactly(constraint, head, form):
     tunes = random_logits_tunes(constraint, head, form)
     assert [sections_and_bars(t) for t in tunes] == [form] * len(tunes)
     assert all(abc_form.control_code(t).startswith(f"S:{len(form)}\nB:{form[0]}\n") for t in tunes)
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the forms held")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
+
+
+@pytest.mark.parametrize("head, form", [("X:1\nL:1/16\nM:C\nK:G\n", (8, 8)), ("X:1\nL:1/16\nM:6/8\nK:D\n", (4, 4, 4))])
+def test_a_form_ends_within_the_smallest_budget_the_command_line_allows(constraint, head, form):
+    """In L:1/16 a bar takes many tokens: when the budget runs short the bars left are finished with
+    the longest notes that fit, so the form still ends before the tokens do."""
+    tokens = sampler.TOKENS_PER_BAR * sum(form)
+    tunes = random_logits_tunes(constraint, head, form, num=6, tokens=tokens)  # each asserted to end
+    assert [sections_and_bars(t) for t in tunes] == [form] * len(tunes)
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi): the forms held")
     assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
