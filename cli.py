@@ -155,7 +155,8 @@ def dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None =
             sections[title] = parser.add_argument_group(title)
         flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
-        about = f"{comments.get(f.name, '')} (default: {({True: 'on', False: 'off'}.get(default, default))})"
+        shown = {True: "on", False: "off"}[default] if f.type == "bool" else default  # not 1 as "on"
+        about = f"{comments.get(f.name, '')} (default: {shown})"
         if f.type == "bool":  # a switch: given, it is on
             sections[title].add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=about)
             continue

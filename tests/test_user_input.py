@@ -482,6 +482,8 @@ def test_help_explains_every_flag_and_every_command_in_words():
     train = all_parsers()["musicrnn.py train"]
     groups = {g.title: [a.dest for a in g._group_actions] for g in train._action_groups}
     assert groups["an existing run folder"] == ["resume", "overwrite"]
+    shown = {a.dest: a.help.rsplit("(default: ", 1)[-1] for a in train._actions if a.help}
+    assert shown["num_layers"] == "1)" and shown["control"] == "off)"  # a count of 1 is not a switch "on"
     assert "hf://" in all_parsers()["musicrnn.py evaluate"].format_help()
 
 
