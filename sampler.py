@@ -162,10 +162,12 @@ def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint:
 
 
 def tunebook(bodies: list[str], first: int = 1) -> str:
-    """Number the tunes X:first, X:first+1, ..., one blank line between them."""
+    """Number the tunes X:first, X:first+1, ..., one blank line between them. A blank line that a
+    model wrote inside a tune is dropped: in a tunebook it would end the tune there."""
     tunes = []
     for n, text in enumerate(bodies, start=first):
         text = re.sub(r"\AX:[^\n]*\n?", "", text)  # the model writes its own X:1
+        text = re.sub(r"\n[ \t]*(?=\n)", "", text.strip("\n"))
         tunes.append(f"X:{n}\n{text.rstrip()}\n")
     return "\n".join(tunes)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import abc_music
 import abc_tokens
 import cli
 import sampler
@@ -90,6 +91,14 @@ def test_generate_writes_a_numbered_tunebook_reproducibly(tiny_run, tmp_path):
     text = out.read_text()
     assert [line for line in text.splitlines() if line.startswith("X:")] == ["X:1", "X:2", "X:3"]
     assert text.count("M:6/8\nK:G\n") == 3
+
+
+def test_a_blank_line_a_model_writes_stays_inside_its_tune():
+    """A blank line ends a tune in a tunebook: the bars after it would fall outside every tune."""
+    book = sampler.tunebook(["X:1\nL:1/8\nM:2/4\nK:D\nabcd|\n\n \ndcba|]\n", "X:1\nL:1/8\nM:2/4\nK:G\n\ngg|]"])
+    tunes, skipped = abc_music.read_tunebook(book)
+    assert skipped == 0 and len(tunes) == 2
+    assert "abcd|\ndcba|]" in tunes[0] and tunes[1].rstrip().endswith("gg|]")
 
 
 def test_generation_stops_at_eos():
