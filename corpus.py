@@ -36,7 +36,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
     """
     p = Path(path)
     if "://" not in path and not p.exists():
-        raise UserError(f"{path}: no such file or folder")
+        made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
+        raise UserError(f"{path}: no such file or folder{made}")
     if p.is_dir() or p.suffix.lower() == ".abc":
         tunes, skipped = read_tunebooks(p)
         records = [("", t) for t in tunes]

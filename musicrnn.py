@@ -305,7 +305,7 @@ CHECKPOINT_KEYS = {"model", "config", "vocab", "optimizer", "epoch", "step", "be
 def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint dict. Refuses anything that is not one: never unpickles code."""
     if not Path(path).is_file():
-        raise UserError(f"{path}: no such checkpoint")
+        raise UserError(f"{path}: no such checkpoint" + (" (`make train` writes it)" if path == "runs/best.pt" else ""))
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a musicrnn checkpoint (not a PyTorch zip file)")
     try:

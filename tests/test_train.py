@@ -178,6 +178,9 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     for args, message in cases:
         code, stderr = run_main(capsys, *args)
         assert one_clear_line(code, stderr) and message in stderr, (args, code, stderr)
+    for args, hint in [(["generate"], "`make train`"), (["stats"], "`make data`")]:  # a fresh clone's defaults
+        done = run_cli(*args, cwd=tmp_path)
+        assert done.returncode == 2 and hint in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_bad_input_from_the_shell_is_one_line_without_traceback(tmp_path):
