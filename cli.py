@@ -59,8 +59,9 @@ def error_line(message: str) -> int:
 
 def abc_text(value: str) -> str:
     """ABC typed on a command line, where a shell passes \\n through as two characters: each \\n
-    becomes the line break it stands for (in a prompt it stands for nothing else)."""
-    return value.replace("\\n", "\n")
+    becomes the line break it stands for (in a prompt it stands for nothing else); a file's
+    Windows line breaks (\\r\\n), pasted in, become plain ones."""
+    return value.replace("\\n", "\n").replace("\r\n", "\n")
 
 
 class Parser(argparse.ArgumentParser):

@@ -424,11 +424,11 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
     assert one_error_line(code, err) and message in err
 
 
-def test_a_prompt_typed_with_backslash_n_keeps_its_header(tiny_onnx):
+def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(tiny_onnx):
     """A shell passes \\n through as two characters: the prompt's lines must still be lines, else
     the whole header would sit on its X: line, which the tunebook replaces with its own number."""
-    typed = "X:1\\nL:1/8\\nM:6/8\\nK:D\\n"
-    for extra in ([], ["--constrained"]):
+    for typed, extra in [("X:1\\nL:1/8\\nM:6/8\\nK:D\\n", []), ("X:1\\nL:1/8\\nM:6/8\\nK:D\\n", ["--constrained"]),
+                         ("X:1\r\nL:1/8\r\nM:6/8\r\nK:D\r\n", ["--constrained"])]:
         code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", typed, "--max-tokens", "30",
                                   *extra)
         assert code == 0, err
