@@ -679,10 +679,11 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # guarantees: a header X:, L:, M:, K: in that order; bars that are exactly full (broken
 # rhythm, triplets, chords, ties and pickups counted); chords and grace groups closed;
 # an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
-# and max_tokens tokens (when it must end, the bars left take the longest notes that fit, and
-# the next section end closes the tune, 4 bars or not). Asked for a form (--form, --sections/--bars: opts.form), it holds
-# exactly that many sections of exactly those bars, counted as abc_form counts them, and ends
-# after the last. It never replaces the model's choice, it only removes the illegal ones.
+# and max_tokens tokens (when it must end, the bars left take the longest notes that fit,
+# and the next section end closes the tune, 4 bars or not). Asked for a form (--form,
+# --sections/--bars: opts.form), it holds exactly that many sections of exactly those bars,
+# counted as abc_form counts them, and ends after the last. It never replaces the model's
+# choice, it only removes the illegal ones.
 
 
 # -----------------------------------------------------------------------------
