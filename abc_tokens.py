@@ -177,8 +177,8 @@ def header_prompt(meter: str | None = None, key: str | None = None, prompt: str 
         return ""
     lines = ["X:1", "L:1/8"]
     if meter is not None:
-        lines.append(f"M:{meter}")
-    lines.append(f"K:{key if key is not None else 'D'}")
+        lines.append(f"M:{meter.strip()}")
+    lines.append(f"K:{key.strip() if key is not None else 'D'}")
     return "\n".join(lines) + "\n"
 
 

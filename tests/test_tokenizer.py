@@ -110,3 +110,9 @@ def test_char_vocabulary_is_sorted_char_to_idx_shifted_by_the_specials():
     assert vocab.decode([1, 5, 3, 4, 0]) == "cab"
     assert musicrnn.pad_or_truncate([1, 2, 3], 5, 0).tolist() == [1, 2, 3, 0, 0]
     assert musicrnn.pad_or_truncate([1, 2, 3], 2, 0).tolist() == [1, 2]
+
+
+def test_a_header_prompt_holds_meter_and_key_as_abc_writes_them():
+    """Flags come from shells and forms with stray spaces: the header lines must not carry them."""
+    assert abc_tokens.header_prompt(" 6/8 ", "D ") == "X:1\nL:1/8\nM:6/8\nK:D\n"
+    assert abc_tokens.header_prompt(None, None) == "" and abc_tokens.header_prompt(None, "Ador") == "X:1\nL:1/8\nK:Ador\n"
