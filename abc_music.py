@@ -6,8 +6,8 @@ Holds:
   pitch_spelling, note_shape, pitch_class; all reading abc_tokens.PITCH, the one note pattern;
 - meters and lengths: parse_meter, default_unit (the one default-L: rule), parse_length,
   format_length;
-- tunebooks normalised into IrishMAN's form: split_tunebook, clean_body_line, normalize_tune,
-  read_tunebook; and the parts of a tune: tune_body, note_tokens;
+- tunebooks normalised into IrishMAN's form: split_tunebook, without_blank_lines, clean_body_line,
+  normalize_tune, read_tunebook; and the parts of a tune: tune_body, note_tokens;
 - keys: Key, parse_key, transpose_key;
 - transposition: transpose_tune, TransposeError, parse_note_range;
 - lengths and rhythm: scale_lengths, token_length, change_rhythm, set_unit_length.
@@ -195,6 +195,12 @@ def split_tunebook(text: str) -> list[list[str]]:
         elif current is not None:
             current.append(line)
     return tunes
+
+
+def without_blank_lines(tune: str) -> str:
+    """One tune's text with its blank (or blank-looking) lines dropped: in a tunebook a blank line
+    ends the tune (split_tunebook), so the music after one would belong to no tune."""
+    return re.sub(r"\n[ \t]*(?=\n)", "", tune.strip("\n"))
 
 
 def clean_body_line(line: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 
 from abc_constraint import SECTION_ENDS
 from abc_form import control_code, form_code, parse_control_code, sections
-from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body
+from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body, without_blank_lines
 import cli
 import sampler
 from abc_tokens import header_prompt
@@ -54,6 +54,7 @@ def check_with_abc2midi(tune: str) -> dict:
     """
     with tempfile.TemporaryDirectory() as tmp:
         src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
+        tune = without_blank_lines(tune)  # as a tunebook holds it: the whole tune, judged whole
         src.write_text(for_abc2midi(tune if tune.startswith("X:") else "X:1\n" + tune))
         result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True, timeout=30)
         lines = (result.stdout + result.stderr).splitlines()

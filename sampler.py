@@ -31,7 +31,7 @@ import numpy as np
 import cli
 from abc_constraint import AbcConstraint
 from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
-from abc_music import TUNE_TYPES, parse_key, parse_meter, tune_type
+from abc_music import TUNE_TYPES, parse_key, parse_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
 from rendering import render_tunebook, rendered_files
@@ -167,7 +167,7 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
     tunes = []
     for n, text in enumerate(bodies, start=first):
         text = re.sub(r"\AX:[^\n]*\n?", "", text)  # the model writes its own X:1
-        text = re.sub(r"\n[ \t]*(?=\n)", "", text.strip("\n"))
+        text = without_blank_lines(text)
         tunes.append(f"X:{n}\n{text.rstrip()}\n")
     return "\n".join(tunes)
 

@@ -101,6 +101,17 @@ def test_a_blank_line_a_model_writes_stays_inside_its_tune():
     assert "abcd|\ndcba|]" in tunes[0] and tunes[1].rstrip().endswith("gg|]")
 
 
+def test_the_judge_reads_a_tune_past_a_blank_line_as_the_tunebook_keeps_it():
+    """A broken bar after a blank line must count: abc2midi alone would stop at the blank line."""
+    import judging
+
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi)")
+    head = "X:1\nL:1/8\nM:2/4\nK:D\nabcd|dcba|\n"
+    assert judging.check_with_abc2midi(head + "abcd|]\n")["bar_clean"]
+    assert not judging.check_with_abc2midi(head + "\nabc|abcd|]\n")["bar_clean"]
+
+
 def test_generation_stops_at_eos():
     vocab = abc_tokens.Vocabulary.build(["AB"], "char")
 
