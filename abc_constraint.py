@@ -721,7 +721,7 @@ class AbcConstraint:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
                 if not s.repeat_open and s.may_end_tune(must_end):
-                    bars += ["||", "|]"]  # the end of the tune, which may only come after 16 notes
+                    bars += ["||", "|]"]  # the end of the tune: after 16 notes, or when it must end
             return bars
         if full:
             if not s.repeat_open and not s.ending and not must_end:
