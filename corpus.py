@@ -75,11 +75,13 @@ def read_irishman_json(path: str) -> list[tuple[str, str]]:
         df = pd.read_json(path, dtype=False)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except Exception as e:  # pandas, fsspec and the hub raise many kinds: all mean "cannot read this"
+    except ValueError as e:  # pandas' word for text that is not the JSON it expects
         reason = first_line(e)
         if "must pass an index" in reason:
             reason = "it holds one JSON object, not a list of records [{...}, ...]"
         raise UserError(f"{path}: not an IrishMAN JSON list of records ({reason})") from None
+    except Exception as e:  # fsspec, the hub and their HTTP clients raise many kinds: all mean "cannot read it"
+        raise UserError(f"{path}: cannot be read ({first_line(e)})") from None
     if df.empty:
         return []
     if "abc notation" not in df.columns:

@@ -89,6 +89,12 @@ def test_bad_collections_are_one_clear_error(tmp_path, content, message):
         musicrnn.load_tunes(str(path))
 
 
+def test_a_collection_out_of_reach_is_not_called_malformed():
+    """A URL that cannot be fetched (here: nothing listens) says so, not that its JSON is wrong."""
+    with pytest.raises(musicrnn.UserError, match="cannot be read"):
+        musicrnn.load_tunes("http://127.0.0.1:9/tunes.json")
+
+
 def test_non_utf8_tunebook_is_a_clear_error(tmp_path):
     path = tmp_path / "book.abc"
     path.write_bytes(b"X:1\nK:D\n\xff\xfeABC|\n")
