@@ -75,8 +75,12 @@ def read_irishman_json(path: str) -> list[tuple[str, str]]:
         df = pd.read_json(path, dtype=False)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except FileNotFoundError:  # a remote path (memory://, s3://, ...) with nothing there
+        raise UserError(f"{path}: no such file") from None
     except ValueError as e:  # pandas' word for text that is not the JSON it expects
         reason = first_line(e)
+        if reason.startswith("Protocol not known"):  # fsspec's, for a URL scheme it has no reader for
+            raise UserError(f"{path}: cannot be read ({reason})") from None
         if "must pass an index" in reason:
             reason = "it holds one JSON object, not a list of records [{...}, ...]"
         raise UserError(f"{path}: not an IrishMAN JSON list of records ({reason})") from None
