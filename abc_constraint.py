@@ -296,7 +296,9 @@ class AbcConstraint:
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}")
+                capped = not state.form and state.full_bars >= self.max_bars
+                why = f" (it has {state.full_bars} full bars; --max-bars is {self.max_bars})" if capped else ""
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}{why}")
             else:
                 self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []

@@ -159,6 +159,11 @@ def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800, ma
     return [vocab.encode(t) for t in sampler.generate_tunes(step, vocab, opts)]
 
 
+def test_a_prompt_past_the_bar_cap_names_the_cap():
+    with pytest.raises(PromptError, match="--max-bars is 2"):
+        AbcConstraint(VOCAB, max_bars=2).start(HEAD + "defg|" * 6)
+
+
 @pytest.mark.parametrize("max_bars, max_tokens", [(2, 400), (1, 400), (32, 140)])
 def test_a_tune_that_must_end_before_four_bars_still_ends_cleanly(max_bars, max_tokens):
     """A bar cap under 4, or a token budget too small for 4 bars: the tune ends at its next section
