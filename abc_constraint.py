@@ -296,7 +296,7 @@ class AbcConstraint:
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                capped = not state.form and state.full_bars >= self.max_bars
+                capped = self._at_bar_cap(state)
                 why = f" (it has {state.full_bars} full bars; --max-bars is {self.max_bars})" if capped else ""
                 raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}{why}")
             else:
@@ -489,10 +489,14 @@ class AbcConstraint:
         return self._masks(state, tokens_left)[1]
 
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
-        must_end = (not state.form and state.full_bars >= self.max_bars) or tokens_left < self.END_RESERVE
+        must_end = self._at_bar_cap(state) or tokens_left < self.END_RESERVE
         state.must_end = must_end
         key = (self._number(state, must_end),) + state.pending_key()
         return self._cached(key, lambda: self._build_masks(state, must_end))
+
+    def _at_bar_cap(self, s: TuneState) -> bool:
+        """Without a form, the tune has its max_bars full bars: it must end (a form ends by its own count)."""
+        return not s.form and s.full_bars >= self.max_bars
 
     def _number(self, s: TuneState, must_end: bool) -> int:
         """The committed state's number: equal state_keys share one. Kept on the state until it
