@@ -26,6 +26,7 @@ import html
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="musicrnn-serve.") as folder:
         try:
             server = TuneServer((args.host, args.port), args.model, Path(folder))
@@ -334,6 +336,12 @@ def serve(args: argparse.Namespace) -> None:
         print(f"serving http://{host}:{port}/ (Ctrl-C stops)", flush=True)
         with server:
             server.serve_forever()
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM (`kill`, a service manager) stops the server as Ctrl-C does, through the with blocks,
+    so that its folder of tunes is removed: the default action would leave it behind."""
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The page (serve.py) in a real browser, its audio, and requests that must be refused."""
 
 import html
+import os
 import http.client
 import re
 import shutil
@@ -29,19 +30,35 @@ needs_soundfont = pytest.mark.skipif(rendering.find_soundfont() is None,
                                      reason="no soundfont (apt-get install timgm6mb-soundfont)")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
-    """serve.py in a process of its own, with torch made unimportable there; yields its address."""
+def start_server(model: Path, temp: Path) -> tuple[subprocess.Popen, str]:
+    """serve.py in a process of its own, its temporary folder under `temp`, with torch made
+    unimportable there: (the process, its address)."""
     code = "import sys; sys.modules['torch'] = None; import serve; sys.exit(serve.main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(tiny_onnx), "--port", "0"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(temp)})
     line = proc.stdout.readline()
     if not line.startswith("serving "):
         proc.kill()
         pytest.fail("serve.py did not start: " + line + proc.stderr.read())
-    yield line.split()[1].rstrip("/")
+    return proc, line.split()[1].rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx, tmp_path_factory):
+    proc, url = start_server(tiny_onnx, tmp_path_factory.mktemp("serve-temp"))
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def test_stopped_by_kill_the_server_removes_its_folder_of_tunes(tiny_onnx, tmp_path):
+    proc, url = start_server(tiny_onnx, tmp_path)
+    status, _, _ = request(url + "/generate", form(num="1"))
+    assert status == 200 and len(list(tmp_path.glob("musicrnn-serve.*/**/*.abc"))) == 1
+    proc.terminate()  # SIGTERM, as `kill` and service managers stop a server
+    assert proc.wait(timeout=10) == 0
+    assert list(tmp_path.glob("musicrnn-serve.*")) == []
 
 
 def request(url: str, body: bytes | None = None) -> tuple[int, str, bytes]:
