@@ -197,6 +197,9 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
     out = check_outputs(args, model_path)
     step, vocab, facts = load_model()
     opts, constraint = check_against_model(opts, vocab, facts, args.type)
+    note = form_note(opts, facts)
+    if note:
+        print("note: " + note, file=sys.stderr)
     write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite)
     if out and args.render:
         for line in render_tunebook(out, args.overwrite):
@@ -229,9 +232,6 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     if facts.control_codes and opts.prompt and not opts.form:
         raise PromptError("this model was trained with control codes, which come before the header: with "
                           "--prompt, --meter, --key or --type, give --form or --sections/--bars too")
-    if opts.form and not facts.control_codes and not opts.constrained:
-        print("note: this model was trained without control codes (train --control): only --constrained "
-              "holds it to --form", file=sys.stderr)
     prompt, form = model_prompt(opts, facts)
     encode_prompt(vocab, prompt)
     if not opts.constrained:
@@ -239,6 +239,14 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     constraint = constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
     constraint.start(prompt, form)
     return opts, constraint
+
+
+def form_note(opts: SamplingOptions, facts: ModelFacts) -> str | None:
+    """What a user who asks for a form should know when nothing will hold the tunes to it."""
+    if opts.form and not facts.control_codes and not opts.constrained:
+        return ("this model was trained without control codes (train --control): only --constrained holds it "
+                "to --form")
+    return None
 
 
 def typed_prompt(prompt: str, asked: str, facts: ModelFacts) -> str:
@@ -314,7 +322,7 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
     if args.meter is not None and parse_meter(args.meter) is None:
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
-    if args.key is not None and parse_key(args.key) is None:
+    if args.key is not None and (parse_key(args.key) is None or "\n" in args.key or "\r" in args.key):
         raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
@@ -342,7 +350,7 @@ def requested_form(args: argparse.Namespace) -> str:
     if args.sections is None or args.bars is None:
         raise PromptError("--sections and --bars go together, e.g. --sections 2 --bars 8")
     parts = args.bars.replace(" ", "").split(",")
-    if not all(p.isdigit() for p in parts) or len(parts) not in (1, args.sections):
+    if not all(p.isascii() and p.isdigit() for p in parts) or len(parts) not in (1, args.sections):
         raise PromptError(f"--bars {args.bars}: one number, or {args.sections} numbers apart by commas")
     bars = [int(p) for p in parts] * (args.sections if len(parts) == 1 else 1)
     if not all(1 <= n <= MAX_BARS for n in bars):

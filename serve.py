@@ -55,10 +55,17 @@ METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3
 KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B") for mode in ("", "m", "dor", "mix")]
 FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
     "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
-    "num": cli.int_in(1, MAX_TUNES), "constrained": lambda text: text == "on",
+    "num": cli.int_in(1, MAX_TUNES), "constrained": lambda text: _ticked(text),
     "type": lambda text: text or None, "sections": lambda text: sampler.SECTIONS(text) if text else None,
     "bars": lambda text: text or None,
 }
+def _ticked(text: str) -> bool:
+    """A checkbox: a browser sends "on" when it is ticked and nothing when it is not."""
+    if text not in ("on", ""):
+        raise ArgumentTypeError(f"on (ticked) or empty, got {text[:40]}")
+    return text == "on"
+
+
 OPTIONAL = {"constrained", "type", "sections", "bars"}  # a browser leaves out an unticked box
 DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on",
             "type": "", "sections": "", "bars": ""}
@@ -82,17 +89,19 @@ class HTTPError(Exception):
 def read_form(body: bytes) -> dict[str, str]:
     """The form's fields, each at most once; a missing one is named."""
     try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
-                          max_num_fields=len(FIELDS) + 1)
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
     except (UnicodeDecodeError, ValueError):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "the form is not URL-encoded text") from None
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]}")
+    repeated = [f"{name} is given {len(values)} times" for name, values in fields.items() if len(values) > 1]
+    if repeated:  # which one was meant is not ours to guess
+        raise HTTPError(HTTPStatus.BAD_REQUEST, repeated[0])
     missing = [name for name in FIELDS if name not in fields and name not in OPTIONAL]
     if missing:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "missing field: " + ", ".join(missing))
-    return {name: values[-1] for name, values in fields.items()}
+    return {name: values[0] for name, values in fields.items()}
 
 
 def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str | None]:
@@ -106,6 +115,9 @@ def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
     args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, form=None, **values)
     with user_errors_as_bad_requests():
+        bars, most = sum(sampler.form_bars(sampler.requested_form(args))), MAX_TOKENS // sampler.TOKENS_PER_BAR
+        if bars > most:  # the command line would ask for more --max-tokens, which the page does not offer
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the page writes at most {most} bars a tune: {bars} are too many")
         return sampler.sampling_options(args), args.type
 
 
@@ -115,7 +127,12 @@ def user_errors_as_bad_requests():
     try:
         yield
     except UserError as e:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, str(e).replace("--", "")) from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, for_the_page(str(e))) from None
+
+
+def for_the_page(message: str) -> str:
+    """A command line's message with its flags named as the page's fields: "--key" -> "key"."""
+    return re.sub(r"--(?=(?:%s|form|max-tokens|prompt)\b)" % "|".join(FIELDS), "", message)
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +192,14 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30                 # seconds a client may take to send its request
     protocol_version = "HTTP/1.1"
 
+    def parse_request(self) -> bool:
+        self.body_read, self.head_only = False, False  # each request on a kept-alive connection afresh
+        return super().parse_request()
+
+    def do_HEAD(self) -> None:
+        self.head_only = True
+        self.do_GET()
+
     def do_GET(self) -> None:
         if self.path in ("/", "/index.html"):
             self.send_page(HTTPStatus.OK, DEFAULTS)
@@ -199,8 +224,10 @@ class Handler(BaseHTTPRequestHandler):
         form = dict(DEFAULTS)
         try:
             form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
-            folder, made = self.server.write_tunes(*sampling_options(form))
-            self.send_page(HTTPStatus.OK, form, tunes=(folder, made))
+            opts, tune_type = sampling_options(form)
+            folder, made = self.server.write_tunes(opts, tune_type)
+            note = sampler.form_note(opts, self.server.facts)
+            self.send_page(HTTPStatus.OK, form, tunes=(folder, made), note=note and for_the_page(note))
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
         except OSError as e:  # the server's own folder: a full disk, say
@@ -209,13 +236,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")
         if int(length) > MAX_BODY:
             self.drain(int(length))
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the form has {int(length):,} bytes; "
                                                                   f"at most {MAX_BODY:,} are read")
-        return self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:  # the client stopped sending within Handler.timeout
+            body = b""
+        if len(body) < int(length):
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the form did not arrive in full: {len(body):,} of "
+                                                        f"{int(length):,} bytes")
+        self.body_read = True
+        return body
 
     def drain(self, length: int) -> None:
         """Read and drop a body too large to use, so the client reads the answer; past
@@ -235,8 +271,9 @@ class Handler(BaseHTTPRequestHandler):
         data = path.read_bytes()
         self.send_bytes(HTTPStatus.OK, CONTENT_TYPES[path.suffix], data)
 
-    def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None) -> None:
-        html_text = page(form, tunes, error, self.server.missing, self.server.facts.tune_types)
+    def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None,
+                  note: str | None = None) -> None:
+        html_text = page(form, tunes, error, self.server.missing, self.server.facts.tune_types, note)
         self.send_bytes(status, "text/html; charset=utf-8", html_text.encode())
 
     def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
@@ -245,8 +282,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
+        if not self.body_read and (self.headers.get("Content-Length", "0").strip() != "0"
+                                   or "Transfer-Encoding" in self.headers):
+            self.close_connection = True  # a body left unread would be read as the next request
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if not self.head_only:
+            self.wfile.write(data)
 
 
 # -----------------------------------------------------------------------------
@@ -260,11 +302,14 @@ input{width:6rem}.error{color:#a00;font-weight:bold}.missing{color:#666}
 pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"""
 
 
-def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: tuple = ()) -> str:
+def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: tuple = (),
+         note: str | None = None) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
              f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form, types)]
     if error:
         parts.append(f'<p class=error id=error>{html.escape(error)}</p>')
+    if note:
+        parts.append(f'<p class=note id=note>{html.escape(note)}</p>')
     if missing:
         parts.append("<p class=missing>" + "; ".join(html.escape(line) for line in missing.values()) + "</p>")
     if tunes:

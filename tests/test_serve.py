@@ -1,10 +1,12 @@
 """The page (serve.py) in a real browser, its audio, and requests that must be refused."""
 
+import contextlib
 import html
 import os
 import http.client
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -177,12 +179,70 @@ def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(t
     (form(sections="2", bars="40"), 400, "bars 40: bars per section must be 1 to 32"),
     (form(type="polka"), 400, "type polka: unknown to this model; it knows reel"),
     (b"\xff\xfe", 400, "not URL-encoded"),
+    (form(sections="2", bars="\u00b2"), 400, "bars \u00b2: one number, or 2 numbers"),  # a digit to isdigit(), not to int()
+    (form(constrained="true"), 400, "constrained: on (ticked) or empty"),
+    (form() + b"&meter=3%2F4", 400, "meter is given 2 times"),
+    (form() + b"&seed=1&seed=2&seed=3&num=1", 400, "seed is given 4 times"),
+    (form(key="D\nM:3/4"), 400, "not a key"),
+    (form(sections="8", bars="32"), 400, "the page writes at most 41 bars a tune: 256 are too many"),
     (b"x" * 10 * 1024**2, 413, "the form has 10,485,760 bytes"),
 ])
 def test_a_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving(server, body, status, message):
     got, kind, page = request(server + "/generate", body)
     assert (got, kind) == (status, "text/html; charset=utf-8") and message in error_on_page(page), page[-300:]
     assert request(server + "/")[0] == 200
+
+
+def raw_exchange(server: str, data: bytes, wait: float = 10) -> bytes:
+    """Send these bytes as they are, then read what comes back until the server closes or goes quiet."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+    return received
+
+
+def statuses(received: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"^HTTP/1.1 (\d{3}) ", received, re.M)]
+
+
+@pytest.mark.parametrize("first", [
+    b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\nmeter=6%2F8&x",  # a page that is not there
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\nmeter=6%2F8&x",   # a GET with a body
+    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1\xb2\r\n\r\nmeter=6%2F8&x",  # no length to read
+])
+def test_a_body_the_server_does_not_read_is_never_read_as_the_next_request(server, first):
+    received = raw_exchange(server, first + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert statuses(received)[:1] in ([404], [200], [411]) and 501 not in statuses(received), received[:300]
+    assert b"Unsupported method" not in received
+
+
+def test_a_length_that_is_not_ascii_digits_gets_a_411(server):
+    received = raw_exchange(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+    assert statuses(received) == [411] and b"Content-Length" in received
+
+
+def test_a_body_shorter_than_its_length_gets_a_4xx_not_a_500(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve.Handler, "timeout", 1)  # seconds a client may take to send its request
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
+    try:
+        host, port = tune_server.server_address[:2]
+        body = form()
+        request_text = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+        received = raw_exchange(f"http://{host}:{port}", request_text.encode() + body)
+        assert statuses(received) == [408] and b"did not arrive" in received, received[-300:]
+    finally:
+        tune_server.shutdown()
+        tune_server.server_close()
+
+
+def test_the_page_shows_that_a_form_is_held_only_when_constrained(server):
+    _, _, page = request(server + "/generate", form(constrained=None, sections="2", bars="8", num="1"))
+    assert "only constrained holds" in html.unescape(page.decode())
 
 
 @pytest.mark.parametrize("path", ["/../../etc/passwd", "/files/../../etc/passwd", "/files/%2e%2e/serve.py",
