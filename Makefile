@@ -31,11 +31,11 @@ venv: .venv/installed
 
 data: data/train.json
 data/train.json data/validation.json data/essen.json &: data/build_corpus.py corpus.py abc_music.py abc_tokens.py abc_form.py | venv
-	$(PYTHON) -m data.build_corpus
+	$(PYTHON) -m data.build_corpus --overwrite
 
 data-large: data/large.json
 data/large.json: data/train.json data/essen.json data/build_large.py abc_music.py | venv
-	$(PYTHON) -m data.build_large
+	$(PYTHON) -m data.build_large --overwrite
 
 runs/best.pt: data/train.json data/validation.json $(SOURCES) | venv
 	$(TRAIN) --overwrite

@@ -4,8 +4,9 @@ corpus: reading and writing collections of tunes, torch-free.
 Holds:
 - load_tunes: the "abc notation" texts of an IrishMAN-format JSON list of records (any path
   or URL pandas opens, hf://datasets/... included), of an .abc tunebook, or of a folder of
-  them; tunes that are not music are skipped and counted; load_records: the same with each
-  tune's "control code" ("" where the record has none, and for tunebooks);
+  them; tunes that are not music, and records that hold no tune, are skipped and counted in one
+  note; load_records: the same with each tune's "control code" ("" where the record has none or
+  one that is not text, and for tunebooks);
 - read_irishman_json, read_text: the two readers, each failure one clear line (UserError);
 - write_irishman_json: tunes as IrishMAN records.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from abc_music import read_tunebook
@@ -31,8 +33,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
 
     path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
     path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them.
-    Tunes of a tunebook that are not music (no K: line, no notes, several voices) are
-    skipped, and counted in one line.
+    Tunes of a tunebook that are not music (no K: line, no notes, several voices), and JSON
+    records without a tune, are skipped, and counted in one line that says why.
     """
     p = Path(path)
     if "://" not in path and not p.exists():
@@ -41,12 +43,12 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if p.is_dir() or p.suffix.lower() == ".abc":
         tunes, skipped = read_tunebooks(p)
         records = [("", t) for t in tunes]
+        why = f"{skipped} tunes skipped: several voices, no K: line, or not music" if skipped else ""
     else:
-        records, skipped = read_irishman_json(path), 0
-    why = f"{skipped} tunes skipped: several voices, no K: line, or not music" if skipped else ""
+        records, why = read_irishman_json(path)
     if not records:
         raise UserError(f"{path}: no tunes found" + (f" ({why})" if why else ""))
-    if skipped:
+    if why:
         print(f"note: {path}: {len(records)} tunes read, {why}", file=sys.stderr)
     return records
 
@@ -68,34 +70,57 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def read_irishman_json(path: str) -> list[tuple[str, str]]:
+def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
+    """(control code, abc notation) of each record that holds a tune, and what was left out and why
+    ("" when nothing was)."""
     import pandas as pd  # only this reader needs it; import costs ~0.5 s
 
-    try:
-        df = pd.read_json(path, dtype=False)
+    try:  # typ="series" keeps each record as written; convert_axes=False keeps a JSON object's keys as text
+        items = pd.read_json(path, typ="series", dtype=False, convert_axes=False, encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except FileNotFoundError:  # a remote path (memory://, s3://, ...) with nothing there
         raise UserError(f"{path}: no such file") from None
-    except ValueError as e:  # pandas' word for text that is not the JSON it expects
+    except ValueError as e:  # pandas' word for text that is not JSON
         reason = first_line(e)
         if reason.startswith("Protocol not known"):  # fsspec's, for a URL scheme it has no reader for
             raise UserError(f"{path}: cannot be read ({reason})") from None
-        if "must pass an index" in reason:
-            reason = "it holds one JSON object, not a list of records [{...}, ...]"
         raise UserError(f"{path}: not an IrishMAN JSON list of records ({reason})") from None
     except Exception as e:  # fsspec, the hub and their HTTP clients raise many kinds: all mean "cannot read it"
         raise UserError(f"{path}: cannot be read ({first_line(e)})") from None
-    if df.empty:
-        return []
-    if "abc notation" not in df.columns:
-        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, df.columns))})")
-    codes = df["control code"] if "control code" in df.columns else [""] * len(df)
-    return [(c if isinstance(c, str) else "", t) for c, t in zip(codes, df["abc notation"])
-            if isinstance(t, str) and t.strip()]
+    if not isinstance(items.index, pd.RangeIndex):  # a JSON list is numbered; an object's keys are text
+        raise UserError(f"{path}: not an IrishMAN JSON list of records (it holds one JSON object, "
+                        f"not a list of records [{{...}}, ...])")
+    records, skipped, fields, odd_codes = [], Counter(), {}, 0  # fields: a dict keeps their order
+    for item in items:
+        if not isinstance(item, dict):
+            skipped["not a {...} record"] += 1
+            continue
+        fields.update(item)
+        tune, code = item.get("abc notation"), item.get("control code")
+        if "abc notation" not in item:
+            skipped['no "abc notation"'] += 1
+        elif not isinstance(tune, str):
+            skipped['"abc notation" not text'] += 1
+        elif not tune.strip():
+            skipped['"abc notation" empty'] += 1
+        else:
+            # a code that is not text is read as none, as if absent: the tune is still good, and a
+            # --control model computes its code from the tune (musicrnn.load_collection)
+            odd_codes += code is not None and not isinstance(code, str)
+            records.append((code if isinstance(code, str) else "", tune))
+    if fields and "abc notation" not in fields:
+        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, fields))})")
+    why = []
+    if skipped:
+        why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))
+    if odd_codes:
+        why.append(f'{odd_codes} "control code" not text, read as none')
+    return records, "; ".join(why)
 
 
-def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None) -> None:
-    """IrishMAN records: each tune with its control code (abc_form.control_code), or "" without codes."""
+def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None, overwrite: bool = True) -> None:
+    """IrishMAN records: each tune with its control code (abc_form.control_code), or "" without codes.
+    Without overwrite, a file that appeared at path meanwhile is left as it is (safe_write)."""
     records = [{"control code": code, "abc notation": t} for t, code in zip(tunes, codes or [""] * len(tunes))]
-    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"))
+    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"), overwrite)

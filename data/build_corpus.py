@@ -1,7 +1,7 @@
 """
 Build the default corpus from the ABC tunebooks that ship inside the music21 wheel.
 
-    python -m data.build_corpus            # (what `make data` runs) from the repository root
+    python -m data.build_corpus [--out data] [--overwrite]    # `make data` runs it, from the repository root
 
 Steps: fetch music21==10.5.1 with `pip download --no-deps` (cached in data/cache/),
 check its sha256, read the folk tunebooks straight out of the zip (nothing imports
@@ -12,11 +12,12 @@ code (abc_form), and write
     data/train.json, data/validation.json     the training corpus
     data/essen.json                           essenFolksong: never trained on, for out-of-collection scores
     data/README.md                            provenance and counts
+
+An existing one of these four is replaced only with --overwrite (make data passes it: they are its targets).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import subprocess
@@ -27,13 +28,15 @@ from pathlib import Path
 import corpus
 from abc_form import control_code
 from abc_music import read_tunebook
-from cli import UserError
+from cli import Parser, UserError, run_command
+from safe_write import check_output, write_atomic
 
 WHEEL = "music21==10.5.1"
 WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
 WHEEL_SHA256 = "dc3309498c4c95cebdf8d4f20c868deb6b63bce1d929cad4f51a7ccc982987b1"
 TRAINING_BOOKS = ["oneills1850", "ryansMammoth", "airdsAirs", "miscFolk"]
 OUT_OF_COLLECTION_BOOKS = ["essenFolksong"]
+OUTPUTS = ["train.json", "validation.json", "essen.json", "README.md"]
 
 
 def fetch_wheel(cache: Path) -> Path:
@@ -114,25 +117,36 @@ hands. Never trained on; used to score how well a model reads unfamiliar tunes.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build data/train.json and data/validation.json from music21's tunebooks.")
-    parser.add_argument("--out", default="data", help="output folder (default: data)")
-    args = parser.parse_args(argv)
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m data.build_corpus", description=(
+        "Build the default corpus from the folk tunebooks inside the music21 wheel, which pip downloads "
+        "once into OUT/cache/. Writes OUT/train.json and OUT/validation.json (the training corpus, split "
+        "95/5), OUT/essen.json (out-of-collection tunes, never trained on) and OUT/README.md (where "
+        "the tunes come from, and how many)."))
+    parser.add_argument("--out", default="data", help="the folder to write the corpus in (default: data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let the four files above replace existing ones (default: off, an existing one is refused)")
+    return parser
+
+
+def build(args) -> None:
     out = Path(args.out)
-    try:
-        wheel = fetch_wheel(out / "cache")
-        tunes, counts = read_books(wheel, TRAINING_BOOKS)
-        essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    *jsons, readme = [check_output(out / name, "--out", args.overwrite) for name in OUTPUTS]  # before the download
+    wheel = fetch_wheel(out / "cache")
+    tunes, counts = read_books(wheel, TRAINING_BOOKS)
+    essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)
     train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
-    for name, records in (("train", train), ("validation", val), ("essen", essen)):
-        corpus.write_irishman_json(out / f"{name}.json", records, [control_code(t) for t in records])
-    (out / "README.md").write_text(provenance(counts, essen_counts, len(tunes), train, val, essen))
+    for path, records in zip(jsons, (train, val, essen)):
+        corpus.write_irishman_json(path, records, [control_code(t) for t in records], args.overwrite)
+    write_atomic(readme, provenance(counts, essen_counts, len(tunes), train, val, essen).encode(), args.overwrite)
     print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

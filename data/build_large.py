@@ -1,7 +1,7 @@
 """
 Build data/large.json: a corpus about 15x the default, for measuring training at scale.
 
-    python -m data.build_large            # (what `make data-large` runs) after `make data`
+    python -m data.build_large [--data data] [--overwrite]    # `make data-large` runs it, after `make data`
 
 Every training tune in each of the 12 keys (shifts -5..+6 by abc_music.transpose_tune; a
 shift that would take a note outside MIDI 0..127 is skipped), then every essen tune: about
@@ -11,13 +11,14 @@ essen is the out-of-collection test set, so a model trained on this file cannot 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import corpus
 from abc_music import TransposeError, transpose_tune
+from cli import Parser, UserError, run_command
+from safe_write import check_output
 
 
 def twelve_keys(tunes: list[str]) -> tuple[list[str], int]:
@@ -32,19 +33,34 @@ def twelve_keys(tunes: list[str]) -> tuple[list[str], int]:
     return out, refused
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build data/large.json (training tunes in 12 keys, and essen).")
-    parser.add_argument("--data", default="data", help="folder with train.json and essen.json (default: data)")
-    args = parser.parse_args(argv)
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m data.build_large", description=(
+        "Build DATA/large.json from DATA/train.json (every tune in 12 keys) and DATA/essen.json "
+        "(every tune as it is), for measuring training at scale."))
+    parser.add_argument("--data", default="data",
+                        help="the folder that holds train.json and essen.json, and gets large.json (default: data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let large.json replace an existing one (default: off, an existing one is refused)")
+    return parser
+
+
+def build(args) -> None:
     folder = Path(args.data)
+    if not folder.is_dir():  # checked first: check_output would create it
+        raise UserError(f"--data {folder}: not a folder (it should hold train.json and essen.json; `make data` writes them)")
+    inputs = [folder / "train.json", folder / "essen.json"]
+    out = check_output(folder / "large.json", "--data", args.overwrite, inputs=inputs)
     start = time.time()
-    train, essen = corpus.load_tunes(str(folder / "train.json")), corpus.load_tunes(str(folder / "essen.json"))
+    train, essen = (corpus.load_tunes(str(path)) for path in inputs)
     tunes, refused = twelve_keys(train)
-    corpus.write_irishman_json(folder / "large.json", tunes + essen)
+    corpus.write_irishman_json(out, tunes + essen, overwrite=args.overwrite)
     chars = sum(map(len, tunes)) + sum(map(len, essen))
     print(f"{len(tunes) + len(essen):,} tunes ({len(train):,} in 12 keys, {refused} shifts refused; "
-          f"{len(essen):,} essen), {chars:,} characters in {folder / 'large.json'} ({time.time() - start:.0f} s)")
-    return 0
+          f"{len(essen):,} essen), {chars:,} characters in {out} ({time.time() - start:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

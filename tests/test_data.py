@@ -1,6 +1,7 @@
 """Loading collections: IrishMAN JSON, ABC tunebooks, normalisation, and clear errors."""
 
 import json
+import os
 
 import pytest
 
@@ -9,6 +10,8 @@ import abc_music
 import plots
 import corpus
 import musicrnn
+from conftest import ROOT, one_error_line, run_main
+from data import build_corpus, build_large
 from data.build_corpus import split_train_validation
 
 
@@ -120,3 +123,109 @@ def test_an_fsspec_url_holding_irishman_records_with_control_codes_reads_as_hf_w
     with fsspec.open("memory://irishman/train.json", "w") as f:
         json.dump(records, f)
     assert musicrnn.load_tunes("memory://irishman/train.json") == fixture_tunes
+
+
+def test_irishman_records_without_a_tune_are_counted_and_said_why(tmp_path, capsys):
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([{"abc notation": "X:1\nK:D\nABc|\n"}, {"abc notation": 5}, {"abc notation": " "},
+                                {"control code": "S:1"}, 7, {"abc notation": "X:1\nK:G\nGAB|\n", "control code": 3}]))
+    assert corpus.load_records(str(path)) == [("", "X:1\nK:D\nABc|\n"), ("", "X:1\nK:G\nGAB|\n")]
+    err = capsys.readouterr().err
+    assert err == (f'note: {path}: 2 tunes read, 4 records skipped: 1 "abc notation" not text, 1 "abc notation" '
+                   'empty, 1 no "abc notation", 1 not a {...} record; 1 "control code" not text, read as none\n')
+
+
+def test_one_json_object_is_refused_whatever_it_holds(tmp_path):
+    for content in ({"abc notation": "X:1\nK:D\nA|"}, {"abc notation": {"0": "X:1\nK:D\nA|"}},
+                    {"abc notation": ["X:1\nK:D\nA|"]}):
+        path = tmp_path / "one.json"
+        path.write_text(json.dumps(content))
+        with pytest.raises(musicrnn.UserError, match="one JSON object, not a list of records"):
+            corpus.load_records(str(path))
+
+
+def test_irishman_json_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"control code": "S:1", "abc notation": "X:1\nK:D\nA|"}]).encode())
+    assert corpus.load_records(str(path)) == [("S:1", "X:1\nK:D\nA|")]
+
+
+# --- the corpus builders: outputs checked before any work, replaced only with --overwrite
+
+
+@pytest.fixture
+def offline_build(monkeypatch, fixture_tunes):
+    """build_corpus with the wheel's tunebooks replaced by the fixture tunes; the calls it made."""
+    calls = []
+    monkeypatch.setattr(build_corpus, "fetch_wheel", lambda cache: calls.append(cache) or cache)
+    monkeypatch.setattr(build_corpus, "read_books", lambda wheel, books: (fixture_tunes, {b: 8 for b in books}))
+    return calls
+
+
+CORPUS_FILES = ["train.json", "validation.json", "essen.json", "README.md"]
+
+
+@pytest.mark.parametrize("existing", CORPUS_FILES)
+def test_build_corpus_replaces_no_output_without_overwrite(tmp_path, offline_build, existing):
+    (tmp_path / existing).write_text("mine")
+    code, _, err = run_main(build_corpus.main, "--out", tmp_path)
+    assert one_error_line(code, err) and existing in err and "--overwrite" in err, err
+    assert (tmp_path / existing).read_text() == "mine" and not offline_build
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+
+
+def test_build_corpus_overwrite_replaces_every_output_by_renaming(tmp_path, offline_build):
+    for name in CORPUS_FILES:
+        (tmp_path / name).write_text("old")
+    inodes = {name: os.stat(tmp_path / name).st_ino for name in CORPUS_FILES}
+    code, out, err = run_main(build_corpus.main, "--out", tmp_path, "--overwrite")
+    assert code == 0 and err == "", err
+    assert all(os.stat(tmp_path / name).st_ino != inodes[name] for name in CORPUS_FILES)  # never rewritten in place
+    assert len(musicrnn.load_tunes(str(tmp_path / "essen.json"))) == 8
+    assert "# Data" in (tmp_path / "README.md").read_text()
+
+
+def test_build_corpus_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, offline_build):
+    a_file = tmp_path / "some_file.json"
+    a_file.write_text("[]")
+    code, _, err = run_main(build_corpus.main, "--out", a_file)
+    assert one_error_line(code, err) and "some_file.json" in err, err
+    (tmp_path / "out" / "README.md").mkdir(parents=True)
+    code, _, err = run_main(build_corpus.main, "--out", tmp_path / "out", "--overwrite")
+    assert one_error_line(code, err) and "README.md" in err, err
+    assert not offline_build and [p.name for p in (tmp_path / "out").iterdir()] == ["README.md"]
+
+
+def test_build_corpus_help_names_every_file_it_writes():
+    code, out, _ = run_main(build_corpus.main, "--help")
+    assert code == 0 and all(name in out for name in CORPUS_FILES + ["cache", "--overwrite"]), out
+
+
+@pytest.fixture
+def small_corpus(tmp_path, fixture_tunes):
+    corpus.write_irishman_json(tmp_path / "train.json", fixture_tunes[:2])
+    corpus.write_irishman_json(tmp_path / "essen.json", fixture_tunes[2:4])
+    return tmp_path
+
+
+def test_build_large_data_that_is_not_a_corpus_folder_is_one_line(tmp_path, small_corpus):
+    for data in (tmp_path / "nonexistent", small_corpus / "train.json"):
+        code, _, err = run_main(build_large.main, "--data", data)
+        assert one_error_line(code, err) and str(data) in err, err
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_build_large_replaces_large_json_only_with_overwrite(small_corpus):
+    large = small_corpus / "large.json"
+    large.write_text("mine")
+    code, _, err = run_main(build_large.main, "--data", small_corpus)
+    assert one_error_line(code, err) and "large.json" in err and "--overwrite" in err, err
+    assert large.read_text() == "mine"
+    code, out, err = run_main(build_large.main, "--data", small_corpus, "--overwrite")
+    assert code == 0 and len(musicrnn.load_tunes(str(large))) == 2 * 12 + 2, err
+
+
+def test_make_data_recipes_replace_their_own_targets():
+    """make reruns a builder when a source changed, so its outputs exist then: the recipes say --overwrite."""
+    recipes = (ROOT / "Makefile").read_text()
+    assert "-m data.build_corpus --overwrite" in recipes and "-m data.build_large --overwrite" in recipes
