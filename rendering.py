@@ -179,39 +179,53 @@ def _varlen(data: bytes, i: int) -> tuple[int, int]:
 # a tunebook (generate --render)
 
 
-def rendered_files(path: Path) -> list[Path]:
-    """The MIDI files, audio and SVG scores that render_tunebook writes beside this tunebook."""
-    pattern = re.compile(rf"{re.escape(path.stem)}(\d+\.mid|\d+\.wav|\d{{3}}\.svg)")
-    return sorted(p for p in path.parent.glob(path.stem + "*") if pattern.fullmatch(p.name))
+def rendered_files(path: Path, tunes: int) -> list[Path]:
+    """The files beside this tunebook that rendering its tunes X:1..X:tunes writes, those that
+    exist already: stemN.mid and stemN.wav (abc2midi names them by X:) and stemNNN.svg (abcm2ps -g
+    writes one score per tune, numbered 001, 002, ...). Names of other tunebooks' renders, or of
+    tune numbers outside 1..tunes, are not these files, whatever they look like."""
+    number = re.compile(rf"{re.escape(path.stem)}(\d+)(\.mid|\.wav|\.svg)")
+
+    def written(name: str) -> bool:
+        m = number.fullmatch(name)
+        n = int(m[1]) if m else 0
+        return 1 <= n <= tunes and m[1] == (f"{n:03d}" if m[2] == ".svg" else str(n))
+
+    return sorted(p for p in path.parent.iterdir() if written(p.name))
 
 
 def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0) -> list[str]:
     """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps -g, in its secure mode
-    -S) beside a tunebook, where the tools are installed. They are made in a scratch folder
-    first; then those of an earlier render of the same name go (only with overwrite), and the
-    new ones move in. Returns one line per kind of file to show the user."""
+    -S) beside a tunebook, where the tools are installed. Returns one line per kind of file to
+    show the user.
+
+    What a render may write is known before it runs (rendered_files): a file of one of those names
+    that exists stops it (unless overwrite) before anything is written, even where a tool then
+    makes fewer files (a tune it rejects), since only running it would tell. The tools work in a
+    scratch folder on a copy named book.abc, so that no name of the user's reaches their command
+    lines (a leading "-" reads as an option) or a glob; what they made then moves in under the
+    tunebook's name, replacing only files of the same names. Nothing else beside it is touched."""
     folder, stem = path.parent, path.stem
-    old = rendered_files(path)
+    text = path.read_text(encoding="utf-8")
+    tunes = len(re.findall(r"(?m)^X:", text))
+    old = rendered_files(path, tunes)
     if old and not overwrite:
         raise OutputError(f"rendering would replace {old[0]}: pass --overwrite")
     missing = missing_tools()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
-        work = Path(scratch)
-        text = path.read_text(encoding="utf-8")
+        book = Path(scratch) / "book.abc"
         if "MIDI" not in missing:
-            (work / path.name).write_text(for_abc2midi(text), encoding="utf-8")
-            run_tool(["abc2midi", path.name], work, timeout)
-        (work / path.name).write_text(text, encoding="utf-8")
+            book.write_text(for_abc2midi(text), encoding="utf-8")
+            run_tool(["abc2midi", book.name], book.parent, timeout)
+        book.write_text(text, encoding="utf-8")
         if "score" not in missing:
-            run_tool([*SCORE, path.name, "-O", stem + ".svg"], work, timeout)
+            run_tool([*SCORE, book.name, "-O", "book.svg"], book.parent, timeout)
+        made = rendered_files(book, tunes)
         if "audio" not in missing:
-            for midi in sorted(work.glob(stem + "*.mid")):
-                write_audio(midi, midi.with_suffix(".wav"), timeout)
-        made = rendered_files(work / path.name)
-        for p in old:
-            p.unlink()
+            made += [midi.with_suffix(".wav") for midi in made
+                     if midi.suffix == ".mid" and write_audio(midi, midi.with_suffix(".wav"), timeout)]
         for p in made:
-            os.replace(p, folder / p.name)
+            os.replace(p, folder / (stem + p.name.removeprefix(book.stem)))
     count = {suffix: sum(p.suffix == suffix for p in made) for suffix in (".mid", ".wav", ".svg")}
     lines = {"MIDI": f"MIDI: {count['.mid']} files {folder / stem}N.mid",
              "audio": f"audio: {count['.wav']} files {folder / stem}N.wav",

@@ -1,0 +1,100 @@
+"""A tunebook's renders (generate --render): which files they write and replace, whatever the tunebook's name."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import one_error_line, run_main
+
+import infer_onnx
+import rendering
+from safe_write import OutputError
+
+needs = {tool: pytest.mark.skipif(not shutil.which(tool), reason=f"{tool} not installed (apt-get install {package})")
+         for tool, package in [("abc2midi", "abcmidi"), ("abcm2ps", "abcm2ps"), ("fluidsynth", "fluidsynth")]}
+needs_soundfont = pytest.mark.skipif(rendering.find_soundfont() is None,
+                                     reason="no soundfont (apt-get install timgm6mb-soundfont)")
+TUNE = "X:{n}\nT:Tune {n}\nM:4/4\nL:1/4\nQ:1/4=240\nK:C\nCDEF|GABc|]\n"
+
+
+def all_tools(test):
+    for mark in (needs["abc2midi"], needs["abcm2ps"], needs["fluidsynth"], needs_soundfont):
+        test = mark(test)
+    return test
+
+
+def tunebook(path: Path, tunes: int) -> Path:
+    path.write_text("\n".join(TUNE.format(n=n) for n in range(1, tunes + 1)), encoding="utf-8")
+    return path
+
+
+def plant(folder: Path, *names: str) -> dict[str, str]:
+    """Files of the user's, or of another tunebook's render: name -> what they hold."""
+    for name in names:
+        (folder / name).write_text(f"precious {name}")
+    return {name: f"precious {name}" for name in names}
+
+
+def untouched(folder: Path, planted: dict[str, str]) -> bool:
+    return all((folder / name).read_text() == text for name, text in planted.items())
+
+
+# --- which names a render writes
+
+
+def test_only_the_names_of_this_tunebooks_tunes_would_be_replaced(tmp_path):
+    # set1.abc's first tune renders to set11.*; set.abc's tune 11 would too, its tune 1 would not
+    plant(tmp_path, "set11.mid", "set11.wav", "set002.svg", "set01.svg", "set0001.svg", "set1.mid.bak", "set.mid")
+    path = tmp_path / "set.abc"
+    assert rendering.rendered_files(path, 1) == []
+    assert [p.name for p in rendering.rendered_files(path, 2)] == ["set002.svg"]
+    assert [p.name for p in rendering.rendered_files(path, 11)] == ["set002.svg", "set11.mid", "set11.wav"]
+
+
+def test_without_overwrite_a_render_refuses_before_writing_anything(tmp_path):
+    planted = plant(tmp_path, "set2.wav")
+    with pytest.raises(OutputError, match="set2.wav"):
+        rendering.render_tunebook(tunebook(tmp_path / "set.abc", 2))
+    assert untouched(tmp_path, planted) and sorted(p.name for p in tmp_path.iterdir()) == ["set.abc", "set2.wav"]
+
+
+@all_tools
+def test_overwrite_replaces_only_the_files_this_render_writes(tmp_path):
+    planted = plant(tmp_path, "set11.mid", "set11.wav", "set2.mid", "set002.svg", "set1.mid.bak")
+    (tmp_path / "set1.mid").write_text("an earlier render of this tunebook")
+    lines = rendering.render_tunebook(tunebook(tmp_path / "set.abc", 1), overwrite=True)
+    assert [line.split(" files")[0].split(" scores")[0] for line in lines] == ["MIDI: 1", "audio: 1", "SVG: 1"]
+    assert untouched(tmp_path, planted)
+    assert (tmp_path / "set1.mid").read_bytes().startswith(b"MThd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*planted, "set.abc", "set1.mid", "set1.wav",
+                                                                 "set001.svg"])
+
+
+@all_tools
+@pytest.mark.parametrize("stem", ["t[1]", "-a", "--help", "a b*?", "averyveryverylongnameforatunebook"])
+def test_any_tunebook_name_gets_its_midi_audio_and_scores(tmp_path, stem):
+    lines = rendering.render_tunebook(tunebook(tmp_path / f"{stem}.abc", 2))
+    assert [line.split(" files")[0].split(" scores")[0] for line in lines] == ["MIDI: 2", "audio: 2", "SVG: 2"]
+    made = [f"{stem}{n}.mid" for n in (1, 2)] + [f"{stem}{n}.wav" for n in (1, 2)] + [f"{stem}00{n}.svg" for n in (1, 2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.abc", *made])
+
+
+# --- through the command line
+
+
+def test_the_command_line_refuses_only_what_its_render_would_replace(tiny_onnx, tmp_path):
+    args = ["--model", tiny_onnx, "--num", "1", "--constrained", "--max-tokens", "120", "--render"]
+    planted = plant(tmp_path, "set11.mid", "set11.wav")
+    code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "set.abc")
+    assert code == 0 and untouched(tmp_path, planted), err
+    plant(tmp_path, "other1.mid")
+    code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "other.abc")
+    assert one_error_line(code, err) and "other1.mid" in err and not (tmp_path / "other.abc").exists()
+
+
+def test_the_command_line_with_overwrite_deletes_nothing_it_does_not_write(tiny_onnx, tmp_path):
+    args = ["--model", tiny_onnx, "--constrained", "--max-tokens", "120", "--render", "--overwrite"]
+    planted = plant(tmp_path, "set11.mid", "set11.wav", "a9.mid", "a2024.wav", "a003.svg")
+    assert run_main(infer_onnx.main, *args, "--num", "1", "--out", tmp_path / "set.abc")[0] == 0
+    assert run_main(infer_onnx.main, *args, "--num", "2", "--out", tmp_path / "a.abc")[0] == 0
+    assert untouched(tmp_path, planted)
