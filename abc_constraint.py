@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, ends_section, next_code_field
-from abc_music import CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, written_unit
+from abc_music import (CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, playable_key,
+                       playable_meter, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -296,8 +297,9 @@ class AbcConstraint:
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                capped = self._at_bar_cap(state)
-                why = f" (it has {state.full_bars} full bars; --max-bars is {self.max_bars})" if capped else ""
+                bars = state.full_bars + self._closing_last_bar(state)
+                capped = self._at_bar_cap(state) or self._closing_last_bar(state)
+                why = f" (it has {bars} full bars; --max-bars is {self.max_bars})" if capped else ""
                 raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}{why}")
             else:
                 self.advance(state, self.char_ids[ch])
@@ -380,6 +382,9 @@ class AbcConstraint:
         if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
             raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
                               f"not {line!r}")
+        if not _plays_as_written(letter, value):
+            raise PromptError(f"--constrained: {line!r} is not a header line abc2midi plays as written (like "
+                              f"L:1/8, M:6/8, M:C|, K:D, K:Ador, K:Bbmix)")
         if letter == "L":
             state.unit = value
         elif letter == "M":
@@ -489,21 +494,30 @@ class AbcConstraint:
         return self._masks(state, tokens_left)[1]
 
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mask, penalty); and on the state, must_end as it holds for a token that starts now."""
         must_end = self._at_bar_cap(state) or tokens_left < self.END_RESERVE
-        state.must_end = must_end
         key = (self._number(state, must_end),) + state.pending_key()
-        return self._cached(key, lambda: self._build_masks(state, must_end))
+        mask, penalty, state.must_end = self._cached(key, lambda: self._build_masks(state, must_end))
+        return mask, penalty
 
     def _at_bar_cap(self, s: TuneState) -> bool:
         """Without a form, the tune has its max_bars full bars: it must end (a form ends by its own count)."""
         return not s.form and s.full_bars >= self.max_bars
+
+    def _near_bar_cap(self, s: TuneState) -> bool:
+        """The bar being written is the last that max_bars allows (a form ends by its own count)."""
+        return not s.form and s.full_bars + 1 >= self.max_bars
+
+    def _closing_last_bar(self, s: TuneState) -> bool:
+        """The last bar that max_bars allows is full: its bar line must end the tune."""
+        return s.bar == s.full and self._near_bar_cap(s)
 
     def _number(self, s: TuneState, must_end: bool) -> int:
         """The committed state's number: equal state_keys share one. Kept on the state until it
         commits a token, so the steps that only grow a token cost no key at all."""
         memo = s.memo
         if memo is None or memo[0] != must_end or memo[1] != self.numbering:
-            key = s.state_key(must_end)
+            key = s.state_key(must_end) + (self._near_bar_cap(s),)  # a token committed may reach the cap
             number = self.state_numbers.get(key)
             if number is None:
                 if len(self.state_numbers) > 200_000:  # forget them all, and every mask cached by them
@@ -514,10 +528,10 @@ class AbcConstraint:
             memo = s.memo = (must_end, self.numbering, number)
         return memo[2]
 
-    def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _build_masks(self, state: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray, bool]:
         if state.phase == BODY:
             return self._body_masks(state, must_end)
-        return _with_penalty(self._header_mask(state))
+        return *_with_penalty(self._header_mask(state)), must_end
 
     def _cached(self, key: tuple, build):
         """build(), once per key: what is cached depends on its key alone. With use_cache off
@@ -541,24 +555,29 @@ class AbcConstraint:
                 mask[self.whole_ids[whole]] = True
         return mask
 
-    def _body_masks(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _body_masks(self, s: TuneState, must_end: bool) -> tuple[np.ndarray, np.ndarray, bool]:
         """A body mask reads the state only through two legal sets: the tokens legal now, which the
         pending token must grow into, and (once it is complete) those legal after it, which the
         next token starts from. Legal sets are few (tens in a tune that visits hundreds of
-        states), so masks are cached by the pair; a new state mostly costs the two look-ups."""
+        states), so masks are cached by the pair; a new state mostly costs the two look-ups.
+        Also returns must_end for the token that starts after the pending one: the bar line being
+        finished may be the one that reaches the bar cap."""
         legal_id, legal = self._legal_cached(s, s.pending_must_end)   # a token already begun finishes
         pending = s.pending_key()                                      # under the rules it began under
         if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
-            return self._cached(("grows", legal_id) + pending, lambda: _with_penalty(self._grows(s, legal)))
+            grows = self._cached(("grows", legal_id) + pending, lambda: _with_penalty(self._grows(s, legal)))
+            return *grows, must_end
         after = s
         if s.pending:                                                  # it may be finished ...
             after = _copy(s)
             self._commit(after, s.pending)
             after.pending, after.pending_must_end = "", False
+            must_end = must_end or self._at_bar_cap(after)
         after_legal = self._legal_cached(after, must_end)              # ... and a new one starts
         can_end = after.can_end(must_end)
-        return self._cached(("body", legal_id, after_legal[0], can_end, must_end) + pending,
-                            lambda: _with_penalty(self._body_mask(s, legal, after_legal, can_end, must_end)))
+        masks = self._cached(("body", legal_id, after_legal[0], can_end, must_end) + pending,
+                             lambda: _with_penalty(self._body_mask(s, legal, after_legal, can_end, must_end)))
+        return *masks, must_end
 
     def _grows(self, s: TuneState, legal: np.ndarray) -> np.ndarray:
         """(V,) the characters that extend the pending token towards a legal one."""
@@ -666,6 +685,7 @@ class AbcConstraint:
             return legal
         legal = sounds.copy()
         self._put_marks(legal, s, rem, must_end)
+        must_end = must_end or self._closing_last_bar(s)
         for bar in self._bar_lines(s, must_end and not s.form):  # a form decides the bar lines itself
             self._put(legal, bar, not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar))
         return legal
@@ -722,7 +742,7 @@ class AbcConstraint:
         if s.first_bar and s.bar < s.full:  # the tune's pickup
             return ["|"]
         full = s.bar == s.full
-        bars = ["|"] if full and not (must_end and s.full_bars >= 4 and not s.pickup) else []
+        bars = ["|"] if full and not (must_end and not s.pickup) else []
         if s.pickup:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
@@ -741,6 +761,14 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
+
+
+def _plays_as_written(letter: str, value: str) -> bool:
+    """A prompt's L:, M: or K: value that abc2midi reads as written (L:1/7, M:3/3, K:Dog it does not)."""
+    unit = written_unit(value) if letter == "L" else None
+    checks = {"L": lambda: unit is not None and unit.denominator & (unit.denominator - 1) == 0,
+              "M": lambda: playable_meter(value), "K": lambda: playable_key(value)}
+    return checks.get(letter, lambda: True)()
 
 
 def _counted(s: TuneState) -> int:

@@ -69,6 +69,12 @@ def parse_meter(value: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m and int(m.group(1)) and int(m.group(2)) else None
 
 
+def playable_meter(value: str) -> bool:
+    """A meter abc2midi plays as written: C, C|, or N/D with D a power of two (M:3/3 it refuses)."""
+    parsed = parse_meter(value)
+    return parsed is not None and parsed[1] & (parsed[1] - 1) == 0
+
+
 def default_unit(meter: str | None) -> Fraction:
     """The unit length L: of a tune that gives none, as ABC defines it: 1/16 below a meter
     of 3/4, else 1/8 (also without a numeric meter)."""
@@ -330,6 +336,19 @@ def parse_key(value: str) -> Key | None:
     tonic, alter = LETTERS.index(m.group(1)), KEY_ACCIDENTALS[m.group(2)]
     fifths = _LETTER_FIFTHS[tonic] + 7 * alter + offset
     return Key(tonic, alter, mode, m.group(4), fifths)
+
+
+MODE_NAMES = ("major", "minor", "ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian")
+
+
+def playable_key(value: str) -> bool:
+    """A key as a user types one: a tonic, its sharp or flat, and a mode abc2midi knows (m, or a
+    mode's name from its first three letters on: dor, Mix, minor), nothing after it. parse_key is
+    lenient, as abc2midi is with a tune's K: line; a key asked for is held to what it names."""
+    key = parse_key(value)
+    mode = key.mode.lower() if key else ""
+    known = mode in ("", "m") or (len(mode) >= 3 and any(name.startswith(mode) for name in MODE_NAMES))
+    return key is not None and known and not key.rest.strip() and "\n" not in value
 
 
 def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:

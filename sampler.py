@@ -31,7 +31,7 @@ import numpy as np
 import cli
 from abc_constraint import AbcConstraint
 from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
-from abc_music import TUNE_TYPES, parse_key, parse_meter, tune_type, without_blank_lines
+from abc_music import TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
 from rendering import render_tunebook, rendered_files
@@ -194,7 +194,7 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
     """The generate command of musicrnn.py and infer_onnx.py: check the flags and the outputs,
     then load_model() -> (step, vocab, facts), then stream the tunes out and render them if asked."""
     opts = sampling_options(args)
-    out = check_outputs(args, model_path)
+    out = check_outputs(args, model_path, opts)
     step, vocab, facts = load_model()
     opts, constraint = check_against_model(opts, vocab, facts, args.type)
     note = form_note(opts, facts)
@@ -206,14 +206,14 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
             print(line, file=sys.stderr)
 
 
-def check_outputs(args: argparse.Namespace, model_path: str) -> Path | None:
+def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptions) -> Path | None:
     if args.render and not args.out:
         raise UserError("--render writes beside the tunebook: give --out too")
     if not args.out:
         return None
     out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
     if args.render and not args.overwrite:
-        existing = rendered_files(out)
+        existing = rendered_files(out, opts.num)
         if existing:
             raise OutputError(f"--render would replace {existing[0]}: pass --overwrite, or choose another --out")
     return out
@@ -283,8 +283,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                        help="tokens per tune at most (default 1000)")
     group.add_argument("--constrained", action="store_true",
                        help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
-    group.add_argument("--max-bars", type=cli.int_in(1, 1000), default=32,
-                       help="with --constrained: end the tune cleanly after this many full bars (default 32)")
+    group.add_argument("--max-bars", type=cli.int_in(1, 1000), default=None,
+                       help=f"with --constrained and no form: end the tune cleanly after at most this many full "
+                            f"bars (default {SamplingOptions.max_bars})")
     add_request_flags(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="also write the tunebook to this .abc file (never replaces a file "
@@ -320,19 +321,26 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The options that the sampling flags ask for; meter and key checked alike in both modes."""
     if args.prompt is not None and (args.meter or args.key or args.type):
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
-    if args.meter is not None and parse_meter(args.meter) is None:
+    if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
-    if args.key is not None and (parse_key(args.key) is None or "\n" in args.key or "\r" in args.key):
+    if args.key is not None and not playable_key(args.key):
         raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
     form = requested_form(args)
+    if args.max_bars is not None and (form or not args.constrained):
+        raise UserError("--max-bars holds only with --constrained, and a form sets the bars itself: "
+                        + ("give --max-bars or the form, not both" if form else "add --constrained"))
+    if args.constrained and args.max_tokens < AbcConstraint.END_RESERVE:
+        raise UserError(f"--max-tokens {args.max_tokens} is too few for --constrained, which keeps "
+                        f"{AbcConstraint.END_RESERVE} tokens to finish a tune cleanly: give at least that many")
     bars = sum(form_bars(form))
     if bars * TOKENS_PER_BAR > args.max_tokens:
         raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least "
                         f"{TOKENS_PER_BAR} per bar, --max-tokens {bars * TOKENS_PER_BAR}")
     return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                           max_tokens=args.max_tokens, constrained=args.constrained, max_bars=args.max_bars,
+                           max_tokens=args.max_tokens, constrained=args.constrained,
+                           max_bars=SamplingOptions.max_bars if args.max_bars is None else args.max_bars,
                            prompt=header_prompt(args.meter, args.key, args.prompt), form=form)
 
 

@@ -113,7 +113,7 @@ def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str
             values[name] = read(form.get(name, ""))
         except ArgumentTypeError as e:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
-    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=32, form=None, **values)
+    args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=None, form=None, **values)
     with user_errors_as_bad_requests():
         bars, most = sum(sampler.form_bars(sampler.requested_form(args))), MAX_TOKENS // sampler.TOKENS_PER_BAR
         if bars > most:  # the command line would ask for more --max-tokens, which the page does not offer

@@ -177,6 +177,24 @@ def test_a_tune_that_must_end_before_four_bars_still_ends_cleanly(max_bars, max_
     assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
 
 
+@pytest.mark.parametrize("max_bars, prompt", [(4, HEAD + "A|"), (8, HEAD + "A|"), (4, HEAD), (3, "")])
+def test_a_tune_has_at_most_max_bars_full_bars_pickup_or_not(max_bars, prompt):
+    """--max-bars N: no tune has more than N full bars, also when a pickup makes its last bar a short one."""
+    tunes = [VOCAB.decode(row) for row in random_tunes(VOCAB, 40, seed=4, max_bars=max_bars, prompt=prompt)]
+    full_bars = [AbcConstraint(VOCAB, max_bars=max_bars).start(t).full_bars for t in tunes]  # the same rules
+    assert max(full_bars) <= max_bars, tunes[full_bars.index(max(full_bars))]
+
+
+def test_the_smallest_budget_the_command_line_allows_still_finishes_every_tune():
+    """--constrained --max-tokens END_RESERVE, the header written too: every tune ends, bar-clean."""
+    budget = AbcConstraint.END_RESERVE
+    ids = random_tunes(VOCAB, 100, seed=7, max_tokens=budget)
+    assert all(len(row) < budget for row in ids)  # each ended with <eos> within its budget
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    assert all(judging.check_with_abc2midi(VOCAB.decode(row))["bar_clean"] for row in ids)
+
+
 @pytest.mark.slow
 def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
     """The mask never leaves zero legal tokens, every tune ends, and abc2midi agrees."""
@@ -212,14 +230,15 @@ def test_a_vocabulary_without_bar_lines_is_refused():
     ("X:1\nL:1/8\nM:6/8\nK:D\n", (4, 2, 3), False),   # a requested form
     ("", (), True),                                       # a control code, then the form it names
 ])
+@pytest.mark.parametrize("max_bars", [5, 12])  # 5: most tunes reach the cap, whose bar lines end the tune
 @pytest.mark.slow
-def test_cached_masks_equal_masks_built_afresh(head, form, coded):
+def test_cached_masks_equal_masks_built_afresh(head, form, coded, max_bars):
     """Every mask the cache serves equals the one the rules build for that very state, over
     many tunes from random logits: the cache key leaves out nothing the rules read."""
-    cached = AbcConstraint(VOCAB, max_bars=12, coded=coded)
-    fresh = AbcConstraint(VOCAB, max_bars=12, use_cache=False, coded=coded)
+    cached = AbcConstraint(VOCAB, max_bars=max_bars, coded=coded)
+    fresh = AbcConstraint(VOCAB, max_bars=max_bars, use_cache=False, coded=coded)
     rng, steps = np.random.default_rng(len(head) + len(form)), 0
-    for _ in range(20):
+    for _ in range(240 // max_bars):  # shorter tunes under a lower cap: more of them
         a, b = cached.start(head, form), fresh.start(head, form)
         for left in range(1000 if coded else 400, 0, -1):
             mask = cached.mask(a, left)

@@ -424,6 +424,21 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
     assert one_error_line(code, err) and message in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--constrained", "--max-tokens", "5"], "--max-tokens 5 is too few for --constrained"),  # it wrote "X:1\nL"
+    (["--max-bars", "5"], "add --constrained"),                                              # it was ignored
+    (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"], "not both"),
+    (["--meter", "6/8", "--key", "Dog"], "not a key"), (["--meter", "6/8", "--key", "D\nK:G"], "not a key"),
+    (["--meter", "3/3"], "not a meter"),                                                     # abc2midi refuses it
+    (["--constrained", "--prompt", "X:1\\nL:1/3\\nM:6/8\\nK:D\\n"], "'L:1/3' is not a header line"),
+    (["--constrained", "--prompt", "X:1\\nL:1/8\\nM:6/8\\nK:Dog\\n"], "'K:Dog' is not a header line"),
+    (["--sections", "2", "--bars", "\u00b2"], "--bars \u00b2: one number"),                    # isdigit(), not int()
+], ids=repr)
+def test_a_request_the_tunes_could_not_honour_is_one_line(flags, message, tiny_onnx):
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, *flags)
+    assert one_error_line(code, err) and message in err, err
+
+
 def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(tiny_onnx):
     """A shell passes \\n through as two characters: the prompt's lines must still be lines, else
     the whole header would sit on its X: line, which the tunebook replaces with its own number."""
@@ -439,16 +454,19 @@ def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(ti
 
 
 @pytest.mark.skipif(not shutil.which("abc2midi"), reason="abc2midi not installed (apt-get install abcmidi)")
-def test_render_replaces_an_earlier_render_whole_and_counts_only_its_own_files(tiny_onnx, tmp_path):
+def test_render_with_overwrite_replaces_only_the_files_it_writes_and_counts_only_its_own(tiny_onnx, tmp_path):
     out = tmp_path / "tunes.abc"
     args = ["--model", tiny_onnx, "--constrained", "--max-tokens", "400", "--out", out, "--render"]
     assert run_main(infer_onnx.main, *args, "--num", "4")[0] == 0
-    assert len(list(tmp_path.glob("tunes*.mid"))) == 4
+    earlier = {p.name: p.read_bytes() for p in tmp_path.glob("tunes*.mid")}
+    assert len(earlier) == 4
     code, _, err = run_main(infer_onnx.main, *args, "--num", "1")
     assert one_error_line(code, err) and "pass --overwrite" in err
-    code, _, err = run_main(infer_onnx.main, *args, "--num", "1", "--overwrite")
+    code, _, err = run_main(infer_onnx.main, *args, "--num", "1", "--seed", "5", "--overwrite")
     assert code == 0 and "MIDI: 1 files" in err, err
-    assert [p.name for p in tmp_path.glob("tunes*.mid")] == ["tunes1.mid"]
+    now = {p.name: p.read_bytes() for p in tmp_path.glob("tunes*.mid")}
+    assert now.keys() == earlier.keys() and now["tunes1.mid"] != earlier["tunes1.mid"]
+    assert all(now[name] == earlier[name] for name in ("tunes2.mid", "tunes3.mid", "tunes4.mid"))  # not its files
 
 
 def test_render_without_out_is_one_line(tiny_onnx):
