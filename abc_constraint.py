@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, ends_section, next_code_field
+from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
 from abc_music import (CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, playable_key,
                        playable_meter, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
@@ -57,6 +57,8 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
 HEADER_ORDER = "XRLMK"
 OPTIONAL_FIELDS = "R"
 BODY = len(HEADER_ORDER)  # the phase after the header
+HEADER_TOKENS = sum(max(map(len, lines)) + 1 for lines in HEADER_LINES)  # the longest header the constraint writes
+TOKENS_PER_BAR = 24  # the token budget a requested bar needs at least (a 6/8 bar is ~10 characters, ornaments aside)
 CODE = -1                 # the phase before it, in a tune that begins with its control code
 
 
@@ -134,6 +136,7 @@ class TuneState:
 
     phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
+    code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
     form: tuple = ()               # bars of each section, when a form is asked for (): any form)
     section: int = 0               # under a form: sections finished
     section_bars: int = 0          # under a form: this section's bars so far, as abc_form counts them
@@ -183,7 +186,7 @@ class TuneState:
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
-                self.code if self.phase == CODE else (), self.form_key())
+                (self.code, self.code_bars) if self.phase == CODE else (), self.form_key())
 
     def form_key(self) -> tuple:
         """What the rules read of a form: bars left in this section (and at its ending's start),
@@ -277,15 +280,17 @@ class AbcConstraint:
 
     # --- state ------------------------------------------------------------------
 
-    def start(self, prompt: str, form: tuple[int, ...] = ()) -> TuneState:
+    def start(self, prompt: str, form: tuple[int, ...] = (), max_tokens: int | None = None) -> TuneState:
         """The state after the prompt; refuses a prompt that the constraints would not allow.
         form: the bars of each section to hold (with coded=True the prompt's code names it).
+        max_tokens: the tune's budget after the prompt, which a code the model writes must fit.
 
         Chord symbols ("G", "Am7", "D/F#") in the prompt's body take no time, so the automaton
         steps over them. It never writes one: abc2midi's accompaniment for them can outlast the
         melody (measured on random tunes), so a generated tune would no longer be clean.
         """
         state, i = TuneState(phase=CODE if self.coded else 0, form=tuple(form)), 0
+        state.code_bars = self.max_bars if max_tokens is None else self._bars_within(max_tokens)
         while i < len(prompt):
             ch = prompt[i]
             if state.phase == BODY and ch == '"':
@@ -336,18 +341,27 @@ class AbcConstraint:
     def _line_tables(self, s: TuneState) -> list[tuple[_PrefixTable, np.ndarray]]:
         """The header or code lines that may come next: (their table, the whole tokens among them)."""
         if s.phase == CODE:
-            return [self._code_table(s.code)]
+            return [self._code_table(s.code, s.code_bars)]
         letter = HEADER_ORDER[s.phase]
         letters = letter + (HEADER_ORDER[s.phase + 1] if letter in OPTIONAL_FIELDS else "")  # or skip it
         return [(self.lines[letter], self.whole_lines[letter]) for letter in letters]
 
-    def _code_table(self, code: tuple[str, ...]) -> tuple[_PrefixTable, np.ndarray]:
+    def _bars_within(self, max_tokens: int) -> int:
+        """The most bars (at most max_bars) a code the model writes may name so that the longest such
+        code, the header and TOKENS_PER_BAR a bar fit in max_tokens: a form is never cut off."""
+        def tokens(bars):  # S:, then each section's B: and an E: to every earlier section, 5 tokens a line
+            sections = min(bars, MAX_SECTIONS)
+            return 4 + 5 * sections * (sections + 1) // 2 + HEADER_TOKENS + bars * TOKENS_PER_BAR
+
+        return max([b for b in range(1, self.max_bars + 1) if tokens(b) <= max_tokens], default=1)
+
+    def _code_table(self, code: tuple[str, ...], code_bars: int) -> tuple[_PrefixTable, np.ndarray]:
         """The code's next line, as the code's order allows; a code the model writes itself
-        names at most max_bars bars in all, so the tune fits the budget that --max-bars sets."""
+        names at most code_bars bars in all, so the tune fits --max-bars and --max-tokens."""
         letter = next_code_field(code)
         bars = sum(int(line[2:]) for line in code if line[0] == "B")
         sections_after = int(code[0][2:]) - 1 - sum(line[0] == "B" for line in code) if code else 0
-        limit = self.max_bars - bars - sections_after if letter in "SB" else MAX_LEVEL
+        limit = code_bars - bars - sections_after if letter in "SB" else MAX_LEVEL
 
         def build():
             lines = [line for line in CODE_LINES[letter] if int(line[2:]) <= limit]
@@ -383,8 +397,9 @@ class AbcConstraint:
             raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
                               f"not {line!r}")
         if not _plays_as_written(letter, value):
-            raise PromptError(f"--constrained: {line!r} is not a header line abc2midi plays as written (like "
-                              f"L:1/8, M:6/8, M:C|, K:D, K:Ador, K:Bbmix)")
+            what = {"L": "a unit length like L:1/8", "M": "a meter like M:6/8, M:C or M:C|",
+                    "K": "a key like K:D, K:Ador or K:Bbmix"}[letter]
+            raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
         if letter == "L":
             state.unit = value
         elif letter == "M":
@@ -768,7 +783,7 @@ def _plays_as_written(letter: str, value: str) -> bool:
     unit = written_unit(value) if letter == "L" else None
     checks = {"L": lambda: unit is not None and unit.denominator & (unit.denominator - 1) == 0,
               "M": lambda: playable_meter(value), "K": lambda: playable_key(value)}
-    return checks.get(letter, lambda: True)()
+    return checks.get(letter, lambda: True)()  # X: and R: are any text
 
 
 def _counted(s: TuneState) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abc_constraint import SECTION_ENDS
+from abc_constraint import SECTION_ENDS, AbcConstraint
 from abc_form import control_code, form_code, parse_control_code, sections
 from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body, without_blank_lines
 import cli
@@ -91,8 +91,9 @@ def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> di
         "min16_notes": float(np.mean([len(row) >= 16 for row in notes])) if tunes else 0.0,
         "section_end": float(np.mean([tune_body(t).rstrip().endswith(SECTION_ENDS) for t in tunes])),
         "distinct_4grams": len(set(grams)) / max(1, len(grams)),
-        # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common
-        "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum()),
+        # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common; None: no notes
+        "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum())
+        if any(notes) else None,
         "copies_first_8_bars": float(np.mean([first_bars(t) in known_openings for t in tunes])),
     }
     if judge:
@@ -187,7 +188,7 @@ def type_sweep(generate_fn, opts, corpus_tunes: list[str], types=tuple(TYPE_MARK
         typed = [t for t in corpus_tunes if header_field(t, "R") == name]
         primed = generate_fn(replace(opts, prompt=f"X:1\nR:{name}\n", form="", constrained=False))
         rows.append({"type": name, "mark": mark, "corpus_tunes": len(typed),
-                     "corpus": float(np.mean([test(t) for t in typed])) if typed else float("nan"),
+                     "corpus": float(np.mean([test(t) for t in typed])) if typed else None,  # JSON null
                      "primed": float(np.mean([test(t) for t in primed])),
                      "unprimed": float(np.mean([test(t) for t in unprimed]))})
         log(", ".join(f"{k} {v}" for k, v in rows[-1].items()))
@@ -199,7 +200,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]], shares: set
     columns = [(key, name) for key, name in columns if key in rows[0]]
     lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = ["yes" if row[k] is True else "no" if row[k] is False else f"{row[k]:.0%}" if k in shares
+        cells = ["yes" if row[k] is True else "no" if row[k] is False else "n/a" if row[k] is None
+                 else f"{row[k]:.0%}" if k in shares
                  else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]).replace("|", "\\|")
                  for k, _ in columns]  # a bar line in a cell ("C|") would end it
         lines.append("| " + " | ".join(cells) + " |")
@@ -229,12 +231,14 @@ def add_commands(sub, command) -> None:
                                                          "--constrained (abc2midi)")
     sweep_parser.add_argument("--train-data", default="data/train.json",
                               help="the training tunes, for pitch classes and copying (default: data/train.json)")
-    sweep_parser.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
-                              help="tokens per tune at most (default 1000)")
+    sweep_parser.add_argument("--max-tokens", type=cli.int_in(AbcConstraint.END_RESERVE, 100_000), default=1000,
+                              help=f"tokens per tune at most (default 1000; at least {AbcConstraint.END_RESERVE}, "
+                                   f"which the constrained rows keep to finish a tune)")
     sweep_parser.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
                               help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
-    forms = judging_parser(sub, command, "forms", "how often tunes have the form asked for (--form), free and "
-                                                  "--constrained, with abc2midi's verdict")
+    requests = ", ".join("+".join(map(str, bars)) + (f" in {meter}" if meter else "") for bars, meter in FORM_REQUESTS)
+    forms = judging_parser(sub, command, "forms", f"how often tunes hold the form asked for, free and --constrained, "
+                                                  f"with abc2midi's verdict; the requests (bars per section): {requests}")
     types = judging_parser(sub, command, "types", "how often tunes written with --type look like the corpus's "
                                                   "tunes of that type (jigs in 6/8, hornpipes dotted, ...), against "
                                                   "tunes written without")
@@ -248,8 +252,9 @@ def add_commands(sub, command) -> None:
 def judging_parser(sub, command, name: str, what: str):
     """A judging command, with the flags they all share: the model, how many tunes, the seed, the output."""
     p = command(sub, name, what)
-    p.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
-    p.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
+    model = p.add_mutually_exclusive_group()  # one model: a --checkpoint beside --onnx would go unread
+    model.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
+    model.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
     p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
     p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
     p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
@@ -263,7 +268,7 @@ def run_command(args, torch_generator) -> None:
     write it as JSON."""
     inputs = [args.train_data] if "train_data" in args else []  # sweep and types read a corpus
     corpus = load_tunes(inputs[0]) if inputs else []              # refused before the model loads
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint, args.onnx, *inputs])
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.onnx or args.checkpoint, *inputs])
     judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),
                     "types": (judge_types, type_table)}[args.command]
     generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)

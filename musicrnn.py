@@ -61,8 +61,9 @@ from abc_tokens import Vocabulary
 from cli import UserError
 from corpus import load_records, load_tunes
 from distributed import World
-from safe_write import check_output, folder_lock, write_atomic
-from settings import FLAG_CHOICES, FLAG_TYPES, check_config, config_from_dict, resumed_config
+from safe_write import check_output, check_run_files, folder_lock, removed_if_failed, write_atomic
+from settings import (FLAG_CHOICES, FLAG_TYPES, check_checkpoint_fields, check_config, check_unused_flags,
+                      config_from_dict, resumed_config)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Config:
     limit: int | None = None                    # use only the first N training tunes (None = all)
     control: bool = False                       # read each tune's control code (its form) before it: p(tune | form)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
-    min_count: int = 3                          # a whole token joins the vocabulary at this many uses
+    min_count: int = 3                          # --tokenizer abc: a whole token joins the vocabulary at this many uses
     augment_key: float = 0.3                    # share (0..1) of training tunes put in a random key each epoch
     augment_rhythm: float = 0.0                 # share (0..1) with every length doubled or halved (M: scaled)
     augment_unit: float = 0.3                   # share (0..1) rewritten in a random unit length (L:1/8, 1/16, 1/4)
@@ -320,6 +321,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
         raise UserError(f"{path}: not a musicrnn checkpoint (missing {sorted(CHECKPOINT_KEYS - set(ckpt or {}))})"
                         if isinstance(ckpt, dict) else f"{path}: not a musicrnn checkpoint")
+    check_checkpoint_fields(ckpt, path)  # epoch, step, history, ...: refused here if not as training writes them
     return ckpt
 
 
@@ -435,6 +437,9 @@ def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, tim
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+RUN_FILES = ("best.pt", "last.pt", "loss.png")  # what a training writes in OUT/
+
+
 def log_line(*args) -> None:
     print(*args, flush=True)  # one line per epoch, visible at once even when piped to a file
 
@@ -448,7 +453,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     of every batch, and rank 0 alone holds the lock, logs and writes.
     """
     out = check_output(cfg.out_dir, "--out", folder=True)
-    with distributed.session(cfg.device) as (world, device):
+    with removed_if_failed(out), distributed.session(cfg.device) as (world, device):  # a failed start leaves no folder
         log = log if world.writer else (lambda *args: None)
         with folder_lock(out) if world.writer else contextlib.nullcontext():
             return train_locked(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
@@ -463,7 +468,7 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
         figures, out_of_time = train_epoch(run, train_set, rng)
-        if out_of_time and not figures["tokens"] and run.progress.epoch:  # spent before this epoch's first step
+        if out_of_time and not figures["tokens"]:  # spent before this epoch's first step: no epoch to record
             log(f"time budget reached after epoch {run.progress.epoch}")
             break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
@@ -488,7 +493,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
                file=sys.stderr)
     for batch in bar:
         time_used = world.from_writer(run.time_used())                    # one clock for every process
-        if time_used > 1:
+        if time_used > 1 and (p.epoch or sum_tokens):  # a run's first epoch takes one step at least: a model to save
             out_of_time = True
             break
         x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
@@ -543,12 +548,11 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     this command may change). world and device_name come from distributed.session."""
     last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
-    if ckpt is None and not overwrite and (last_path.exists() or last_path.with_name("best.pt").exists()):
-        raise UserError(f"{cfg.out_dir}/ already holds checkpoints: pass --resume to continue them, "
-                        f"--overwrite to replace them, or --out DIR for a new run")
-    check_config(cfg, "the settings")
+    check_run_files(last_path.parent, RUN_FILES, replace=resume or overwrite)  # all of them, before any epoch
     if ckpt is not None:
         cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
+    check_config(cfg, "the settings")
+    check_unused_flags(cfg, given)
     device = pick_device(device_name or cfg.device)
     seed_everything(cfg.seed)
     train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit)

@@ -5,10 +5,14 @@ Holds:
 - OutputError: what goes wrong with an output, as one line that names the user's path;
 - check_output: refuse, before any work starts, an --out that is an input of the same
   command, an existing file (without --overwrite), a folder, or a place that cannot be written;
+  it creates nothing, so a command refused later leaves no folder behind;
+- check_run_files: the same for every file a training writes in its folder;
 - atomic_file, write_atomic: write beside the target, then rename (or, without --overwrite,
   hard-link) it into place, so a crash never leaves half a file and a file that appeared
   meanwhile is never replaced; a new file gets the usual mode (umask), a replaced one keeps its own;
-- folder_lock: an advisory lock that one training holds on its run folder.
+- folder_lock: an advisory lock that one training holds on its run folder;
+- removed_if_failed: a folder a command creates is removed again if the command fails before
+  writing anything into it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def _same_file(a: Path, b: str | Path) -> bool:
 def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False, inputs=(),
                  folder: bool = False) -> Path:
     """path, once it is sure that writing it destroys nothing the user did not ask to replace."""
+    if not folder and (not str(path).strip() or str(path).endswith(("/", os.sep))):  # Path() would drop the "/"
+        raise OutputError(f"{flag} {str(path)!r} names no file; give a file name")
     p = Path(path)
     for source in inputs:
         if source and "://" not in str(source) and _same_file(p, source):
@@ -53,13 +59,28 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
 
 
 def probe_writable(folder: Path, flag: str, path) -> None:
+    """Can folder be written, or, where it is missing, created? Probed in its nearest existing folder."""
+    folder = next((p for p in (folder, *folder.parents) if p.exists()), folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def check_run_files(folder: Path, names: tuple[str, ...], replace: bool) -> None:
+    """Before a training's first epoch: every file it will write in folder can be written there,
+    and, unless replace (--resume, --overwrite), none of them exists yet."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise OutputError(f"{folder / name} is a folder, where this training writes a file: move it away, "
+                              f"or choose another --out")
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not replace:
+        raise OutputError(f"{folder}/ already holds {', '.join(existing)}: pass --resume to continue the run, "
+                          f"--overwrite to replace it, or --out DIR for a new run")
+    probe_writable(folder, "--out", folder)
 
 
 def _mode_for(path: Path) -> int:
@@ -142,3 +163,19 @@ def folder_lock(folder: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def removed_if_failed(folder: Path):
+    """Run the block; if it fails, remove the folders it created on the way to folder, as long as
+    they hold nothing but a training's .lock: a refused command leaves no trace."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    try:
+        yield
+    except BaseException:
+        for p in created:
+            with contextlib.suppress(OSError):
+                if {c.name for c in p.iterdir()} <= {".lock"}:
+                    (p / ".lock").unlink(missing_ok=True)
+                p.rmdir()  # fails, and is left, if anything else is in it
+        raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from abc_constraint import AbcConstraint
+from abc_constraint import HEADER_TOKENS, TOKENS_PER_BAR, AbcConstraint
 from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
 from abc_music import TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
@@ -113,7 +114,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     state = None
     for tok in prompt_ids[:-1]:
         _, state = step(np.full((num, 1), tok, dtype=np.int64), state)
-    tunes = [constraint.start(prompt, form) for _ in range(num)] if constraint else []
+    tunes = [constraint.start(prompt, form, opts.max_tokens) for _ in range(num)] if constraint else []
     tokens = np.full(num, prompt_ids[-1], dtype=np.int64)             # (B,)
     out, done = [[] for _ in range(num)], np.zeros(num, dtype=bool)
     for t in range(opts.max_tokens):
@@ -180,14 +181,27 @@ def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
         f = stack.enter_context(atomic_file(out, overwrite)) if out else None
         bar = stack.enter_context(tqdm(total=num, unit="tune", disable=True if num <= BATCH else None,
                                        file=sys.stderr, leave=False))
-        written = 0
+        written, printing = 0, True
         for tunes in batches:
             text = tunebook(tunes, first=written + 1)
-            print(text, flush=True)
+            printing = printing and print_while_read(text)
+            if not (printing or f):
+                break
             if f:
                 f.write((("\n" if written else "") + text).encode("utf-8"))
             written += len(tunes)
             bar.update(len(tunes))
+
+
+def print_while_read(text: str) -> bool:
+    """Print text; False once the reader has gone (`| head -5`): --out is still written in full,
+    and stdout goes nowhere from then on, so that Python's flush at exit raises nothing."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def run_generation(load_model, args: argparse.Namespace, model_path: str) -> None:
@@ -207,9 +221,9 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
 
 
 def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptions) -> Path | None:
-    if args.render and not args.out:
+    if args.render and args.out is None:
         raise UserError("--render writes beside the tunebook: give --out too")
-    if not args.out:
+    if args.out is None:
         return None
     out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
     if args.render and not args.overwrite:
@@ -300,7 +314,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """What a tune should be: its header (meter, key, type) or a prompt, and its form."""
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8", "C" or "C|"')
-    start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix"')
+    start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix" (with --meter '
+                                     'alone: D); the header is then X:1, L:1/8, M: and K:')
     start.add_argument("--type", help=f'prime the header with this tune type (R:), e.g. "jig", "reel" or "slip jig"; '
                                       f'one the model met in training (normalised: {", ".join(TUNE_TYPES)})')
     start.add_argument("--prompt", type=cli.abc_text,
@@ -321,6 +336,8 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The options that the sampling flags ask for; meter and key checked alike in both modes."""
     if args.prompt is not None and (args.meter or args.key or args.type):
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
+    if args.prompt is not None and "\n\n" in args.prompt.strip("\n"):
+        raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
     if args.key is not None and not playable_key(args.key):
@@ -335,16 +352,19 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         raise UserError(f"--max-tokens {args.max_tokens} is too few for --constrained, which keeps "
                         f"{AbcConstraint.END_RESERVE} tokens to finish a tune cleanly: give at least that many")
     bars = sum(form_bars(form))
-    if bars * TOKENS_PER_BAR > args.max_tokens:
+    if bars and form_tokens(bars) > args.max_tokens:
         raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least "
-                        f"{TOKENS_PER_BAR} per bar, --max-tokens {bars * TOKENS_PER_BAR}")
+                        f"{TOKENS_PER_BAR} per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
     return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                            max_tokens=args.max_tokens, constrained=args.constrained,
                            max_bars=SamplingOptions.max_bars if args.max_bars is None else args.max_bars,
                            prompt=header_prompt(args.meter, args.key, args.prompt), form=form)
 
 
-TOKENS_PER_BAR = 24  # the token budget a requested bar needs at least (a 6/8 bar is ~10 characters, ornaments aside)
+
+def form_tokens(bars: int) -> int:
+    """The token budget a form of this many bars needs at least: the header and TOKENS_PER_BAR a bar."""
+    return HEADER_TOKENS + bars * TOKENS_PER_BAR
 
 
 def requested_form(args: argparse.Namespace) -> str:

@@ -115,7 +115,8 @@ def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
     args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=None, form=None, **values)
     with user_errors_as_bad_requests():
-        bars, most = sum(sampler.form_bars(sampler.requested_form(args))), MAX_TOKENS // sampler.TOKENS_PER_BAR
+        bars = sum(sampler.form_bars(sampler.requested_form(args)))
+        most = max(n for n in range(1, MAX_TOKENS) if sampler.form_tokens(n) <= MAX_TOKENS)
         if bars > most:  # the command line would ask for more --max-tokens, which the page does not offer
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"the page writes at most {most} bars a tune: {bars} are too many")
         return sampler.sampling_options(args), args.type
@@ -362,12 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(prog="serve.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default="runs/musicrnn.onnx",
                         help="the exported model, made by export.py (default: runs/musicrnn.onnx)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", type=_address,
                         help="the address to listen on (default 127.0.0.1: this machine only; "
                              "0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=cli.int_in(0, 65535), default=8000,
                         help="the port to listen on (default 8000; 0: any free port, printed at start)")
     return parser
+
+
+def _address(text: str) -> str:
+    """--host: an empty one would listen on every interface, which only 0.0.0.0 should ask for."""
+    if not text.strip():
+        raise ArgumentTypeError("give an address: 127.0.0.1 for this machine, 0.0.0.0 for every interface")
+    return text
 
 
 def serve(args: argparse.Namespace) -> None:

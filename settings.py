@@ -6,12 +6,14 @@ Holds:
   the flags and check_config on a config from anywhere else (an API caller, a checkpoint);
 - MAX_PARAMETERS, parameter_count: how large a model may be, counted without building it;
 - config_from_dict: a checkpoint's stored settings back as a checked config;
+- check_checkpoint_fields: a checkpoint's progress and tune types, of the kinds training writes;
 - RESUME_MAY_CHANGE, resumed_config: which settings a --resume may change; the others would
   make it another run, and are refused when they differ.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 
 import cli
@@ -49,13 +51,30 @@ def check_config(cfg, source: str) -> None:
             raise UserError(f"{source}: --{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     if not all(isinstance(getattr(cfg, n), str) for n in ("train_data", "val_data", "transpose_range", "out_dir")):
         raise UserError(f"{source}: data paths, --out and --transpose-range must be text")
-    try:
-        parse_note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
-    except ValueError as e:
-        raise UserError(f"--transpose-range {e}") from None
+    check_note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
     if parameter_count(cfg, vocab_size=1000) > MAX_PARAMETERS:
         raise UserError(f"{source}: a model of --hidden-dim {cfg.hidden_dim} x --num-layers {cfg.num_layers} has more "
                         f"than {MAX_PARAMETERS:,} parameters, more than a CPU trains in reasonable time")
+
+
+def check_unused_flags(cfg, given: set[str] | None) -> None:
+    """Refuse a flag typed (given) that this config would ignore: a flag is never silently dropped."""
+    given = given or set()
+    if "min_count" in given and cfg.tokenizer != "abc":
+        raise UserError(f"--min-count applies to --tokenizer abc only (the {cfg.tokenizer} tokenizer keeps every "
+                        f"character it sees)")
+    if "transpose_range" in given and not cfg.augment_key:
+        raise UserError("--transpose-range bounds the transpositions of --augment-key, which is 0 here")
+
+
+def check_note_range(text: str) -> None:
+    """A --transpose-range that reads as two notes, the lower one first."""
+    try:
+        low, high = parse_note_range(text)
+    except ValueError as e:
+        raise UserError(f"--transpose-range {e}") from None
+    if low > high:
+        raise UserError(f"--transpose-range {text}: its first note is above its second; give the lower one first")
 
 
 def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
@@ -66,6 +85,45 @@ def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
     cfg = config_class(**{k: v for k, v in values.items() if k in known})
     check_config(cfg, source)
     return cfg
+
+
+HISTORY_FIGURES = {"epoch", "train_loss", "val_loss"}  # what a row must hold: the loss curve draws them
+
+
+def check_checkpoint_fields(ckpt: dict, source: str) -> None:
+    """A checkpoint's progress and tune types, of the kinds and in the ranges training writes them:
+    a crafted one is refused here, in one line, never deep inside a training or an export."""
+    for name in ("epoch", "step"):
+        if not (_is_int(ckpt[name]) and ckpt[name] >= 0):
+            _refuse(source, name, ckpt[name], "a whole number, 0 or more")
+    best = ckpt["best_val_loss"]
+    if not (_is_number(best) and (math.isfinite(best) or best == math.inf)):
+        _refuse(source, "best_val_loss", best, "a finite number (inf before any validation)")
+    lr_scale = ckpt.get("lr_scale", 1.0)
+    if not (_is_number(lr_scale) and 0 <= lr_scale <= 1):
+        _refuse(source, "lr_scale", lr_scale, "a number from 0 to 1")
+    history = ckpt.get("history", [])
+    if not (isinstance(history, list) and all(_is_row(row) for row in history)):
+        _refuse(source, "history", history, "a list of rows of numbers with " + ", ".join(sorted(HISTORY_FIGURES)))
+    types = ckpt.get("tune_types", [])
+    if not (isinstance(types, (list, tuple)) and all(isinstance(t, str) for t in types)):
+        _refuse(source, "tune_types", types, "a list of tune types as text")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_row(row) -> bool:
+    return isinstance(row, dict) and HISTORY_FIGURES <= row.keys() and all(_is_number(v) for v in row.values())
+
+
+def _refuse(source: str, name: str, value, wanted: str):
+    raise UserError(f"{source}: its {name} must be {wanted}, not {repr(value)[:40]}")
 
 
 RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device", "precision")  # the rest would make it another run

@@ -327,7 +327,7 @@ def test_a_requested_form_is_held_exactly(constraint, head, form):
 def test_a_form_ends_within_the_smallest_budget_the_command_line_allows(constraint, head, form):
     """In L:1/16 a bar takes many tokens: when the budget runs short the bars left are finished with
     the longest notes that fit, so the form still ends before the tokens do."""
-    tokens = sampler.TOKENS_PER_BAR * sum(form)
+    tokens = sampler.TOKENS_PER_BAR * sum(form)  # the header given: less than the command line asks
     tunes = random_logits_tunes(constraint, head, form, num=6, tokens=tokens)  # each asserted to end
     assert [sections_and_bars(t) for t in tunes] == [form] * len(tunes)
     if not judging.abc2midi_available():
@@ -352,6 +352,24 @@ def test_a_coded_tune_writes_its_code_then_holds_its_form():
         assert sections_and_bars(abc_form.strip_control_code(text)) == bars
     given = random_logits_tunes(coded, "S:2\nB:4\nE:3\nB:4\nX:1\nL:1/8\nM:6/8\nK:D\n", num=4)
     assert {sections_and_bars(abc_form.strip_control_code(t)) for t in given} == {(4, 4)}
+
+
+@pytest.mark.parametrize("budget", [AbcConstraint.END_RESERVE, 200, 400])
+def test_a_coded_tune_names_only_bars_its_token_budget_can_hold(budget):
+    """A model trained with codes writes its own code: at a small --max-tokens the code may name only
+    the bars that fit, with the code and the header, else the form would be cut off unfinished."""
+    rng = np.random.default_rng(budget)
+
+    def step(tokens, state):
+        return rng.normal(size=(len(tokens), len(VOCAB))).astype(np.float32) * 3, state
+
+    opts = sampler.SamplingOptions(num=30, seed=budget, max_tokens=budget, constrained=True)
+    tunes = sampler.generate_tunes(step, VOCAB, opts, facts=sampler.ModelFacts(control_codes=True))
+    assert all(len(VOCAB.encode(t)) < budget for t in tunes)  # each ended with <eos> within its budget
+    assert all(t.rstrip().endswith((":|", "||", "|]")) for t in tunes), tunes
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
 
 
 @pytest.mark.parametrize("prompt, says", [

@@ -184,7 +184,7 @@ def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(t
     (form() + b"&meter=3%2F4", 400, "meter is given 2 times"),
     (form() + b"&seed=1&seed=2&seed=3&num=1", 400, "seed is given 4 times"),
     (form(key="D\nM:3/4"), 400, "not a key"),
-    (form(sections="8", bars="32"), 400, "the page writes at most 41 bars a tune: 256 are too many"),
+    (form(sections="8", bars="32"), 400, "the page writes at most 40 bars a tune: 256 are too many"),
     (b"x" * 10 * 1024**2, 413, "the form has 10,485,760 bytes"),
 ])
 def test_a_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving(server, body, status, message):
@@ -295,8 +295,10 @@ def test_serve_refuses_a_bad_port_and_a_busy_one_in_one_line(server, tiny_onnx):
     assert one_error_line(code, err) and f"cannot listen on 127.0.0.1:{port}" in err, err
 
 
-def test_serve_never_listens_beyond_this_machine_unless_asked():
+def test_serve_never_listens_beyond_this_machine_unless_asked(tiny_onnx):
     assert serve.build_parser().parse_args([]).host == "127.0.0.1"
+    code, _, err = run_main(serve.main, "--model", str(tiny_onnx), "--host", "")  # "" would mean every interface
+    assert one_error_line(code, err) and "give an address" in err
 
 
 def test_the_page_runs_no_script_and_loads_nothing_from_elsewhere():

@@ -45,7 +45,7 @@ def writers(c, out) -> list:
         (infer_onnx.main, ["--model", c["copy.onnx"], "--out", out, *cheap]),
         (export.main, ["--checkpoint", c["copy.pt"], "--out", out]),
         (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", out,
-                         "--temperatures", "1", *cheap]),
+                         "--temperatures", "1", "--num", "1", "--max-tokens", "120"]),  # its constrained rows' least
         (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", out]),
         (musicrnn.main, ["forms", "--checkpoint", c["copy.pt"], "--num", "1", "--out", out]),
         (musicrnn.main, ["types", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--num", "1",
@@ -430,8 +430,8 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
     (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"], "not both"),
     (["--meter", "6/8", "--key", "Dog"], "not a key"), (["--meter", "6/8", "--key", "D\nK:G"], "not a key"),
     (["--meter", "3/3"], "not a meter"),                                                     # abc2midi refuses it
-    (["--constrained", "--prompt", "X:1\\nL:1/3\\nM:6/8\\nK:D\\n"], "'L:1/3' is not a header line"),
-    (["--constrained", "--prompt", "X:1\\nL:1/8\\nM:6/8\\nK:Dog\\n"], "'K:Dog' is not a header line"),
+    (["--constrained", "--prompt", "X:1\\nL:1/3\\nM:6/8\\nK:D\\n"], "'L:1/3' is not a unit length"),
+    (["--constrained", "--prompt", "X:1\\nL:1/8\\nM:6/8\\nK:Dog\\n"], "'K:Dog' is not a key"),
     (["--sections", "2", "--bars", "\u00b2"], "--bars \u00b2: one number"),                    # isdigit(), not int()
 ], ids=repr)
 def test_a_request_the_tunes_could_not_honour_is_one_line(flags, message, tiny_onnx):
@@ -439,12 +439,45 @@ def test_a_request_the_tunes_could_not_honour_is_one_line(flags, message, tiny_o
     assert one_error_line(code, err) and message in err, err
 
 
+@pytest.mark.parametrize("out", ["", "a/folder/"], ids=repr)
+def test_an_out_that_names_no_file_is_one_line(out, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out", out)
+    assert one_error_line(code, err) and "names no file" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_with_a_blank_line_is_one_line(tiny_onnx):
+    """A blank line ends a tune in a tunebook: the tune printed could not keep it."""
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\\nT:A\\n\\nL:1/8\\n")
+    assert one_error_line(code, err) and "blank line" in err
+
+
+def test_a_meter_alone_is_in_d_as_the_help_says(tiny_onnx):
+    code, out, _ = run_main(infer_onnx.main, "--model", tiny_onnx, "--meter", "6/8", "--max-tokens", "5")
+    assert code == 0 and out.startswith("X:1\nL:1/8\nM:6/8\nK:D\n")
+    assert "(with --meter alone: D)" in " ".join(infer_onnx.build_parser().format_help().split())
+
+
+def test_out_is_written_in_full_when_the_reader_of_stdout_stops_early(tiny_onnx, tmp_path):
+    """`... --out all.abc | head -3`: the pipe closes after the first lines, the file still gets every tune."""
+    out = tmp_path / "all.abc"
+    proc = subprocess.Popen([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "70",
+                             "--max-tokens", "20", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+    numbers = {int(n) for n in re.findall(r"(?m)^X:(\d+)$", out.read_text())}
+    assert set(range(1, 71)) <= numbers  # the first batch of 64 and the 6 after the pipe closed
+
+
 def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(tiny_onnx):
     """A shell passes \\n through as two characters: the prompt's lines must still be lines, else
     the whole header would sit on its X: line, which the tunebook replaces with its own number."""
     for typed, extra in [("X:1\\nL:1/8\\nM:6/8\\nK:D\\n", []), ("X:1\\nL:1/8\\nM:6/8\\nK:D\\n", ["--constrained"]),
                          ("X:1\r\nL:1/8\r\nM:6/8\r\nK:D\r\n", ["--constrained"])]:
-        code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", typed, "--max-tokens", "30",
+        code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", typed, "--max-tokens", "120",
                                   *extra)
         assert code == 0, err
         assert out.startswith("X:1\nL:1/8\nM:6/8\nK:D\n"), out

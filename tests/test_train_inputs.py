@@ -1,0 +1,213 @@
+"""What a training, an export and the judging commands do with what they are given: every output
+of a run checked before the first epoch, flags that would do nothing refused, crafted checkpoint
+fields and non-finite weights refused in one line, failed starts that leave no folder behind;
+judging figures where there is nothing to measure."""
+
+import json
+
+import pytest
+import torch
+
+import export
+import judging
+import musicrnn
+import sampler
+from conftest import one_error_line, run_main, tiny_config
+
+TINY = ["--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "1", "--device", "cpu"]
+
+
+def train_args(fixture_data, out, *extra) -> list:
+    return ["train", "--train-data", fixture_data["train"], "--val-data", fixture_data["val"], "--out", out,
+            *TINY, *extra]
+
+
+# --- every output of a run, checked before the first epoch
+
+
+def test_an_existing_loss_curve_is_not_replaced_without_overwrite(fixture_data, tmp_path):
+    (tmp_path / "loss.png").write_text("precious")
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path))
+    assert one_error_line(code, err) and "loss.png" in err and "--overwrite" in err, err
+    assert "epoch" not in out and (tmp_path / "loss.png").read_text() == "precious"
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt", "loss.png"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["fresh", "overwrite"])
+def test_a_run_file_that_is_a_folder_is_refused_before_the_first_epoch(name, overwrite, fixture_data, tmp_path):
+    (tmp_path / name).mkdir()
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path), *overwrite)
+    assert one_error_line(code, err) and f"{name} is a folder" in err, err
+    assert "epoch" not in out and not (tmp_path / "last.pt").is_file()
+
+
+def test_resume_may_replace_its_own_loss_curve(fixture_data, tmp_path):
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=lambda *a: None)
+    code, _, err = run_main(musicrnn.main, "train", "--out", tmp_path, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# --- sweep, forms, types: one model, named once
+
+
+@pytest.mark.parametrize("command", ["sweep", "forms", "types"])
+def test_judging_refuses_a_checkpoint_and_an_onnx_model_together(command, tiny_onnx, fixture_data, tmp_path,
+                                                                  monkeypatch):
+    code, out, err = run_main(musicrnn.main, command, "--onnx", tiny_onnx, "--checkpoint", tmp_path / "no.pt",
+                              "--num", "1", "--out", tmp_path / "t.json")
+    assert one_error_line(code, err) and "--checkpoint" in err and "--onnx" in err, err
+    monkeypatch.chdir(tmp_path)  # neither given: the default checkpoint, runs/best.pt, is what is read
+    corpus = [] if command == "forms" else ["--train-data", fixture_data["train"]]
+    code, _, err = run_main(musicrnn.main, command, "--num", "1", *corpus)
+    assert one_error_line(code, err) and "runs/best.pt: no such checkpoint" in err, err
+
+
+# --- flags that would do nothing are refused
+
+
+def test_min_count_is_refused_with_the_char_tokenizer_and_its_help_says_why(fixture_data, fixture_tunes, tmp_path):
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", "--min-count", "7"))
+    assert one_error_line(code, err) and "--min-count" in err and "--tokenizer abc" in err, err
+    assert "epoch" not in out
+    train = next(a for a in musicrnn.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    helps = {a.dest: a.help for a in train.choices["train"]._actions}
+    assert "--tokenizer abc" in helps["min_count"]
+    vocabulary = {n: musicrnn.build_vocabulary(fixture_tunes, musicrnn.Config(tokenizer="abc", min_count=n))
+                  for n in (1, 3)}  # with abc tokens it counts
+    assert len(vocabulary[1]) > len(vocabulary[3])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--augment-key", "0", "--transpose-range", "C..c"], "--augment-key"),
+    (["--transpose-range", "c..C"], "above"),
+], ids=["without augment-key", "reversed"])
+def test_a_transpose_range_that_does_nothing_or_is_reversed_is_one_line(flags, message, fixture_data, tmp_path):
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", *flags))
+    assert one_error_line(code, err) and "--transpose-range" in err and message in err, err
+    assert "epoch" not in out
+
+
+# --- crafted checkpoint fields: one line that names the field
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epoch", "3"), ("epoch", 0.5), ("epoch", -5), ("epoch", True), ("step", "x"), ("step", -100),
+    ("history", [1, 2]), ("history", {"a": 1}), ("history", [{"epoch": 1}]), ("history", [{"epoch": "1"}]),
+    ("best_val_loss", float("nan")), ("best_val_loss", "low"), ("lr_scale", -1.0), ("tune_types", 5),
+    ("tune_types", [1]),
+])
+def test_crafted_checkpoint_fields_are_one_line_naming_the_field(field, value, tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt[field] = value
+    torch.save(ckpt, tmp_path / "last.pt")
+    code, out, err = run_main(musicrnn.main, "train", "--out", tmp_path, "--resume", "--epochs", "5")
+    assert one_error_line(code, err) and field in err, err
+    assert "epoch " not in out
+
+
+def test_tune_types_that_are_not_a_list_are_one_line_in_export_and_types(tiny_run, fixture_data, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save({**ckpt, "tune_types": 5}, tmp_path / "crafted.pt")
+    code, _, err = run_main(export.main, "--checkpoint", tmp_path / "crafted.pt", "--out", tmp_path / "m.onnx")
+    assert one_error_line(code, err) and "tune_types" in err, err
+    assert not (tmp_path / "m.onnx").exists()
+    code, _, err = run_main(musicrnn.main, "types", "--checkpoint", tmp_path / "crafted.pt", "--num", "1",
+                            "--train-data", fixture_data["train"], "--out", tmp_path / "t.json")
+    assert one_error_line(code, err) and "tune_types" in err, err
+
+
+def test_the_checkpoints_training_writes_pass_the_checks(tiny_run):
+    for name in ("best.pt", "last.pt"):
+        musicrnn.load_checkpoint(str(tiny_run / name))
+
+
+# --- export: non-finite weights
+
+
+def test_an_export_of_nan_weights_is_refused_in_one_line(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt["model"]["to_logits.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    code, out, err = run_main(export.main, "--checkpoint", tmp_path / "nan.pt", "--out", tmp_path / "m.onnx")
+    assert one_error_line(code, err) and "not finite" in err and "to_logits.weight" in err, err
+    assert not (tmp_path / "m.onnx").exists() and "nan" not in out
+
+
+def test_non_finite_outputs_fail_the_parity_check(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "parity", lambda *a, **k: float("nan"))
+    code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx")
+    assert one_error_line(code, err) and "not finite" in err, err
+
+
+# --- failed starts leave no folder behind
+
+
+def test_a_failed_start_leaves_no_new_folder(fixture_data, tmp_path):
+    typo = tmp_path / "typo" / "run"
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, typo, "--resume"))
+    assert one_error_line(code, err) and "no such checkpoint" in err, err
+    assert not (tmp_path / "typo").exists()
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "bad", "--train-data",
+                                                      tmp_path / "missing.json"))
+    assert one_error_line(code, err) and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_start_refused_for_want_of_cuda_leaves_no_folder(fixture_data, tmp_path):
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "cu"), "--device", "cuda")
+    assert one_error_line(code, err) and "cuda" in err and not (tmp_path / "cu").exists()
+
+
+def test_a_failed_start_keeps_a_folder_that_was_there(fixture_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path, "--resume"))
+    assert one_error_line(code, err) and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_export_checks_its_name_and_its_checkpoint_before_making_folders(tiny_run, tmp_path):
+    code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "a" / "b" / "m.txt")
+    assert one_error_line(code, err) and ".onnx" in err and not (tmp_path / "a").exists()
+    code, _, err = run_main(export.main, "--checkpoint", tmp_path / "no.pt", "--out", tmp_path / "c" / "d" / "m.onnx")
+    assert one_error_line(code, err) and "no such checkpoint" in err and not (tmp_path / "c").exists()
+
+
+# --- a budget spent before the first step
+
+
+def test_an_epoch_is_never_recorded_without_a_step(fixture_data, tmp_path):
+    """The clock may end an epoch only after its first step, except an epoch after one recorded:
+    a run always leaves a model trained by at least one step, and no empty epoch is logged."""
+    logs = []
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=3, max_minutes=1e-7), log=logs.append)
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    assert len(history) == 1 and history[0]["step"] >= 1 and history[0]["train_loss"] > 0, history
+    assert history[0]["tokens_per_s"] > 0
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=3, max_minutes=1e-7), resume=True, log=logs.append)
+    assert len(torch.load(tmp_path / "last.pt", weights_only=True)["history"]) == 1
+    assert any("time budget reached after epoch 1" in line for line in logs), logs
+
+
+# --- judging figures where there is nothing to measure: n/a, never a made-up number or a NaN
+
+
+def test_a_type_the_corpus_lacks_is_none_in_the_json_and_n_a_in_the_table(fixture_tunes):
+    def generate(opts):
+        return ["X:1\nR:jig\nL:1/8\nM:6/8\nK:D\nABc def|\n"] * 2
+
+    rows = judging.type_sweep(generate, sampler.SamplingOptions(), corpus_tunes=[], types=("jig",), log=lambda *a: None)
+    assert rows[0]["corpus"] is None and "NaN" not in json.dumps(rows)
+    assert "| jig | in 6/8 | n/a | 100% | 100% |" in judging.type_table(rows)
+
+
+def test_tunes_without_notes_have_no_pitch_class_distance(fixture_tunes):
+    metrics = judging.tune_metrics(["X:1\nL:1/8\nM:6/8\nK:D\n"], fixture_tunes, judge=False)
+    assert metrics["pitch_class_distance"] is None  # it read 0.5, half of "nothing in common"
+    assert judging.tune_metrics(fixture_tunes[:3], fixture_tunes, judge=False)["pitch_class_distance"] >= 0
+
+
+def test_sweep_refuses_a_budget_its_constrained_rows_cannot_finish_in(tiny_onnx, tmp_path):
+    code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--max-tokens", "30",
+                            "--out", str(tmp_path / "s.json"))
+    assert one_error_line(code, err) and "from 120" in err
