@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import cli
+from cli import UserError
 import exported_model
 import musicrnn
 import rendering
@@ -354,11 +355,10 @@ sys.exit(code)
 def process_bench(checkpoint: str, onnx_path: str, train_data: str, val_data: str) -> dict:
     """Start-up to one printed tune, and peak resident memory, each in a fresh process."""
     import re
-    import subprocess
 
     def run(*command: str) -> tuple[float, float]:  # (wall seconds, peak MB)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _PEAK, *command], capture_output=True, text=True, check=True)
+        done = measured_run([sys.executable, "-c", _PEAK, *command])
         seconds = time.perf_counter() - start
         return seconds, int(re.search(r"PEAK_KB (\d+)", done.stderr).group(1)) / 1024
 
@@ -370,18 +370,28 @@ def process_bench(checkpoint: str, onnx_path: str, train_data: str, val_data: st
             "peak_mb_infer_onnx": ort_mb, "peak_mb_generate_torch": torch_mb, "peak_mb_train": train_mb}
 
 
+def measured_run(command: list[str]):
+    """Run one of the commands the bench times; if it fails, its own last error line, as ours."""
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no message"]
+        raise UserError(f"a measured command failed ({' '.join(command[3:6])} ...): {lines[-1]}")
+    return done
+
+
 def train_processes(procs: int, train_data: str, val_data: str, out: str, *flags: str) -> tuple[float, list[float]]:
     """musicrnn.py train, one epoch, in `procs` processes (torchrun when more than one, gloo, the
     cores shared): useful tokens/s of the epoch, and each process's peak resident MB."""
     import re
-    import subprocess
 
     train = [sys.executable, "-c", _PEAK, "musicrnn.py", "train", "--train-data", train_data, "--val-data", val_data,
              "--epochs", "1", "--out", out, "--overwrite", *flags]
     if procs > 1:
         train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
                  "--no-python", *train]
-    done = subprocess.run(train, capture_output=True, text=True, check=True)
+    done = measured_run(train)
     tokens_per_s = float(re.search(r"\| ([\d,]+) tok/s", done.stdout).group(1).replace(",", ""))
     return tokens_per_s, [int(kb) / 1024 for kb in re.findall(r"PEAK_KB (\d+)", done.stderr)]
 
@@ -556,20 +566,41 @@ def training_markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/best.pt", help="the torch model (default: runs/best.pt)")
-    parser.add_argument("--onnx", default="runs/musicrnn.onnx", help="its fp32 export (default: runs/musicrnn.onnx)")
-    parser.add_argument("--int8", default="runs/musicrnn.int8.onnx", help="its int8 export "
-                                                                          "(default: runs/musicrnn.int8.onnx)")
-    parser.add_argument("--train-data", default="data/train.json", help="tunes to train on (default: data/train.json)")
-    parser.add_argument("--val-data", default="data/validation.json", help="default: data/validation.json")
+    parser.add_argument("--onnx", help=f"its fp32 export (default: {DEFAULTS['onnx']})")
+    parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}, its row left out if missing)")
+    parser.add_argument("--train-data", help=f"tunes to train on (default: {DEFAULTS['train_data']})")
+    parser.add_argument("--val-data", default="data/validation.json",
+                        help="tunes that the measured trainings validate on (default: data/validation.json)")
     parser.add_argument("--large", help="instead: the scale measurements on this corpus (data/large.json from "
-                                        "make data-large): load, memory, 1 and 2 training processes")
+                                        "make data-large): load, memory, 1 and 2 training processes; trains "
+                                        "beside --checkpoint, and reads no --onnx, --int8 or --train-data")
     parser.add_argument("--out", default="runs/bench.json", help="every figure as JSON (default: runs/bench.json)")
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     return cli.run_command(bench, parser.parse_args(argv))
 
 
+DEFAULTS = {"onnx": "runs/musicrnn.onnx", "int8": "runs/musicrnn.int8.onnx", "train_data": "data/train.json"}
+
+
+def checked_inputs(args) -> list[str]:
+    """The files this run reads, each there; --onnx, --int8, --train-data given beside --large refused."""
+    ignored = [name for name in DEFAULTS if args.large and getattr(args, name) is not None]
+    if ignored:
+        raise UserError(f"--large reads no --{ignored[0].replace('_', '-')}: leave it out")
+    for name, default in DEFAULTS.items():
+        setattr(args, name, getattr(args, name) or default)
+    inputs = [args.large, args.val_data] if args.large else [args.checkpoint, args.onnx, args.train_data, args.val_data]
+    given_int8 = [args.int8] if not args.large and args.int8 != DEFAULTS["int8"] else []
+    for path in inputs + given_int8:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file" + (" (make train and make data write the defaults)"
+                                                       if path in DEFAULTS.values() else ""))
+    return inputs + ([args.int8] if not args.large else [])
+
+
 def bench(args) -> None:
-    out = check_output(args.out, "--out", args.overwrite)
+    inputs = checked_inputs(args)
+    out = check_output(args.out, "--out", args.overwrite, inputs=inputs)
     if args.large:
         results = large_bench(args.large, args.val_data, str(Path(args.checkpoint).parent / "bench-large"))
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))

@@ -1,8 +1,14 @@
-"""make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused."""
+"""make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused;
+its command line."""
+
+import shutil
+import sys
 
 import pytest
+from conftest import one_error_line, run_main
 
 import bench
+from cli import UserError
 
 
 def test_interleaved_measures_in_turns_and_keeps_the_best_and_the_spread():
@@ -66,3 +72,34 @@ def test_the_server_is_not_measured_without_its_rendering_tools(monkeypatch):
                                           "not measured (no audio: apt-get install fluidsynth)", "")]
     measured = bench.serve_rows({"serve_requests": 3, "serve_success": 1.0, "serve_p50_s": 2.0, "serve_p95_s": 3.0})
     assert measured[0] == ("serve.py: 3 concurrent requests of 2 constrained tunes, answered in full", 100.0, "%")
+
+
+# --- its command line: inputs checked before the minutes of measuring, never replaced
+
+
+def test_an_out_that_is_one_of_its_inputs_is_refused_even_with_overwrite(fixture_data, tmp_path):
+    corpus = tmp_path / "large.json"
+    shutil.copy(fixture_data["train"], corpus)
+    before = corpus.read_bytes()
+    code, _, err = run_main(bench.main, "--large", str(corpus), "--val-data", str(fixture_data["val"]),
+                            "--out", str(corpus), "--overwrite")
+    assert one_error_line(code, err) and "is also what this command reads" in err
+    assert corpus.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--val-data", "nowhere.json"], "nowhere.json: no such file"),
+    (["--int8", "nowhere.onnx"], "nowhere.onnx: no such file"),        # a typo is not a row left out
+    (["--large", "LARGE", "--onnx", "x.onnx"], "--large reads no --onnx"),
+], ids=repr)
+def test_a_missing_or_ignored_input_is_one_line_before_any_measuring(flags, says, fixture_data, tiny_run, tiny_onnx,
+                                                                     tmp_path):
+    flags = [str(fixture_data["train"]) if f == "LARGE" else f for f in flags]
+    code, out, err = run_main(bench.main, "--checkpoint", str(tiny_run / "best.pt"), "--onnx", str(tiny_onnx),
+                              "--train-data", str(fixture_data["train"]), "--out", str(tmp_path / "b.json"), *flags)
+    assert one_error_line(code, err) and says in err and out == "", err
+
+
+def test_a_measured_command_that_fails_is_one_line(monkeypatch):
+    with pytest.raises(UserError, match="a measured command failed .*: error: it broke"):
+        bench.measured_run([sys.executable, "-c", "import sys; sys.exit('error: it broke')", "a", "b", "c"])
