@@ -175,12 +175,9 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
 
 def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
     """Print each batch's tunes as it arrives, and write them all to out (atomically, at the end)."""
-    from tqdm import tqdm  # a progress bar on stderr, for long requests only
-
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(atomic_file(out, overwrite)) if out else None
-        bar = stack.enter_context(tqdm(total=num, unit="tune", disable=True if num <= BATCH else None,
-                                       file=sys.stderr, leave=False))
+        bar = stack.enter_context(progress_bar(num))
         written, printing = 0, True
         for tunes in batches:
             text = tunebook(tunes, first=written + 1)
@@ -191,6 +188,16 @@ def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
                 f.write((("\n" if written else "") + text).encode("utf-8"))
             written += len(tunes)
             bar.update(len(tunes))
+
+
+def progress_bar(num: int):
+    """A bar on stderr for requests of several batches; tqdm is imported only then, so that
+    infer_onnx.py needs no more than onnxruntime and numpy for the usual few tunes."""
+    if num <= BATCH:
+        return contextlib.nullcontext(argparse.Namespace(update=lambda n: None))
+    from tqdm import tqdm
+
+    return tqdm(total=num, unit="tune", file=sys.stderr, leave=False, disable=None)  # None: only on a terminal
 
 
 def print_while_read(text: str) -> bool:
@@ -315,7 +322,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     start = parser.add_argument_group("start of the tune")
     start.add_argument("--meter", help='prime the header with this meter, e.g. "6/8", "C" or "C|"')
     start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix" (with --meter '
-                                     'alone: D); the header is then X:1, L:1/8, M: and K:')
+                                     'alone: D); the header is then X:1, L:1/8, M: (with --meter) and K:')
     start.add_argument("--type", help=f'prime the header with this tune type (R:), e.g. "jig", "reel" or "slip jig"; '
                                       f'one the model met in training (normalised: {", ".join(TUNE_TYPES)})')
     start.add_argument("--prompt", type=cli.abc_text,

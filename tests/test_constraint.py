@@ -177,12 +177,20 @@ def test_a_tune_that_must_end_before_four_bars_still_ends_cleanly(max_bars, max_
     assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
 
 
-@pytest.mark.parametrize("max_bars, prompt", [(4, HEAD + "A|"), (8, HEAD + "A|"), (4, HEAD), (3, "")])
+@pytest.mark.parametrize("max_bars, prompt", [(4, HEAD + "A|"), (8, HEAD + "A|"), (4, HEAD), (3, ""),
+                                              (5, "X:1\nL:1/8\nM:6/8\nK:G\nD|")])
 def test_a_tune_has_at_most_max_bars_full_bars_pickup_or_not(max_bars, prompt):
     """--max-bars N: no tune has more than N full bars, also when a pickup makes its last bar a short one."""
     tunes = [VOCAB.decode(row) for row in random_tunes(VOCAB, 40, seed=4, max_bars=max_bars, prompt=prompt)]
     full_bars = [AbcConstraint(VOCAB, max_bars=max_bars).start(t).full_bars for t in tunes]  # the same rules
     assert max(full_bars) <= max_bars, tunes[full_bars.index(max(full_bars))]
+
+
+def test_no_tie_starts_in_the_bar_that_must_close_the_tune():
+    """A tie would carry the closing bar past its target (the short bar that completes the pickup)."""
+    prompt, tie = "X:1\nL:1/8\nM:6/8\nK:G\nD|GGGGGG|GGGGGG|G4", VOCAB.encode("-")[0]  # the end: a bar of 5
+    capped, free = AbcConstraint(VOCAB, max_bars=2), AbcConstraint(VOCAB)
+    assert not capped.mask(capped.start(prompt), 1000)[tie] and free.mask(free.start(prompt), 1000)[tie]
 
 
 def test_the_smallest_budget_the_command_line_allows_still_finishes_every_tune():
