@@ -7,6 +7,7 @@
 #   make train-long  the long-run model (<= 60 min on 2 cores) in runs/long/, scored on validation and essen
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
 #   make data-large  data/large.json, ~60k tunes (training tunes in 12 keys + essen), for scale measurements
+#   make clean     removes runs/ (every model, tunebook and plot there) and the test caches
 
 PYTHON := .venv/bin/python
 # make train runs as 2 processes (torchrun, gloo, 1 thread each) where there are 2 cores: measured
