@@ -30,7 +30,7 @@ import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
 from abc_music import (CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, playable_key,
-                       playable_meter, written_unit)
+                       playable_meter, playable_unit, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -55,10 +55,28 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
      for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")],
 ]
 HEADER_ORDER = "XRLMK"
+PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
+            "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix")}  # a prompt's header lines, as abc2midi reads them
 OPTIONAL_FIELDS = "R"
 BODY = len(HEADER_ORDER)  # the phase after the header
 HEADER_TOKENS = sum(max(map(len, lines)) + 1 for lines in HEADER_LINES)  # the longest header the constraint writes
 TOKENS_PER_BAR = 24  # the token budget a requested bar needs at least (a 6/8 bar is ~10 characters, ornaments aside)
+
+
+def form_tokens(bars: int, code_lines: int = 0) -> int:
+    """The token budget a form of this many bars needs at least: its code's lines (5 tokens each, when
+    the model writes them), the header and TOKENS_PER_BAR a bar."""
+    return 5 * code_lines + HEADER_TOKENS + bars * TOKENS_PER_BAR
+
+
+def most_bars(max_tokens: int, limit: int, code: bool = False) -> int:
+    """The most bars (1 to limit) whose form fits max_tokens; with code, the longest code of that
+    many bars too (S:, then each section's B: and an E: to every earlier section)."""
+    def lines(bars):
+        sections = min(bars, MAX_SECTIONS)
+        return 1 + sections * (sections + 1) // 2 if code else 0
+
+    return max([b for b in range(1, limit + 1) if form_tokens(b, lines(b)) <= max_tokens], default=1)
 CODE = -1                 # the phase before it, in a tune that begins with its control code
 
 
@@ -290,7 +308,7 @@ class AbcConstraint:
         melody (measured on random tunes), so a generated tune would no longer be clean.
         """
         state, i = TuneState(phase=CODE if self.coded else 0, form=tuple(form)), 0
-        state.code_bars = self.max_bars if max_tokens is None else self._bars_within(max_tokens)
+        state.code_bars = self.max_bars if max_tokens is None else most_bars(max_tokens, self.max_bars, code=True)
         while i < len(prompt):
             ch = prompt[i]
             if state.phase == BODY and ch == '"':
@@ -302,10 +320,8 @@ class AbcConstraint:
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                bars = state.full_bars + self._closing_last_bar(state)
-                capped = self._at_bar_cap(state) or self._closing_last_bar(state)
-                why = f" (it has {bars} full bars; --max-bars is {self.max_bars})" if capped else ""
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}{why}")
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}"
+                                  + self._cap_reason(state))
             else:
                 self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []
@@ -345,15 +361,6 @@ class AbcConstraint:
         letter = HEADER_ORDER[s.phase]
         letters = letter + (HEADER_ORDER[s.phase + 1] if letter in OPTIONAL_FIELDS else "")  # or skip it
         return [(self.lines[letter], self.whole_lines[letter]) for letter in letters]
-
-    def _bars_within(self, max_tokens: int) -> int:
-        """The most bars (at most max_bars) a code the model writes may name so that the longest such
-        code, the header and TOKENS_PER_BAR a bar fit in max_tokens: a form is never cut off."""
-        def tokens(bars):  # S:, then each section's B: and an E: to every earlier section, 5 tokens a line
-            sections = min(bars, MAX_SECTIONS)
-            return 4 + 5 * sections * (sections + 1) // 2 + HEADER_TOKENS + bars * TOKENS_PER_BAR
-
-        return max([b for b in range(1, self.max_bars + 1) if tokens(b) <= max_tokens], default=1)
 
     def _code_table(self, code: tuple[str, ...], code_bars: int) -> tuple[_PrefixTable, np.ndarray]:
         """The code's next line, as the code's order allows; a code the model writes itself
@@ -396,9 +403,8 @@ class AbcConstraint:
         if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
             raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
                               f"not {line!r}")
-        if not _plays_as_written(letter, value):
-            what = {"L": "a unit length like L:1/8", "M": "a meter like M:6/8, M:C or M:C|",
-                    "K": "a key like K:D, K:Ador or K:Bbmix"}[letter]
+        playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
+        if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
         if letter == "L":
             state.unit = value
@@ -518,6 +524,13 @@ class AbcConstraint:
     def _at_bar_cap(self, s: TuneState) -> bool:
         """Without a form, the tune has its max_bars full bars: it must end (a form ends by its own count)."""
         return not s.form and s.full_bars >= self.max_bars
+
+    def _cap_reason(self, s: TuneState) -> str:
+        """Why a prompt must end here, if the bar cap is the reason: " (it has 4 full bars; ...)"."""
+        closing = self._closing_last_bar(s)
+        if not (self._at_bar_cap(s) or closing):
+            return ""
+        return f" (it has {s.full_bars + closing} full bars; --max-bars is {self.max_bars})"
 
     def _near_bar_cap(self, s: TuneState) -> bool:
         """The bar being written is the last that max_bars allows (a form ends by its own count)."""
@@ -777,14 +790,6 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
-
-
-def _plays_as_written(letter: str, value: str) -> bool:
-    """A prompt's L:, M: or K: value that abc2midi reads as written (L:1/7, M:3/3, K:Dog it does not)."""
-    unit = written_unit(value) if letter == "L" else None
-    checks = {"L": lambda: unit is not None and unit.denominator & (unit.denominator - 1) == 0,
-              "M": lambda: playable_meter(value), "K": lambda: playable_key(value)}
-    return checks.get(letter, lambda: True)()  # X: and R: are any text
 
 
 def _counted(s: TuneState) -> int:

@@ -69,10 +69,20 @@ def parse_meter(value: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m and int(m.group(1)) and int(m.group(2)) else None
 
 
+def power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def playable_unit(value: str) -> bool:
+    """An L: value abc2midi plays as written: 1/N with N a power of two (L:1/7 it does not)."""
+    unit = written_unit(value)
+    return unit is not None and power_of_two(unit.denominator)
+
+
 def playable_meter(value: str) -> bool:
     """A meter abc2midi plays as written: C, C|, or N/D with D a power of two (M:3/3 it refuses)."""
     parsed = parse_meter(value)
-    return parsed is not None and parsed[1] & (parsed[1] - 1) == 0
+    return parsed is not None and power_of_two(parsed[1])
 
 
 def default_unit(meter: str | None) -> Fraction:
@@ -203,10 +213,13 @@ def split_tunebook(text: str) -> list[list[str]]:
     return tunes
 
 
+BLANK_LINE = re.compile(r"\n[ \t]*(?=\n)")  # a blank (or blank-looking) line, after the line before it
+
+
 def without_blank_lines(tune: str) -> str:
-    """One tune's text with its blank (or blank-looking) lines dropped: in a tunebook a blank line
-    ends the tune (split_tunebook), so the music after one would belong to no tune."""
-    return re.sub(r"\n[ \t]*(?=\n)", "", tune.strip("\n"))
+    """One tune's text with its blank lines dropped: in a tunebook a blank line ends the tune
+    (split_tunebook), so the music after one would belong to no tune."""
+    return BLANK_LINE.sub("", tune.strip("\n"))
 
 
 def clean_body_line(line: str) -> str:

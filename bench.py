@@ -377,7 +377,9 @@ def measured_run(command: list[str]):
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no message"]
-        raise UserError(f"a measured command failed ({' '.join(command[3:6])} ...): {lines[-1]}")
+        lines = [line for line in lines if line.startswith("error:")] or lines  # ours, before torchrun's report
+        script = next(i for i, part in enumerate(command) if part.endswith(".py"))  # after python -c or torchrun's
+        raise UserError(f"a measured command failed ({' '.join(command[script:script + 2])} ...): {lines[-1]}")
     return done
 
 
@@ -563,14 +565,19 @@ def training_markdown(r: dict) -> str:
             + table(rows, r["spread_training"] | r["spread_processes"]))
 
 
+DEFAULTS = {"checkpoint": "runs/best.pt", "onnx": "runs/musicrnn.onnx", "int8": "runs/musicrnn.int8.onnx",
+            "train_data": "data/train.json", "val_data": "data/validation.json"}  # make train and make data write them
+NOT_READ_BY_LARGE = ("onnx", "int8", "train_data")  # --large reads --checkpoint's folder only, to train in
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/best.pt", help="the torch model (default: runs/best.pt)")
+    parser.add_argument("--checkpoint", help=f"the torch model (default: {DEFAULTS['checkpoint']})")
     parser.add_argument("--onnx", help=f"its fp32 export (default: {DEFAULTS['onnx']})")
     parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}, its row left out if missing)")
     parser.add_argument("--train-data", help=f"tunes to train on (default: {DEFAULTS['train_data']})")
-    parser.add_argument("--val-data", default="data/validation.json",
-                        help="tunes that the measured trainings validate on (default: data/validation.json)")
+    parser.add_argument("--val-data", help=f"tunes that the measured trainings validate on "
+                                           f"(default: {DEFAULTS['val_data']})")
     parser.add_argument("--large", help="instead: the scale measurements on this corpus (data/large.json from "
                                         "make data-large): load, memory, 1 and 2 training processes; trains "
                                         "beside --checkpoint, and reads no --onnx, --int8 or --train-data")
@@ -579,38 +586,35 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_command(bench, parser.parse_args(argv))
 
 
-DEFAULTS = {"onnx": "runs/musicrnn.onnx", "int8": "runs/musicrnn.int8.onnx", "train_data": "data/train.json"}
-
-
-def checked_inputs(args) -> list[str]:
-    """The files this run reads, each there; --onnx, --int8, --train-data given beside --large refused."""
-    ignored = [name for name in DEFAULTS if args.large and getattr(args, name) is not None]
-    if ignored:
-        raise UserError(f"--large reads no --{ignored[0].replace('_', '-')}: leave it out")
-    for name, default in DEFAULTS.items():
-        setattr(args, name, getattr(args, name) or default)
-    inputs = [args.large, args.val_data] if args.large else [args.checkpoint, args.onnx, args.train_data, args.val_data]
-    given_int8 = [args.int8] if not args.large and args.int8 != DEFAULTS["int8"] else []
-    for path in inputs + given_int8:
-        if not Path(path).is_file():
-            raise UserError(f"{path}: no such file" + (" (make train and make data write the defaults)"
-                                                       if path in DEFAULTS.values() else ""))
-    return inputs + ([args.int8] if not args.large else [])
+def input_paths(args) -> dict[str, str]:
+    """Each input's path (given, or its default), once each file this run reads is there: a missing
+    default --int8 only leaves its row out; --large refuses the flags it does not read."""
+    given = {name for name in DEFAULTS if getattr(args, name) is not None}
+    if args.large and given & set(NOT_READ_BY_LARGE):
+        raise UserError(f"--large reads no --{sorted(given & set(NOT_READ_BY_LARGE))[0].replace('_', '-')}: leave it out")
+    paths = {name: getattr(args, name) or default for name, default in DEFAULTS.items()}
+    read = ["val_data"] if args.large else [name for name in DEFAULTS if name != "int8" or name in given]
+    for name in read:
+        if not Path(paths[name]).is_file():
+            raise UserError(f"{paths[name]}: no such file" + ("" if name in given else " (make train and make data "
+                                                                                      "write the defaults)"))
+    return paths
 
 
 def bench(args) -> None:
-    inputs = checked_inputs(args)
+    p = input_paths(args)
+    inputs = [args.large, p["val_data"]] if args.large else [p[name] for name in DEFAULTS]
     out = check_output(args.out, "--out", args.overwrite, inputs=inputs)
     if args.large:
-        results = large_bench(args.large, args.val_data, str(Path(args.checkpoint).parent / "bench-large"))
+        results = large_bench(args.large, p["val_data"], str(Path(p["checkpoint"]).parent / "bench-large"))
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))
         write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)
         return
-    results = generation_bench(args.checkpoint, args.onnx, args.int8) | server_bench(args.onnx)
+    results = generation_bench(p["checkpoint"], p["onnx"], p["int8"]) | server_bench(p["onnx"])
     print(markdown(results), flush=True)
-    results |= training_bench(args.checkpoint, args.train_data)
-    results |= process_bench(args.checkpoint, args.onnx, args.train_data, args.val_data)
-    results |= scaling_bench(args.train_data, args.val_data, str(Path(args.checkpoint).parent / "bench-train"),
+    results |= training_bench(p["checkpoint"], p["train_data"])
+    results |= process_bench(p["checkpoint"], p["onnx"], p["train_data"], p["val_data"])
+    results |= scaling_bench(p["train_data"], p["val_data"], str(Path(p["checkpoint"]).parent / "bench-train"),
                              results["train_flops_per_token"])
     print()
     print(training_markdown(results))

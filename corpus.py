@@ -73,6 +73,43 @@ def read_text(path: Path) -> str:
 def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
     """(control code, abc notation) of each record that holds a tune, and what was left out and why
     ("" when nothing was)."""
+    items = _json_list(path)
+    fields = dict.fromkeys(key for item in items if isinstance(item, dict) for key in item)  # in order, once each
+    if fields and "abc notation" not in fields:
+        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, fields))})")
+    records, skipped, odd_codes = [], Counter(), 0
+    for item in items:
+        problem = _not_a_tune(item)
+        if problem:
+            skipped[problem] += 1
+            continue
+        # a code that is not text is read as none, as if absent: the tune is still good, and a
+        # --control model computes its code from the tune (musicrnn.load_collection)
+        code = item.get("control code")
+        odd_codes += code is not None and not isinstance(code, str)
+        records.append((code if isinstance(code, str) else "", item["abc notation"]))
+    why = []
+    if skipped:
+        why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))
+    if odd_codes:
+        why.append(f'{odd_codes} "control code" not text, read as none')
+    return records, "; ".join(why)
+
+
+def _not_a_tune(item) -> str:
+    """Why a JSON list's entry holds no tune ("" when it holds one)."""
+    if not isinstance(item, dict):
+        return "not a {...} record"
+    tune = item.get("abc notation")
+    if "abc notation" not in item:
+        return 'no "abc notation"'
+    if not isinstance(tune, str):
+        return '"abc notation" not text'
+    return "" if tune.strip() else '"abc notation" empty'
+
+
+def _json_list(path: str) -> list:
+    """The entries of the JSON list at path (any path pandas opens); anything else is one UserError."""
     import pandas as pd  # only this reader needs it; import costs ~0.5 s
 
     try:  # typ="series" keeps each record as written; convert_axes=False keeps a JSON object's keys as text
@@ -91,32 +128,7 @@ def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
     if not isinstance(items.index, pd.RangeIndex):  # a JSON list is numbered; an object's keys are text
         raise UserError(f"{path}: not an IrishMAN JSON list of records (it holds one JSON object, "
                         f"not a list of records [{{...}}, ...])")
-    records, skipped, fields, odd_codes = [], Counter(), {}, 0  # fields: a dict keeps their order
-    for item in items:
-        if not isinstance(item, dict):
-            skipped["not a {...} record"] += 1
-            continue
-        fields.update(item)
-        tune, code = item.get("abc notation"), item.get("control code")
-        if "abc notation" not in item:
-            skipped['no "abc notation"'] += 1
-        elif not isinstance(tune, str):
-            skipped['"abc notation" not text'] += 1
-        elif not tune.strip():
-            skipped['"abc notation" empty'] += 1
-        else:
-            # a code that is not text is read as none, as if absent: the tune is still good, and a
-            # --control model computes its code from the tune (musicrnn.load_collection)
-            odd_codes += code is not None and not isinstance(code, str)
-            records.append((code if isinstance(code, str) else "", tune))
-    if fields and "abc notation" not in fields:
-        raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, fields))})")
-    why = []
-    if skipped:
-        why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))
-    if odd_codes:
-        why.append(f'{odd_codes} "control code" not text, read as none')
-    return records, "; ".join(why)
+    return list(items)
 
 
 def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None, overwrite: bool = True) -> None:

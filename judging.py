@@ -90,7 +90,7 @@ def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> di
         "mean_notes": float(np.mean([len(row) for row in notes])) if tunes else 0.0,
         "min16_notes": float(np.mean([len(row) >= 16 for row in notes])) if tunes else 0.0,
         "section_end": float(np.mean([tune_body(t).rstrip().endswith(SECTION_ENDS) for t in tunes])),
-        "distinct_4grams": len(set(grams)) / max(1, len(grams)),
+        "distinct_4grams": len(set(grams)) / len(grams) if grams else None,  # None: no four notes in a row
         # half the L1 distance: 0 = the training tunes' pitch-class mix, 1 = nothing in common; None: no notes
         "pitch_class_distance": 0.5 * float(np.abs(pitch_class_histogram(tunes) - train_hist).sum())
         if any(notes) else None,

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from abc_constraint import HEADER_TOKENS, TOKENS_PER_BAR, AbcConstraint
+from abc_constraint import HEADER_TOKENS, TOKENS_PER_BAR, AbcConstraint, form_tokens
 from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
-from abc_music import TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
+from abc_music import BLANK_LINE, TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
 from rendering import render_tunebook, rendered_files
@@ -340,10 +340,21 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    """The options that the sampling flags ask for; meter and key checked alike in both modes."""
+    """The options that the sampling flags ask for, each checked."""
+    check_start_flags(args)
+    form = requested_form(args)
+    check_budget(args, form)
+    return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                           max_tokens=args.max_tokens, constrained=args.constrained,
+                           max_bars=SamplingOptions.max_bars if args.max_bars is None else args.max_bars,
+                           prompt=header_prompt(args.meter, args.key, args.prompt), form=form)
+
+
+def check_start_flags(args: argparse.Namespace) -> None:
+    """--prompt, or --meter and --key (checked alike, free and constrained)."""
     if args.prompt is not None and (args.meter or args.key or args.type):
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
-    if args.prompt is not None and "\n\n" in args.prompt.strip("\n"):
+    if args.prompt is not None and BLANK_LINE.search(args.prompt.strip("\n")):
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
@@ -351,7 +362,10 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
-    form = requested_form(args)
+
+
+def check_budget(args: argparse.Namespace, form: str) -> None:
+    """--max-bars, --max-tokens: what the constraint and the form asked for can be held to."""
     if args.max_bars is not None and (form or not args.constrained):
         raise UserError("--max-bars holds only with --constrained, and a form sets the bars itself: "
                         + ("give --max-bars or the form, not both" if form else "add --constrained"))
@@ -360,18 +374,8 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
                         f"{AbcConstraint.END_RESERVE} tokens to finish a tune cleanly: give at least that many")
     bars = sum(form_bars(form))
     if bars and form_tokens(bars) > args.max_tokens:
-        raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least "
-                        f"{TOKENS_PER_BAR} per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
-    return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                           max_tokens=args.max_tokens, constrained=args.constrained,
-                           max_bars=SamplingOptions.max_bars if args.max_bars is None else args.max_bars,
-                           prompt=header_prompt(args.meter, args.key, args.prompt), form=form)
-
-
-
-def form_tokens(bars: int) -> int:
-    """The token budget a form of this many bars needs at least: the header and TOKENS_PER_BAR a bar."""
-    return HEADER_TOKENS + bars * TOKENS_PER_BAR
+        raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least {TOKENS_PER_BAR} "
+                        f"per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
 
 
 def requested_form(args: argparse.Namespace) -> str:

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs
 
 import cli
 import sampler
-from abc_constraint import AbcConstraint
+from abc_constraint import AbcConstraint, most_bars
 from cli import UserError
 from exported_model import load_model, model_facts, onnx_step
 from rendering import missing_tools, render_tune
@@ -53,12 +53,8 @@ KEEP_BYTES = 256 * 1024**2  # and at most this many bytes of them
 MAX_ACTIVE = 64             # requests in progress at once; more get 503
 METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3/8"]
 KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B") for mode in ("", "m", "dor", "mix")]
-FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
-    "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
-    "num": cli.int_in(1, MAX_TUNES), "constrained": lambda text: _ticked(text),
-    "type": lambda text: text or None, "sections": lambda text: sampler.SECTIONS(text) if text else None,
-    "bars": lambda text: text or None,
-}
+
+
 def _ticked(text: str) -> bool:
     """A checkbox: a browser sends "on" when it is ticked and nothing when it is not."""
     if text not in ("on", ""):
@@ -66,6 +62,12 @@ def _ticked(text: str) -> bool:
     return text == "on"
 
 
+FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
+    "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
+    "num": cli.int_in(1, MAX_TUNES), "constrained": _ticked,
+    "type": lambda text: text or None, "sections": lambda text: sampler.SECTIONS(text) if text else None,
+    "bars": lambda text: text or None,
+}
 OPTIONAL = {"constrained", "type", "sections", "bars"}  # a browser leaves out an unticked box
 DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num": "2", "constrained": "on",
             "type": "", "sections": "", "bars": ""}
@@ -115,8 +117,7 @@ def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
     args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=None, form=None, **values)
     with user_errors_as_bad_requests():
-        bars = sum(sampler.form_bars(sampler.requested_form(args)))
-        most = max(n for n in range(1, MAX_TOKENS) if sampler.form_tokens(n) <= MAX_TOKENS)
+        bars, most = sum(sampler.form_bars(sampler.requested_form(args))), most_bars(MAX_TOKENS, MAX_TOKENS)
         if bars > most:  # the command line would ask for more --max-tokens, which the page does not offer
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"the page writes at most {most} bars a tune: {bars} are too many")
         return sampler.sampling_options(args), args.type

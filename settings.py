@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields, replace
+from typing import NoReturn
 
 import cli
 from abc_music import parse_note_range
@@ -122,7 +123,7 @@ def _is_row(row) -> bool:
     return isinstance(row, dict) and HISTORY_FIGURES <= row.keys() and all(_is_number(v) for v in row.values())
 
 
-def _refuse(source: str, name: str, value, wanted: str):
+def _refuse(source: str, name: str, value, wanted: str) -> NoReturn:
     raise UserError(f"{source}: its {name} must be {wanted}, not {repr(value)[:40]}")
 
 

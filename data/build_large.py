@@ -46,7 +46,7 @@ def build_parser() -> Parser:
 
 def build(args) -> None:
     folder = Path(args.data)
-    if not folder.is_dir():  # checked first: check_output would create it
+    if not folder.is_dir():  # checked first, to say what the folder should hold
         raise UserError(f"--data {folder}: not a folder (it should hold train.json and essen.json; `make data` writes them)")
     inputs = [folder / "train.json", folder / "essen.json"]
     out = check_output(folder / "large.json", "--data", args.overwrite, inputs=inputs)

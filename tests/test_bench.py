@@ -90,16 +90,24 @@ def test_an_out_that_is_one_of_its_inputs_is_refused_even_with_overwrite(fixture
 @pytest.mark.parametrize("flags, says", [
     (["--val-data", "nowhere.json"], "nowhere.json: no such file"),
     (["--int8", "nowhere.onnx"], "nowhere.onnx: no such file"),        # a typo is not a row left out
+    (["--int8", "runs/musicrnn.int8.onnx"], "runs/musicrnn.int8.onnx: no such file"),  # given, though the default
+    ([], "data/validation.json: no such file (make train and make data write the defaults)"),
     (["--large", "LARGE", "--onnx", "x.onnx"], "--large reads no --onnx"),
 ], ids=repr)
 def test_a_missing_or_ignored_input_is_one_line_before_any_measuring(flags, says, fixture_data, tiny_run, tiny_onnx,
-                                                                     tmp_path):
+                                                                     tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no default input exists
     flags = [str(fixture_data["train"]) if f == "LARGE" else f for f in flags]
+    val = [] if flags == [] else ["--val-data", str(fixture_data["val"])]
     code, out, err = run_main(bench.main, "--checkpoint", str(tiny_run / "best.pt"), "--onnx", str(tiny_onnx),
-                              "--train-data", str(fixture_data["train"]), "--out", str(tmp_path / "b.json"), *flags)
+                              "--train-data", str(fixture_data["train"]), "--out", "b.json", *val, *flags)
     assert one_error_line(code, err) and says in err and out == "", err
 
 
-def test_a_measured_command_that_fails_is_one_line(monkeypatch):
-    with pytest.raises(UserError, match="a measured command failed .*: error: it broke"):
-        bench.measured_run([sys.executable, "-c", "import sys; sys.exit('error: it broke')", "a", "b", "c"])
+def test_a_measured_command_that_fails_is_one_line_that_names_it(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("import sys; sys.exit('error: it broke')")
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=1", "--no-python", sys.executable]):
+        with pytest.raises(UserError, match=f"a measured command failed \\({script} train ...\\): error: it broke"):
+            bench.measured_run([*launcher, str(script), "train"])

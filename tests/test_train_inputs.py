@@ -201,9 +201,9 @@ def test_a_type_the_corpus_lacks_is_none_in_the_json_and_n_a_in_the_table(fixtur
     assert "| jig | in 6/8 | n/a | 100% | 100% |" in judging.type_table(rows)
 
 
-def test_tunes_without_notes_have_no_pitch_class_distance(fixture_tunes):
+def test_tunes_without_notes_have_no_pitch_class_distance_and_no_4_grams(fixture_tunes):
     metrics = judging.tune_metrics(["X:1\nL:1/8\nM:6/8\nK:D\n"], fixture_tunes, judge=False)
-    assert metrics["pitch_class_distance"] is None  # it read 0.5, half of "nothing in common"
+    assert metrics["pitch_class_distance"] is None and metrics["distinct_4grams"] is None  # nothing to compare
     assert judging.tune_metrics(fixture_tunes[:3], fixture_tunes, judge=False)["pitch_class_distance"] >= 0
 
 

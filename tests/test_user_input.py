@@ -425,8 +425,8 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--constrained", "--max-tokens", "5"], "--max-tokens 5 is too few for --constrained"),  # it wrote "X:1\nL"
-    (["--max-bars", "5"], "add --constrained"),                                              # it was ignored
+    (["--constrained", "--max-tokens", "5"], "--max-tokens 5 is too few for --constrained"),  # no room to finish
+    (["--max-bars", "5"], "add --constrained"),                                              # nothing would cap
     (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"], "not both"),
     (["--meter", "6/8", "--key", "Dog"], "not a key"), (["--meter", "6/8", "--key", "D\nK:G"], "not a key"),
     (["--meter", "3/3"], "not a meter"),                                                     # abc2midi refuses it
