@@ -312,6 +312,7 @@ class AbcConstraint:
         while i < len(prompt):
             ch = prompt[i]
             if state.phase == BODY and ch == '"':
+                self._end_token_before_chord_symbol(state, prompt[:i])
                 i = self._skip_chord_symbol(prompt, i)
                 continue
             i += 1
@@ -329,6 +330,20 @@ class AbcConstraint:
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
+
+    def _end_token_before_chord_symbol(self, state: TuneState, before: str) -> None:
+        """A chord symbol ends the token being written, which must then be complete (d"G"2 would split
+        a note: abc2midi reads "2" alone), and it may not sit between a decoration and its note
+        (~"G"d: abc2midi finds no note after the ~)."""
+        pending = state.pending
+        if pending and not (pending in self.at and self._legal_cached(state, state.pending_must_end)[1][self.at[pending]]):
+            raise PromptError(f"--constrained: a chord symbol cannot split {pending!r} at {before!r}")
+        decorated = (state.need_note and state.last == DECORATION) or self.info.get(pending, (None,))[0] == DECORATION
+        if decorated:
+            raise PromptError(f"--constrained: a chord symbol goes before the decoration, not after it, at {before!r}")
+        if pending:
+            self._commit(state, pending)
+            state.pending, state.pending_must_end = "", False
 
     @staticmethod
     def _skip_chord_symbol(prompt: str, i: int) -> int:

@@ -357,7 +357,7 @@ CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 
 
 @dataclass
 class Progress:
-    """Where a run stands; a checkpoint stores all of it but `stale`."""
+    """Where a run stands; a checkpoint stores all of it but `stale`, which its history holds."""
     epoch: int = 0                                # epochs done
     step: int = 0                                 # optimizer steps done
     best_val: float = math.inf                    # best validation loss so far
@@ -463,7 +463,7 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
-    while run.progress.epoch < run.cfg.epochs:
+    while run.progress.epoch < run.cfg.epochs and run.progress.stale < run.cfg.patience:  # a resumed early stop too
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
@@ -578,10 +578,19 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
 def restore(run: Run, ckpt: dict, log) -> None:
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], list(ckpt.get("history", [])),
-                            ckpt.get("lr_scale", 1.0))
+    history = list(ckpt.get("history", []))
+    run.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history, ckpt.get("lr_scale", 1.0),
+                            epochs_since_best(history))  # early stopping goes on counting where it was
     log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {run.progress.epoch} "
         f"(best val loss {run.progress.best_val:.4f})")
+
+
+def epochs_since_best(history: list[dict]) -> int:
+    """The epochs since the validation loss last improved, read back from a run's history."""
+    best, stale = math.inf, 0
+    for row in history:
+        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + 1)
+    return stale
 
 
 def save_checkpoint(path: Path, run: Run) -> None:

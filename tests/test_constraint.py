@@ -277,6 +277,21 @@ def test_chord_symbols_in_a_prompt_take_no_time(constraint):
     assert with_chords == without  # the automaton steps over them
 
 
+@pytest.mark.parametrize("body, says", [
+    ('d3 def|d"G"2', "breaks the constraints at"), ('d3 def|^"G"d', "cannot split"),  # "2" alone is no token
+    ('d3 def|~"G"d', "before the decoration"), ('d3 def|!trill!"G"d', "before the decoration"),
+])
+def test_a_chord_symbol_that_splits_a_token_or_follows_a_decoration_is_refused(body, says):
+    with pytest.raises(PromptError, match=says):
+        AbcConstraint(VOCAB).start("X:1\nL:1/8\nM:6/8\nK:D\n" + body)
+
+
+def test_a_chord_symbol_ends_the_token_before_it():
+    """A prompt ending in |"G": its | is a whole bar line, never the start of a || the model would finish."""
+    tunes = random_logits_tunes(AbcConstraint(VOCAB), HEAD + 'dddd|dddd|"G"', num=6)
+    assert all(tune.startswith(HEAD + 'dddd|dddd|"G"') and tune[len(HEAD) + 12] != "|" for tune in tunes)
+
+
 @pytest.mark.parametrize("prompt", [NOTTINGHAM, 'X:1\nL:1/8\nM:6/8\nK:D\nA|"D"dfa "G"g2e|"A"c3 "D"d2A|'])
 def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
     rng = np.random.default_rng(0)

@@ -60,6 +60,14 @@ def test_early_stopping(tmp_path, fixture_data):
     cfg = tiny_config(fixture_data, tmp_path, epochs=30, lr=0.5, patience=1, schedule="plateau")
     history = musicrnn.train(cfg, log=logs.append)
     assert history["epoch"] < 30 and any("early stop" in line for line in logs)
+    again = musicrnn.train(cfg, resume=True, log=lambda *a: None)  # the early stop is remembered: no more epochs
+    assert again["epoch"] == history["epoch"]
+
+
+def test_the_epochs_since_the_best_are_read_back_from_the_history():
+    rows = [{"val_loss": v} for v in (3.0, 2.5, 2.6, 2.5, 2.4, 2.7, 2.45)]
+    assert musicrnn.epochs_since_best(rows) == 2 and musicrnn.epochs_since_best(rows[:5]) == 0
+    assert musicrnn.epochs_since_best(rows[:4]) == 2 and musicrnn.epochs_since_best([]) == 0  # 2.5 again: no gain
 
 
 def test_evaluate_json(tiny_run, fixture_data):
