@@ -55,6 +55,7 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
      for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")],
 ]
 HEADER_ORDER = "XRLMK"
+HORNPIPE_METERS = ("M:2/4", "M:4/4", "M:C")  # abc2midi refuses R:hornpipe in any other meter
 PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
             "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix")}  # a prompt's header lines, as abc2midi reads them
 OPTIONAL_FIELDS = "R"
@@ -155,6 +156,7 @@ class TuneState:
     phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
     code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
+    hornpipe: bool = False         # the header's R: line is R:hornpipe, which limits its M: line
     form: tuple = ()               # bars of each section, when a form is asked for (): any form)
     section: int = 0               # under a form: sections finished
     section_bars: int = 0          # under a form: this section's bars so far, as abc_form counts them
@@ -204,7 +206,8 @@ class TuneState:
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
-                (self.code, self.code_bars) if self.phase == CODE else (), self.form_key())
+                (self.code, self.code_bars) if self.phase == CODE else (), self.form_key(),
+                self.hornpipe and self.phase < BODY)
 
     def form_key(self) -> tuple:
         """What the rules read of a form: bars left in this section (and at its ending's start),
@@ -270,6 +273,7 @@ class AbcConstraint:
         info = body_tokens()
         self.body = _PrefixTable(info, char_ids)  # only what this vocabulary can spell
         self.lines = {letter: _PrefixTable(spelled, char_ids) for letter, spelled in zip(HEADER_ORDER, HEADER_LINES)}
+        self.lines["hornpipe M"] = _PrefixTable(HORNPIPE_METERS, char_ids)
         if not all(table.strings for letter, table in self.lines.items() if letter not in OPTIONAL_FIELDS):
             raise PromptError("--constrained: the model's vocabulary cannot spell a header")
         self.kind = np.array([info[s][0] for s in self.body.strings], dtype=np.int8)    # (N,)
@@ -289,6 +293,7 @@ class AbcConstraint:
         self.whole_body = np.array([self.at.get(t, -1) for t in whole], dtype=np.int64)
         self.whole_first = np.array([self.char_ids.get(t[0], -1) for t in whole], dtype=np.int64)
         self.whole_lines = {letter: np.isin(whole, spelled) for letter, spelled in zip(HEADER_ORDER, HEADER_LINES)}
+        self.whole_lines["hornpipe M"] = np.isin(whole, HORNPIPE_METERS)
         self.whole = whole
         self.cache: dict[tuple, np.ndarray] = {}
         self.legal_ids: dict[bytes, int] = {}  # a legal set (as bytes) -> its number
@@ -375,7 +380,8 @@ class AbcConstraint:
             return [self._code_table(s.code, s.code_bars)]
         letter = HEADER_ORDER[s.phase]
         letters = letter + (HEADER_ORDER[s.phase + 1] if letter in OPTIONAL_FIELDS else "")  # or skip it
-        return [(self.lines[letter], self.whole_lines[letter]) for letter in letters]
+        names = ["hornpipe M" if letter == "M" and s.hornpipe else letter for letter in letters]
+        return [(self.lines[name], self.whole_lines[name]) for name in names]
 
     def _code_table(self, code: tuple[str, ...], code_bars: int) -> tuple[_PrefixTable, np.ndarray]:
         """The code's next line, as the code's order allows; a code the model writes itself
@@ -421,10 +427,14 @@ class AbcConstraint:
         playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
         if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
+        if letter == "M" and state.hornpipe and line.replace(" ", "") not in HORNPIPE_METERS:
+            raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
+                              f"not {line!r}")
         if letter == "L":
             state.unit = value
         elif letter == "M":
             state.meter = value
+        state.hornpipe = state.hornpipe or line.replace(" ", "") == "R:hornpipe"
         state.phase = HEADER_ORDER.index(letter) + 1
         if letter == "K":
             if state.meter is None:
