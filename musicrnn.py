@@ -453,6 +453,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     of every batch, and rank 0 alone holds the lock, logs and writes.
     """
     out = check_output(cfg.out_dir, "--out", folder=True)
+    pick_device(cfg.device)  # refused here, in every rank, before a process group is set up on it
     with removed_if_failed(out), distributed.session(cfg.device) as (world, device):  # a failed start leaves no folder
         log = log if world.writer else (lambda *args: None)
         with folder_lock(out) if world.writer else contextlib.nullcontext():

@@ -124,3 +124,11 @@ def test_one_process_without_torchrun_is_a_world_of_one(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     world, device = distributed.start("cpu")
     assert (world.rank, world.size, device) == (0, 1, "cpu") and world.sum(2.5) == 2.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA would train")
+def test_cuda_asked_for_where_there_is_none_is_an_error_line_under_torchrun_too(fixture_data, tmp_path):
+    command = train_command(fixture_data, tmp_path / "run")
+    done = run(TORCHRUN + [c if c != "cpu" else "cuda" for c in command])
+    assert done.returncode != 0 and "error: --device cuda: no CUDA device is available here" in done.stderr
+    assert "_cuda_setDevice" not in done.stderr and "AttributeError" not in done.stderr  # no rank's traceback
