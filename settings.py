@@ -14,6 +14,7 @@ Holds:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields, replace
 from typing import NoReturn
 
@@ -130,12 +131,20 @@ def _refuse(source: str, name: str, value, wanted: str) -> NoReturn:
 RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device", "precision")  # the rest would make it another run
 
 
+def _same(name: str, typed, stored) -> bool:
+    """A setting typed again on --resume is the stored one: data paths as paths (./data/x.json is data/x.json)."""
+    if name in ("train_data", "val_data") and "://" not in typed + stored:
+        return os.path.normpath(typed) == os.path.normpath(stored)
+    return typed == stored
+
+
 def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):
     """The checkpoint's settings, with those of RESUME_MAY_CHANGE that this command gives (given:
     the flags typed; None: every field of cfg). Any other given setting that differs is refused."""
     old = config_from_dict(type(cfg), ckpt["config"], source)
     given = {f.name for f in fields(cfg)} - {"out_dir"} if given is None else given - {"out_dir"}
-    differ = [name for name in sorted(given - set(RESUME_MAY_CHANGE)) if getattr(cfg, name) != getattr(old, name)]
+    differ = [name for name in sorted(given - set(RESUME_MAY_CHANGE)) if not _same(name, getattr(cfg, name),
+                                                                                  getattr(old, name))]
     if differ:
         raise UserError("--resume continues a run as it was set up, and these differ from its checkpoint: "
                         + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} (it has {getattr(old, n)})"

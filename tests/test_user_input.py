@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -410,6 +411,10 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data):
     code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "3", "--patience", "5")
     assert code == 0 and "resuming" in out_text, err
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+    same_file = f'{Path(fixture_data["train"]).parent}/./{Path(fixture_data["train"]).name}'  # Path would drop "."
+    spelled = [same_file if arg == fixture_data["train"] else arg for arg in base]  # the same file, spelled anew
+    code, out_text, err = run_main(musicrnn.main, *spelled, "--resume", "--epochs", "4", "--patience", "5")
+    assert code == 0 and "resuming" in out_text, err
 
 
 # --- 15. meter and key checked alike, free and constrained
