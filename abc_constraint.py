@@ -313,7 +313,8 @@ class AbcConstraint:
         melody (measured on random tunes), so a generated tune would no longer be clean.
         """
         state, i = TuneState(phase=CODE if self.coded else 0, form=tuple(form)), 0
-        state.code_bars = self.max_bars if max_tokens is None else most_bars(max_tokens, self.max_bars, code=True)
+        if self.coded:  # only a code the model writes reads it
+            state.code_bars = self.max_bars if max_tokens is None else most_bars(max_tokens, self.max_bars, code=True)
         while i < len(prompt):
             ch = prompt[i]
             if state.phase == BODY and ch == '"':
@@ -341,7 +342,7 @@ class AbcConstraint:
         a note: abc2midi reads "2" alone), and it may not sit between a decoration and its note
         (~"G"d: abc2midi finds no note after the ~)."""
         pending = state.pending
-        if pending and not (pending in self.at and self._legal_cached(state, state.pending_must_end)[1][self.at[pending]]):
+        if self._unfinished(state, self._legal_cached(state, state.pending_must_end)[1]):
             raise PromptError(f"--constrained: a chord symbol cannot split {pending!r} at {before!r}")
         decorated = (state.need_note and state.last == DECORATION) or self.info.get(pending, (None,))[0] == DECORATION
         if decorated:
@@ -617,7 +618,7 @@ class AbcConstraint:
         finished may be the one that reaches the bar cap."""
         legal_id, legal = self._legal_cached(s, s.pending_must_end)   # a token already begun finishes
         pending = s.pending_key()                                      # under the rules it began under
-        if s.pending and not (s.pending in self.at and legal[self.at[s.pending]]):
+        if self._unfinished(s, legal):
             grows = self._cached(("grows", legal_id) + pending, lambda: _with_penalty(self._grows(s, legal)))
             return *grows, must_end
         after = s
@@ -631,6 +632,10 @@ class AbcConstraint:
         masks = self._cached(("body", legal_id, after_legal[0], can_end, must_end) + pending,
                              lambda: _with_penalty(self._body_mask(s, legal, after_legal, can_end, must_end)))
         return *masks, must_end
+
+    def _unfinished(self, s: TuneState, legal: np.ndarray) -> bool:
+        """The token being written cannot end here: it is no token, or not one that legal allows."""
+        return bool(s.pending) and not (s.pending in self.at and legal[self.at[s.pending]])
 
     def _grows(self, s: TuneState, legal: np.ndarray) -> np.ndarray:
         """(V,) the characters that extend the pending token towards a legal one."""

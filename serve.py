@@ -45,6 +45,7 @@ from rendering import missing_tools, render_tune
 
 MAX_TUNES = 8               # tunes per request
 MAX_TOKENS = 1000           # tokens per tune
+MAX_FORM_BARS = most_bars(MAX_TOKENS, MAX_TOKENS)  # the bars of a form that MAX_TOKENS holds
 MAX_BODY = 8 * 1024         # bytes of a form: its fields are a few dozen
 MAX_DRAIN = 16 * 1024**2    # a larger body is read (and dropped) up to here, so the client sees the 413
 RENDER_SECONDS = 20         # per tool and tune
@@ -117,9 +118,10 @@ def sampling_options(form: dict[str, str]) -> tuple[sampler.SamplingOptions, str
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name}: {e}") from None
     args = Namespace(prompt=None, top_k=None, max_tokens=MAX_TOKENS, max_bars=None, form=None, **values)
     with user_errors_as_bad_requests():
-        bars, most = sum(sampler.form_bars(sampler.requested_form(args))), most_bars(MAX_TOKENS, MAX_TOKENS)
-        if bars > most:  # the command line would ask for more --max-tokens, which the page does not offer
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the page writes at most {most} bars a tune: {bars} are too many")
+        bars = sum(sampler.form_bars(sampler.requested_form(args)))
+        if bars > MAX_FORM_BARS:  # the command line would ask for more --max-tokens, which the page does not offer
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the page writes at most {MAX_FORM_BARS} bars a tune: "
+                                                    f"{bars} are too many")
         return sampler.sampling_options(args), args.type
 
 
