@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+import corpus
 import export
 import judging
 import musicrnn
 import sampler
+from abc_music import transpose_tune
 from conftest import one_error_line, run_main, tiny_config
 
 TINY = ["--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "1", "--device", "cpu"]
@@ -20,6 +22,16 @@ TINY = ["--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "1", "--device
 def train_args(fixture_data, out, *extra) -> list:
     return ["train", "--train-data", fixture_data["train"], "--val-data", fixture_data["val"], "--out", out,
             *TINY, *extra]
+
+
+def test_validation_tunes_that_are_training_tunes_are_named_but_allowed(fixture_data, fixture_tunes, tmp_path):
+    code, out, _ = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "leak"), "--val-data",
+                            fixture_data["train"])
+    assert code == 0 and "warning: 24 of the 24 validation tunes are training tunes too" in out, out
+    held_out = tmp_path / "held-out.json"
+    corpus.write_irishman_json(held_out, [transpose_tune(tune, 2) for tune in fixture_tunes[:2]])
+    code, out, _ = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "held-out"), "--val-data", held_out)
+    assert code == 0 and "warning" not in out, out
 
 
 # --- every output of a run, checked before the first epoch
