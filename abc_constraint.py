@@ -771,7 +771,7 @@ class AbcConstraint:
             self._put(legal, "<", rem >= s.last_note)
         self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0 and rem > 0 and not must_end)  # a tie is
         # "inside" (_bar_target): begun in the bar that must end the tune, it would carry it to a full bar
-        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
+        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE) and not s.line_letter)  # "B :|" reads as a field too
         self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE))
 
     @staticmethod

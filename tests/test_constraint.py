@@ -114,6 +114,14 @@ def test_pickups(constraint, body, ok):
     assert accepts(constraint, body) == ok
 
 
+@pytest.mark.parametrize("body, ok", [("f3\nB:|", False), ("f3\nB :|", False), ("f3\nB|", True),
+                                      ("f3\nB\n:|", True), ("f2\nB2:|", True), ("f3\n^B:|", True)])
+def test_a_line_of_one_letter_never_reads_as_a_field(constraint, body, ok):
+    """abc2midi reads "B:|" and "B :|" on a line of their own as a field "B:" or a repeat: its warning
+    says it cannot tell which."""
+    assert accepts(constraint, "|:d2e2|" + body) == ok
+
+
 def test_header_order_and_meter_are_checked(constraint):
     with pytest.raises(PromptError, match="order"):
         constraint.start("X:1\nM:6/8\nL:1/8\nK:D\n")
