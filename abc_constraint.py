@@ -527,7 +527,8 @@ class AbcConstraint:
         if bar in (":|", ":|2"):
             s.repeat_open = False
         s.ending = {"|1": 1, ":|2": 2}.get(bar, 0 if bar in ("||", "|]") else s.ending)
-        s.bar, s.first_bar, s.last_bar, s.last_note = 0, False, bar, 0
+        # a |: before any note leaves the first bar to come, which may still be a pickup (|:A|d2f2|...)
+        s.bar, s.first_bar, s.last_bar, s.last_note = 0, s.first_bar and s.bar == 0, bar, 0
 
     # --- masks ------------------------------------------------------------------
 

@@ -109,6 +109,8 @@ def test_grace_notes_take_no_time(constraint):
     ("A|d2f2|d2f2|d2f2|d2f:|\n|:g|a2f2|", True),  # the next section starts with the pickup again
     ("A|d2f2|d2f|", False),                      # no short bar in mid-section
     ("d2f2|A|", False),                          # only the first bar may be a pickup
+    ("|:A|d2f2|d2f2|d2f2|d2f:|", True),          # a repeat may open before the pickup
+    ("|:A|d2f2|A|", False),
 ])
 def test_pickups(constraint, body, ok):
     assert accepts(constraint, body) == ok
