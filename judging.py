@@ -49,8 +49,9 @@ def check_with_abc2midi(tune: str) -> dict:
     """Run abc2midi on one tune. It exits 0 even on errors, so its output is what counts.
 
     valid: a MIDI file is written and no "Error" line is printed (R:hornpipe aside: for_abc2midi).
-    bar_clean: valid, and no "Bar N has X time units" warning (abc2midi does not warn
-    about a pickup bar or the short last bar that completes it).
+    bar_clean: valid, no "Bar N has X time units" warning (abc2midi does not warn about a pickup
+    bar or the short last bar that completes it), and the last bar closed by a bar line: abc2midi
+    checks no bar the tune stops in, so a tune cut off by --max-tokens in mid-bar would pass.
     """
     with tempfile.TemporaryDirectory() as tmp:
         src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
@@ -60,7 +61,8 @@ def check_with_abc2midi(tune: str) -> dict:
         lines = (result.stdout + result.stderr).splitlines()
         valid = midi.exists() and midi.stat().st_size > 0 and not any("Error" in line for line in lines)
     bar_warnings = [line for line in lines if _BAR_WARNING.search(line)]
-    return {"valid": valid, "bar_clean": valid and not bar_warnings, "messages": lines}
+    closed = tune_body(tune).rstrip().endswith(("|", "|]", "::"))
+    return {"valid": valid, "bar_clean": valid and not bar_warnings and closed, "messages": lines}
 
 
 def pitch_class_histogram(tunes: list[str]) -> np.ndarray:

@@ -213,6 +213,15 @@ def test_a_type_the_corpus_lacks_is_none_in_the_json_and_n_a_in_the_table(fixtur
     assert "| jig | in 6/8 | n/a | 100% | 100% |" in judging.type_table(rows)
 
 
+@pytest.mark.parametrize("ending, clean", [("|d2f2|d2f", False), ("|d2f2|d2f2|]", True), ("|d2f2|d2f2|", True),
+                                           ("|d2f2|d2f2:|", True)])
+def test_a_tune_that_stops_in_mid_bar_is_valid_but_not_bar_clean(ending, clean):
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi)")
+    result = judging.check_with_abc2midi("X:1\nL:1/8\nM:2/4\nK:D\nd2f2|d2f2" + ending + "\n")
+    assert result["valid"] and result["bar_clean"] == clean, result["messages"]
+
+
 def test_tunes_without_notes_have_no_pitch_class_distance_and_no_4_grams(fixture_tunes):
     metrics = judging.tune_metrics(["X:1\nL:1/8\nM:6/8\nK:D\n"], fixture_tunes, judge=False)
     assert metrics["pitch_class_distance"] is None and metrics["distinct_4grams"] is None  # nothing to compare
