@@ -85,7 +85,9 @@ def render_tune(abc: str, folder: Path, stem: str, timeout: float = 20.0) -> dic
     made = {"abc": folder / f"{stem}.abc"}
     made["abc"].write_text(abc, encoding="utf-8")
     missing = missing_tools()
-    if "score" not in missing and run_tool([*SCORE, made["abc"].name, "-O", f"{stem}.svg"], folder, timeout):
+    if "score" not in missing:
+        # its exit status is no guide: a line it had to squeeze ("Line too much shrunk") fails it, the score drawn
+        run_tool([*SCORE, made["abc"].name, "-O", f"{stem}.svg"], folder, timeout)
         pages = sorted(folder.glob(f"{stem}[0-9][0-9][0-9].svg"))
         if pages:  # abcm2ps numbers its pages: the first holds a tune of a page or less
             made["score"] = pages[0].replace(folder / f"{stem}.svg")
@@ -227,7 +229,7 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0)
         for p in made:
             os.replace(p, folder / (stem + p.name.removeprefix(book.stem)))
     count = {suffix: sum(p.suffix == suffix for p in made) for suffix in (".mid", ".wav", ".svg")}
-    lines = {"MIDI": f"MIDI: {count['.mid']} files {folder / stem}N.mid",
-             "audio": f"audio: {count['.wav']} files {folder / stem}N.wav",
-             "score": f"SVG: {count['.svg']} scores {folder / stem}NNN.svg"}
+    lines = {"MIDI": f"MIDI: {count['.mid']} file{'s' * (count['.mid'] != 1)} {folder / stem}N.mid",
+             "audio": f"audio: {count['.wav']} file{'s' * (count['.wav'] != 1)} {folder / stem}N.wav",
+             "score": f"SVG: {count['.svg']} score{'s' * (count['.svg'] != 1)} {folder / stem}NNN.svg"}
     return [missing.get(what, line) for what, line in lines.items()]

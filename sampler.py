@@ -233,10 +233,11 @@ def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptio
     if args.out is None:
         return None
     out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
-    if args.render and not args.overwrite:
-        existing = rendered_files(out, opts.num)
-        if existing:
-            raise OutputError(f"--render would replace {existing[0]}: pass --overwrite, or choose another --out")
+    existing = rendered_files(out, opts.num) if args.render else []
+    if existing and not args.overwrite:
+        raise OutputError(f"--render would replace {existing[0]}: pass --overwrite, or choose another --out")
+    for path in existing:  # not even --overwrite replaces the model (a checkpoint named set1.wav, say)
+        check_output(path, "--render", overwrite=True, inputs=[model_path])
     return out
 
 

@@ -7,7 +7,7 @@ serve: a local page that writes, shows and plays tunes, backed by the exported O
 
 Pick a meter, a key, a temperature and a seed, press "Write tunes". Each tune comes back as
 a score (abcm2ps SVG), a player (fluidsynth WAV, General MIDI soundfont), its ABC text, and
-downloads of .abc, .mid and .wav. Everything is made here; the page loads nothing from
+downloads of .abc, .svg, .mid and .wav. Everything is made here; the page loads nothing from
 elsewhere and runs no script. A missing tool costs only its part, and the page names the
 Debian package that adds it.
 
@@ -153,33 +153,42 @@ class TuneServer(ThreadingHTTPServer):
         self.constraint = AbcConstraint(self.vocab, coded=self.facts.control_codes)  # its mask cache serves all
         self.generating = threading.Lock()            # one generation at a time: it holds the GIL anyway
         self.active = threading.BoundedSemaphore(MAX_ACTIVE)
-        self.pruning = threading.Lock()
+        self.pruning = threading.Lock()               # guards busy, and the folders' removal
+        self.busy: set[Path] = set()                  # folders of requests still rendering or sending
         self.keep_requests, self.keep_bytes = KEEP_REQUESTS, KEEP_BYTES
         self.missing = missing_tools()
         super().__init__(address, Handler)
 
-    def write_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> tuple[str, list[dict]]:
-        """Generate, then render each tune into a new folder: (its name, what -> path per tune)."""
+    def write_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> list[str]:
         with self.generating, user_errors_as_bad_requests():
             opts, constraint = sampler.check_against_model(opts, self.vocab, self.facts, tune_type, self.constraint)
-            tunes = sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
+            return sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
+
+    @contextlib.contextmanager
+    def request_folder(self):
+        """A new folder for one request's files, (its name, its path): never pruned while the request
+        renders into it and sends its page, and kept as the newest when it is done, whatever its size."""
         name = secrets.token_hex(16)
         folder = self.folder / name
         folder.mkdir()
-        made = [render_tune(sampler.tunebook([t], first=n), folder, f"tune{n}", RENDER_SECONDS)
-                for n, t in enumerate(tunes, start=1)]
-        self.prune()
-        return name, made
-
-    def prune(self) -> None:
-        """Keep the newest keep_requests folders, within keep_bytes."""
         with self.pruning:
-            folders = sorted(self.folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-            total = 0
-            for n, folder in enumerate(folders):
-                total += _bytes(folder)
-                if n >= self.keep_requests or total > self.keep_bytes:
-                    shutil.rmtree(folder, ignore_errors=True)
+            self.busy.add(folder)
+        try:
+            yield name, folder
+        finally:
+            with self.pruning:
+                self.busy.discard(folder)
+                self.prune(newest=folder)
+
+    def prune(self, newest: Path | None = None) -> None:
+        """Keep newest and the newest keep_requests folders, within keep_bytes; folders of requests
+        still at work are left alone (call with self.pruning held)."""
+        done = [f for f in self.folder.iterdir() if f != newest and f not in self.busy]
+        total = _bytes(newest) if newest else 0
+        for n, folder in enumerate(sorted(done, key=lambda p: p.stat().st_mtime, reverse=True), start=bool(newest)):
+            total += _bytes(folder)
+            if n >= self.keep_requests or total > self.keep_bytes:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _bytes(folder: Path) -> int:
@@ -209,6 +218,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.OK, DEFAULTS)
         elif m := FILE_PATH.fullmatch(self.path):
             self.send_file(self.server.folder / m.group(1) / m.group(2))
+        elif self.path == "/generate":  # the address bar after a form was sent: the form is posted, not got
+            self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error="/generate answers the form: "
+                                                                           "write the tunes from the page")
         else:
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
 
@@ -229,9 +241,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
             opts, tune_type = sampling_options(form)
-            folder, made = self.server.write_tunes(opts, tune_type)
+            tunes = self.server.write_tunes(opts, tune_type)
             note = sampler.form_note(opts, self.server.facts)
-            self.send_page(HTTPStatus.OK, form, tunes=(folder, made), note=note and for_the_page(note))
+            with self.server.request_folder() as (name, folder):
+                made = [render_tune(sampler.tunebook([t], first=n), folder, f"tune{n}", RENDER_SECONDS)
+                        for n, t in enumerate(tunes, start=1)]
+                self.send_page(HTTPStatus.OK, form, tunes=(name, made), note=note and for_the_page(note))
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
         except OSError as e:  # the server's own folder: a full disk, say
@@ -286,13 +301,18 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "POST")
         if not self.body_read and (self.headers.get("Content-Length", "0").strip() != "0"
                                    or "Transfer-Encoding" in self.headers):
             self.close_connection = True  # a body left unread would be read as the next request
             self.send_header("Connection", "close")
         self.end_headers()
         if not self.head_only:
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client went away (a player that read
+                self.close_connection = True                 # enough of a WAV): nothing to answer, no traceback
 
 
 # -----------------------------------------------------------------------------

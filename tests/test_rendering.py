@@ -63,11 +63,20 @@ def test_overwrite_replaces_only_the_files_this_render_writes(tmp_path):
     planted = plant(tmp_path, "set11.mid", "set11.wav", "set2.mid", "set002.svg", "set1.mid.bak")
     (tmp_path / "set1.mid").write_text("an earlier render of this tunebook")
     lines = rendering.render_tunebook(tunebook(tmp_path / "set.abc", 1), overwrite=True)
-    assert [line.split(" files")[0].split(" scores")[0] for line in lines] == ["MIDI: 1", "audio: 1", "SVG: 1"]
+    assert [line.split(" file")[0].split(" score")[0] for line in lines] == ["MIDI: 1", "audio: 1", "SVG: 1"]
     assert untouched(tmp_path, planted)
     assert (tmp_path / "set1.mid").read_bytes().startswith(b"MThd")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*planted, "set.abc", "set1.mid", "set1.wav",
                                                                  "set001.svg"])
+
+
+@needs["abcm2ps"]
+def test_a_score_abcm2ps_draws_is_shown_even_when_it_squeezed_a_line(tmp_path):
+    """abcm2ps exits 1 on "Line too much shrunk", the score written all the same."""
+    tune = ("X:7\nL:1/8\nM:4/4\nK:G\nGA2B2dc|B2AB/c/ d2cB |ABcd e2 dc |dfga b3 a|c'2fa ba/f/d'/c'/b/c'/ |"
+            "c'2 d'2d'2 db |=c'bb_ag g2 g |a>abc'\ne'2g/b/2g/a/|]\n")
+    made = rendering.render_tune(tune, tmp_path, "squeezed")
+    assert made["score"] == tmp_path / "squeezed.svg" and made["score"].read_text().rstrip().endswith("</svg>")
 
 
 @all_tools
@@ -90,6 +99,15 @@ def test_the_command_line_refuses_only_what_its_render_would_replace(tiny_onnx, 
     plant(tmp_path, "other1.mid")
     code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "other.abc")
     assert one_error_line(code, err) and "other1.mid" in err and not (tmp_path / "other.abc").exists()
+
+
+def test_not_even_overwrite_lets_a_render_replace_the_model(tiny_onnx, tmp_path):
+    model = tmp_path / "set1.mid"
+    shutil.copy(tiny_onnx, model)
+    args = ["--model", model, "--constrained", "--max-tokens", "120", "--render", "--overwrite", "--num", "1"]
+    code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "set.abc")
+    assert one_error_line(code, err) and "set1.mid" in err and "reads" in err, err
+    assert model.read_bytes() == Path(tiny_onnx).read_bytes() and not (tmp_path / "set.abc").exists()
 
 
 def test_the_command_line_with_overwrite_deletes_nothing_it_does_not_write(tiny_onnx, tmp_path):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import wave
@@ -256,6 +257,16 @@ def test_nothing_outside_its_own_files_is_served(server, path):
     assert request(server + "/")[0] == 200
 
 
+def test_getting_the_forms_address_is_405_with_allow_post(server):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/generate")  # the address bar, after a form was sent
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    assert b"write the tunes from the page" in response.read()
+    conn.close()
+
+
 def test_concurrent_requests_each_get_their_own_tunes(server):
     results = [None] * 6
 
@@ -324,3 +335,46 @@ def test_the_server_keeps_only_its_newest_requests_files_within_the_byte_bound(t
         assert sorted(p.name[-1] for p in tmp_path.iterdir()) == ["4", "5"]
     finally:
         server.server_close()
+
+
+def test_a_request_over_the_byte_bound_keeps_its_own_files_and_spares_one_at_work(tiny_onnx, tmp_path):
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    tune_server.keep_bytes = 1  # every request's files are over it
+    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
+    try:
+        url = "http://%s:%d" % tune_server.server_address[:2]
+        with tune_server.request_folder() as (_, at_work):  # another request, still rendering
+            (at_work / "tune1.abc").write_text("X:1\n")
+            pages = [request(url + "/generate", form(num="2", seed=str(seed))) for seed in (1, 2)]
+            assert [status for status, _, _ in pages] == [200, 200], error_on_page(pages[0][2])
+            first, second = [re.findall(rb'href="(/files/[^"]+)"', body) for _, _, body in pages]
+            assert all(request(url + link.decode())[0] == 200 for link in second)  # the newest done: all there
+            assert all(request(url + link.decode())[0] == 404 for link in first)   # pruned when the next was done
+            assert at_work.exists()                                                # spared while at work
+        assert at_work.exists()  # once done it is the newest, kept whatever its size
+        assert all(request(url + link.decode())[0] == 404 for link in second)
+    finally:
+        tune_server.shutdown()
+        tune_server.server_close()
+
+
+def test_a_client_that_goes_away_mid_file_leaves_no_traceback(tiny_onnx, tmp_path, capsys):
+    import socket
+    import struct
+
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
+    try:
+        with tune_server.request_folder() as (name, folder):
+            (folder / "tune1.wav").write_bytes(bytes(32 << 20))  # far more than a socket buffers
+            client = socket.create_connection(tune_server.server_address[:2], timeout=10)
+            client.sendall(f"GET /files/{name}/tune1.wav HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            client.recv(1000)  # the headers have come: the body is being written
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # a reset, as a player that has read enough does
+            time.sleep(1)
+        assert request("http://%s:%d/" % tune_server.server_address[:2])[0] == 200  # still serving
+    finally:
+        tune_server.shutdown()
+        tune_server.server_close()
+    assert "Traceback" not in capsys.readouterr().err

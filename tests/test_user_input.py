@@ -501,7 +501,7 @@ def test_render_with_overwrite_replaces_only_the_files_it_writes_and_counts_only
     code, _, err = run_main(infer_onnx.main, *args, "--num", "1")
     assert one_error_line(code, err) and "pass --overwrite" in err
     code, _, err = run_main(infer_onnx.main, *args, "--num", "1", "--seed", "5", "--overwrite")
-    assert code == 0 and "MIDI: 1 files" in err, err
+    assert code == 0 and "MIDI: 1 file " in err, err
     now = {p.name: p.read_bytes() for p in tmp_path.glob("tunes*.mid")}
     assert now.keys() == earlier.keys() and now["tunes1.mid"] != earlier["tunes1.mid"]
     assert all(now[name] == earlier[name] for name in ("tunes2.mid", "tunes3.mid", "tunes4.mid"))  # not its files
