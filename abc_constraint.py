@@ -186,7 +186,7 @@ class TuneState:
     last_pitch: int = -1           # pitch id of the last plain note
     tie_pitch: int = -1            # after a tie -: the next note must have this pitch (-1: no tie)
     short_next: int = 0            # after a short :|, the next bar is a pickup of this many ticks
-    line_letter: bool = False      # the line so far is one bare letter: "A:|" would read as a field "A:"
+    line_letter: bool = False      # the line so far is one bare letter, spaces aside: "A:|", "A :|" read as a field
     need_note: bool = False        # after a decoration or a grace group
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
@@ -452,7 +452,8 @@ class AbcConstraint:
             self._commit_bar(s, text)
         else:
             self._commit_mark(s, kind, ticks)
-        s.line_letter = s.last in (NEWLINE, -1) and len(text) == 1 and text.isalpha()
+        s.line_letter = (s.line_letter and text == " ") or (s.last in (NEWLINE, -1) and len(text) == 1
+                                                             and text.isalpha())  # "B :|" is as ambiguous
         s.last = kind
 
     def _commit_note(self, s: TuneState, kind: int, ticks: int, text: str) -> None:
@@ -772,8 +773,9 @@ class AbcConstraint:
             self._put(legal, "<", rem >= s.last_note)
         self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0 and rem > 0 and not must_end)  # a tie is
         # "inside" (_bar_target): begun in the bar that must end the tune, it would carry it to a full bar
-        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE) and not s.line_letter)  # "B :|" reads as a field too
-        self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE))
+        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
+        # after a line's lone letter and a space, a line break is the way on where only :| may close the bar
+        self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE) or s.line_letter)
 
     @staticmethod
     def _bar_target(s: TuneState, must_end: bool) -> int:

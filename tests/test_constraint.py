@@ -110,14 +110,15 @@ def test_grace_notes_take_no_time(constraint):
     ("A|d2f2|d2f|", False),                      # no short bar in mid-section
     ("d2f2|A|", False),                          # only the first bar may be a pickup
     ("|:A|d2f2|d2f2|d2f2|d2f:|", True),          # a repeat may open before the pickup
+    ("A |d2f2|", True),                          # a pickup of one letter, then a space
     ("|:A|d2f2|A|", False),
 ])
 def test_pickups(constraint, body, ok):
     assert accepts(constraint, body) == ok
 
 
-@pytest.mark.parametrize("body, ok", [("f3\nB:|", False), ("f3\nB :|", False), ("f3\nB|", True),
-                                      ("f3\nB\n:|", True), ("f2\nB2:|", True), ("f3\n^B:|", True)])
+@pytest.mark.parametrize("body, ok", [("f3\nB:|", False), ("f3\nB :|", False), ("f3\nB|", True), ("f3\nB |", True),
+                                      ("f3\nB \n:|", True), ("f2\nB2:|", True), ("f3\n^B:|", True)])
 def test_a_line_of_one_letter_never_reads_as_a_field(constraint, body, ok):
     """abc2midi reads "B:|" and "B :|" on a line of their own as a field "B:" or a repeat: its warning
     says it cannot tell which."""
