@@ -3,7 +3,8 @@ cli: command-line plumbing shared by musicrnn.py, infer_onnx.py and export.py. T
 
 Holds:
 - UserError, run_command, first_line: every command's errors as one `error:` line and exit code 2,
-  never a traceback; Parser: argparse whose own errors are one such line too;
+  never a traceback; Parser: argparse whose own errors are one such line too; ReaderSafeStdout:
+  a reader that stops early (`| head`) ends the printing, not the work;
 - int_in, float_in, positive_int, positive_float: argparse types that check a range and
   say what is wrong in words (nan and inf refused); check_dataclass applies them to a
   config that did not come from flags (a checkpoint's, an API caller's);
@@ -18,10 +19,12 @@ Holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import io
 import math
+import os
 import sys
 import tokenize
 
@@ -31,7 +34,44 @@ class UserError(Exception):
 
 
 def run_command(command, args) -> int:
-    """command(args), with what a user can cause shown as one `error:` line (exit 2)."""
+    """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
+    a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
+    stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
+    try:
+        return _errors_as_lines(command, args)
+    finally:
+        sys.stdout = stdout
+
+
+class ReaderSafeStdout:
+    """stdout whose reader may go (`| head -1`): from then on what is printed goes nowhere instead
+    of raising, so a training, a sweep and the files they write go on to the end. `gone` says so."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        self._try(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._try(self.stream.flush)
+
+    def _try(self, method, *args) -> None:
+        if self.gone:
+            return
+        try:
+            method(*args)
+        except BrokenPipeError:
+            self.gone = True
+            with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit must not fail either
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _errors_as_lines(command, args) -> int:
     try:
         command(args)
     except UserError as e:

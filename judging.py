@@ -119,7 +119,8 @@ def sweep(generate_fn, opts, training_tunes: list[str], temperatures=(0.5, 0.8, 
             rows.append({"temperature": temperature, "constrained": constrained,
                          **tune_metrics(tunes, training_tunes, judge)})
             log(f"temperature {temperature} {'constrained' if constrained else 'free':>11}: "
-                + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items() if k not in ("temperature", "constrained")))
+                + ", ".join(f"{k} {'n/a' if v is None else format(v, '.3g')}" for k, v in rows[-1].items()
+                            if k not in ("temperature", "constrained")))  # None: nothing to measure
     return rows
 
 

@@ -205,7 +205,7 @@ def print_while_read(text: str) -> bool:
     and stdout goes nowhere from then on, so that Python's flush at exit raises nothing."""
     try:
         print(text, flush=True)
-        return True
+        return not getattr(sys.stdout, "gone", False)  # cli.ReaderSafeStdout's word for it
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return False

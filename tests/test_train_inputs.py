@@ -228,6 +228,13 @@ def test_tunes_without_notes_have_no_pitch_class_distance_and_no_4_grams(fixture
     assert judging.tune_metrics(fixture_tunes[:3], fixture_tunes, judge=False)["pitch_class_distance"] >= 0
 
 
+def test_the_sweeps_progress_lines_say_n_a_where_there_is_nothing_to_measure(fixture_tunes):
+    lines = []
+    rows = judging.sweep(lambda opts: ["X:1\nL:1/8\nM:6/8\nK:D\n"], sampler.SamplingOptions(num=1), fixture_tunes,
+                         temperatures=(1.0,), log=lines.append)
+    assert rows[0]["distinct_4grams"] is None and "distinct_4grams n/a" in lines[-1], lines
+
+
 def test_sweep_refuses_a_budget_its_constrained_rows_cannot_finish_in(tiny_onnx, tmp_path):
     code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--max-tokens", "30",
                             "--out", str(tmp_path / "s.json"))

@@ -477,6 +477,22 @@ def test_out_is_written_in_full_when_the_reader_of_stdout_stops_early(tiny_onnx,
     assert set(range(1, 71)) <= numbers  # the first batch of 64 and the 6 after the pipe closed
 
 
+@pytest.mark.parametrize("command", [
+    ["musicrnn.py", "sweep", "--num", "2", "--temperatures", "0.5", "1", "--max-tokens", "120", "--onnx"],
+    ["musicrnn.py", "stats", "--plot"]], ids=["sweep", "stats"])
+def test_a_reader_that_stops_early_ends_the_printing_not_the_work(command, tiny_onnx, fixture_data, tmp_path):
+    """`musicrnn.py sweep ... | head -1`: the command finishes and writes its files, exit 0."""
+    out = tmp_path / ("sweep.json" if "sweep" in command else "lengths.png")
+    args = [*command, str(tiny_onnx), "--train-data", fixture_data["train"], "--out", str(out)] \
+        if "sweep" in command else [*command, str(out), "--data", fixture_data["train"]]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "error" not in err, err
+    assert out.stat().st_size > 0
+
+
 def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(tiny_onnx):
     """A shell passes \\n through as two characters: the prompt's lines must still be lines, else
     the whole header would sit on its X: line, which the tunebook replaces with its own number."""
