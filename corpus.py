@@ -14,6 +14,7 @@ Holds:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -36,7 +37,11 @@ def load_records(path: str) -> list[tuple[str, str]]:
     Tunes of a tunebook that are not music (no K: line, no notes, several voices), and JSON
     records without a tune, are skipped, and counted in one line that says why.
     """
+    if not path.strip():
+        raise UserError("an empty path names no data: give a file, a folder or a URL")
     p = Path(path)
+    if "://" in path and p.suffix.lower() == ".abc":
+        raise UserError(f"{path}: a tunebook (.abc) is read from a local file or folder; only JSON comes by URL")
     if "://" not in path and not p.exists():
         made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
         raise UserError(f"{path}: no such file or folder{made}")
@@ -70,6 +75,11 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _lines(text: str) -> str:
+    """Windows (\\r\\n) and old Mac (\\r) line breaks as \\n, as a tunebook's are when it is read as text."""
+    return re.sub(r"\r\n?", "\n", text)
+
+
 def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
     """(control code, abc notation) of each record that holds a tune, and what was left out and why
     ("" when nothing was)."""
@@ -87,7 +97,7 @@ def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
         # --control model computes its code from the tune (musicrnn.load_collection)
         code = item.get("control code")
         odd_codes += code is not None and not isinstance(code, str)
-        records.append((code if isinstance(code, str) else "", item["abc notation"]))
+        records.append((_lines(code) if isinstance(code, str) else "", _lines(item["abc notation"])))
     why = []
     if skipped:
         why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))

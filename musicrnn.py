@@ -549,7 +549,8 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     this command may change). world and device_name come from distributed.session."""
     last_path = Path(cfg.out_dir) / "last.pt"
     ckpt = load_checkpoint(str(last_path)) if resume else None
-    check_run_files(last_path.parent, RUN_FILES, replace=resume or overwrite)  # all of them, before any epoch
+    check_run_files(last_path.parent, RUN_FILES, replace=resume or overwrite,  # all of them, before any epoch
+                    inputs=(cfg.train_data, cfg.val_data))
     if ckpt is not None:
         cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
     check_config(cfg, "the settings")

@@ -44,6 +44,8 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
     """path, once it is sure that writing it destroys nothing the user did not ask to replace."""
     if not folder and (not str(path).strip() or str(path).endswith(("/", os.sep))):  # Path() would drop the "/"
         raise OutputError(f"{flag} {str(path)!r} names no file; give a file name")
+    if folder and not str(path).strip():  # Path("") is the current folder
+        raise OutputError(f"{flag} '' names no folder; give one (runs, say)")
     p = Path(path)
     for source in inputs:
         if source and "://" not in str(source) and _same_file(p, source):
@@ -69,10 +71,15 @@ def probe_writable(folder: Path, flag: str, path) -> None:
         raise OutputError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
-def check_run_files(folder: Path, names: tuple[str, ...], replace: bool) -> None:
+def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=()) -> None:
     """Before a training's first epoch: every file it will write in folder can be written there,
-    and, unless replace (--resume, --overwrite), none of them exists yet."""
+    none of them is one of its inputs (its data), and, unless replace (--resume, --overwrite),
+    none of them exists yet."""
     for name in names:
+        for source in inputs:
+            if "://" not in str(source) and _same_file(folder / name, source):
+                raise OutputError(f"{folder / name}, which this training writes, is also what it reads ({source}): "
+                                  f"choose another --out")
         if (folder / name).is_dir():
             raise OutputError(f"{folder / name} is a folder, where this training writes a file: move it away, "
                               f"or choose another --out")

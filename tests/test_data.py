@@ -150,6 +150,21 @@ def test_irishman_json_with_a_byte_order_mark_is_read(tmp_path):
     assert corpus.load_records(str(path)) == [("S:1", "X:1\nK:D\nA|")]
 
 
+def test_irishman_json_with_windows_line_breaks_reads_as_a_tunebook_does(tmp_path, fixture_tunes):
+    """A tunebook read as text has its \\r\\n made \\n; a JSON string keeps them unless told."""
+    crlf, lf = tmp_path / "crlf.json", tmp_path / "lf.json"
+    corpus.write_irishman_json(crlf, [t.replace("\n", "\r\n") for t in fixture_tunes])
+    corpus.write_irishman_json(lf, fixture_tunes)
+    assert musicrnn.load_tunes(str(crlf)) == musicrnn.load_tunes(str(lf))
+
+
+@pytest.mark.parametrize("path, message", [("", "empty path"), ("  ", "empty path"),
+                                           ("http://127.0.0.1:9/set.abc", "local file")])
+def test_an_empty_data_path_or_a_tunebook_url_is_one_clear_error(path, message):
+    with pytest.raises(musicrnn.UserError, match=message):
+        musicrnn.load_tunes(path)
+
+
 # --- the corpus builders: outputs checked before any work, replaced only with --overwrite
 
 

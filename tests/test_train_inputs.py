@@ -4,6 +4,7 @@ fields and non-finite weights refused in one line, failed starts that leave no f
 judging figures where there is nothing to measure."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,20 @@ def test_validation_tunes_that_are_training_tunes_are_named_but_allowed(fixture_
 
 
 # --- every output of a run, checked before the first epoch
+
+
+def test_an_empty_out_is_refused_not_the_current_folder(fixture_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, ""))
+    assert one_error_line(code, err) and "names no folder" in err and list(tmp_path.iterdir()) == [], err
+
+
+def test_not_even_overwrite_lets_a_training_replace_its_data(fixture_data, tmp_path):
+    data = tmp_path / "last.pt"  # training data that happens to bear a run file's name
+    data.write_bytes(Path(fixture_data["train"]).read_bytes())
+    code, _, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path), "--train-data", data, "--overwrite")
+    assert one_error_line(code, err) and "also what it reads" in err, err
+    assert data.read_bytes() == Path(fixture_data["train"]).read_bytes()
 
 
 def test_an_existing_loss_curve_is_not_replaced_without_overwrite(fixture_data, tmp_path):
