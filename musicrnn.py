@@ -464,6 +464,9 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
+    if run.progress.epoch >= run.cfg.epochs or run.progress.stale >= run.cfg.patience:  # a resumed run that is done
+        log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
+            f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
     while run.progress.epoch < run.cfg.epochs and run.progress.stale < run.cfg.patience:  # a resumed early stop too
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
@@ -831,6 +834,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_stats(args) -> None:
+    if args.plot is not None and not args.plot.strip():
+        raise UserError("--plot '' names no file; give a file name ending in .png")
+    if args.overwrite and not args.plot:
+        raise UserError("--overwrite replaces an existing --plot; without --plot, stats writes no file")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise UserError(f"--plot {args.plot}: give a file name ending in .png")
     plot = check_output(args.plot, "--plot", args.overwrite, inputs=[args.data]) if args.plot else None

@@ -67,6 +67,8 @@ def check_unused_flags(cfg, given: set[str] | None) -> None:
                         f"character it sees)")
     if "transpose_range" in given and not cfg.augment_key:
         raise UserError("--transpose-range bounds the transpositions of --augment-key, which is 0 here")
+    if "warmup_steps" in given and cfg.schedule != "cosine":
+        raise UserError(f"--warmup-steps warms up the cosine schedule only; --schedule is {cfg.schedule} here")
 
 
 def check_note_range(text: str) -> None:
@@ -132,9 +134,10 @@ RESUME_MAY_CHANGE = ("epochs", "max_minutes", "patience", "device", "precision")
 
 
 def _same(name: str, typed, stored) -> bool:
-    """A setting typed again on --resume is the stored one: data paths as paths (./data/x.json is data/x.json)."""
+    """A setting typed again on --resume is the stored one: data paths as paths (./data/x.json, and its
+    absolute spelling, are data/x.json)."""
     if name in ("train_data", "val_data") and "://" not in typed + stored:
-        return os.path.normpath(typed) == os.path.normpath(stored)
+        return os.path.abspath(typed) == os.path.abspath(stored)  # each from the folder the command runs in
     return typed == stored
 
 

@@ -106,6 +106,19 @@ def test_min_count_is_refused_with_the_char_tokenizer_and_its_help_says_why(fixt
     assert len(vocabulary[1]) > len(vocabulary[3])
 
 
+def test_warmup_steps_with_the_plateau_schedule_is_refused(fixture_data, tmp_path):
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", "--schedule", "plateau",
+                                                         "--warmup-steps", "10"))
+    assert one_error_line(code, err) and "--warmup-steps" in err and "plateau" in err and "epoch" not in out, err
+    assert run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", "--warmup-steps", "10"))[0] == 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--overwrite"], "without --plot"), (["--plot", ""], "names no file")])
+def test_stats_refuses_an_overwrite_with_nothing_to_write_and_an_empty_plot(flags, message, fixture_data):
+    code, out, err = run_main(musicrnn.main, "stats", "--data", fixture_data["train"], *flags)
+    assert one_error_line(code, err) and message in err and out == "", err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--augment-key", "0", "--transpose-range", "C..c"], "--augment-key"),
     (["--transpose-range", "c..C"], "above"),

@@ -397,7 +397,7 @@ def test_a_huge_request_streams_tunes_in_bounded_memory(tiny_onnx):
 # --- 14. --resume says what it keeps
 
 
-def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data):
+def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data, monkeypatch):
     out = tmp_path / "run"
     base = ["train", "--train-data", fixture_data["train"], "--val-data", fixture_data["val"], "--out", out,
             "--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "2"]
@@ -415,6 +415,12 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data):
     spelled = [same_file if arg == fixture_data["train"] else arg for arg in base]  # the same file, spelled anew
     code, out_text, err = run_main(musicrnn.main, *spelled, "--resume", "--epochs", "4", "--patience", "5")
     assert code == 0 and "resuming" in out_text, err
+    monkeypatch.chdir(Path(fixture_data["train"]).parent)  # and as a relative path, the run's data given absolute
+    relative = ["train.json" if arg == fixture_data["train"] else arg for arg in base]
+    code, out_text, err = run_main(musicrnn.main, *relative, "--resume", "--epochs", "5", "--patience", "5")
+    assert code == 0 and "resuming" in out_text, err
+    code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "5", "--patience", "5")
+    assert code == 0 and "nothing to train: 5 of --epochs 5 done" in out_text, out_text
 
 
 # --- 15. meter and key checked alike, free and constrained
