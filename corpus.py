@@ -61,7 +61,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
 def read_tunebooks(path: Path) -> tuple[list[str], int]:
     """The tunes of an .abc tunebook or of every one in a folder, and how many were skipped."""
     tunes, skipped = [], 0
-    for book in sorted(path.rglob("*.abc")) if path.is_dir() else [path]:
+    books = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".abc" and p.is_file()) if path.is_dir() else [path]
+    for book in books:  # B.ABC too, as when it is named alone
         found, missed = read_tunebook(read_text(book))
         tunes.extend(found)
         skipped += missed

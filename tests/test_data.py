@@ -49,6 +49,9 @@ def test_reads_tunebooks_files_and_folders(tmp_path, fixture_tunes):
     assert musicrnn.load_tunes(str(book)) == ["X:1\nK:D\nDEF|\n", "X:1\nK:G\nGAB|\n"]
     assert len(musicrnn.load_tunes(str(tmp_path))) == 2
     assert len(fixture_tunes) == 8
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "MORE.ABC").write_text("X:1\nK:A\nABc|\n")  # read in a folder as when named alone
+    assert len(musicrnn.load_tunes(str(tmp_path))) == 3 == 2 + len(musicrnn.load_tunes(str(tmp_path / "sub")))
 
 
 def test_irishman_json_round_trip(tmp_path, fixture_tunes):
