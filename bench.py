@@ -598,7 +598,13 @@ def input_paths(args) -> dict[str, str]:
         if not Path(paths[name]).is_file():
             raise UserError(f"{paths[name]}: no such file" + ("" if name in given else " (make train and make data "
                                                                                       "write the defaults)"))
+    for name in read:  # and what is in them, which a measurement minutes in would find
+        READERS[name](paths[name])
     return paths
+
+
+READERS = {"checkpoint": musicrnn.load_checkpoint, "onnx": exported_model.load_model,
+           "int8": exported_model.load_model, "train_data": musicrnn.load_tunes, "val_data": musicrnn.load_tunes}
 
 
 def bench(args) -> None:
