@@ -356,12 +356,13 @@ MODE_NAMES = ("major", "minor", "ionian", "dorian", "phrygian", "lydian", "mixol
 
 def playable_key(value: str) -> bool:
     """A key as a user types one: a tonic, its sharp or flat, and a mode abc2midi knows (m, or a
-    mode's name from its first three letters on: dor, Mix, minor), nothing after it. parse_key is
+    mode's name from its first three letters on: dor, Mix, minor), nothing after it, and at most 7
+    sharps or flats (abc2midi warns "Unusual key representation" on K:A#, K:Fb). parse_key is
     lenient, as abc2midi is with a tune's K: line; a key asked for is held to what it names."""
     key = parse_key(value)
     mode = key.mode.lower() if key else ""
     known = mode in ("", "m") or (len(mode) >= 3 and any(name.startswith(mode) for name in MODE_NAMES))
-    return key is not None and known and not key.rest.strip() and "\n" not in value
+    return key is not None and known and not key.rest.strip() and "\n" not in value and abs(key.fifths) <= 7
 
 
 def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
