@@ -355,7 +355,7 @@ def check_start_flags(args: argparse.Namespace) -> None:
     """--prompt, or --meter and --key (checked alike, free and constrained)."""
     if args.prompt is not None and (args.meter or args.key or args.type):
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
-    if args.prompt is not None and BLANK_LINE.search(args.prompt.strip("\n")):
+    if args.prompt is not None and BLANK_LINE.search(args.prompt.lstrip("\n")):  # at its end too
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")

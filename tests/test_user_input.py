@@ -459,10 +459,13 @@ def test_an_out_that_names_no_file_is_one_line(out, tiny_onnx, tmp_path, monkeyp
     assert one_error_line(code, err) and "names no file" in err and list(tmp_path.iterdir()) == []
 
 
-def test_a_prompt_with_a_blank_line_is_one_line(tiny_onnx):
-    """A blank line ends a tune in a tunebook: the tune printed could not keep it."""
-    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\\nT:A\\n\\nL:1/8\\n")
-    assert one_error_line(code, err) and "blank line" in err
+@pytest.mark.parametrize("prompt, flags", [("X:1\\nT:A\\n\\nL:1/8\\n", []),
+                                           ("X:1\\nL:1/8\\nM:6/8\\nK:D\\nA|\\n\\n", []),
+                                           ("X:1\\nL:1/8\\nM:6/8\\nK:D\\nA|\\n\\n", ["--constrained"])])
+def test_a_prompt_with_a_blank_line_is_one_line(prompt, flags, tiny_onnx):
+    """A blank line ends a tune in a tunebook: the tune printed could not keep it (one at the end too)."""
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt, *flags)
+    assert one_error_line(code, err) and "blank line" in err, err
 
 
 def test_a_meter_alone_is_in_d_as_the_help_says(tiny_onnx):
