@@ -97,7 +97,7 @@ def read_form(body: bytes) -> dict[str, str]:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "the form is not URL-encoded text") from None
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]}")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]!r}")
     repeated = [f"{name} is given {len(values)} times" for name, values in fields.items() if len(values) > 1]
     if repeated:  # which one was meant is not ours to guess
         raise HTTPError(HTTPStatus.BAD_REQUEST, repeated[0])
@@ -345,6 +345,8 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: t
 def form_html(form: dict, types: tuple = ()) -> str:
     form = {**DEFAULTS, **form}  # the optional fields a request left out, shown empty
     def select(name, options, label=None):
+        if form[name] not in options:  # a value the page does not list, but took: shown as sent
+            options = (*options, form[name])
         items = "".join(f"<option value=\"{html.escape(o)}\"{' selected' * (o == form[name])}>"
                         f"{html.escape(label(o) if label else o)}</option>" for o in options)
         return f"<label>{name}<select name={name} id={name}>{items}</select></label>"

@@ -257,6 +257,12 @@ def test_nothing_outside_its_own_files_is_served(server, path):
     assert request(server + "/")[0] == 200
 
 
+def test_a_value_the_page_does_not_list_is_shown_as_sent(server):
+    status, _, page = request(server + "/generate", form(meter="12/16", key="Emin", num="1"))
+    assert status == 200, error_on_page(page)
+    assert b'<option value="12/16" selected>' in page and b'<option value="Emin" selected>' in page
+
+
 def test_getting_the_forms_address_is_405_with_allow_post(server):
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
