@@ -80,7 +80,7 @@ def form(**change) -> bytes:
 
 def error_on_page(page: bytes) -> str:
     m = re.search(rb"<p class=error id=error>([^<]*)</p>", page)
-    return m.group(1).decode() if m else ""
+    return html.unescape(m.group(1).decode()) if m else ""
 
 
 # --- a real browser
@@ -175,7 +175,7 @@ def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(t
     (form(key="H#"), 400, "key H#: not a key"),
     (form(seed=None), 400, "missing field: seed"),
     (form(meter="7/0"), 400, "meter 7/0: not a meter"),
-    (form(tempo="fast"), 400, "unknown field: tempo"),
+    (form(tempo="fast"), 400, "unknown field: 'tempo'"),
     (form(sections="9", bars="8"), 400, "sections: must be a whole number from 1 to 8"),
     (form(sections="2", bars="40"), 400, "bars 40: bars per section must be 1 to 32"),
     (form(type="polka"), 400, "type polka: unknown to this model; it knows reel"),
