@@ -52,7 +52,8 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
     ["L:1/8", "L:1/16", "L:1/4"],
     ["M:" + m for m in ("2/4", "3/4", "4/4", "6/8", "9/8", "12/8", "3/8", "2/2", "C", "C|", "3/2", "6/4")],
     ["K:" + root + mode for root in ("C", "D", "E", "F", "G", "A", "B", "Bb", "Eb", "Ab", "F#", "C#")
-     for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")],
+     for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")
+     if playable_key(root + mode)],  # not Abphr, C#lyd: more than 7 sharps or flats
 ]
 HEADER_ORDER = "XRLMK"
 HORNPIPE_METERS = ("M:2/4", "M:4/4", "M:C")  # abc2midi refuses R:hornpipe in any other meter

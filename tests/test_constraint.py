@@ -125,6 +125,13 @@ def test_a_line_of_one_letter_never_reads_as_a_field(constraint, body, ok):
     assert accepts(constraint, "|:d2e2|" + body) == ok
 
 
+def test_every_header_line_the_constraint_writes_is_one_it_accepts_in_a_prompt():
+    from abc_constraint import HEADER_LINES, HEADER_ORDER, PLAYABLE
+    for letter, lines in zip(HEADER_ORDER, HEADER_LINES):
+        playable = PLAYABLE.get(letter, (lambda value: True,))[0]
+        assert [line for line in lines if not playable(line[2:])] == [], letter
+
+
 def test_header_order_and_meter_are_checked(constraint):
     with pytest.raises(PromptError, match="order"):
         constraint.start("X:1\nM:6/8\nL:1/8\nK:D\n")
