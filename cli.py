@@ -197,7 +197,7 @@ def dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None =
         flag = "--" + flag_names.get(f.name, f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
         shown = {True: "on", False: "off"}[default] if f.type == "bool" else default  # not 1 as "on"
-        about = f"{comments.get(f.name, '')} (default: {shown})"
+        about = comments.get(f.name, "") + ("" if default is None else f" (default: {shown})")  # None: the comment says
         if f.type == "bool":  # a switch: given, it is on
             sections[title].add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=about)
             continue

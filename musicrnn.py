@@ -35,6 +35,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import pickle
 import random
 import sys
@@ -71,7 +72,7 @@ class Config:
     # data
     train_data: str = "data/train.json"         # IrishMAN JSON, any pandas path, .abc file or folder
     val_data: str = "data/validation.json"      # the same, for validation
-    limit: int | None = None                    # use only the first N training tunes (None = all)
+    limit: int | None = None                    # use only the first N training tunes (default: all of them)
     control: bool = False                       # read each tune's control code (its form) before it: p(tune | form)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # --tokenizer abc: a whole token joins the vocabulary at this many uses
@@ -305,8 +306,12 @@ CHECKPOINT_KEYS = {"model", "config", "vocab", "optimizer", "epoch", "step", "be
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint dict. Refuses anything that is not one: never unpickles code."""
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder: give the checkpoint in it ({Path(path) / 'best.pt'}, say)")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such checkpoint" + (" (`make train` writes it)" if path == "runs/best.pt" else ""))
+    if not os.access(path, os.R_OK):  # zipfile.is_zipfile would call it "not a zip file"
+        raise UserError(f"{path}: permission denied")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a musicrnn checkpoint (not a PyTorch zip file)")
     try:

@@ -184,6 +184,7 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     best = str(tiny_run / "best.pt")
     cases = [
         (["evaluate", "--checkpoint", str(tmp_path / "missing.pt")], "no such checkpoint"),
+        (["evaluate", "--checkpoint", str(tiny_run)], "is a folder: give the checkpoint in it"),
         (["evaluate", "--checkpoint", str(truncated)], "not a musicrnn checkpoint"),
         (["evaluate", "--checkpoint", str(pickled)], "would run code"),
         (["evaluate", "--checkpoint", str(foreign)], "not a musicrnn checkpoint"),
