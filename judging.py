@@ -238,7 +238,8 @@ def add_commands(sub, command) -> None:
                               help=f"tokens per tune at most (default 1000; at least {AbcConstraint.END_RESERVE}, "
                                    f"which the constrained rows keep to finish a tune)")
     sweep_parser.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
-                              help="one row pair (free, constrained) per temperature (default: 0.5 0.8 1.0 1.2)")
+                              help="one row pair (free, constrained) per temperature, each 0.01-100 "
+                                   "(default: 0.5 0.8 1.0 1.2)")
     requests = ", ".join("+".join(map(str, bars)) + (f" in {meter}" if meter else "") for bars, meter in FORM_REQUESTS)
     forms = judging_parser(sub, command, "forms", f"how often tunes hold the form asked for, free and --constrained, "
                                                   f"with abc2midi's verdict; the requests (bars per section): {requests}")
@@ -247,7 +248,7 @@ def add_commands(sub, command) -> None:
                                                   "tunes written without")
     for p in (forms, types):
         p.add_argument("--temperature", type=sampler.TEMPERATURE, default=1.0,
-                       help="divides the logits before each draw (default 1.0)")
+                       help="divides the logits before each draw, 0.01-100 (default 1.0)")
     types.add_argument("--train-data", default="data/train.json",
                        help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
 
@@ -258,7 +259,7 @@ def judging_parser(sub, command, name: str, what: str):
     model = p.add_mutually_exclusive_group()  # one model: a --checkpoint beside --onnx would go unread
     model.add_argument("--checkpoint", default="runs/best.pt", help="the model, with torch (default: runs/best.pt)")
     model.add_argument("--onnx", help="generate through onnxruntime with this exported model instead of torch")
-    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table (default 50)")
+    p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table, 1-10000 (default 50)")
     p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
     p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
