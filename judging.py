@@ -283,6 +283,9 @@ def run_command(args, torch_generator) -> None:
 
 
 def judge_sweep(args, corpus: list[str], generate_fn, facts) -> list[dict]:
+    twice = sorted({t for t in args.temperatures if args.temperatures.count(t) > 1})
+    if twice:  # the same rows again, drawn from the same seed: nothing new, minutes spent
+        raise UserError(f"--temperatures gives {twice[0]:g} more than once: each row pair is measured once")
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, max_tokens=args.max_tokens)
     return sweep(generate_fn, opts, corpus, args.temperatures)
 

@@ -267,3 +267,9 @@ def test_sweep_refuses_a_budget_its_constrained_rows_cannot_finish_in(tiny_onnx,
     code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--max-tokens", "30",
                             "--out", str(tmp_path / "s.json"))
     assert one_error_line(code, err) and "from 120" in err
+
+
+def test_sweep_refuses_a_temperature_given_twice(tiny_onnx, fixture_data, tmp_path):
+    code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--temperatures", "1", "0.5", "1.0",
+                            "--train-data", fixture_data["train"], "--out", str(tmp_path / "s.json"))
+    assert one_error_line(code, err) and "gives 1 more than once" in err and not (tmp_path / "s.json").exists(), err
