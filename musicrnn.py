@@ -581,13 +581,18 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     run.bf16 = bf16_products(cfg.precision, device)
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}, {'bf16' if run.bf16 else 'fp32'} products")
-    known = set(train_tunes)
-    shared = sum(tune in known for tune in val_tunes)
-    if shared:  # allowed (overfitting one tune is a sanity check), never silent: it is no longer a held-out measure
-        log(f"warning: {shared} of the {len(val_tunes)} validation tunes are training tunes too: validation "
-            f"bits/char measures memorising, not generalising")
+    warn_if_validation_is_trained_on(train_tunes, val_tunes, log)
     log(parameter_summary(model))
     return run
+
+
+def warn_if_validation_is_trained_on(train_tunes: list[str], val_tunes: list[str], log) -> None:
+    """Allowed (overfitting one tune is a sanity check), never silent: it is no longer a held-out measure."""
+    known = set(train_tunes)
+    shared = sum(tune in known for tune in val_tunes)
+    if shared:
+        log(f"warning: {shared} of the {len(val_tunes)} validation tunes are training tunes too: validation "
+            f"bits/char measures memorising, not generalising")
 
 
 def restore(run: Run, ckpt: dict, log) -> None:
