@@ -213,6 +213,9 @@ def export(args: argparse.Namespace) -> None:
         print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
               f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
               f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")
+    elif out.with_suffix(".int8.onnx").exists():  # left as it was (not asked for), but not silently
+        print(f"note: {out.with_suffix('.int8.onnx')} is left as it was, from before this export: pass --int8 "
+              f"to replace it with this model's", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

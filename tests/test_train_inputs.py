@@ -273,3 +273,12 @@ def test_sweep_refuses_a_temperature_given_twice(tiny_onnx, fixture_data, tmp_pa
     code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--temperatures", "1", "0.5", "1.0",
                             "--train-data", fixture_data["train"], "--out", str(tmp_path / "s.json"))
     assert one_error_line(code, err) and "gives 1 more than once" in err and not (tmp_path / "s.json").exists(), err
+
+
+def test_an_export_without_int8_names_the_older_int8_it_leaves(tiny_run, tmp_path):
+    args = ["--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx"]
+    assert run_main(export.main, *args, "--int8")[0] == 0
+    before = (tmp_path / "m.int8.onnx").read_bytes()
+    code, _, err = run_main(export.main, *args, "--overwrite")
+    assert code == 0 and "m.int8.onnx is left as it was" in err, err
+    assert (tmp_path / "m.int8.onnx").read_bytes() == before  # not asked to replace it
