@@ -110,6 +110,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         sys.exit(error_line(f"{message} (see {self.prog} --help)"))
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag no command knows sends the user to its command's help (musicrnn.py
+        train --help), where the flags are, not to the list of commands."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(namespace, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            sys.exit(error_line(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)"))
+        return namespace
+
 
 def _number(text: str, kind):
     try:

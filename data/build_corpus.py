@@ -3,6 +3,8 @@ Build the default corpus from the ABC tunebooks that ship inside the music21 whe
 
     python -m data.build_corpus [--out data] [--overwrite]    # `make data` runs it, from the repository root
 
+data/README.md comes with the repository, so rebuilding data/ itself needs --overwrite (as make data passes).
+
 Steps: fetch music21==10.5.1 with `pip download --no-deps` (cached in data/cache/),
 check its sha256, read the folk tunebooks straight out of the zip (nothing imports
 music21), normalise each tune into the IrishMAN record form with musicrnn's own
@@ -18,6 +20,7 @@ An existing one of these four is replaced only with --overwrite (make data passe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import subprocess
@@ -42,10 +45,16 @@ OUTPUTS = ["train.json", "validation.json", "essen.json", "README.md"]
 def fetch_wheel(cache: Path) -> Path:
     wheel = cache / WHEEL_FILE
     if not wheel.exists():
+        made = [p for p in (cache, *cache.parents) if not p.exists()]  # the folders this leaves behind if it fails
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
-        if subprocess.run(cmd).returncode != 0 or not wheel.exists():
-            raise UserError(f"could not download {WHEEL} with pip (is PyPI reachable?)")
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not wheel.exists():
+            for folder in made:  # innermost first; a folder pip wrote into stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            said = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download {WHEEL} with pip (is PyPI reachable?): {said}")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise UserError(f"{wheel}: sha256 {digest} differs from the expected {WHEEL_SHA256}; "
@@ -130,6 +139,8 @@ def build_parser() -> Parser:
 
 
 def build(args) -> None:
+    if not args.out.strip():  # Path("") is the current folder
+        raise UserError("--out '' names no folder; give one (data, say)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")

