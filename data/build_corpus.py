@@ -96,7 +96,7 @@ def provenance(counts: dict[str, int], essen_counts: dict[str, int], n_all: int,
     rows = "\n".join(f"| `{book}` | {n:,} |" for book, n in counts.items())
     return f"""# Data
 
-Built by `make data` (`python -m data.build_corpus`); the JSON files are not committed.
+Built by `make data` (`python -m data.build_corpus --overwrite`: this file is committed, the JSON files are not).
 
 **Source.** The ABC tunebooks inside the PyPI wheel `{WHEEL}` (sha256 `{WHEEL_SHA256}`),
 folders `music21/corpus/{{{",".join(TRAINING_BOOKS)}}}/*.abc`. music21 itself is never imported.
