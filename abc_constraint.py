@@ -189,6 +189,7 @@ class TuneState:
     short_next: int = 0            # after a short :|, the next bar is a pickup of this many ticks
     line_letter: bool = False      # the line so far is one bare letter, spaces aside: "A:|", "A :|" read as a field
     need_note: bool = False        # after a decoration or a grace group
+    graced: int = 0                # grace notes (a roll: one) before the note to come, which must outlast them (L/4 each)
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
@@ -203,7 +204,7 @@ class TuneState:
         tie = self.tie_pitch >= 0
         return (self.phase, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
                 self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
-                self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace,
+                self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace, self.graced,
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
@@ -453,6 +454,7 @@ class AbcConstraint:
             self._commit_bar(s, text)
         else:
             self._commit_mark(s, kind, ticks)
+            s.graced = 1 if text == "~" else s.graced  # abc2midi plays a roll as grace notes: ~A/4 is cut short
         s.line_letter = (s.line_letter and text == " ") or (s.last in (NEWLINE, -1) and len(text) == 1
                                                              and text.isalpha())  # "B :|" is as ambiguous
         s.last = kind
@@ -483,6 +485,7 @@ class AbcConstraint:
         s.last_pitch = int(self.pitch[self.at[text]]) if plain else -1
         s.tie_pitch = -1 if outside else s.tie_pitch
         s.notes += kind == NOTE and not (s.grace or s.chord)
+        s.graced = s.graced if s.grace else 0  # the host note took them
         s.need_note = False
 
     @staticmethod
@@ -497,7 +500,7 @@ class AbcConstraint:
         elif kind == GRACE_OPEN:
             s.grace, s.need_note = -1, False
         elif kind == GRACE_CLOSE:
-            s.grace, s.need_note = 0, True
+            s.grace, s.graced, s.need_note = 0, max(s.grace, 0), True
         elif kind == TUPLET:
             s.tuplet_left, s.tuplet_len = 3, 0
         elif kind == BROKEN:
@@ -702,8 +705,9 @@ class AbcConstraint:
             legal = np.zeros(len(self.kind), dtype=bool)
             self._put(legal, "\n", s.last != NEWLINE)
             return legal
-        if s.grace:
-            legal = self.is_note & (self.ticks == TICKS) & (s.grace < 4)
+        if s.grace:  # abc2midi takes L/4 a grace note from the note after them, which must outlast them
+            room = (max(s.grace, 0) + 1) * GRANULE < self._longest_note(rem)
+            legal = self.is_note & (self.ticks == TICKS) & (s.grace < 4) & room
             self._put(legal, "}", s.grace > 0)
             return legal
         if s.chord:
@@ -741,8 +745,9 @@ class AbcConstraint:
         if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
             return notes & (self.pitch == s.tie_pitch)
         if s.need_note:
-            legal = notes.copy()
-            self._put(legal, "[", rem >= GRANULE and s.last != DECORATION)  # abc2midi: no rolls or trills on chords
+            legal = notes & (self.ticks > s.graced * GRANULE)  # ("Grace sequence exceeds host note")
+            self._put(legal, "[", rem >= GRANULE and s.last != DECORATION and not s.graced)  # abc2midi: no rolls
+            # or trills on chords; a chord's length after grace notes is left alone
             return legal
         legal = sounds.copy()
         self._put_marks(legal, s, rem, must_end)
@@ -763,11 +768,18 @@ class AbcConstraint:
 
         return self._cached(("fitting", rem, longest), build)
 
+    def _longest_note(self, rem: int) -> int:
+        """Ticks of the longest note that fits in rem (0: none)."""
+        notes = self._fitting(rem, False)[0]
+        return int(self.ticks[notes].max()) if notes.any() else 0
+
     def _put_marks(self, legal: np.ndarray, s: TuneState, rem: int, must_end: bool) -> None:
         """Ornaments, chords, tuplets, broken rhythm, ties, spaces and line breaks: where they fit."""
         if rem >= GRANULE and not must_end:
-            for text in ("[", "{") + DECORATIONS:
+            for text in ("[",) + DECORATIONS:
                 self._put(legal, text, True)
+        for text in ("{", "~"):  # a grace note (a roll plays as such), then a note that outlasts it
+            self._put(legal, text, GRANULE < self._longest_note(rem) and not must_end)
         self._put(legal, "(3", rem >= 2 * GRANULE and not must_end)
         if s.last == NOTE and s.last_note and not must_end:
             self._put(legal, ">", rem >= s.last_note)  # room for the partner note, of the same length

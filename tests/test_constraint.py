@@ -103,6 +103,16 @@ def test_grace_notes_take_no_time(constraint):
     assert not accepts(constraint, FULL + "{ag}|")
 
 
+@pytest.mark.parametrize("body, ok", [("{g}A/ B/ c3|", True), ("{ga}A/ ", False), ("{gab}A B c2|", True),
+                                      ("{gabc}A ", False), ("{g}A/4", False), ("{ga}[", False),
+                                      ("d2c c/{g}A/|", True), ("d2c c/{ga", False), ("d2c c/ c/4{", False),
+                                      ("~A/ B/ c3|", True), ("~A/4", False), ("d2c c/ c/4~", False)])
+def test_grace_notes_are_shorter_than_the_note_after_them(constraint, body, ok):
+    """abc2midi takes L/4 a grace note from the note after them, and warns when they outlast it; it
+    plays a roll (~) as grace notes too."""
+    assert accepts(constraint, FULL + body) == ok
+
+
 @pytest.mark.parametrize("body, ok", [
     ("A|d2f2|d2f2|d2f2|d2f:|", True),            # pickup; the section ends on the short bar
     ("A|d2f2|d2f2|d2f2|d2f2:|", False),          # a full bar before :| would replay the pickup
@@ -238,6 +248,8 @@ def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars():
     broken = [(t, [m for m in r["messages"] if "Error" in m or "time units" in m])
               for t, r in zip(tunes, results) if not r["bar_clean"]]
     assert not broken, broken[:2]
+    cut = [t for t, r in zip(tunes, results) if any("exceeds host note" in m for m in r["messages"])]
+    assert not cut, cut[:2]  # grace notes that abc2midi would cut short
 
 
 def test_abc_token_vocabularies_are_constrained_too(fixture_tunes):
