@@ -453,8 +453,7 @@ class AbcConstraint:
         elif kind == BAR:
             self._commit_bar(s, text)
         else:
-            self._commit_mark(s, kind, ticks)
-            s.graced = 1 if text == "~" else s.graced  # abc2midi plays a roll as grace notes: ~A/4 is cut short
+            self._commit_mark(s, kind, ticks, text)
         s.line_letter = (s.line_letter and text == " ") or (s.last in (NEWLINE, -1) and len(text) == 1
                                                              and text.isalpha())  # "B :|" is as ambiguous
         s.last = kind
@@ -489,7 +488,7 @@ class AbcConstraint:
         s.need_note = False
 
     @staticmethod
-    def _commit_mark(s: TuneState, kind: int, ticks: int) -> None:
+    def _commit_mark(s: TuneState, kind: int, ticks: int, text: str) -> None:
         """Chords, grace groups, tuplets, broken rhythm, ties and decorations."""
         if kind == CHORD_OPEN:
             s.chord, s.chord_len, s.need_note = -1, 0, False
@@ -509,6 +508,7 @@ class AbcConstraint:
             s.tie_pitch = s.last_pitch  # the tied note must sound the same pitch
         elif kind == DECORATION:
             s.need_note = True
+            s.graced = 1 if text == "~" else s.graced  # abc2midi plays a roll as grace notes: ~A/4 is cut short
 
     def _commit_bar(self, s: TuneState, bar: str) -> None:
         if s.form:
@@ -778,8 +778,9 @@ class AbcConstraint:
         if rem >= GRANULE and not must_end:
             for text in ("[",) + DECORATIONS:
                 self._put(legal, text, True)
+        graces_fit = GRANULE < self._longest_note(rem) and not must_end
         for text in ("{", "~"):  # a grace note (a roll plays as such), then a note that outlasts it
-            self._put(legal, text, GRANULE < self._longest_note(rem) and not must_end)
+            self._put(legal, text, graces_fit)
         self._put(legal, "(3", rem >= 2 * GRANULE and not must_end)
         if s.last == NOTE and s.last_note and not must_end:
             self._put(legal, ">", rem >= s.last_note)  # room for the partner note, of the same length

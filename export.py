@@ -195,8 +195,8 @@ def export(args: argparse.Namespace) -> None:
     out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint])
     if out.suffix.lower() != ".onnx":  # onnx and its quantizer read a file's format from its name
         raise UserError(f"--out {args.out}: give a file name ending in .onnx")
-    int8 = check_output(out.with_suffix(".int8.onnx"), "--int8", args.overwrite, inputs=[args.checkpoint]) \
-        if args.int8 else None
+    int8_path = out.with_suffix(".int8.onnx")
+    int8 = check_output(int8_path, "--int8", args.overwrite, inputs=[args.checkpoint]) if args.int8 else None
     ckpt = musicrnn.load_checkpoint(args.checkpoint)
     model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, args.checkpoint)
     check_finite(model, args.checkpoint)
@@ -213,9 +213,9 @@ def export(args: argparse.Namespace) -> None:
         print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
               f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
               f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")
-    elif out.with_suffix(".int8.onnx").exists():  # left as it was (not asked for), but not silently
-        print(f"note: {out.with_suffix('.int8.onnx')} is left as it was, from before this export: pass --int8 "
-              f"to replace it with this model's", file=sys.stderr)
+    elif int8_path.exists():  # left as it was (not asked for), but not silently
+        print(f"note: {int8_path} is left as it was, from before this export: pass --int8 to replace it with "
+              f"this model's", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -469,10 +469,10 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
-    if run.progress.epoch >= run.cfg.epochs or run.progress.stale >= run.cfg.patience:  # a resumed run that is done
+    if not epochs_left(run):  # a resumed run that is done
         log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
             f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
-    while run.progress.epoch < run.cfg.epochs and run.progress.stale < run.cfg.patience:  # a resumed early stop too
+    while epochs_left(run):
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
@@ -486,6 +486,11 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
         plots.plot_history(run.progress.history, out / "loss.png")
     log(f"best val loss {run.progress.best_val:.4f}, checkpoints in {out}/, loss curve {out}/loss.png")
     return run.progress.history[-1] if run.progress.history else {}
+
+
+def epochs_left(run: Run) -> bool:
+    """Neither --epochs nor early stopping (--patience, a resumed run's too) has ended the run."""
+    return run.progress.epoch < run.cfg.epochs and run.progress.stale < run.cfg.patience
 
 
 def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> tuple[dict, bool]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -201,14 +200,10 @@ def progress_bar(num: int):
 
 
 def print_while_read(text: str) -> bool:
-    """Print text; False once the reader has gone (`| head -5`): --out is still written in full,
-    and stdout goes nowhere from then on, so that Python's flush at exit raises nothing."""
-    try:
-        print(text, flush=True)
-        return not getattr(sys.stdout, "gone", False)  # cli.ReaderSafeStdout's word for it
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
+    """Print text; False once the reader has gone (`| head -5`), as cli.ReaderSafeStdout (every
+    command's stdout) says: --out is still written in full, and stdout goes nowhere from then on."""
+    print(text, flush=True)
+    return not getattr(sys.stdout, "gone", False)
 
 
 def run_generation(load_model, args: argparse.Namespace, model_path: str) -> None:

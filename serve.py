@@ -159,7 +159,7 @@ class TuneServer(ThreadingHTTPServer):
         self.missing = missing_tools()
         super().__init__(address, Handler)
 
-    def write_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> list[str]:
+    def generate_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> list[str]:
         with self.generating, user_errors_as_bad_requests():
             opts, constraint = sampler.check_against_model(opts, self.vocab, self.facts, tune_type, self.constraint)
             return sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
@@ -241,7 +241,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
             opts, tune_type = sampling_options(form)
-            tunes = self.server.write_tunes(opts, tune_type)
+            tunes = self.server.generate_tunes(opts, tune_type)
             note = sampler.form_note(opts, self.server.facts)
             with self.server.request_folder() as (name, folder):
                 made = [render_tune(sampler.tunebook([t], first=n), folder, f"tune{n}", RENDER_SECONDS)

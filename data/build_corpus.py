@@ -20,7 +20,6 @@ An existing one of these four is replaced only with --overwrite (make data passe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import subprocess
@@ -32,7 +31,7 @@ import corpus
 from abc_form import control_code
 from abc_music import read_tunebook
 from cli import Parser, UserError, run_command
-from safe_write import check_output, write_atomic
+from safe_write import check_output, removed_if_failed, write_atomic
 
 WHEEL = "music21==10.5.1"
 WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
@@ -45,16 +44,13 @@ OUTPUTS = ["train.json", "validation.json", "essen.json", "README.md"]
 def fetch_wheel(cache: Path) -> Path:
     wheel = cache / WHEEL_FILE
     if not wheel.exists():
-        made = [p for p in (cache, *cache.parents) if not p.exists()]  # the folders this leaves behind if it fails
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not wheel.exists():
-            for folder in made:  # innermost first; a folder pip wrote into stays
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            said = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"could not download {WHEEL} with pip (is PyPI reachable?): {said}")
+        with removed_if_failed(cache):  # a failed download leaves no empty folders behind
+            cache.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0 or not wheel.exists():
+                said = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"could not download {WHEEL} with pip (is PyPI reachable?): {said}")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise UserError(f"{wheel}: sha256 {digest} differs from the expected {WHEEL_SHA256}; "
