@@ -2,6 +2,7 @@
 bench: how fast musicrnn generates and trains, measured side by side in one run on this machine.
 
     make bench        # = python bench.py --checkpoint runs/best.pt --onnx runs/musicrnn.onnx
+    python bench.py --compare runs/bench.json runs/bench2.json   # do two runs' ratios agree?
 
 Prints a markdown table and writes runs/bench.json. Every figure comes from this one
 run, with the default model: compare them with each other, not with another machine.
@@ -84,7 +85,8 @@ def torch_threads(threads: int):
 
 def torch_ms_per_token(model, vocab, threads: int, mkldnn: bool) -> float:
     """Torch eager, one token per step, in this configuration."""
-    with torch_threads(threads), torch.backends.mkldnn.flags(enabled=mkldnn):
+    # allow_tf32=None: setting it warns on every CPU build ("TF32 ... available for Intel GPUs")
+    with torch_threads(threads), torch.backends.mkldnn.flags(enabled=mkldnn, allow_tf32=None):
         seconds = timed(step_loop(musicrnn.torch_step(model, torch.device("cpu")), vocab.eos_id, 1, TUNE_TOKENS))
     return seconds / TUNE_TOKENS * 1e3
 
@@ -565,8 +567,56 @@ def training_markdown(r: dict) -> str:
             + table(rows, r["spread_training"] | r["spread_processes"]))
 
 
+AGREEMENT = 0.15  # two runs agree when no ratio of one is more than 15% from the other's (larger / smaller - 1)
+
+
+def ratios(r: dict) -> dict[str, float]:
+    """Every ratio of two timings that a run's tables print, by name; the constraint's from each of its runs."""
+    named = {"onnxruntime / torch eager": r["ort_speedup_over_torch"],
+             "carried state / prefix recompute": r["state_speedup_over_prefix"],
+             "length-grouped / padded training": r["train_speedup"],
+             "2 processes / 1 process": r["scaling_2_over_1"],
+             "FLOP utilisation, in-process training": r["train_flop_utilisation"],
+             "FLOP utilisation, 1 process": r["train_flop_utilisation_1_process"],
+             "FLOP utilisation, 2 processes": r["train_flop_utilisation_2_processes"]}
+    for n in (1, 2):
+        named[f"constrained / free step, first 10 tunes (constraint run {n})"] = 1 + r[f"constraint_overhead_cold_run{n}"]
+        named[f"constrained / free step, after 50 tunes (constraint run {n})"] = 1 + r[f"constraint_overhead_run{n}"]
+        named[f"constrained / free tokens/s, batch 32 (constraint run {n})"] = r[f"constrained_share_batch32_run{n}"]
+    return named
+
+
+def comparison_markdown(first: dict, second: dict, names: tuple[str, str]) -> str:
+    """Two runs' ratios side by side, each difference as larger / smaller - 1, and whether they agree."""
+    a, b = ratios(first), ratios(second)
+    lines = [f"| ratio | {names[0]} | {names[1]} | difference |", "|---|---:|---:|---:|"]
+    over = []
+    for name in a:
+        difference = max(a[name], b[name]) / min(a[name], b[name]) - 1
+        over += [name] if difference > AGREEMENT else []
+        lines.append(f"| {name} | {a[name]:,.3f} | {b[name]:,.3f} | {100 * difference:.1f}% |")
+    verdict = (f"The two runs agree within {AGREEMENT:.0%} on every ratio." if not over else
+               f"{len(over)} of {len(a)} ratios differ by more than {AGREEMENT:.0%}: " + "; ".join(over) + ".")
+    return "\n".join(lines) + "\n\n" + verdict
+
+
+def read_results(path: str) -> dict:
+    """A run's runs/bench.json, refused in one line if it is not one (a --large run's lacks the ratios)."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        ratios(results)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not readable as JSON ({cli.first_line(e, 80)})") from None
+    except (KeyError, TypeError):
+        raise UserError(f"{path}: not the results of a bench.py run (a --large run's hold no ratios)") from None
+    return results
+
+
 DEFAULTS = {"checkpoint": "runs/best.pt", "onnx": "runs/musicrnn.onnx", "int8": "runs/musicrnn.int8.onnx",
             "train_data": "data/train.json", "val_data": "data/validation.json"}  # make train and make data write them
+OUT = "runs/bench.json"
 NOT_READ_BY_LARGE = ("onnx", "int8", "train_data")  # --large reads --checkpoint's folder only, to train in
 
 
@@ -581,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", help="instead: the scale measurements on this corpus (data/large.json from "
                                         "make data-large): load, memory, 1 and 2 training processes; trains "
                                         "beside --checkpoint, and reads no --onnx, --int8 or --train-data")
-    parser.add_argument("--out", default="runs/bench.json", help="every figure as JSON (default: runs/bench.json)")
+    parser.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
+                        help="instead of measuring: the ratios of two runs' JSON side by side, each difference "
+                             "(larger / smaller - 1), and whether they agree within 15%%")
+    parser.add_argument("--out", help=f"every figure as JSON (default: {OUT})")
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     return cli.run_command(bench, parser.parse_args(argv))
 
@@ -603,14 +656,26 @@ def input_paths(args) -> dict[str, str]:
     return paths
 
 
+def compare(args) -> None:
+    given = [name for name in DEFAULTS if getattr(args, name) is not None]
+    given += ["large"] * bool(args.large) + ["overwrite"] * args.overwrite + ["out"] * (args.out is not None)
+    if given:
+        raise UserError(f"--compare measures nothing and writes no file: leave out --{given[0].replace('_', '-')}")
+    first, second = (read_results(path) for path in args.compare)
+    print(comparison_markdown(first, second, tuple(args.compare)))
+
+
 READERS = {"checkpoint": musicrnn.load_checkpoint, "onnx": exported_model.load_model,
            "int8": exported_model.load_model, "train_data": musicrnn.load_tunes, "val_data": musicrnn.load_tunes}
 
 
 def bench(args) -> None:
+    if args.compare:
+        compare(args)
+        return
     p = input_paths(args)
     inputs = [args.large, p["val_data"]] if args.large else [p[name] for name in DEFAULTS]
-    out = check_output(args.out, "--out", args.overwrite, inputs=inputs)
+    out = check_output(OUT if args.out is None else args.out, "--out", args.overwrite, inputs=inputs)
     if args.large:
         results = large_bench(args.large, p["val_data"], str(Path(p["checkpoint"]).parent / "bench-large"))
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))

@@ -116,3 +116,38 @@ def test_a_measured_command_that_fails_is_one_line_that_names_it(tmp_path):
                                         "--nproc_per_node=1", "--no-python", sys.executable]):
         with pytest.raises(UserError, match=f"a measured command failed \\({script} train ...\\): error: it broke"):
             bench.measured_run([*launcher, str(script), "train"])
+
+
+def bench_results(scale: float = 1.0) -> dict:
+    """The ratios a bench.py run writes, each a made-up value (times scale for the first)."""
+    results = {"ort_speedup_over_torch": 3.0 * scale, "state_speedup_over_prefix": 60.0, "train_speedup": 13.0,
+               "scaling_2_over_1": 1.05, "train_flop_utilisation": 0.12, "train_flop_utilisation_1_process": 0.11,
+               "train_flop_utilisation_2_processes": 0.12}
+    for n in (1, 2):
+        results |= {f"constraint_overhead_cold_run{n}": 0.3, f"constraint_overhead_run{n}": 0.25,
+                    f"constrained_share_batch32_run{n}": 0.7}
+    return results
+
+
+def test_two_runs_are_compared_ratio_by_ratio_as_larger_over_smaller():
+    table = bench.comparison_markdown(bench_results(), bench_results(1.15), ("a.json", "b.json"))
+    assert "| onnxruntime / torch eager | 3.000 | 3.450 | 15.0% |" in table
+    assert "| constrained / free step, first 10 tunes (constraint run 2) | 1.300 | 1.300 | 0.0% |" in table
+    assert table.endswith("The two runs agree within 15% on every ratio.")
+    faster_second = bench.comparison_markdown(bench_results(), bench_results(0.8), ("a.json", "b.json"))
+    assert "| onnxruntime / torch eager | 3.000 | 2.400 | 25.0% |" in faster_second  # not 20%: 3 is 25% over 2.4
+    assert faster_second.endswith("1 of 13 ratios differ by more than 15%: onnxruntime / torch eager.")
+
+
+def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
+    import json
+    first, second, large = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "large.json"
+    first.write_text(json.dumps(bench_results()))
+    second.write_text(json.dumps(bench_results(2.0)))
+    large.write_text(json.dumps({"load_seconds": 1.0}))
+    code, out, err = run_main(bench.main, "--compare", first, second)
+    assert code == 0 and err == "" and "| onnxruntime / torch eager | 3.000 | 6.000 | 100.0% |" in out
+    code, out, err = run_main(bench.main, "--compare", first, large)
+    assert one_error_line(code, err) and "not the results of a bench.py run" in err
+    code, out, err = run_main(bench.main, "--compare", first, second, "--out", tmp_path / "x.json")
+    assert one_error_line(code, err) and "leave out --out" in err and not (tmp_path / "x.json").exists()
