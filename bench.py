@@ -1,7 +1,7 @@
 """
 bench: how fast musicrnn generates and trains, measured side by side in one run on this machine.
 
-    make bench        # = python bench.py --checkpoint runs/best.pt --onnx runs/musicrnn.onnx
+    make bench        # = python bench.py --overwrite (the defaults: runs/best.pt, runs/musicrnn.onnx, data/)
     python bench.py --compare runs/bench.json runs/bench2.json   # do two runs' ratios agree?
 
 Prints a markdown table and writes runs/bench.json. Every figure comes from this one

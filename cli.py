@@ -12,8 +12,7 @@ Holds:
   field's own comment and its group from the comment line above, so each setting is
   documented once, in the dataclass;
 - dataclass_from_args: the dataclass back from the parsed flags;
-- abc_text: an ABC prompt as typed on a command line, its \\n as line breaks;
-- positive_int, positive_float: argparse types that refuse what makes no sense, in words.
+- abc_text: an ABC prompt as typed on a command line, its \\n as line breaks.
 """
 
 from __future__ import annotations

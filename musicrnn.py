@@ -225,7 +225,7 @@ def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 class MusicRNN(nn.Module):
     """Embedding -> LSTM -> Linear, over token ids. forward(x, state) -> (logits, state)."""
 
-    def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_dim: int = 512,
+    def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_dim: int = 384,
                  num_layers: int = 1, dropout: float = 0.0):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
@@ -260,9 +260,9 @@ class MusicRNN(nn.Module):
 def parameter_summary(model: MusicRNN) -> str:
     """Layer, output shape, parameters.
 
-    For vocab 682, emb 128, hidden 512, 1 layer the total is 1,751,978 =
-    87,296 + 1,314,816 + 349,866: PyTorch's LSTM keeps two bias vectors per layer
-    (b_ih and b_hh, 2 x 4 x 512), and the Linear layer has 512 x 682 + 682.
+    For the default (vocab 87, emb 128, hidden 384, 1 layer) the total is 834,135 =
+    11,136 + 789,504 + 33,495: the LSTM has 4 x 384 x (128 + 384) weights and keeps two
+    bias vectors per layer (b_ih and b_hh, 2 x 4 x 384), and the Linear layer 384 x 87 + 87.
     """
     rows = [
         ("embedding", f"(B, T, {model.embedding.embedding_dim})", model.embedding),
@@ -442,7 +442,7 @@ def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, tim
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-RUN_FILES = ("best.pt", "last.pt", "loss.png")  # what a training writes in OUT/
+RUN_FILES = ("best.pt", "last.pt", "loss.png")  # what a training writes in OUT/, beside its lock (.lock)
 
 
 def log_line(*args) -> None:
@@ -713,8 +713,10 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 #
 # Before each draw, the sampler adds a mask to every tune's logits: 0 for the tokens that
 # keep the tune valid, -inf for the others, so they are never drawn and the rest keep their
-# relative probabilities. abc_constraint.AbcConstraint follows the ABC as it is written and
-# guarantees: a header X:, L:, M:, K: in that order; bars that are exactly full (broken
+# relative probabilities (sampler.generate_tunes builds the constraint; sampler.mask_illegal adds
+# constraint.penalty(tune) to each row's logits before sample_next draws, and
+# constraint.advance(tune, token) follows the token drawn). abc_constraint.AbcConstraint follows
+# the ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: in that order; bars that are exactly full (broken
 # rhythm, triplets, chords, ties and pickups counted); chords and grace groups closed;
 # an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
 # and max_tokens tokens (when it must end, the bars left take the longest notes that fit,
@@ -739,8 +741,8 @@ def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, un
     length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
 
     For training (never validation). Returns the tune and whether the range guard [low, high]
-    refused its transposition (it then keeps its key). A share of 0 draws no random number,
-    so the other shares' draws are the same with it as without it.
+    refused its transposition (it then keeps its key). The key and the unit draw a number
+    whatever their share; the rhythm draws only when its share is above 0 (its default is 0).
     """
     refused = False
     if rng.random() < key_share:

@@ -100,7 +100,7 @@ The tunebooks are public-domain collections (O'Neill 1850, Ryan's Mammoth Collec
 Aird's Airs, two small folk books) transcribed by volunteers; see each file's `Z:` lines.
 
 **Normalisation** (`abc_music.normalize_tune`): every tune becomes the IrishMAN record form,
-`X:1`, then `L:` and `M:` when present, then `K:`, then the body. Titles, notes, sources,
+`X:1`, then `R:` (the tune type), `L:` and `M:` when present, then `K:`, then the body. Titles, notes, sources,
 comments, lyrics, annotations (`"^text"`) and fingerings (`"4"`) are dropped; chord symbols
 and decorations are kept; mid-tune `K:`/`M:`/`L:` lines become inline fields. Multi-voice tunes
 and tunes without notes are skipped. `"control code"` holds each tune's form as IrishMAN writes it
@@ -111,8 +111,8 @@ and tunes without notes are skipped. `"control code"` holds each tune's form as 
 {rows}
 | all, before de-duplication | {n_all:,} |
 
-**Split.** After de-duplication, a tune goes to validation when the sha256 of its text is
-below 5 in 100: `train.json` **{len(train):,}** tunes ({sum(map(len, train)):,} characters),
+**Split.** After de-duplication (two tunes that differ only in `R:` count once), a tune goes to
+validation when the sha256 of its text without its `R:` line is below 5 in 100: `train.json` **{len(train):,}** tunes ({sum(map(len, train)):,} characters),
 `validation.json` **{len(val):,}** tunes ({sum(map(len, val)):,} characters).
 
 **Out of collection.** `essen.json`: the `essenFolksong` tunebooks of the same wheel

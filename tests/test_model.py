@@ -8,12 +8,13 @@ import abc_tokens
 import musicrnn
 
 
-def test_parameter_count_of_a_512_unit_model():
-    model = musicrnn.MusicRNN(vocab_size=682, embedding_dim=128, hidden_dim=512, num_layers=1)
+def test_parameter_count_of_the_default_model():
+    cfg = musicrnn.Config()
+    model = musicrnn.build_model(cfg, vocab_size=87)
     counts = [sum(p.numel() for p in m.parameters()) for m in (model.embedding, model.lstm, model.to_logits)]
-    assert counts == [87_296, 1_314_816, 349_866]
-    assert sum(p.numel() for p in model.parameters()) == 1_751_978
-    assert "1,751,978" in musicrnn.parameter_summary(model)
+    assert counts == [11_136, 789_504, 33_495]  # parameter_summary's docstring works these out
+    assert sum(p.numel() for p in model.parameters()) == 834_135
+    assert "834,135" in musicrnn.parameter_summary(model)
 
 
 def test_init_opens_the_forget_gate_and_zeroes_other_biases():
