@@ -50,6 +50,8 @@ def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSess
 
 
 def _session(path: str, threads: int | None) -> ort.InferenceSession:
+    if Path(path).is_dir():
+        raise ModelError(f"{path} is a folder: give the model in it ({Path(path) / 'musicrnn.onnx'}, say)")
     if not Path(path).is_file():
         raise ModelError(f"{path}: no such model (run `make export` first)")
     options = ort.SessionOptions()
@@ -73,8 +75,8 @@ def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dic
         config = json.loads(meta["musicrnn.config"])
         config["hidden_dim"], config["num_layers"] = int(config["hidden_dim"]), int(config["num_layers"])
         config["tune_types"] = [str(name) for name in json.loads(meta.get("musicrnn.tune_types", "[]"))]
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {e})") from None
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested deep
+        raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {first_line(e, 80)})") from None
     if not (1 <= config["hidden_dim"] <= 65536 and 1 <= config["num_layers"] <= 64):
         raise ModelError(f"{path}: damaged musicrnn metadata (hidden_dim {config['hidden_dim']}, "
                          f"num_layers {config['num_layers']})")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safe_write import OutputError
+from safe_write import OutputError, check_output
 
 TOOLS = {  # what -> (program, Debian package)
     "score": ("abcm2ps", "abcm2ps"),
@@ -196,7 +196,7 @@ def rendered_files(path: Path, tunes: int) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if written(p.name))
 
 
-def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0) -> list[str]:
+def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0, inputs=()) -> list[str]:
     """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps -g, in its secure mode
     -S) beside a tunebook, where the tools are installed. Returns one line per kind of file to
     show the user.
@@ -213,6 +213,8 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0)
     old = rendered_files(path, tunes)
     if old and not overwrite:
         raise OutputError(f"rendering would replace {old[0]}: pass --overwrite")
+    for p in old:  # not even --overwrite replaces what the command read (its model named tunes2.mid, say)
+        check_output(p, "--render", overwrite=True, inputs=inputs)
     missing = missing_tools()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
         book = Path(scratch) / "book.abc"

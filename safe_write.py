@@ -54,6 +54,8 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
     if not folder and p.is_dir():
         raise OutputError(f"{flag} {path} is a folder; give a file name")
+    if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work
+        raise OutputError(f"{flag} {path} is a link to a missing {os.readlink(p)}; give another name")
     if not folder and p.exists() and not overwrite:
         raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
     probe_writable(p if folder else p.parent, flag, path)

@@ -218,13 +218,15 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
         print("note: " + note, file=sys.stderr)
     write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite)
     if out and args.render:
-        for line in render_tunebook(out, args.overwrite):
+        for line in render_tunebook(out, args.overwrite, inputs=[model_path]):
             print(line, file=sys.stderr)
 
 
 def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptions) -> Path | None:
     if args.render and args.out is None:
         raise UserError("--render writes beside the tunebook: give --out too")
+    if args.overwrite and args.out is None:
+        raise UserError("--overwrite lets --out replace a file: without --out nothing is written")
     if args.out is None:
         return None
     out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
@@ -352,6 +354,8 @@ def check_start_flags(args: argparse.Namespace) -> None:
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
     if args.prompt is not None and BLANK_LINE.search(args.prompt.lstrip("\n")):  # at its end too
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
+    if args.prompt is not None and re.search(r"\nX:", args.prompt.lstrip("\n")):
+        raise PromptError("--prompt has a second X: line, which starts another tune in ABC: give one tune")
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
     if args.key is not None and not playable_key(args.key):

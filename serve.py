@@ -278,7 +278,10 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         left = min(length, MAX_DRAIN)
         while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
+            try:
+                chunk = self.rfile.read(min(left, 1 << 16))
+            except TimeoutError:  # the client stopped sending: it gets the 413 all the same
+                break
             if not chunk:
                 break
             left -= len(chunk)

@@ -240,6 +240,20 @@ def test_a_body_shorter_than_its_length_gets_a_4xx_not_a_500(tiny_onnx, tmp_path
         tune_server.server_close()
 
 
+def test_a_large_form_whose_body_never_comes_gets_its_413_not_a_500(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve.Handler, "timeout", 1)  # seconds a client may take to send its request
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
+    try:
+        host, port = tune_server.server_address[:2]
+        request_text = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * serve.MAX_BODY}\r\n\r\n"
+        received = raw_exchange(f"http://{host}:{port}", request_text.encode())
+        assert statuses(received) == [413] and b"the form has" in received, received[-300:]
+    finally:
+        tune_server.shutdown()
+        tune_server.server_close()
+
+
 def test_the_page_shows_that_a_form_is_held_only_when_constrained(server):
     _, _, page = request(server + "/generate", form(constrained=None, sections="2", bars="8", num="1"))
     assert "only constrained holds" in html.unescape(page.decode())

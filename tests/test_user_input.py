@@ -24,6 +24,7 @@ import torch
 import export
 import infer_onnx
 import musicrnn
+import rendering
 import safe_write
 import serve
 from conftest import ROOT, one_error_line, report, run_main, tiny_config
@@ -301,9 +302,13 @@ def test_crafted_onnx_files_are_one_line(tiny_onnx, tmp_path):
     foreign = onnx.helper.make_model(graph)
     onnx.helper.set_model_props(foreign, meta)
     onnx.save(foreign, str(tmp_path / "foreign.onnx"))
-    for name in ("wrong_shape.onnx", "foreign.onnx"):
+    nested = onnx.load(str(tiny_onnx))
+    onnx.helper.set_model_props(nested, {**meta, "musicrnn.config": "[" * 200_000 + "]" * 200_000})
+    onnx.save(nested, str(tmp_path / "nested.onnx"))
+    (tmp_path / "folder.onnx").mkdir()
+    for name in ("wrong_shape.onnx", "foreign.onnx", "nested.onnx", "folder.onnx"):
         code, _, err = run_main(infer_onnx.main, "--model", tmp_path / name)
-        assert one_error_line(code, err) and "musicrnn" in err, (name, err)
+        assert one_error_line(code, err) and ("musicrnn" in err or "is a folder" in err), (name, err)
 
 
 def test_a_pickled_checkpoint_prints_no_warning_before_its_line(tmp_path):
@@ -537,6 +542,39 @@ def test_render_with_overwrite_replaces_only_the_files_it_writes_and_counts_only
 def test_render_without_out_is_one_line(tiny_onnx):
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--render")
     assert one_error_line(code, err) and "give --out too" in err
+
+
+def test_overwrite_without_out_is_one_line(tiny_onnx):
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--overwrite", "--max-tokens", "5")
+    assert one_error_line(code, err) and "without --out nothing is written" in err and out == ""
+
+
+def test_render_never_replaces_an_input_even_with_overwrite(tmp_path):
+    """A tunebook with more tunes than were asked for (a model that wrote an X: line itself) would
+    render tunes2.mid: when that is the model, it is refused before any tool runs."""
+    book, model = tmp_path / "tunes.abc", tmp_path / "tunes2.mid"
+    book.write_text("X:1\nL:1/8\nM:2/4\nK:D\nAB cd|\nX:2\nL:1/8\nM:2/4\nK:D\ndc BA|\n")
+    model.write_bytes(b"the model")
+    with pytest.raises(safe_write.OutputError, match="is also what this command reads"):
+        rendering.render_tunebook(book, overwrite=True, inputs=[model])
+    assert model.read_bytes() == b"the model" and sorted(p.name for p in tmp_path.iterdir()) == ["tunes.abc",
+                                                                                                 "tunes2.mid"]
+
+
+def test_an_out_that_is_a_link_to_nowhere_is_refused_before_the_work(tiny_onnx, tmp_path):
+    (tmp_path / "tunes.abc").symlink_to(tmp_path / "nowhere.abc")
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                              tmp_path / "tunes.abc")
+    assert one_error_line(code, err) and "is a link to a missing" in err and out == ""
+
+
+def test_line_breaks_before_a_prompt_carry_nothing_and_a_second_tune_is_refused(tiny_onnx):
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "\\nX:1\\nK:D\\n", "--num", "2",
+                              "--max-tokens", "5")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("X:")] == ["X:1", "X:2"]  # one header a tune
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\\nK:D\\nAB|\\nX:2\\nK:D\\n")
+    assert one_error_line(code, err) and "second X: line" in err
 
 
 # --- 18, 20. messages and --help
