@@ -437,7 +437,7 @@ class AbcConstraint:
             state.unit = value
         elif letter == "M":
             state.meter = value
-        state.hornpipe = state.hornpipe or line.replace(" ", "") == "R:hornpipe"
+        state.hornpipe = state.hornpipe or line.replace(" ", "").lower() == "r:hornpipe"  # as abc2midi reads it
         state.phase = HEADER_ORDER.index(letter) + 1
         if letter == "K":
             if state.meter is None:

@@ -57,7 +57,8 @@ def check_with_abc2midi(tune: str) -> dict:
         src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
         tune = without_blank_lines(tune)  # as a tunebook holds it: the whole tune, judged whole
         src.write_text(for_abc2midi(tune if tune.startswith("X:") else "X:1\n" + tune))
-        result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True,
+                                errors="replace", timeout=30)  # it echoes a bad character byte by byte
         lines = (result.stdout + result.stderr).splitlines()
         valid = midi.exists() and midi.stat().st_size > 0 and not any("Error" in line for line in lines)
     bar_warnings = [line for line in lines if _BAR_WARNING.search(line)]

@@ -456,6 +456,7 @@ def test_any_under_reduces_each_next_characters_range_including_the_last_one():
 def test_a_hornpipe_is_written_only_in_the_meters_abc2midi_plays_it_in():
     tunes = random_logits_tunes(AbcConstraint(VOCAB), "X:1\nR:hornpipe\n", num=10, seed=5)
     assert {re.search(r"(?m)^M:.*$", t).group() for t in tunes} <= set(abc_constraint.HORNPIPE_METERS)
-    with pytest.raises(PromptError, match="R:hornpipe only in"):
-        AbcConstraint(VOCAB).start("X:1\nR:hornpipe\nL:1/8\nM:C|\nK:D\n")
+    for hornpipe in ("R:hornpipe", "R:Hornpipe", "R: hornpipe"):  # abc2midi reads the name in any case
+        with pytest.raises(PromptError, match="R:hornpipe only in"):
+            AbcConstraint(VOCAB).start(f"X:1\n{hornpipe}\nL:1/8\nM:C|\nK:D\n")
     AbcConstraint(VOCAB).start("X:1\nR:reel\nL:1/8\nM:C|\nK:D\n")  # other types in any meter

@@ -152,6 +152,17 @@ def test_abc2midi_judges_a_hornpipe_as_written(tmp_path):
     assert judging.check_with_abc2midi(tune)["bar_clean"]
 
 
+def test_the_judge_reads_abc2midi_echoing_a_character_byte_by_byte():
+    """abc2midi echoes an unknown character's bytes one at a time, which is no UTF-8 (a sweep at T = 1.5
+    wrote one and ended in a UnicodeDecodeError traceback)."""
+    import judging
+
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi)")
+    result = judging.check_with_abc2midi("X:1\nL:1/8\nM:2/4\nK:D\nAB \u201dcd|\n")
+    assert any("Unrecognized character" in line for line in result["messages"])
+
+
 def test_the_forms_table_measures_requests_free_and_constrained(tiny_onnx, tmp_path):
     out = tmp_path / "forms.json"
     code, printed, err = run_main(musicrnn.main, "forms", "--onnx", tiny_onnx, "--num", "3", "--out", out)
