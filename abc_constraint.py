@@ -190,6 +190,7 @@ class TuneState:
     line_letter: bool = False      # the line so far is one bare letter, spaces aside: "A:|", "A :|" read as a field
     need_note: bool = False        # after a decoration or a grace group
     graced: int = 0                # grace notes (a roll: one) before the note to come, which must outlast them (L/4 each)
+    accompanied: int = 0           # chord symbols in the prompt: ticks of an eighth note, which a pickup is made of
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
@@ -206,7 +207,7 @@ class TuneState:
                 self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
                 self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace, self.graced,
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
-                self.line_letter, self.need_note, self.final, min(max(self.full_bars, 2), 4),
+                self.line_letter, self.need_note, self.final, self.accompanied, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
                 (self.code, self.code_bars) if self.phase == CODE else (), self.form_key(),
                 self.hornpipe and self.phase < BODY)
@@ -322,6 +323,7 @@ class AbcConstraint:
             if state.phase == BODY and ch == '"':
                 self._end_token_before_chord_symbol(state, prompt[:i])
                 i = self._skip_chord_symbol(prompt, i)
+                _accompany(state, prompt[:i])
                 continue
             i += 1
             if ch not in self.char_ids:
@@ -782,7 +784,7 @@ class AbcConstraint:
         for text in ("{", "~"):  # a grace note (a roll plays as such), then a note that outlasts it
             self._put(legal, text, graces_fit)
         self._put(legal, "(3", rem >= 2 * GRANULE and not must_end)
-        if s.last == NOTE and s.last_note and not must_end:
+        if s.last == NOTE and _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
             self._put(legal, ">", rem >= s.last_note)  # room for the partner note, of the same length
             self._put(legal, "<", rem >= s.last_note)
         self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0 and rem > 0 and not must_end)  # a tie is
@@ -816,7 +818,7 @@ class AbcConstraint:
         if s.short_next:  # the pickup that completes the previous section's short bar
             return ["|"] if s.bar == s.short_next else []
         if s.first_bar and s.bar < s.full:  # the tune's pickup
-            return ["|"]
+            return ["|"] if s.bar % max(s.accompanied, 1) == 0 else []
         full = s.bar == s.full
         bars = ["|"] if full and not (must_end and not s.pickup) else []
         if s.pickup:
@@ -837,6 +839,23 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
+
+
+def _accompany(s: TuneState, prompt: str) -> None:
+    """After a chord symbol: abc2midi's accompaniment plays in eighth notes, and one that begins in
+    the last bar of a tune with a pickup outlasts it unless that bar is whole eighths ("Sustained
+    notes beyond end of track", measured in every meter): so the pickup, which the last bar completes,
+    is made of whole eighths."""
+    s.accompanied = s.full // int(bar_units(s.meter, "1/8"))
+    if s.pickup % s.accompanied:
+        raise PromptError(f"--constrained: with chord symbols, a pickup must be whole eighth notes (abc2midi's "
+                          f"accompaniment outlasts a shorter last bar), at {prompt!r}")
+
+
+def _undotted(ticks: int) -> bool:
+    """A length of L/4 times a power of two (0: no note): broken rhythm dots it once, which a score
+    can draw; a dotted one (3/2, 3, 6) it would dot twice ("Note too much dotted", abcm2ps)."""
+    return ticks > 0 and (ticks // GRANULE) & (ticks // GRANULE - 1) == 0
 
 
 def _counted(s: TuneState) -> int:
