@@ -265,6 +265,8 @@ class AbcConstraint:
     """
 
     END_RESERVE = 120  # tokens kept to finish the bar and close the tune
+    OWED_BAR_TOKENS = 16  # and under a form, for each bar it still owes: once it must end, a bar is its
+    # longest notes (at most three, a space after each, in every meter and unit length) and a bar line
 
     def __init__(self, vocab: Vocabulary, max_bars: int = 32, use_cache: bool = True, coded: bool = False):
         self.vocab, self.max_bars, self.use_cache, self.coded = vocab, max_bars, use_cache, coded
@@ -550,10 +552,15 @@ class AbcConstraint:
 
     def _masks(self, state: TuneState, tokens_left: int) -> tuple[np.ndarray, np.ndarray]:
         """(mask, penalty); and on the state, must_end as it holds for a token that starts now."""
-        must_end = self._at_bar_cap(state) or tokens_left < self.END_RESERVE
+        must_end = self._at_bar_cap(state) or tokens_left < self._reserve(state)
         key = (self._number(state, must_end),) + state.pending_key()
         mask, penalty, state.must_end = self._cached(key, lambda: self._build_masks(state, must_end))
         return mask, penalty
+
+    def _reserve(self, s: TuneState) -> int:
+        """Tokens kept to finish the tune: a form's owed bars too, so that max_tokens never cuts one off."""
+        owed = sum(s.form[s.section:]) - s.section_bars if s.form else 0
+        return self.END_RESERVE + self.OWED_BAR_TOKENS * owed
 
     def _at_bar_cap(self, s: TuneState) -> bool:
         """Without a form, the tune has its max_bars full bars: it must end (a form ends by its own count)."""

@@ -364,6 +364,15 @@ def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
 # forms: sections and bars held exactly, as abc_form counts them
 
 
+def test_a_form_is_held_whole_at_the_smallest_budget_the_command_line_allows():
+    """Eight sections of 4 bars of 12/8 in sixteenths: the bars it still owes are kept tokens for, so the
+    budget never cuts the form off (before, 15 of 20 tunes of a trained model were cut off here)."""
+    form, prompt = (4,) * 8, "X:1\nL:1/16\nM:12/8\nK:D\n"
+    tokens = abc_constraint.form_tokens(sum(form)) - len(prompt)
+    tunes = random_logits_tunes(AbcConstraint(VOCAB), prompt, form, num=6, seed=2, tokens=tokens)
+    assert all(sections_and_bars(t) == form for t in tunes)
+
+
 def random_logits_tunes(constraint, prompt: str, form=(), num: int = 8, seed: int = 0, tokens: int = 1500) -> list[str]:
     """Tunes written by random logits under the constraint: only the constraint keeps them right."""
     rng, tunes = np.random.default_rng(seed), []
