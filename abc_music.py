@@ -106,6 +106,19 @@ def bar_units(meter: str | None, unit: str | None) -> Fraction | None:
     return Fraction(*parsed) / (written_unit(unit) or default_unit(meter))
 
 
+_UNIT_FIELD = re.compile(r"(?m)^L:(.*)$|\[L:([^\]]*)\]")
+
+
+def readable_lengths(tune: str) -> bool:
+    """Every L: a length like 1/8, and no note length over 0 (A/0): the arithmetic of lengths
+    (bars, forms, augmentation) reads every other tune."""
+    for m in _UNIT_FIELD.finditer(tune):
+        value = (m.group(1) if m.group(1) is not None else m.group(2)).split("%", 1)[0].strip()
+        if not re.fullmatch(r"[1-9]\d*(/[1-9]\d*)?", value):
+            return False
+    return not re.search(r"/0+(?!\d)", tune_body(tune))
+
+
 def parse_length(text: str) -> Fraction:
     """ABC length suffix -> multiple of L: "" 1, "3" 3, "/" 1/2, "//" 1/4, "3/2" 3/2, "3/" 3/2."""
     m = re.fullmatch(r"(\d*)(/*)(\d*)", text)
@@ -235,8 +248,8 @@ def normalize_tune(lines: list[str]) -> str | None:
 
     R: is kept only when it names one of TUNE_TYPES (as tune_type spells it).
 
-    Skipped: tunes with several voices (V:), with no K: line, or whose body is not music
-    (looks_like_music).
+    Skipped: tunes with several voices (V:), with no K: line, whose body is not music
+    (looks_like_music), or with a length no arithmetic reads (readable_lengths: L:1/0, A/0).
     """
     header, body, in_body = {}, [], False
     for raw in lines:
@@ -263,7 +276,8 @@ def normalize_tune(lines: list[str]) -> str | None:
     if "K" not in header or not looks_like_music("\n".join(body)):
         return None
     head = ["X:1"] + [f"{k}:{header[k]}" for k in "RLMK" if k in header]
-    return "\n".join(head + body) + "\n"
+    tune = "\n".join(head + body) + "\n"
+    return tune if readable_lengths(tune) else None
 
 
 MARKS = set("()~.-HLMOPSTuvy`&\\%*;")  # one-character ABC symbols the tokenizer leaves as plain characters:

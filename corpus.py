@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from abc_music import read_tunebook
+from abc_music import read_tunebook, readable_lengths
 from cli import UserError, first_line
 from safe_write import write_atomic
 
@@ -48,7 +48,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if p.is_dir() or p.suffix.lower() == ".abc":
         tunes, skipped = read_tunebooks(p)
         records = [("", t) for t in tunes]
-        why = f"{skipped} tunes skipped: several voices, no K: line, or not music" if skipped else ""
+        why = f"{skipped} tunes skipped: several voices, no K: line, not music, or a length that reads as none" \
+            if skipped else ""
     else:
         records, why = read_irishman_json(path)
     if not records:
@@ -71,7 +72,7 @@ def read_tunebooks(path: Path) -> tuple[list[str], int]:
 
 def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad's) would hide the first X: line
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -116,7 +117,9 @@ def _not_a_tune(item) -> str:
         return 'no "abc notation"'
     if not isinstance(tune, str):
         return '"abc notation" not text'
-    return "" if tune.strip() else '"abc notation" empty'
+    if not tune.strip():
+        return '"abc notation" empty'
+    return "" if readable_lengths(tune) else "a length that reads as none (L:1/0, A/0)"
 
 
 def _json_list(path: str) -> list:

@@ -341,7 +341,16 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRN
         vocab = Vocabulary.from_dict(ckpt["vocab"])
         model = build_model(cfg, len(vocab))
         model.load_state_dict(ckpt["model"])
+    check_finite(model, path)
     return model.eval(), cfg, vocab
+
+
+def check_finite(model: MusicRNN, path: str) -> None:
+    """Refuse NaN or infinite weights (a training that diverged, a crafted file): their outputs are too."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{path}: its weights are not finite (NaN or inf in {', '.join(bad[:3])}); "
+                        f"use a checkpoint of a training that did not diverge")
 
 
 @contextlib.contextmanager
@@ -675,7 +684,8 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
             total_nll += nll.item()
     total_nll, total_tokens = world.sum(total_nll), int(dataset.scored().sum())
     loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total_nll / math.log(2) / dataset.chars,
+    perplexity = math.inf if loss > 700 else math.exp(loss)  # exp overflows past 709 nats (a diverged model)
+    return {"loss": loss, "perplexity": perplexity, "bits_per_char": total_nll / math.log(2) / dataset.chars,
             "tunes": len(dataset), "chars": dataset.chars, "tokens": total_tokens, "unknown": dataset.unknown}
 
 
@@ -736,16 +746,17 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 
 
 def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, unit_share: float = 1.0,
-                 low: int = 55, high: int = 108, rhythm_share: float = 0.0) -> tuple[str, bool]:
+                 low: int = 55, high: int = 108, rhythm_share: float = 0.0) -> tuple[str, bool | None]:
     """With probability key_share a random transposition (-5..+6), with rhythm_share every
     length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
 
     For training (never validation). Returns the tune and whether the range guard [low, high]
-    refused its transposition (it then keeps its key). The key and the unit draw a number
+    refused its transposition (it then keeps its key; None: no transposition was drawn). The key and the unit draw a number
     whatever their share; the rhythm draws only when its share is above 0 (its default is 0).
     """
-    refused = False
+    refused = None
     if rng.random() < key_share:
+        refused = False
         try:
             tune = transpose_tune(tune, int(rng.choice(list(range(-5, 7)))), low, high)
         except TransposeError:
@@ -768,8 +779,9 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
     low, high = parse_note_range(cfg.transpose_range)  # checked when the run started
     augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, low, high, cfg.augment_rhythm)
                  for t in run.train_tunes]
-    log(f"augmentation: {sum(r for _, r in augmented)} of {len(augmented)} transpositions refused "
-        f"by the range guard {cfg.transpose_range}")
+    if cfg.augment_key:
+        log(f"augmentation: {sum(r is True for _, r in augmented)} of {sum(r is not None for _, r in augmented)} "
+            f"transpositions refused by the range guard {cfg.transpose_range}")
     return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)  # the form survives every rewrite
 
 
@@ -832,7 +844,8 @@ def cmd_evaluate(args) -> None:
     tunes, codes = load_collection(args.data, cfg.control)  # a --control model reads each code first
     metrics = evaluate(model.to(device), MusicDataset(tunes, vocab, codes), vocab.pad_id, device)
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("loss", "perplexity", "bits_per_char", "tunes", "chars", "unknown")}))
+        shown = {k: metrics[k] for k in ("loss", "perplexity", "bits_per_char", "tunes", "chars", "unknown")}
+        print(json.dumps({k: v if math.isfinite(v) else None for k, v in shown.items()}))  # JSON has no inf
     else:
         print(f"{args.data}: {metrics['tunes']} tunes, {metrics['chars']:,} characters, "
               f"{metrics['unknown']} unknown symbols")

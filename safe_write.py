@@ -22,6 +22,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from cli import UserError
@@ -32,6 +33,12 @@ class OutputError(UserError):
 
 
 def _same_file(a: Path, b: str | Path) -> bool:
+    """Whether a and the input b are one file; b may be a file:// URL, which names a local file
+    too (a remote URL names none)."""
+    if str(b).startswith("file://"):
+        b = urllib.parse.unquote(urllib.parse.urlparse(str(b)).path)
+    elif "://" in str(b):
+        return False
     b = Path(b)
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -48,7 +55,7 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} '' names no folder; give one (runs, say)")
     p = Path(path)
     for source in inputs:
-        if source and "://" not in str(source) and _same_file(p, source):
+        if source and _same_file(p, source):
             raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")
     if folder and p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
@@ -79,7 +86,7 @@ def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=
     none of them exists yet."""
     for name in names:
         for source in inputs:
-            if "://" not in str(source) and _same_file(folder / name, source):
+            if _same_file(folder / name, source):
                 raise OutputError(f"{folder / name}, which this training writes, is also what it reads ({source}): "
                                   f"choose another --out")
         if (folder / name).is_dir():

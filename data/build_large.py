@@ -45,6 +45,8 @@ def build_parser() -> Parser:
 
 
 def build(args) -> None:
+    if not args.data.strip():  # Path("") is the current folder
+        raise UserError("--data '' names no folder; give one (data, say)")
     folder = Path(args.data)
     if not folder.is_dir():  # checked first, to say what the folder should hold
         raise UserError(f"--data {folder}: not a folder (it should hold train.json and essen.json; `make data` writes them)")

@@ -170,7 +170,7 @@ def test_transposition_never_fails_on_corpus_tunes():
 def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
     tune = next(t for t in fixture_tunes if "L:1/8" in t and abc_music._midi_range(t)[1] <= 84)
     rng = np.random.default_rng(0)
-    assert musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, False)
+    assert musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, None)  # none drawn
     keyed = {musicrnn.augment_tune(tune, rng, key_share=1.0, unit_share=0.0)[0] for _ in range(40)}
     assert keyed <= {abc_music.transpose_tune(tune, s) for s in range(-5, 7)} and len(keyed) > 6
     united = {musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=1.0)[0] for _ in range(40)}

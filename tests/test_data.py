@@ -153,6 +153,27 @@ def test_irishman_json_with_a_byte_order_mark_is_read(tmp_path):
     assert corpus.load_records(str(path)) == [("S:1", "X:1\nK:D\nA|")]
 
 
+def test_a_tunebook_with_a_byte_order_mark_keeps_its_first_tune(tmp_path):
+    path = tmp_path / "bom.abc"
+    path.write_bytes(b"\xef\xbb\xbf" + b"X:1\nT:first\nL:1/8\nM:6/8\nK:D\nABc def|\n\nX:2\nL:1/8\nM:6/8\nK:D\ndef ABc|\n")
+    assert [t.splitlines()[-1] for _, t in corpus.load_records(str(path))] == ["ABc def|", "def ABc|"]
+
+
+def test_a_tune_whose_lengths_read_as_none_is_skipped_and_counted(tmp_path, capsys):
+    """L:1/0, A/0 and an empty [L:] divide by zero or read as no number: every length computation crashed."""
+    good = "X:1\nL:1/8\nM:4/4\nK:D\nabcd efga|\n"
+    bad = ["X:1\nL:1/8\nM:4/4\nK:D\nA/0 B|\n", "X:1\nL:1/0\nM:4/4\nK:D\nAB|\n", "X:1\nL:1/8\nM:4/4\nK:D\nA[L:]B|\n"]
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps([{"abc notation": t} for t in [good, *bad]]))
+    assert corpus.load_records(str(path)) == [("", good)]
+    assert "3 records skipped: 3 a length that reads as none" in capsys.readouterr().err
+    book = tmp_path / "lengths.abc"
+    book.write_text("\n".join([good, *bad]))
+    assert [t for _, t in corpus.load_records(str(book))] == [good]
+    assert "3 tunes skipped" in capsys.readouterr().err
+    assert all(not abc_music.readable_lengths(t) for t in bad) and abc_music.readable_lengths(good)
+
+
 def test_irishman_json_with_windows_line_breaks_reads_as_a_tunebook_does(tmp_path, fixture_tunes):
     """A tunebook read as text has its \\r\\n made \\n; a JSON string keeps them unless told."""
     crlf, lf = tmp_path / "crlf.json", tmp_path / "lf.json"
@@ -245,6 +266,12 @@ def test_build_large_data_that_is_not_a_corpus_folder_is_one_line(tmp_path, smal
         code, _, err = run_main(build_large.main, "--data", data)
         assert one_error_line(code, err) and str(data) in err, err
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_build_large_an_empty_data_is_one_line_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(build_large.main, "--data", "")
+    assert one_error_line(code, err) and "names no folder" in err, err
 
 
 def test_build_large_replaces_large_json_only_with_overwrite(small_corpus):

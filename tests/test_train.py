@@ -293,6 +293,11 @@ def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fi
     b = musicrnn.train(tiny_config(fixture_data, tmp_path / "b", **cfg), log=lambda *_: None)
     plain = musicrnn.train(tiny_config(fixture_data, tmp_path / "plain", epochs=2), log=lambda *_: None)
     assert sum(line.startswith("augmentation:") for line in logs) == 2  # once per epoch
+    tunes = len(musicrnn.load_tunes(fixture_data["train"]))
+    assert all(f" of {tunes} transpositions" in line for line in logs if line.startswith("augmentation:"))  # all tried
+    unit_only = []
+    musicrnn.train(tiny_config(fixture_data, tmp_path / "u", epochs=1, augment_key=0.0, augment_unit=1.0), log=unit_only.append)
+    assert not any("transpositions" in line for line in unit_only)  # none tried: no count of them
     assert a["train_loss"] == b["train_loss"] and a["train_loss"] != plain["train_loss"]
     with pytest.raises(musicrnn.UserError, match="at least 0 and at most 1"):
         musicrnn.train(tiny_config(fixture_data, tmp_path / "c", augment_key=1.5), log=lambda *_: None)

@@ -173,6 +173,8 @@ def test_an_export_of_nan_weights_is_refused_in_one_line(tiny_run, tmp_path):
     code, out, err = run_main(export.main, "--checkpoint", tmp_path / "nan.pt", "--out", tmp_path / "m.onnx")
     assert one_error_line(code, err) and "not finite" in err and "to_logits.weight" in err, err
     assert not (tmp_path / "m.onnx").exists() and "nan" not in out
+    code, out, err = run_main(musicrnn.main, "evaluate", "--checkpoint", tmp_path / "nan.pt", "--json")
+    assert one_error_line(code, err) and "not finite" in err and out == ""  # not {"loss": NaN, ...}, no JSON
 
 
 def test_non_finite_outputs_fail_the_parity_check(tiny_run, tmp_path, monkeypatch):

@@ -311,6 +311,24 @@ def test_crafted_onnx_files_are_one_line(tiny_onnx, tmp_path):
         assert one_error_line(code, err) and ("musicrnn" in err or "is a folder" in err), (name, err)
 
 
+def test_an_input_given_as_a_file_url_is_never_replaced(fixture_data, tmp_path):
+    data = tmp_path / "tunes.png"
+    shutil.copy(fixture_data["train"], data)
+    before = data.read_bytes()
+    code, _, err = run_main(musicrnn.main, "stats", "--data", f"file://{data}", "--plot", data, "--overwrite")
+    assert one_error_line(code, err) and "is also what this command reads" in err and data.read_bytes() == before
+
+
+def test_a_loss_past_what_exp_can_hold_is_an_infinite_perplexity(tiny_run, fixture_data, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt["model"]["to_logits.weight"] *= 1e5  # confidently wrong: a loss of thousands of nats
+    torch.save(ckpt, tmp_path / "huge.pt")
+    code, out, err = run_main(musicrnn.main, "evaluate", "--checkpoint", tmp_path / "huge.pt",
+                              "--data", fixture_data["val"], "--json")
+    metrics = json.loads(out)
+    assert code == 0 and metrics["loss"] > 700 and metrics["perplexity"] is None, err  # JSON has no inf
+
+
 def test_a_pickled_checkpoint_prints_no_warning_before_its_line(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     result = subprocess.run([sys.executable, "musicrnn.py", "evaluate", "--checkpoint", str(tmp_path / "pickled.pt")],
