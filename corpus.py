@@ -77,6 +77,12 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _code_lines(code: str) -> str:
+    """A control code as its lines, the last one ended too: the tune's X: line follows it."""
+    code = _lines(code)
+    return code + "\n" if code and not code.endswith("\n") else code
+
+
 def _lines(text: str) -> str:
     """Windows (\\r\\n) and old Mac (\\r) line breaks as \\n, as a tunebook's are when it is read as text."""
     return re.sub(r"\r\n?", "\n", text)
@@ -99,7 +105,7 @@ def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
         # --control model computes its code from the tune (musicrnn.load_collection)
         code = item.get("control code")
         odd_codes += code is not None and not isinstance(code, str)
-        records.append((_lines(code) if isinstance(code, str) else "", _lines(item["abc notation"])))
+        records.append((_code_lines(code) if isinstance(code, str) else "", _lines(item["abc notation"])))
     why = []
     if skipped:
         why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))

@@ -627,11 +627,18 @@ def epochs_since_best(history: list[dict]) -> int:
     return stale
 
 
+def stored_config(cfg: Config) -> dict:
+    """The settings as a checkpoint keeps them: local data paths made absolute, so that --resume
+    finds the data from any folder (a URL stays as typed)."""
+    local = [name for name in ("train_data", "val_data") if "://" not in getattr(cfg, name)]
+    return asdict(cfg) | {name: os.path.abspath(getattr(cfg, name)) for name in local}
+
+
 def save_checkpoint(path: Path, run: Run) -> None:
     p = run.progress
     ckpt = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "config": asdict(run.cfg), "vocab": run.vocab.to_dict(),
+        "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
         "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
         "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
     }

@@ -138,6 +138,12 @@ def test_irishman_records_without_a_tune_are_counted_and_said_why(tmp_path, caps
                    'empty, 1 no "abc notation", 1 not a {...} record; 1 "control code" not text, read as none\n')
 
 
+def test_a_control_code_without_its_last_line_break_still_ends_its_line(tmp_path):
+    path = tmp_path / "codes.json"
+    path.write_text(json.dumps([{"control code": "S:1\nB:4", "abc notation": "X:1\nK:D\nABc|\n"}]))
+    assert corpus.load_records(str(path)) == [("S:1\nB:4\n", "X:1\nK:D\nABc|\n")]  # not "B:4X:1"
+
+
 def test_one_json_object_is_refused_whatever_it_holds(tmp_path):
     for content in ({"abc notation": "X:1\nK:D\nA|"}, {"abc notation": {"0": "X:1\nK:D\nA|"}},
                     {"abc notation": ["X:1\nK:D\nA|"]}):
@@ -150,7 +156,7 @@ def test_one_json_object_is_refused_whatever_it_holds(tmp_path):
 def test_irishman_json_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"control code": "S:1", "abc notation": "X:1\nK:D\nA|"}]).encode())
-    assert corpus.load_records(str(path)) == [("S:1", "X:1\nK:D\nA|")]
+    assert corpus.load_records(str(path)) == [("S:1\n", "X:1\nK:D\nA|")]
 
 
 def test_a_tunebook_with_a_byte_order_mark_keeps_its_first_tune(tmp_path):

@@ -319,6 +319,20 @@ def test_an_input_given_as_a_file_url_is_never_replaced(fixture_data, tmp_path):
     assert one_error_line(code, err) and "is also what this command reads" in err and data.read_bytes() == before
 
 
+def test_a_run_started_with_relative_data_paths_resumes_from_any_folder(fixture_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(fixture_data["folder"])
+    tiny = ["--embedding-dim", "8", "--hidden-dim", "16", "--batch-size", "4", "--out", tmp_path / "run"]
+    code, _, err = run_main(musicrnn.main, "train", "--train-data", "train.json", "--val-data", "validation.json",
+                            "--epochs", "1", *tiny)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)  # where no train.json is
+    code, _, err = run_main(musicrnn.main, "train", "--resume", "--epochs", "2", "--out", tmp_path / "run")
+    assert code == 0, err
+    code, _, err = run_main(musicrnn.main, "train", "--resume", "--epochs", "3", "--out", tmp_path / "run",
+                            "--train-data", fixture_data["train"])  # the same file, spelled from here
+    assert code == 0, err
+
+
 def test_a_loss_past_what_exp_can_hold_is_an_infinite_perplexity(tiny_run, fixture_data, tmp_path):
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     ckpt["model"]["to_logits.weight"] *= 1e5  # confidently wrong: a loss of thousands of nats
