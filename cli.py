@@ -31,6 +31,8 @@ import tokenize
 class UserError(Exception):
     """Bad input or an impossible request: one `error:` line, exit code 2, no traceback."""
 
+    every_rank = False  # under torchrun every rank meets the same error: rank 0 alone says it
+
 
 def run_command(command, args) -> int:
     """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
@@ -74,7 +76,7 @@ def _errors_as_lines(command, args) -> int:
     try:
         command(args)
     except UserError as e:
-        return error_line(str(e))
+        return error_line(str(e), every_rank=e.every_rank)
     except OSError as e:  # a file the user named: full disk, no permission, ...
         return error_line(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     except MemoryError:
@@ -90,9 +92,11 @@ def first_line(e: Exception, limit: int = 160) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
-def error_line(message: str) -> int:
-    """Print `error: message` as one line (a newline the user typed into a path is shown as \\n)."""
-    print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+def error_line(message: str, every_rank: bool = False) -> int:
+    """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
+    Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return 2
 
 

@@ -31,6 +31,27 @@ from cli import UserError
 class PeerLost(UserError):
     """Another process of the training stopped: this one cannot go on alone."""
 
+    every_rank = True  # the rank that says so may be any one: the one that stopped may have said nothing
+
+
+def launch(procs: int, command: list[str]) -> None:
+    """`musicrnn.py train --procs N`: the same command as N processes of this machine, started by
+    torchrun's own launcher (torch.distributed.run --standalone). What a rank can tell the user it
+    prints itself, as one line (rank 0 alone, cli.error_line); torchrun's report of a failed rank,
+    a traceback of its own, is left out, and its exit code kept: 2 for a user's error."""
+    import logging
+    import sys
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's banner, else; start() sets each rank's threads
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={procs}", *command])
+    except ChildFailedError as e:
+        sys.exit(2 if e.get_first_failure()[1].exitcode == 2 else 1)
+
 
 @dataclass
 class World:

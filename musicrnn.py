@@ -837,9 +837,17 @@ def add_train_parser(sub) -> None:
                             "--device and --precision may change")
     again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
     p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
+    p.add_argument("--procs", type=cli.int_in(1, 256), default=1,
+                   help="train as this many processes of this machine (torchrun's launcher, gloo on the CPU, the "
+                        "cores shared out): the same model as one process; make train gives 2 on 2 cores (default: 1)")
 
 
 def cmd_train(args) -> None:
+    if args.procs > 1 and "RANK" not in os.environ:  # the launcher: this very command again, as --procs ranks
+        distributed.launch(args.procs, [__file__, *args.argv])
+        return
+    if "RANK" in os.environ and args.procs not in (1, int(os.environ["LOCAL_WORLD_SIZE"])):
+        raise UserError("--procs starts the processes itself: under torchrun, leave it out (--nproc_per_node sets them)")
     given = {f.name for f in fields(Config) if getattr(args, f.name) is not None}
     train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite,
           tensorboard=args.tensorboard, given=given)
@@ -903,7 +911,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_genera
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as typed: train --procs N runs it again as N processes
     return cli.run_command(COMMANDS[args.command], args)
 
 

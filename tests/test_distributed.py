@@ -40,10 +40,12 @@ def val_losses(stdout: str) -> list[str]:
 # roundings (measured 1.5e-3 after these 8 steps, whose updates reach 2.4e-2) and the printed
 # losses by at most 1e-4 (measured)
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, atol, loss_atol", [("fp32", 1e-5, 0), ("bf16", 4e-3, 3e-4)])
-def test_two_processes_train_the_same_model_as_one(fixture_data, tmp_path, precision, atol, loss_atol):
+@pytest.mark.parametrize("precision, atol, loss_atol, launcher", [("fp32", 1e-5, 0, "torchrun"),
+                                                                  ("bf16", 4e-3, 3e-4, "--procs")])
+def test_two_processes_train_the_same_model_as_one(fixture_data, tmp_path, precision, atol, loss_atol, launcher):
     one = run([sys.executable, *train_command(fixture_data, tmp_path / "one", "--precision", precision)])
-    two = run(TORCHRUN + train_command(fixture_data, tmp_path / "two", "--precision", precision))
+    command = train_command(fixture_data, tmp_path / "two", "--precision", precision)
+    two = run(TORCHRUN + command if launcher == "torchrun" else [sys.executable, *command, "--procs", "2"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert f"2 processes (2 on this machine), 1 thread each, gloo, device cpu on rank 0, {precision} products" in two.stdout
@@ -124,6 +126,14 @@ def test_one_process_without_torchrun_is_a_world_of_one(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     world, device = distributed.start("cpu")
     assert (world.rank, world.size, device) == (0, 1, "cpu") and world.sum(2.5) == 2.5
+
+
+def test_a_users_error_under_procs_is_one_line_from_rank_0_and_exit_2(fixture_data, tmp_path):
+    done = run([sys.executable, *train_command(fixture_data, tmp_path / "run", "--procs", "2", "--batch-size", "0")])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: argument --batch-size"), done.stderr
+    under_torchrun = run(TORCHRUN + train_command(fixture_data, tmp_path / "run", "--batch-size", "0"))
+    assert under_torchrun.stderr.count("error: argument --batch-size") == 1  # rank 0 alone says it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA would train")
