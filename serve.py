@@ -159,6 +159,12 @@ class TuneServer(ThreadingHTTPServer):
         self.missing = missing_tools()
         super().__init__(address, Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a player dropping a WAV it had read enough of, a closed tab) is
+        nothing to report; anything else is, as the standard library reports it."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     def generate_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> list[str]:
         with self.generating, user_errors_as_bad_requests():
             opts, constraint = sampler.check_against_model(opts, self.vocab, self.facts, tune_type, self.constraint)
@@ -191,6 +197,21 @@ class TuneServer(ThreadingHTTPServer):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+    """The one byte range a Range header asks for, as (first, last) within size; None: the whole
+    file (no header, or one this server does not read: several ranges, a reversed one); False:
+    a range that starts past the end (416)."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip()) if header else None
+    if not m or m.group(1) == m.group(2) == "":
+        return None
+    if m.group(1) == "":  # bytes=-N: the last N
+        return (max(size - int(m.group(2)), 0), size - 1) if int(m.group(2)) and size else False
+    first, last = int(m.group(1)), int(m.group(2)) if m.group(2) else size - 1
+    if first >= size:
+        return False
+    return (first, min(last, size - 1)) if first <= last else None
+
+
 def _bytes(folder: Path) -> int:
     """The size of a request's files; one being renamed by a tool right now counts as nothing."""
     total = 0
@@ -218,6 +239,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.OK, DEFAULTS)
         elif m := FILE_PATH.fullmatch(self.path):
             self.send_file(self.server.folder / m.group(1) / m.group(2))
+        elif self.path == "/favicon.ico":  # asked for by every browser: there is none
+            self.send_bytes(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
         elif self.path == "/generate":  # the address bar after a form was sent: the form is posted, not got
             self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error="/generate answers the form: "
                                                                            "write the tunes from the page")
@@ -287,20 +310,31 @@ class Handler(BaseHTTPRequestHandler):
             left -= len(chunk)
 
     def send_file(self, path: Path) -> None:
+        """The file, or the one byte range asked for (Range: bytes=a-b), so that a player can seek."""
         if not path.is_file():
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error="that file is gone: write the tunes again")
             return
-        data = path.read_bytes()
-        self.send_bytes(HTTPStatus.OK, CONTENT_TYPES[path.suffix], data)
+        data, kind = path.read_bytes(), CONTENT_TYPES[path.suffix]
+        span = byte_range(self.headers.get("Range"), len(data))
+        if span is None:
+            self.send_bytes(HTTPStatus.OK, kind, data, {"Accept-Ranges": "bytes"})
+        elif not span:
+            self.send_bytes(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, kind, b"", {"Content-Range": f"bytes */{len(data)}"})
+        else:
+            first, last = span
+            self.send_bytes(HTTPStatus.PARTIAL_CONTENT, kind, data[first:last + 1],
+                            {"Accept-Ranges": "bytes", "Content-Range": f"bytes {first}-{last}/{len(data)}"})
 
     def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None,
                   note: str | None = None) -> None:
         html_text = page(form, tunes, error, self.server.missing, self.server.facts.tune_types, note)
         self.send_bytes(status, "text/html; charset=utf-8", html_text.encode())
 
-    def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
+    def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
@@ -359,8 +393,8 @@ def form_html(form: dict, types: tuple = ()) -> str:
                 f'value="{html.escape(form[name])}"></label>')
 
     checked = " checked" * (form.get("constrained") == "on")
-    bars = (f'<label>bars<input name=bars id=bars placeholder="8 or 8,16" value="{html.escape(form["bars"])}">'
-            f'</label>')
+    bars = (f'<label>bars<input name=bars id=bars maxlength=100 placeholder="8 or 8,16" '
+            f'value="{html.escape(form["bars"])}"></label>')
     return (f"<form method=post action=/generate>{select('meter', METERS)}{select('key', KEYS)}"
             f"{select('type', ('',) + tuple(types), lambda o: o or 'any')}"
             f"{number('sections', 1, sampler.MAX_SECTIONS, 1)}{bars}"

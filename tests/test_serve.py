@@ -7,6 +7,7 @@ import http.client
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -252,6 +253,44 @@ def test_a_large_form_whose_body_never_comes_gets_its_413_not_a_500(tiny_onnx, t
     finally:
         tune_server.shutdown()
         tune_server.server_close()
+
+
+def test_a_player_can_seek_a_file_by_its_byte_ranges(server):
+    _, _, page = request(server + "/generate", form(num="1"))
+    link = re.findall(rb'href="(/files/[^"]+\.abc)"', page)[0].decode()
+    whole = urllib.request.urlopen(server + link, timeout=30)
+    data = whole.read()
+    assert whole.headers["Accept-Ranges"] == "bytes" and len(data) > 20
+
+    def ranged(spec):
+        req = urllib.request.Request(server + link, headers={"Range": spec})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.headers["Content-Range"], r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers["Content-Range"], e.read()
+
+    assert ranged("bytes=5-14") == (206, f"bytes 5-14/{len(data)}", data[5:15])
+    assert ranged("bytes=-4") == (206, f"bytes {len(data) - 4}-{len(data) - 1}/{len(data)}", data[-4:])
+    assert ranged(f"bytes={len(data)}-")[:2] == (416, f"bytes */{len(data)}")
+    assert ranged("bytes=9-3")[0] == 200  # a reversed range is ignored: the whole file
+
+
+def test_a_client_that_goes_away_mid_request_leaves_no_traceback(tiny_onnx, tmp_path, capfd):
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
+    try:
+        host, port = tune_server.server_address[:2]
+        for _ in range(3):  # a reset while the server waits for the request line
+            sock = socket.create_connection((host, port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            sock.sendall(b"GET / HT")
+            sock.close()
+        assert request(f"http://{host}:{port}/favicon.ico")[0] == 204  # and the server still answers
+    finally:
+        tune_server.shutdown()
+        tune_server.server_close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_the_page_shows_that_a_form_is_held_only_when_constrained(server):
