@@ -91,12 +91,14 @@ def test_a_control_model_writes_the_form_asked_for_without_its_code(control_onnx
     assert torch_code == 0 and torch_out == out  # the same tunes from torch
 
 
-def test_a_control_model_without_a_form_writes_its_own_code(control_onnx):
+def test_a_control_model_without_a_form_reads_the_commonest_one(control_onnx):
+    """Training reads each code but never scores it, so such a model cannot write one: asked for none,
+    it reads 8 + 8 bars (it wrote codes of 1-bar sections, then 1-bar tunes, on its own)."""
     session, vocab, config = exported_model.load_model(str(control_onnx))
     step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
-    opts = sampler.SamplingOptions(num=4, seed=1, constrained=True, max_bars=12)
-    tunes = sampler.generate_tunes(step, vocab, opts, facts=facts)
-    assert all(t.startswith("X:1\n") for t in tunes)
+    tunes = sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=4, seed=1, constrained=True), facts=facts)
+    assert all(t.startswith("X:1\n") for t in tunes)  # the code it read is taken off
+    assert [tuple(s.bars for s in abc_form.sections(t)) for t in tunes] == [(8, 8)] * 4
 
 
 def test_a_model_without_codes_is_held_to_a_form_by_the_masks_alone(tiny_onnx):
@@ -123,9 +125,11 @@ def test_impossible_forms_and_unknown_types_get_one_error_line(control_onnx, arg
     assert one_error_line(code, err) and says in err, err
 
 
-def test_a_control_model_needs_a_form_with_a_header_prompt(control_onnx):
-    code, _, err = run_main(infer_onnx.main, "--model", control_onnx, "--meter", "6/8", "--key", "D")
-    assert one_error_line(code, err) and "give --form" in err
+def test_a_control_model_with_a_header_prompt_and_no_form_says_which_form_it_reads(control_onnx):
+    code, out, err = run_main(infer_onnx.main, "--model", control_onnx, "--meter", "6/8", "--key", "D",
+                              "--constrained", "--num", "2")
+    assert code == 0 and "none was asked for, so it reads S:2 B:8 E:3 B:8" in err, err
+    assert {tuple(s.bars for s in abc_form.sections(t)) for t in out.split("\n\n") if t.strip()} == {(8, 8)}
 
 
 def test_type_primes_the_r_line_after_x(control_onnx, tiny_onnx):
