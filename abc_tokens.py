@@ -187,5 +187,6 @@ def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:
     """<eos> (the start symbol) + the prompt's ids; refuses symbols the model never saw."""
     unknown = vocab.unknown_chars(text)
     if unknown:
-        raise PromptError("the prompt has symbols the model never saw: " + " ".join(repr(c) for c in unknown))
+        raise PromptError("the tune's start (--prompt, or the header of --meter, --key and --type) has symbols "
+                          "the model never saw: " + " ".join(repr(c) for c in unknown))
     return [vocab.eos_id] + vocab.encode(text)
