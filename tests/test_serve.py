@@ -226,33 +226,33 @@ def test_a_length_that_is_not_ascii_digits_gets_a_411(server):
     assert statuses(received) == [411] and b"Content-Length" in received
 
 
-def test_a_body_shorter_than_its_length_gets_a_4xx_not_a_500(tiny_onnx, tmp_path, monkeypatch):
-    monkeypatch.setattr(serve.Handler, "timeout", 1)  # seconds a client may take to send its request
-    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
+@contextlib.contextmanager
+def in_process(tiny_onnx, folder):
+    """(a TuneServer serving from a thread of this process, its URL): a test can reach into it."""
+    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), folder)
     threading.Thread(target=tune_server.serve_forever, daemon=True).start()
     try:
-        host, port = tune_server.server_address[:2]
-        body = form()
-        request_text = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 100}\r\n\r\n"
-        received = raw_exchange(f"http://{host}:{port}", request_text.encode() + body)
-        assert statuses(received) == [408] and b"did not arrive" in received, received[-300:]
+        yield tune_server, "http://%s:%d" % tune_server.server_address[:2]
     finally:
         tune_server.shutdown()
         tune_server.server_close()
+
+
+def test_a_body_shorter_than_its_length_gets_a_4xx_not_a_500(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve.Handler, "timeout", 1)  # seconds a client may take to send its request
+    with in_process(tiny_onnx, tmp_path) as (_, url):
+        body = form()
+        request_text = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+        received = raw_exchange(url, request_text.encode() + body)
+        assert statuses(received) == [408] and b"did not arrive" in received, received[-300:]
 
 
 def test_a_large_form_whose_body_never_comes_gets_its_413_not_a_500(tiny_onnx, tmp_path, monkeypatch):
     monkeypatch.setattr(serve.Handler, "timeout", 1)  # seconds a client may take to send its request
-    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
-    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
-    try:
-        host, port = tune_server.server_address[:2]
+    with in_process(tiny_onnx, tmp_path) as (_, url):
         request_text = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * serve.MAX_BODY}\r\n\r\n"
-        received = raw_exchange(f"http://{host}:{port}", request_text.encode())
+        received = raw_exchange(url, request_text.encode())
         assert statuses(received) == [413] and b"the form has" in received, received[-300:]
-    finally:
-        tune_server.shutdown()
-        tune_server.server_close()
 
 
 def test_a_player_can_seek_a_file_by_its_byte_ranges(server):
@@ -277,19 +277,14 @@ def test_a_player_can_seek_a_file_by_its_byte_ranges(server):
 
 
 def test_a_client_that_goes_away_mid_request_leaves_no_traceback(tiny_onnx, tmp_path, capfd):
-    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
-    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
-    try:
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
         host, port = tune_server.server_address[:2]
         for _ in range(3):  # a reset while the server waits for the request line
             sock = socket.create_connection((host, port), timeout=5)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
             sock.sendall(b"GET / HT")
             sock.close()
-        assert request(f"http://{host}:{port}/favicon.ico")[0] == 204  # and the server still answers
-    finally:
-        tune_server.shutdown()
-        tune_server.server_close()
+        assert request(url + "/favicon.ico")[0] == 204  # and the server still answers
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -397,11 +392,8 @@ def test_the_server_keeps_only_its_newest_requests_files_within_the_byte_bound(t
 
 
 def test_a_request_over_the_byte_bound_keeps_its_own_files_and_spares_one_at_work(tiny_onnx, tmp_path):
-    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
-    tune_server.keep_bytes = 1  # every request's files are over it
-    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
-    try:
-        url = "http://%s:%d" % tune_server.server_address[:2]
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        tune_server.keep_bytes = 1  # every request's files are over it
         with tune_server.request_folder() as (_, at_work):  # another request, still rendering
             (at_work / "tune1.abc").write_text("X:1\n")
             pages = [request(url + "/generate", form(num="2", seed=str(seed))) for seed in (1, 2)]
@@ -412,18 +404,10 @@ def test_a_request_over_the_byte_bound_keeps_its_own_files_and_spares_one_at_wor
             assert at_work.exists()                                                # spared while at work
         assert at_work.exists()  # once done it is the newest, kept whatever its size
         assert all(request(url + link.decode())[0] == 404 for link in second)
-    finally:
-        tune_server.shutdown()
-        tune_server.server_close()
 
 
 def test_a_client_that_goes_away_mid_file_leaves_no_traceback(tiny_onnx, tmp_path, capsys):
-    import socket
-    import struct
-
-    tune_server = serve.TuneServer(("127.0.0.1", 0), str(tiny_onnx), tmp_path)
-    threading.Thread(target=tune_server.serve_forever, daemon=True).start()
-    try:
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
         with tune_server.request_folder() as (name, folder):
             (folder / "tune1.wav").write_bytes(bytes(32 << 20))  # far more than a socket buffers
             client = socket.create_connection(tune_server.server_address[:2], timeout=10)
@@ -432,8 +416,5 @@ def test_a_client_that_goes_away_mid_file_leaves_no_traceback(tiny_onnx, tmp_pat
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # a reset, as a player that has read enough does
             time.sleep(1)
-        assert request("http://%s:%d/" % tune_server.server_address[:2])[0] == 200  # still serving
-    finally:
-        tune_server.shutdown()
-        tune_server.server_close()
+        assert request(url + "/")[0] == 200  # still serving
     assert "Traceback" not in capsys.readouterr().err
