@@ -677,9 +677,11 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
              "musicrnn.py forms": ["--checkpoint", "model.pt"],
              "musicrnn.py types": ["--checkpoint", "model.pt", "--train-data", train]}
     fresh_outputs = {"musicrnn.py train": "--out", "musicrnn.py sweep": "--out", "export.py": "--out",
-                     "musicrnn.py forms": "--out", "musicrnn.py types": "--out"}
+                     "musicrnn.py forms": "--out", "musicrnn.py types": "--out", "musicrnn.py generate": "--out",
+                     "infer_onnx.py": "--out"}  # generation too: --overwrite and --render need an --out
     # every line stays short: few tunes and tokens, one small epoch; the fuzzed values come first
-    bounds = {"musicrnn.py train": ["--epochs", "1", "--max-minutes", "0.2", "--hidden-dim", "16", "--limit", "8"],
+    bounds = {"musicrnn.py train": ["--epochs", "1", "--max-minutes", "0.2", "--hidden-dim", "16", "--limit", "8",
+                                    "--procs", "1"],  # one process: a fuzzed --procs 200 would start 200
               "musicrnn.py sweep": ["--num", "2", "--temperatures", "1", "--max-tokens", "40"],
               "musicrnn.py generate": ["--num", "2", "--max-tokens", "60"], "infer_onnx.py": ["--num", "2",
                                                                                               "--max-tokens", "60"],
@@ -690,7 +692,7 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
         name, parser = fuzzed[i % len(fuzzed)]
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
         chosen = rng.choice(len(actions), size=min(len(actions), int(rng.integers(1, 5))), replace=False)
-        fresh = [fresh_outputs[name], f"new{i}"] if name in fresh_outputs else []
+        fresh = [fresh_outputs[name], f"new{i}" + ".onnx" * (name == "export.py")] if name in fresh_outputs else []
         argv = name.split()[1:] + bases[name] + fresh + [w for j in chosen for w in [actions[j].option_strings[-1],
                                                                                      *fuzz_value(actions[j], rng, paths)]]
         code, _, err = run_main(mains[name.split()[0]], *argv, *bounds.get(name, []))
