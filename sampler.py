@@ -216,6 +216,9 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
     opts = sampling_options(args)
     out = check_outputs(args, model_path, opts)
     step, vocab, facts = load_model()
+    if facts.control_codes and args.max_bars is not None:  # no form asked for: CONTROL_FORM sets the bars
+        raise UserError("--max-bars: this model reads a form before each tune, which sets its bars "
+                        "(S:2 B:8 E:3 B:8 when none is asked for); give --form or --sections/--bars instead")
     opts, constraint = check_against_model(opts, vocab, facts, args.type)
     note = form_note(opts, facts)
     if note:

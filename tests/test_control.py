@@ -101,6 +101,11 @@ def test_a_control_model_without_a_form_reads_the_commonest_one(control_onnx):
     assert [tuple(s.bars for s in abc_form.sections(t)) for t in tunes] == [(8, 8)] * 4
 
 
+def test_max_bars_is_refused_for_a_control_model_whose_form_sets_the_bars(control_onnx):
+    code, out, err = run_main(infer_onnx.main, "--model", control_onnx, "--constrained", "--max-bars", "4")
+    assert one_error_line(code, err) and "give --form or --sections/--bars instead" in err and out == ""
+
+
 def test_a_model_without_codes_is_held_to_a_form_by_the_masks_alone(tiny_onnx):
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "3", "--constrained",
                               "--meter", "2/4", "--sections", "3", "--bars", "2,4,2")
