@@ -4,7 +4,7 @@ rendering: scores, MIDI and audio for ABC tunes, made by Debian's tools. Torch-f
 Holds:
 - TOOLS: each tool, what it makes and the Debian package that brings it;
 - render_tune: one tune -> score (abcm2ps SVG), MIDI (abc2midi), audio (fluidsynth WAV);
-- render_tunebook, rendered_files: the same beside a tunebook (generate --render);
+- render_tunebook, rendered_files, check_render: the same beside a tunebook (generate --render);
 - find_soundfont, midi_seconds, trim_silence: what the audio step needs.
 
 Every tool runs without a shell, on files in a folder of ours, with a timeout; a tool
@@ -196,6 +196,16 @@ def rendered_files(path: Path, tunes: int) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if written(p.name))
 
 
+def check_render(path: Path, tunes: int, overwrite: bool, inputs=()) -> None:
+    """A render of this many tunes beside tunebook path replaces no file unless overwrite, and never
+    one of the command's inputs (a model named tunes2.mid, say), not even with overwrite."""
+    old = rendered_files(path, tunes)
+    if old and not overwrite:
+        raise OutputError(f"--render would replace {old[0]}: pass --overwrite, or choose another --out")
+    for p in old:
+        check_output(p, "--render", overwrite=True, inputs=inputs)
+
+
 def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0, inputs=()) -> list[str]:
     """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps -g, in its secure mode
     -S) beside a tunebook, where the tools are installed. Returns one line per kind of file to
@@ -210,11 +220,7 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0,
     folder, stem = path.parent, path.stem
     text = path.read_text(encoding="utf-8")
     tunes = len(re.findall(r"(?m)^X:", text))
-    old = rendered_files(path, tunes)
-    if old and not overwrite:
-        raise OutputError(f"rendering would replace {old[0]}: pass --overwrite")
-    for p in old:  # not even --overwrite replaces what the command read (its model named tunes2.mid, say)
-        check_output(p, "--render", overwrite=True, inputs=inputs)
+    check_render(path, tunes, overwrite, inputs)
     missing = missing_tools()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
         book = Path(scratch) / "book.abc"

@@ -34,8 +34,8 @@ from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, pars
 from abc_music import BLANK_LINE, TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
-from rendering import render_tunebook, rendered_files
-from safe_write import OutputError, atomic_file, check_output
+from rendering import check_render, render_tunebook
+from safe_write import atomic_file, check_output
 
 
 @dataclass(frozen=True)
@@ -237,11 +237,8 @@ def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptio
     if args.out is None:
         return None
     out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
-    existing = rendered_files(out, opts.num) if args.render else []
-    if existing and not args.overwrite:
-        raise OutputError(f"--render would replace {existing[0]}: pass --overwrite, or choose another --out")
-    for path in existing:  # not even --overwrite replaces the model (a checkpoint named set1.wav, say)
-        check_output(path, "--render", overwrite=True, inputs=[model_path])
+    if args.render:  # before any work: the tunes asked for; render_tunebook checks again the tunes written
+        check_render(out, opts.num, args.overwrite, inputs=[model_path])
     return out
 
 
