@@ -189,7 +189,7 @@ class TuneState:
     short_next: int = 0            # after a short :|, the next bar is a pickup of this many ticks
     line_letter: bool = False      # the line so far is one bare letter, spaces aside: "A:|", "A :|" read as a field
     need_note: bool = False        # after a decoration or a grace group
-    graced: int = 0                # grace notes (a roll: one) before the note to come, which must outlast them (L/4 each)
+    graced: int = 0                # grace notes (a roll: one) before the note to come: it must outlast them (L/4 each)
     accompanied: int = 0           # chord symbols in the prompt: ticks of an eighth note, which a pickup is made of
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written

@@ -1,11 +1,13 @@
 """
 distributed: what musicrnn.py train needs to run as N processes under torchrun.
 
+    python musicrnn.py train --procs 2          # launched: torchrun's launcher, started for you
     torchrun --standalone --nproc_per_node=2 musicrnn.py train
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 musicrnn.py train
 
-Holds session (the with-block a training runs in) and World: this process's rank among world size processes, started from torchrun's
-environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
+Holds launched (train --procs N: the command again, as N ranks of this machine), session (the
+with-block a training runs in) and World: this process's rank among world size processes, started
+from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
 GPU; its share of a batch; the sums and broadcasts that keep the ranks in step; and the
 thread count chosen so that the processes of one machine fill its cores without
 oversubscribing them. Without torchrun, World() is one process and every call is a no-op.
@@ -34,11 +36,19 @@ class PeerLost(UserError):
     every_rank = True  # the rank that says so may be any one: the one that stopped may have said nothing
 
 
-def launch(procs: int, command: list[str]) -> None:
-    """`musicrnn.py train --procs N`: the same command as N processes of this machine, started by
-    torchrun's own launcher (torch.distributed.run --standalone). What a rank can tell the user it
-    prints itself, as one line (rank 0 alone, cli.error_line); torchrun's report of a failed rank,
-    a traceback of its own, is left out, and its exit code kept: 2 for a user's error."""
+def launched(procs: int, command: list[str]) -> bool:
+    """`musicrnn.py train --procs N`: True once the command has run as N processes of this machine,
+    started by torchrun's own launcher (torch.distributed.run --standalone); False where this process
+    is to train (N = 1, or it is one of the ranks). What a rank can tell the user it prints itself,
+    as one line (rank 0 alone, cli.error_line); torchrun's report of a failed rank, a traceback of
+    its own, is left out, and its exit code kept: 2 for a user's error."""
+    if "RANK" in os.environ:
+        if procs not in (1, int(os.environ["LOCAL_WORLD_SIZE"])):
+            raise UserError("--procs starts the processes itself: under torchrun, leave it out "
+                            "(--nproc_per_node sets them)")
+        return False
+    if procs == 1:
+        return False
     import logging
     import sys
 
@@ -51,6 +61,7 @@ def launch(procs: int, command: list[str]) -> None:
         torchrun.main(["--standalone", f"--nproc_per_node={procs}", *command])
     except ChildFailedError as e:
         sys.exit(2 if e.get_first_failure()[1].exitcode == 2 else 1)
+    return True
 
 
 @dataclass

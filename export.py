@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(prog="export.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/best.pt", help="the trained model (default: runs/best.pt)")
     parser.add_argument("--out", default="runs/musicrnn.onnx", help="the ONNX file to write (default: runs/musicrnn.onnx)")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantized copy beside it, its .onnx replaced by .int8.onnx "
-                                                                 "(runs/musicrnn.int8.onnx)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write a dynamically quantized copy beside it, its .onnx replaced by .int8.onnx "
+                             "(runs/musicrnn.int8.onnx)")
     parser.add_argument("--overwrite", action="store_true", help="let --out (and its .int8.onnx) replace existing files")
     return parser
 

@@ -733,8 +733,9 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # relative probabilities (sampler.generate_tunes builds the constraint; sampler.mask_illegal adds
 # constraint.penalty(tune) to each row's logits before sample_next draws, and
 # constraint.advance(tune, token) follows the token drawn). abc_constraint.AbcConstraint follows
-# the ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: in that order; bars that are exactly full (broken
-# rhythm, triplets, chords, ties and pickups counted); chords and grace groups closed;
+# the ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: in that order;
+# bars that are exactly full (broken rhythm, triplets, chords, ties and pickups counted); chords
+# and grace groups closed;
 # an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
 # and max_tokens tokens (when it must end, the bars left take the longest notes that fit,
 # and the next section end closes the tune, 4 bars or not). Asked for a form (--form,
@@ -758,8 +759,9 @@ def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, un
     length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
 
     For training (never validation). Returns the tune and whether the range guard [low, high]
-    refused its transposition (it then keeps its key; None: no transposition was drawn). The key and the unit draw a number
-    whatever their share; the rhythm draws only when its share is above 0 (its default is 0).
+    refused its transposition (it then keeps its key; None: no transposition was drawn). The key
+    and the unit draw a number whatever their share; the rhythm draws only when its share is above
+    0 (its default is 0).
     """
     refused = None
     if rng.random() < key_share:
@@ -843,11 +845,8 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args) -> None:
-    if args.procs > 1 and "RANK" not in os.environ:  # the launcher: this very command again, as --procs ranks
-        distributed.launch(args.procs, [__file__, *args.argv])
+    if distributed.launched(args.procs, [__file__, *args.argv]):  # this very command again, as --procs ranks
         return
-    if "RANK" in os.environ and args.procs not in (1, int(os.environ["LOCAL_WORLD_SIZE"])):
-        raise UserError("--procs starts the processes itself: under torchrun, leave it out (--nproc_per_node sets them)")
     given = {f.name for f in fields(Config) if getattr(args, f.name) is not None}
     train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite,
           tensorboard=args.tensorboard, given=given)

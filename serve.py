@@ -319,7 +319,8 @@ class Handler(BaseHTTPRequestHandler):
         if span is None:
             self.send_bytes(HTTPStatus.OK, kind, data, {"Accept-Ranges": "bytes"})
         elif not span:
-            self.send_bytes(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, kind, b"", {"Content-Range": f"bytes */{len(data)}"})
+            self.send_bytes(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, kind, b"",
+                            {"Content-Range": f"bytes */{len(data)}"})
         else:
             first, last = span
             self.send_bytes(HTTPStatus.PARTIAL_CONTENT, kind, data[first:last + 1],
