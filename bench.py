@@ -47,25 +47,38 @@ STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so m
 PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
 
 
-def interleaved(sides: dict, repeats: int = REPEATS) -> tuple[list[float], dict[str, float]]:
+def interleaved(sides: dict, repeats: int = REPEATS, typical: bool = False) -> tuple[list[float], dict[str, float]]:
     """Measure every side `repeats` times, in turns (a, b, c, a, b, c, ...), so that a change
     in the machine's speed falls on each side alike. Each side returns a cost (seconds, or
-    seconds per token). Returns each side's best (the lowest), in order, and name -> its
-    spread (highest / lowest - 1)."""
+    seconds per token). Returns each side's best (the lowest; typical=True: the median), in
+    order, and name -> its spread (highest / lowest - 1)."""
     costs = {name: [] for name in sides}
     for _ in range(repeats):
         for name, measure in sides.items():
             costs[name].append(measure())
-    return [min(c) for c in costs.values()], {name: max(c) / min(c) - 1 for name, c in costs.items()}
+    pick = (lambda c: float(np.median(c))) if typical else min
+    return [pick(c) for c in costs.values()], {name: max(c) / min(c) - 1 for name, c in costs.items()}
 
 
-def step_loop(step, eos_id: int, batch: int, tokens: int):
-    """Feed `tokens` steps through a step function, carrying the state (the token is fixed: timing only)."""
-    def run():
-        x, state = np.full((batch, 1), eos_id, np.int64), None
-        for _ in range(tokens):
+STEP_WINDOW = 50         # steps timed together
+STEP_TURN_SECONDS = 1.0  # one turn of a step's measurement: windows back to back for this long
+
+
+def step_ms(step, eos_id: int, batch: int = 1) -> float:
+    """ms per step of a step function, the state carried on (the token is fixed: timing only):
+    the median of STEP_WINDOW-step windows run back to back for STEP_TURN_SECONDS.
+
+    The median, not the best: a step of tens of microseconds runs at two speeds on this host,
+    the fast one in rare short spells (measured: 2% of 500-step windows, 17% of 50-step ones,
+    and in some processes none), so a best of a few timings is a draw of whether a spell came."""
+    x, state = np.full((batch, 1), eos_id, np.int64), None
+    windows, end = [], time.perf_counter() + STEP_TURN_SECONDS
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(STEP_WINDOW):
             _, state = step(x, state)
-    return run
+        windows.append(time.perf_counter() - start)
+    return float(np.median(windows)) / STEP_WINDOW * 1e3
 
 
 def threads_label(threads: int) -> str:
@@ -87,8 +100,7 @@ def torch_ms_per_token(model, vocab, threads: int, mkldnn: bool) -> float:
     """Torch eager, one token per step, in this configuration."""
     # allow_tf32=None: setting it warns on every CPU build ("TF32 ... available for Intel GPUs")
     with torch_threads(threads), torch.backends.mkldnn.flags(enabled=mkldnn, allow_tf32=None):
-        seconds = timed(step_loop(musicrnn.torch_step(model, torch.device("cpu")), vocab.eos_id, 1, TUNE_TOKENS))
-    return seconds / TUNE_TOKENS * 1e3
+        return step_ms(musicrnn.torch_step(model, torch.device("cpu")), vocab.eos_id)
 
 
 TORCH_CONFIGS = [(threads, mkldnn) for threads in (1, 2) for mkldnn in (False, True)]
@@ -119,8 +131,7 @@ def ort_runner(path: str, threads: int):
 
 
 def ort_step_ms(runner, batch: int = 1) -> float:
-    step, eos_id = runner
-    return timed(step_loop(step, eos_id, batch, TUNE_TOKENS)) / TUNE_TOKENS * 1e3
+    return step_ms(*runner, batch)
 
 
 @torch.no_grad()
@@ -240,7 +251,7 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     # core for a while, a 2-thread side alone would slow down and move the ratios between runs
     prefix_side = fastest({threads: (lambda t=threads: prefix_ms_per_token(model, vocab, t)) for threads in (1, 2)},
                           prefix_wins)
-    (torch_ms, ort_ms, prefix_ms), spread = interleaved(repeats=STEP_REPEATS, sides={
+    (torch_ms, ort_ms, prefix_ms), spread = interleaved(repeats=STEP_REPEATS, typical=True, sides={
         "torch": torch_side, "onnxruntime": ort_side, "prefix": prefix_side})
     int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
     batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
@@ -527,8 +538,9 @@ def table(rows: list[tuple], spreads: dict[str, float]) -> str:
     lines += [f"| {name} | {value if isinstance(value, str) else f'{value:,.3f}'} | {unit} |"
               for name, value, unit in rows]
     spread = ", ".join(f"{name} {100 * value:.0f}%" for name, value in spreads.items())
-    return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({STEP_REPEATS} for " \
-        f"generation, {PROCESS_REPEATS} for the training processes); their spread (worst / best - 1): " + spread
+    return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({PROCESS_REPEATS} for " \
+        f"the training processes), and for generation of the median of {STEP_REPEATS} turns, each turn's step the " \
+        f"median of its {STEP_WINDOW}-step windows over {STEP_TURN_SECONDS:g} s; their spread (worst / best - 1): " + spread
 
 
 def utilisation(value: float) -> float | str:

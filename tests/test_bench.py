@@ -25,6 +25,32 @@ def test_interleaved_measures_in_turns_and_keeps_the_best_and_the_spread():
     assert result == ([1.0, 4.0], {"a": 1.0, "b": 0.25})
 
 
+def test_typical_turns_keep_the_median_so_one_lucky_turn_does_not_set_the_figure():
+    costs = {"a": iter([1.0, 0.5, 1.2, 1.1, 0.9]), "b": iter([2.0] * 5)}
+    result = bench.interleaved({name: (lambda n=name: next(costs[n])) for name in costs}, repeats=5, typical=True)
+    assert result == ([1.0, 2.0], {"a": pytest.approx(1.4), "b": 0.0})
+
+
+def test_a_step_is_timed_in_windows_and_the_median_window_counts(monkeypatch):
+    clock, window_costs = [0.0], iter([0.05, 0.01, 0.05, 0.06, 0.05] + [1.0] * 10)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "STEP_TURN_SECONDS", 0.2)
+    monkeypatch.setattr(bench, "STEP_WINDOW", 2)
+    steps, states = [], []
+
+    def step(x, state):  # each window's second step moves the clock by the window's cost
+        steps.append(x.shape)
+        states.append(state)
+        if len(steps) % 2 == 0:
+            clock[0] += next(window_costs)
+        return None, len(steps)
+
+    ms = bench.step_ms(step, eos_id=0, batch=3)
+    assert len(steps) == 10  # five windows, until 0.2 s had passed: 0.05 + 0.01 + 0.05 + 0.06 + 0.05
+    assert set(steps) == {(3, 1)} and states[1:] == list(range(1, 10))  # the state carried from step to step
+    assert ms == pytest.approx(0.05 / 2 * 1e3)  # the median window (0.01 would be the lucky best)
+
+
 def test_a_flop_utilisation_above_one_is_reported_as_a_measurement_error():
     assert bench.utilisation(0.55) == 0.55
     assert bench.utilisation(1.02) == "measurement error (1.02 > 1)"
