@@ -167,10 +167,11 @@ def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint:
 
 def tunebook(bodies: list[str], first: int = 1) -> str:
     """Number the tunes X:first, X:first+1, ..., one blank line between them. A blank line that a
-    model wrote inside a tune is dropped: in a tunebook it would end the tune there."""
+    model wrote inside a tune is dropped: in a tunebook it would end the tune there; so is an X: line,
+    which would start a tune numbered as the model wrote it (its own X:1 first of all)."""
     tunes = []
     for n, text in enumerate(bodies, start=first):
-        text = re.sub(r"\AX:[^\n]*\n?", "", text)  # the model writes its own X:1
+        text = re.sub(r"(?m)^X:[^\n]*(\n|\Z)", "", text)
         text = without_blank_lines(text)
         tunes.append(f"X:{n}\n{text.rstrip()}\n")
     return "\n".join(tunes)

@@ -109,6 +109,13 @@ def test_a_blank_line_a_model_writes_stays_inside_its_tune():
     assert "abcd|\ndcba|]" in tunes[0] and tunes[1].rstrip().endswith("gg|]")
 
 
+def test_an_x_line_a_model_writes_inside_a_tune_starts_no_tune_of_its_own():
+    """X: starts a tune: kept, tune 2's "X:1" would have abc2midi write a second set1.mid over tune 1's."""
+    book = sampler.tunebook(["X:1\nL:1/8\nM:2/4\nK:D\nabcd|\n", "X:1\nL:1/8\nM:2/4\nK:G\ngg|\nX:1\nT:B\nab|]"])
+    assert [line for line in book.splitlines() if line.startswith("X:")] == ["X:1", "X:2"]
+    assert book.endswith("X:2\nL:1/8\nM:2/4\nK:G\ngg|\nT:B\nab|]\n")
+
+
 def test_the_judge_reads_a_tune_past_a_blank_line_as_the_tunebook_keeps_it():
     """A broken bar after a blank line must count: abc2midi alone would stop at the blank line."""
     import judging
