@@ -396,7 +396,8 @@ def requested_form(args: argparse.Namespace) -> str:
         raise PromptError("--sections and --bars go together, e.g. --sections 2 --bars 8")
     parts = args.bars.replace(" ", "").split(",")
     if not all(p.isascii() and p.isdigit() for p in parts) or len(parts) not in (1, args.sections):
-        raise PromptError(f"--bars {args.bars}: one number, or {args.sections} numbers apart by commas")
+        apart = f", or {args.sections} numbers apart by commas" if args.sections > 1 else ""
+        raise PromptError(f"--bars {args.bars}: one number{apart}")
     bars = [int(p) for p in parts] * (args.sections if len(parts) == 1 else 1)
     if not all(1 <= n <= MAX_BARS for n in bars):
         raise PromptError(f"--bars {args.bars}: bars per section must be 1 to {MAX_BARS}")

@@ -63,10 +63,23 @@ def _ticked(text: str) -> bool:
     return text == "on"
 
 
+BROWSER_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?")  # HTML's "valid floating-point number"
+
+
+def _whole(read):
+    """A whole-number field read as a browser's number input sends it: the text as typed, which
+    HTML's number grammar lets be "1e3" or "8.0" for 1000 and 8, values the page's own check passes."""
+    def check(text: str):
+        if BROWSER_NUMBER.fullmatch(text) and float(text).is_integer():
+            text = str(int(float(text)))
+        return read(text)
+    return check
+
+
 FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
-    "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": sampler.SEED,
-    "num": cli.int_in(1, MAX_TUNES), "constrained": _ticked,
-    "type": lambda text: text or None, "sections": lambda text: sampler.SECTIONS(text) if text else None,
+    "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": _whole(sampler.SEED),
+    "num": _whole(cli.int_in(1, MAX_TUNES)), "constrained": _ticked,
+    "type": lambda text: text or None, "sections": lambda text: _whole(sampler.SECTIONS)(text) if text else None,
     "bars": lambda text: text or None,
 }
 OPTIONAL = {"constrained", "type", "sections", "bars"}  # a browser leaves out an unticked box

@@ -346,6 +346,17 @@ def test_a_type_and_a_form_on_the_page_give_tunes_of_that_type_and_form(server):
     assert b'<option value="reel">reel</option>' in request(server + "/")[2]  # the model's types, offered
 
 
+def test_a_whole_number_as_a_browser_may_send_it_is_read_as_that_number():
+    """A number input sends what was typed: "1e3" passes the page's own check for seed (step 1)."""
+    opts, _ = serve.sampling_options({**VALID_FORM, "seed": "1e3", "num": "2.0", "sections": "2", "bars": "4"})
+    assert (opts.seed, opts.num) == (1000, 2)
+    assert serve.sampling_options({**VALID_FORM, "sections": "2E0", "bars": "4"})[0].form.startswith("S:2\nB:4\n")
+    for field, text, says in [("seed", "1.5", "not a whole number"), ("seed", "1e400", "not a whole number"),
+                              ("num", "9e0", "from 1 to 8"), ("seed", "-1e0", "from 0")]:
+        with pytest.raises(serve.HTTPError, match=says):
+            serve.sampling_options({**VALID_FORM, field: text})
+
+
 def test_the_same_form_gives_the_same_tunes(server):
     pages = [request(server + "/generate", form(seed="7"))[2] for _ in range(2)]
     abc = [re.findall(rb"<pre class=abc>(.*?)</pre>", page, re.S) for page in pages]

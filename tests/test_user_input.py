@@ -489,6 +489,11 @@ def test_a_request_the_tunes_could_not_honour_is_one_line(flags, message, tiny_o
     assert one_error_line(code, err) and message in err, err
 
 
+def test_bars_for_one_section_ask_for_one_number_only(tiny_onnx):
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--sections", "1", "--bars", "8,8")
+    assert one_error_line(code, err) and err.strip().endswith("--bars 8,8: one number"), err
+
+
 @pytest.mark.parametrize("out", ["", "a/folder/"], ids=repr)
 def test_an_out_that_names_no_file_is_one_line(out, tiny_onnx, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
