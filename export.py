@@ -170,7 +170,7 @@ def argmax_agreement(fp32: Path, int8: Path, tokens: int = 500, seed: int = 0) -
     for _ in range(tokens):
         (a, states[0]), (b, states[1]) = steps[0](token, states[0]), steps[1](token, states[1])
         same += int(a.argmax() == b.argmax())
-        token = sample_next(a, rng)[:, None]  # follow the fp32 model's own tune
+        token = sample_next(a, [rng])[:, None]  # follow the fp32 model's own tune
     return same / tokens
 
 

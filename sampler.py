@@ -14,7 +14,7 @@ Holds:
 
 A model is a function step(tokens (B, 1) int64, state) -> (logits (B, V) float32, state),
 state None meaning zeros: torch in musicrnn.torch_step, onnxruntime in exported_model.onnx_step.
-Both run this same loop with the same numpy generator, so the same seed gives the same tunes.
+Both run this same loop with the same numpy generators, so the same seed gives the same tunes.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def model_prompt(opts: SamplingOptions, facts: ModelFacts) -> tuple[str, tuple[i
 # one draw, then the loop
 
 
-def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+def sample_next(logits: np.ndarray, rngs: list[np.random.Generator], temperature: float = 1.0,
                 top_k: int | None = None) -> np.ndarray:
-    """Draw one token id per row from logits (B, V) -> (B,).
+    """Draw one token id per row from logits (B, V) -> (B,), row b with rngs[b].
 
     Inverse-CDF sampling with one uniform draw per row, so the same seed gives the
     same tokens from torch and from onnxruntime whenever their logits agree.
@@ -95,13 +95,14 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)                                                     # (B, V)
     cdf = np.cumsum(p, axis=1)                                        # (B, V)
-    u = rng.random(len(z))[:, None] * cdf[:, -1:]                     # (B, 1)
+    u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]  # (B, 1)
     return np.minimum((cdf <= u).sum(axis=1), z.shape[1] - 1)         # (B,)
 
 
 def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: AbcConstraint | None = None,
-                   facts: ModelFacts = ModelFacts()) -> list[str]:
-    """opts.num tunes as one batch, each the prompt followed by what the model writes until <eos>.
+                   facts: ModelFacts = ModelFacts(), first: int = 0) -> list[str]:
+    """opts.num tunes as one batch, each the prompt followed by what the model writes until <eos>:
+    the request's tunes first, first + 1, ... (from 0), each drawn by its own generator (row_generators).
 
     The prompt is fed one token at a time, as generation is, so both back ends run the same
     code path. Rows stop independently at <eos>. With opts.constrained, illegal tokens get
@@ -113,7 +114,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
     prompt_ids = encode_prompt(vocab, prompt)
     constraint = (constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)) \
         if opts.constrained else None
-    rng, num = np.random.default_rng(opts.seed), opts.num
+    rngs, num = row_generators(opts.seed, first, opts.num), opts.num
     state = None
     for tok in prompt_ids[:-1]:
         _, state = step(np.full((num, 1), tok, dtype=np.int64), state)
@@ -124,7 +125,7 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
         logits, state = step(tokens[:, None], state)                  # (B, V), the state carried on
         if constraint:
             mask_illegal(logits, tunes, constraint, opts.max_tokens - t)
-        tokens = sample_next(logits, rng, opts.temperature, opts.top_k)  # (B,)
+        tokens = sample_next(logits, rngs, opts.temperature, opts.top_k)  # (B,)
         for b in np.flatnonzero(~done):
             done[b] = tokens[b] == vocab.eos_id
             if not done[b]:
@@ -135,6 +136,12 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
             break
     texts = [prompt + vocab.decode(row) for row in out]
     return [strip_control_code(t) for t in texts] if facts.control_codes else texts
+
+
+def row_generators(seed: int, first: int, num: int) -> list[np.random.Generator]:
+    """One generator per tune, seeded by (seed, the tune's number in the request): tune i draws the
+    same numbers whatever --num, the batch it falls in and the tunes beside it."""
+    return [np.random.default_rng([seed, i]) for i in range(first, first + num)]
 
 
 def mask_illegal(logits: np.ndarray, tunes: list, constraint: AbcConstraint, tokens_left: int) -> None:
@@ -152,17 +159,15 @@ BATCH = 64  # tunes generated at once: memory stays bounded whatever --num asks 
 
 def generate_batches(step, vocab: Vocabulary, opts: SamplingOptions, constraint: AbcConstraint | None = None,
                      facts: ModelFacts = ModelFacts(), batch: int = BATCH):
-    """opts.num tunes in batches of at most `batch`, yielded as each batch finishes.
-
-    The first batch draws from opts.seed itself (so up to `batch` tunes are exactly
-    generate_tunes(opts)); batch k > 0 from the seed sequence (opts.seed, k). One constraint
-    serves every batch, so its mask cache fills once.
+    """opts.num tunes in batches of at most `batch`, yielded as each batch finishes. Tune i is
+    the same as with any other batch or --num (its own generator). One constraint serves every
+    batch, so its mask cache fills once.
     """
     if opts.constrained and constraint is None:
         constraint = AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
-    for k, first in enumerate(range(0, opts.num, batch)):
-        part = replace(opts, num=min(batch, opts.num - first), seed=opts.seed if k == 0 else (opts.seed, k))
-        yield generate_tunes(step, vocab, part, constraint, facts)
+    for first in range(0, opts.num, batch):
+        part = replace(opts, num=min(batch, opts.num - first))
+        yield generate_tunes(step, vocab, part, constraint, facts, first)
 
 
 def tunebook(bodies: list[str], first: int = 1) -> str:
@@ -302,8 +307,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                             "wilder (0.01 to 100, default 1.0)")
     group.add_argument("--top-k", type=cli.positive_int, default=None,
                        help="draw only among the k most likely tokens (default: all of them)")
-    group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes "
-                                                            "(0 to 2^32-1, default 0)")
+    group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes, "
+                                                            "tune N the same whatever --num (0 to 2^32-1, default 0)")
     group.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
                        help="tokens per tune at most (default 1000)")
     group.add_argument("--constrained", action="store_true",

@@ -298,7 +298,7 @@ def test_cached_masks_equal_masks_built_afresh(head, form, coded, max_bars):
             assert np.array_equal(mask, fresh.mask(b, left)), a
             assert np.array_equal(cached.penalty(a, left), fresh.penalty(b, left))
             logits = rng.normal(size=(1, len(VOCAB))) * 3 + np.where(mask, 0.0, -np.inf)
-            token = int(sampler.sample_next(logits, rng)[0])
+            token = int(sampler.sample_next(logits, [rng])[0])
             cached.advance(a, token), fresh.advance(b, token)
             steps += 1
             if token == VOCAB.eos_id:
@@ -380,7 +380,7 @@ def random_logits_tunes(constraint, prompt: str, form=(), num: int = 8, seed: in
         state, out = constraint.start(prompt, form, tokens), []
         for left in range(tokens, 0, -1):
             logits = rng.normal(size=(1, len(VOCAB))) * 3 + constraint.penalty(state, left)
-            token = int(sampler.sample_next(logits, rng)[0])
+            token = int(sampler.sample_next(logits, [rng])[0])
             constraint.advance(state, token)
             if token == VOCAB.eos_id:
                 break

@@ -51,7 +51,7 @@ def test_logits_and_state_match_torch_over_200_steps(exported, batch):
         b, torch_state = torch_step(tokens, torch_state)
         diffs = [np.abs(a - b).max()] + [np.abs(o - t.numpy()).max() for o, t in zip(onnx_state, torch_state)]
         worst = max(worst, *diffs)
-        tokens = sampler.sample_next(b, rng)[:, None]  # autoregressive: feed back what was sampled
+        tokens = sampler.sample_next(b, [rng] * batch)[:, None]  # autoregressive: feed back what was sampled
     assert worst < 1e-5
 
 

@@ -138,8 +138,25 @@ def test_generation_stops_at_eos():
     assert sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=4, prompt="AB")) == ["AB"] * 4
 
 
+def test_tune_i_is_the_same_whatever_num_and_the_batch_it_falls_in():
+    vocab = abc_tokens.Vocabulary.build(["ABCDEFG|"], "char")
+    table = np.random.default_rng(0).normal(size=(len(vocab), len(vocab))).astype(np.float32)  # (V, V)
+    table[:, vocab.eos_id] -= 2.0  # tunes of some length
+
+    def step(tokens, state):  # each row's next logits from its own last token: rows independent
+        return table[tokens[:, 0]], state
+
+    opts = sampler.SamplingOptions(num=5, seed=3, prompt="A", max_tokens=60)
+    five = [tune for batch in sampler.generate_batches(step, vocab, opts, batch=2) for tune in batch]
+    assert len(set(five)) == 5
+    assert sampler.generate_tunes(step, vocab, dataclasses.replace(opts, num=3)) == five[:3]
+    assert sampler.generate_tunes(step, vocab, dataclasses.replace(opts, num=1), first=3) == five[3:4]
+    assert five != [tune for batch in sampler.generate_batches(step, vocab, dataclasses.replace(opts, seed=4))
+                    for tune in batch]
+
+
 def test_sampler_respects_temperature_and_top_k():
-    rng = np.random.default_rng(0)
+    rng = [np.random.default_rng(0)] * 20000  # one generator drawing for every row
     logits = np.log(np.array([[0.5, 0.3, 0.2]] * 20000))
     counts = np.bincount(sampler.sample_next(logits, rng), minlength=3) / 20000
     assert np.allclose(counts, [0.5, 0.3, 0.2], atol=0.02)
