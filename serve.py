@@ -25,8 +25,10 @@ import contextlib
 import html
 import re
 import secrets
+import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -280,14 +282,36 @@ class Handler(BaseHTTPRequestHandler):
             tunes = self.server.generate_tunes(opts, tune_type)
             note = sampler.form_note(opts, self.server.facts)
             with self.server.request_folder() as (name, folder):
-                made = [render_tune(sampler.tunebook([t], first=n), folder, f"tune{n}", RENDER_SECONDS)
-                        for n, t in enumerate(tunes, start=1)]
+                made = self.render(tunes, folder)
+                if made is None:
+                    self.close_connection = True
+                    return
                 self.send_page(HTTPStatus.OK, form, tunes=(name, made), note=note and for_the_page(note))
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
         except OSError as e:  # the server's own folder: a full disk, say
             self.send_page(HTTPStatus.INTERNAL_SERVER_ERROR, form, error=f"could not write the tunes' files: "
                                                                          f"{e.strerror or e}")
+
+    def render(self, tunes: list[str], folder: Path) -> list[dict] | None:
+        """Each tune's files, rendered while the client is there to see them; None once it has gone
+        (a closed tab, say), so that the next request need not wait."""
+        made = []
+        for n, tune in enumerate(tunes, start=1):
+            if self.client_gone():
+                self.log_message("the client went away: %d of %d tunes rendered", n - 1, len(tunes))
+                return None
+            made.append(render_tune(sampler.tunebook([tune], first=n), folder, f"tune{n}", RENDER_SECONDS))
+        return made
+
+    def client_gone(self) -> bool:
+        """The client has closed its end of the connection: what it sent is read, and the end of
+        its stream (or a reset) is all that is left to read."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def read_body(self) -> bytes:
         length = self.headers.get("Content-Length")

@@ -288,6 +288,28 @@ def test_a_client_that_goes_away_mid_request_leaves_no_traceback(tiny_onnx, tmp_
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_request_whose_client_went_away_renders_nothing_more(tiny_onnx, tmp_path, monkeypatch, capfd):
+    rendered = []
+    real_render = serve.render_tune
+    monkeypatch.setattr(serve, "render_tune", lambda abc, folder, stem, timeout: rendered.append(stem)
+                        or real_render(abc, folder, stem, timeout))
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        body = form(num="4")
+        with socket.create_connection(tune_server.server_address[:2], timeout=5) as sock:
+            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                         + body)  # and closed at once, as a closed tab closes it
+        status, _, page = request(url + "/generate", form(num="2"))
+        assert status == 200 and page.count(b"<pre class=abc>") == 2
+        log = ""
+        for _ in range(100):  # the first request's thread may come second to the generation lock
+            log += capfd.readouterr().err
+            if "went away" in log:
+                break
+            time.sleep(0.1)
+    assert "the client went away: 0 of 4 tunes rendered" in log
+    assert rendered == ["tune1", "tune2"]  # the second request's two; none of the first's four
+
+
 def test_the_page_shows_that_a_form_is_held_only_when_constrained(server):
     _, _, page = request(server + "/generate", form(constrained=None, sections="2", bars="8", num="1"))
     assert "only constrained holds" in html.unescape(page.decode())
