@@ -61,6 +61,8 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
     if not folder and p.is_dir():
         raise OutputError(f"{flag} {path} is a folder; give a file name")
+    if not folder and p.exists() and not p.is_file():  # a rename would put a file in place of /dev/null, say
+        raise OutputError(f"{flag} {path} is not a regular file (a device or a pipe); give a file name")
     if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work
         raise OutputError(f"{flag} {path} is a link to a missing {os.readlink(p)}; give another name")
     if not folder and p.exists() and not overwrite:
@@ -71,6 +73,9 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
 
 def probe_writable(folder: Path, flag: str, path) -> None:
     """Can folder be written, or, where it is missing, created? Probed in its nearest existing folder."""
+    for p in (folder, *folder.parents):
+        if p.is_symlink() and not p.exists():  # nothing could be created under it
+            raise OutputError(f"{flag} {path}: {p} is a link to a missing {os.readlink(p)}")
     folder = next((p for p in (folder, *folder.parents) if p.exists()), folder)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
@@ -92,6 +97,9 @@ def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=
         if (folder / name).is_dir():
             raise OutputError(f"{folder / name} is a folder, where this training writes a file: move it away, "
                               f"or choose another --out")
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise OutputError(f"{folder / name} is not a regular file (a device or a pipe), where this training "
+                              f"writes one: move it away, or choose another --out")
     existing = [name for name in names if (folder / name).exists()]
     if existing and not replace:
         raise OutputError(f"{folder}/ already holds {', '.join(existing)}: pass --resume to continue the run, "

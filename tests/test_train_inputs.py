@@ -4,6 +4,7 @@ fields and non-finite weights refused in one line, failed starts that leave no f
 judging figures where there is nothing to measure."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_not_even_overwrite_lets_a_training_replace_its_data(fixture_data, tmp_p
     code, _, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path), "--train-data", data, "--overwrite")
     assert one_error_line(code, err) and "also what it reads" in err, err
     assert data.read_bytes() == Path(fixture_data["train"]).read_bytes()
+
+
+def test_a_run_file_that_is_a_pipe_is_refused_before_the_first_epoch(fixture_data, tmp_path):
+    os.mkfifo(tmp_path / "last.pt")
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path), "--overwrite")
+    assert one_error_line(code, err) and "last.pt is not a regular file" in err, err
+    assert "epoch" not in out and (tmp_path / "last.pt").is_fifo()
 
 
 def test_an_existing_loss_curve_is_not_replaced_without_overwrite(fixture_data, tmp_path):

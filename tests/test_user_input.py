@@ -605,6 +605,24 @@ def test_an_out_that_is_a_link_to_nowhere_is_refused_before_the_work(tiny_onnx, 
     assert one_error_line(code, err) and "is a link to a missing" in err and out == ""
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["fresh", "overwrite"])
+def test_an_out_that_is_a_pipe_or_a_link_to_one_is_never_replaced_by_a_file(tiny_onnx, tmp_path, overwrite):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link").symlink_to(tmp_path / "pipe")  # as /dev/stdout links to what stdout is
+    for name in ("pipe", "link"):
+        code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                                  tmp_path / name, *overwrite)
+        assert one_error_line(code, err) and "not a regular file" in err and out == "", err
+    assert (tmp_path / "pipe").is_fifo() and (tmp_path / "link").is_symlink()
+
+
+def test_an_out_under_a_link_to_a_missing_folder_is_refused_before_the_work(tiny_onnx, tmp_path):
+    (tmp_path / "book").symlink_to(tmp_path / "nowhere")
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                              tmp_path / "book" / "tunes.abc")
+    assert one_error_line(code, err) and f"{tmp_path / 'book'} is a link to a missing" in err and out == "", err
+
+
 def test_line_breaks_before_a_prompt_carry_nothing_and_a_second_tune_is_refused(tiny_onnx):
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "\\nX:1\\nK:D\\n", "--num", "2",
                               "--max-tokens", "5")
