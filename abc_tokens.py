@@ -170,10 +170,10 @@ class PromptError(UserError, ValueError):
 
 
 def header_prompt(meter: str | None = None, key: str | None = None, prompt: str | None = None) -> str:
-    """The text a tune starts from: a free prompt, or a header primed with meter and key. Line
-    breaks before a prompt's first line carry nothing (in a tunebook they only separate tunes)."""
+    """The text a tune starts from: a free prompt, or a header primed with meter and key. Blank
+    lines before a prompt's first line carry nothing (in a tunebook they only separate tunes)."""
     if prompt is not None:
-        return prompt.lstrip("\n")
+        return re.sub(r"\A(?:[ \t]*\n)+", "", prompt)
     if meter is None and key is None:
         return ""
     lines = ["X:1", "L:1/8"]

@@ -50,6 +50,8 @@ def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSess
 
 
 def _session(path: str, threads: int | None) -> ort.InferenceSession:
+    if not str(path).strip():  # Path("") is the current folder
+        raise ModelError(f"{str(path)!r} names no model: give one (runs/musicrnn.onnx, say)")
     if Path(path).is_dir():
         raise ModelError(f"{path} is a folder: give the model in it ({Path(path) / 'musicrnn.onnx'}, say)")
     if not Path(path).is_file():

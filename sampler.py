@@ -310,7 +310,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes, "
                                                             "tune N the same whatever --num (0 to 2^32-1, default 0)")
     group.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
-                       help="tokens per tune at most (default 1000)")
+                       help="tokens the model writes per tune at most, after the prompt (default 1000)")
     group.add_argument("--constrained", action="store_true",
                        help="mask tokens that would break the tune: valid ABC, full bars, a clean end")
     group.add_argument("--max-bars", type=cli.int_in(1, 1000), default=None,
@@ -363,10 +363,15 @@ def check_start_flags(args: argparse.Namespace) -> None:
     """--prompt, or --meter and --key (checked alike, free and constrained)."""
     if args.prompt is not None and (args.meter or args.key or args.type):
         raise PromptError("--prompt cannot be combined with --meter, --key or --type")
-    if args.prompt is not None and BLANK_LINE.search(args.prompt.lstrip("\n")):  # at its end too
+    text = header_prompt(prompt=args.prompt)
+    if BLANK_LINE.search(text):  # at its end too
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
-    if args.prompt is not None and re.search(r"\nX:", args.prompt.lstrip("\n")):
+    x_lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.startswith("X:")]
+    if x_lines[1:]:
         raise PromptError("--prompt has a second X: line, which starts another tune in ABC: give one tune")
+    if x_lines and x_lines[0] > 1:
+        raise PromptError(f"--prompt has its X: line on line {x_lines[0]}: X: starts a tune in ABC, so it comes "
+                          f"first")
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
     if args.key is not None and not playable_key(args.key):

@@ -21,6 +21,7 @@ import onnx
 import pytest
 import torch
 
+import abc_form
 import export
 import infer_onnx
 import musicrnn
@@ -630,6 +631,33 @@ def test_line_breaks_before_a_prompt_carry_nothing_and_a_second_tune_is_refused(
     assert [line for line in out.splitlines() if line.startswith("X:")] == ["X:1", "X:2"]  # one header a tune
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\\nK:D\\nAB|\\nX:2\\nK:D\\n")
     assert one_error_line(code, err) and "second X: line" in err
+
+
+@pytest.mark.parametrize("prompt, says", [
+    ("T:Foo\\nX:1\\nL:1/8\\nM:6/8\\nK:D\\n", "X: line on line 2"),
+    ("X:1\\nK:D\\nAB|\\nX:2\\nK:D\\n", "second X: line"),
+], ids=["x-not-first", "second-x"])
+def test_a_prompt_whose_x_line_is_not_its_first_is_refused_in_words_that_fit(prompt, says, tiny_onnx):
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt)
+    assert one_error_line(code, err) and says in err, err
+
+
+def test_blank_lines_before_a_prompt_carry_nothing(tiny_onnx):
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", " \\n\t\\nX:1\\nK:D\\n",
+                              "--max-tokens", "5")
+    assert code == 0, err
+    assert out.startswith("X:1\nK:D\n")
+
+
+@pytest.mark.parametrize("main, flag", [(infer_onnx.main, "--model"), (musicrnn.main, "--checkpoint")])
+def test_an_empty_model_name_is_named_as_none_not_as_a_folder(main, flag):
+    args = ["generate", flag, ""] if main is musicrnn.main else [flag, ""]
+    code, _, err = run_main(main, *args)
+    assert one_error_line(code, err) and "'' names no" in err and "folder" not in err, err
+
+
+def test_a_form_with_a_leading_zero_reads_as_its_number(tiny_onnx):
+    assert abc_form.parse_control_code("S:2 B:08 E:3 B:8") == ((8, 8), "S:2\nB:8\nE:3\nB:8\n")
 
 
 # --- 18, 20. messages and --help
