@@ -323,7 +323,8 @@ def note_tokens(tune: str) -> list[str]:
 _LETTER_FIFTHS = [0, 2, 4, -1, 1, 3, 5]  # C D E F G A B as a major key: sharps (>0) or flats (<0)
 _MODES = {"": 0, "maj": 0, "ion": 0, "mix": -1, "dor": -2, "m": -3, "min": -3, "aeo": -3, "phr": -4, "loc": -5,
           "lyd": 1}  # fifths from the major key of the same tonic
-_KEY = re.compile(r"\s*([A-G])([#b]?)\s*([A-Za-z]*)(.*)", re.S)
+_KEY = re.compile(r"\s*([A-G])([#b]?)(\s*)([A-Za-z]*)(.*)", re.S)
+_EXPLICIT = re.compile(r"(?:^|\s)(?:exp\b|(?:\^\^|\^|__|_|=)[A-Ga-g])")  # accidentals a K: line sets itself
 
 
 class TransposeError(ValueError):
@@ -358,11 +359,15 @@ def parse_key(value: str) -> Key | None:
     m = _KEY.fullmatch(value)
     if not m:
         return None
-    mode = m.group(3)
-    offset = _MODES.get(mode.lower()[:3] if len(mode) > 1 else mode.lower(), 0)
+    space, mode, rest = m.group(3), m.group(4), m.group(5)
+    name = mode.lower()[:3] if len(mode) > 1 else mode.lower()
+    if space and name not in _MODES:  # "G clef=bass", "D exp _b": a word after a space that names no mode
+        mode, rest = "", space + mode + rest
+    else:
+        mode = space + mode  # as written: "G minor" stays "A minor", transposed
     tonic, alter = LETTERS.index(m.group(1)), KEY_ACCIDENTALS[m.group(2)]
-    fifths = _LETTER_FIFTHS[tonic] + 7 * alter + offset
-    return Key(tonic, alter, mode, m.group(4), fifths)
+    fifths = _LETTER_FIFTHS[tonic] + 7 * alter + _MODES.get(name, 0)
+    return Key(tonic, alter, mode, rest, fifths)
 
 
 MODE_NAMES = ("major", "minor", "ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian")
@@ -374,7 +379,7 @@ def playable_key(value: str) -> bool:
     sharps or flats (abc2midi warns "Unusual key representation" on K:A#, K:Fb). parse_key is
     lenient, as abc2midi is with a tune's K: line; a key asked for is held to what it names."""
     key = parse_key(value)
-    mode = key.mode.lower() if key else ""
+    mode = key.mode.strip().lower() if key else ""
     known = mode in ("", "m") or (len(mode) >= 3 and any(name.startswith(mode) for name in MODE_NAMES))
     return key is not None and known and not key.rest.strip() and "\n" not in value and abs(key.fifths) <= 7
 
@@ -524,6 +529,8 @@ class _KeyChange:
     def enter_key(self, value: str) -> str:
         """A K: field: from here on the tune is in this key. Returns the rewritten field."""
         key = parse_key(value)
+        if key and _EXPLICIT.search(key.rest):  # its signature is what it lists, which the letters here ignore
+            raise TransposeError(f"cannot transpose K:{value.strip()}: its accidentals are written out")
         self.new_key, self.steps = transpose_key(key, self.semitones) if key else (None, _steps_without_key(self.semitones))
         self.signature_in, self.signature_out = (key.signature(), self.new_key.signature()) if key else ({}, {})
         self.bar_in, self.bar_out = {}, {}
@@ -605,14 +612,15 @@ def change_rhythm(abc: str, factor) -> str:
 def set_unit_length(abc: str, unit: str) -> str:
     """Rewrite L: and every length so that the music is identical: L:1/8 A2 == L:1/16 A4."""
     target = Fraction(unit)
-    header = re.search(r"(?m)^L:\s*(\d+/\d+)", abc)
-    meter = re.search(r"(?m)^M:(.*)$", abc)
+    head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]  # an L: line in the body changes the unit from there on
+    header = re.search(r"(?m)^L:\s*(\d+/\d+)", head)
+    meter = re.search(r"(?m)^M:(.*)$", head)
     if header:
         current = Fraction(header.group(1))
     else:
         current = default_unit(meter.group(1) if meter else None)
         abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
-    state = {"unit": current}
+    state = {"unit": current, "inserted": header is None}
 
     def fields(token):
         if token is None:
@@ -621,7 +629,8 @@ def set_unit_length(abc: str, unit: str) -> str:
         body = token.strip("[]")
         if not body.startswith("L:"):
             return None
-        if header is None and not inline:
+        if state["inserted"] and not inline:
+            state["inserted"] = False
             return None  # the L: line we inserted
         state["unit"] = Fraction(body[2:].strip())
         text = f"L:{unit}"

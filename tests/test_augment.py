@@ -93,6 +93,32 @@ def test_unit_length_rewrite_keeps_the_music_identical(fixture_tunes, tmp_path, 
 
 
 @needs_abcmidi
+@pytest.mark.parametrize("header", ["X:1\nM:4/4\nK:C\n", "X:1\nL:1/8\nM:4/4\nK:C\n"], ids=["no L:", "L:1/8"])
+def test_a_unit_length_line_in_the_body_is_read_where_it_stands(tmp_path, header):
+    """A JSON record is used as written: its body may change L: with an L: line of its own."""
+    tune = header + "CDEF GABc|\nL:1/4\nC D E F|\n"
+    for unit in ("1/16", "1/4"):
+        rewritten = abc_music.set_unit_length(tune, unit)
+        assert midi_notes(rewritten, tmp_path)[0] == midi_notes(tune, tmp_path)[0], rewritten
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("key", ["G clef=bass", "Gm clef=bass", "G middle=d", "G minor", "Ador clef=treble"])
+def test_a_key_with_a_clef_or_a_middle_moves_and_keeps_them(tmp_path, key):
+    tune = f"X:1\nL:1/8\nM:4/4\nK:{key}\nABcd efga|\n"
+    moved = abc_music.transpose_tune(tune, 2, low=0, high=127)
+    rest = key.split(" ", 1)[1]
+    assert f" {rest}\n" in moved  # a word apart, as written: not glued to the new tonic
+    assert [p for *_, p in midi_notes(moved, tmp_path)[0]] == [p + 2 for *_, p in midi_notes(tune, tmp_path)[0]]
+
+
+@pytest.mark.parametrize("key", ["D exp _b", "D ^c", "G exp"])
+def test_a_key_that_writes_out_its_accidentals_is_not_transposed(key):
+    with pytest.raises(abc_music.TransposeError, match="accidentals are written out"):
+        abc_music.transpose_tune(f"X:1\nL:1/8\nM:4/4\nK:{key}\nABcd|\n", 2, low=0, high=127)
+
+
+@needs_abcmidi
 def test_rhythm_doubling_doubles_every_duration_and_keeps_bars_full(fixture_tunes, tmp_path):
     """Ornaments aside, as above: abc2midi plays them in fractions of L, which does not change."""
     for tune in fixture_tunes:
