@@ -82,7 +82,8 @@ def _errors_as_lines(command, args) -> int:
     except MemoryError:
         return error_line("out of memory: ask for less (fewer or shorter tunes, a smaller model)")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if "RANK" not in os.environ:  # under torchrun the launcher says it, once
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

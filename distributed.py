@@ -53,14 +53,19 @@ def launched(procs: int, command: list[str]) -> bool:
     import sys
 
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):  # each has a level of its own (its LOGLEVEL)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's banner, else; start() sets each rank's threads
     try:
         torchrun.main(["--standalone", f"--nproc_per_node={procs}", *command])
     except ChildFailedError as e:
         sys.exit(2 if e.get_first_failure()[1].exitcode == 2 else 1)
+    except SignalException:  # Ctrl-C (or a kill) reached the launcher, which stopped the ranks
+        raise KeyboardInterrupt from None
     return True
 
 

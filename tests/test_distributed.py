@@ -96,6 +96,29 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path,
     assert "resuming" in done.stdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_procs_is_one_line_and_exit_130_then_resume_goes_on(tmp_path, fixture_tunes):
+    train, val = tmp_path / "train.json", tmp_path / "val.json"
+    corpus.write_irishman_json(train, fixture_tunes * 100)   # epochs of seconds, long enough to be caught in
+    corpus.write_irishman_json(val, fixture_tunes[:2])
+    out = tmp_path / "run"
+    args = [sys.executable, "musicrnn.py", "train", "--train-data", str(train), "--val-data", str(val),
+            "--hidden-dim", "128", "--embedding-dim", "32", "--batch-size", "8", "--epochs", "5", "--out", str(out),
+            "--procs", "2"]
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           start_new_session=True)  # a group of its own, as a terminal's foreground job
+    deadline = time.time() + 180
+    while not (out / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    assert job.poll() is None, "the job ended before the drill could interrupt it"
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends: the launcher and both ranks
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and err.strip().splitlines() == ["interrupted"], err[-3000:]
+    done = run(args + ["--resume"])
+    assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-3000:]
+
+
 def rank_process(tag: bytes, rank: int) -> int | None:
     """The PID of the process whose environment holds tag and RANK=rank (a torchrun worker)."""
     for environ in Path("/proc").glob("[0-9]*/environ"):
