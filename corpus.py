@@ -7,7 +7,8 @@ Holds:
   them; tunes that are not music, and records that hold no tune, are skipped and counted in one
   note; load_records: the same with each tune's "control code" ("" where the record has none or
   one that is not text, and for tunebooks);
-- read_irishman_json, read_text: the two readers, each failure one clear line (UserError);
+- read_file (a tunebook or a JSON file), read_irishman_json, read_text: the readers, each failure
+  one clear line (UserError);
 - write_irishman_json: tunes as IrishMAN records.
 """
 
@@ -33,7 +34,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
     """(control code, abc notation) of each tune of a collection; "" where there is no code.
 
     path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
-    path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them.
+    path pandas can open, hf://datasets/... included), an .abc tunebook, or a folder of them
+    (its .abc and .json files, in its subfolders too).
     Tunes of a tunebook that are not music (no K: line, no notes, several voices), and JSON
     records without a tune, are skipped, and counted in one line that says why.
     """
@@ -45,29 +47,28 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if "://" not in path and not p.exists():
         made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
         raise UserError(f"{path}: no such file or folder{made}")
-    if p.is_dir() or p.suffix.lower() == ".abc":
-        tunes, skipped = read_tunebooks(p)
-        records = [("", t) for t in tunes]
-        why = f"{skipped} tunes skipped: several voices, no K: line, not music, or a length that reads as none" \
-            if skipped else ""
-    else:
-        records, why = read_irishman_json(path)
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".abc", ".json") and f.is_file()) \
+        if p.is_dir() else [path]
+    records, why = [], []
+    for file in files:  # B.ABC and X.JSON too, as when named alone
+        found, skipped = read_file(str(file))
+        records += found
+        why += [f"{file.name}: {skipped}" if p.is_dir() else skipped] if skipped else []
     if not records:
-        raise UserError(f"{path}: no tunes found" + (f" ({why})" if why else ""))
+        kinds = " (a folder is read for its .abc and .json files)" if p.is_dir() else ""
+        raise UserError(f"{path}: no tunes found" + (f" ({'; '.join(why)})" if why else kinds))
     if why:
-        print(f"note: {path}: {len(records)} tunes read, {why}", file=sys.stderr)
+        print(f"note: {path}: {len(records)} tunes read, {'; '.join(why)}", file=sys.stderr)
     return records
 
 
-def read_tunebooks(path: Path) -> tuple[list[str], int]:
-    """The tunes of an .abc tunebook or of every one in a folder, and how many were skipped."""
-    tunes, skipped = [], 0
-    books = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".abc" and p.is_file()) if path.is_dir() else [path]
-    for book in books:  # B.ABC too, as when it is named alone
-        found, missed = read_tunebook(read_text(book))
-        tunes.extend(found)
-        skipped += missed
-    return tunes, skipped
+def read_file(path: str) -> tuple[list[tuple[str, str]], str]:
+    """The records of one tunebook (.abc) or IrishMAN JSON file, and what was left out and why."""
+    if Path(path).suffix.lower() != ".abc":
+        return read_irishman_json(path)
+    tunes, skipped = read_tunebook(read_text(Path(path)))
+    why = f"{skipped} tunes skipped: several voices, no K: line, not music, or a length that reads as none"
+    return [("", t) for t in tunes], why if skipped else ""
 
 
 def read_text(path: Path) -> str:

@@ -801,7 +801,8 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
 
 
 DATA_HELP = ("an IrishMAN JSON list of {\"control code\", \"abc notation\"} records, an .abc tunebook, "
-             "a folder of them, or any URL pandas opens (hf://datasets/..., with huggingface_hub)")
+             "a folder of them (its .abc and .json files), or any URL pandas opens (hf://datasets/..., "
+             "with huggingface_hub)")
 
 
 def build_parser() -> argparse.ArgumentParser:

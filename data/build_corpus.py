@@ -27,6 +27,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python data/build_corpus.py): the modules it uses are a folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import corpus
 from abc_form import control_code
 from abc_music import read_tunebook

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python data/build_large.py): the modules it uses are a folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import corpus
 from abc_music import TransposeError, transpose_tune
 from cli import Parser, UserError, run_command

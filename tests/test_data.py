@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +54,27 @@ def test_reads_tunebooks_files_and_folders(tmp_path, fixture_tunes):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "MORE.ABC").write_text("X:1\nK:A\nABc|\n")  # read in a folder as when named alone
     assert len(musicrnn.load_tunes(str(tmp_path))) == 3 == 2 + len(musicrnn.load_tunes(str(tmp_path / "sub")))
+
+
+def test_a_folder_is_read_for_its_json_files_too(tmp_path, fixture_tunes, capsys):
+    corpus.write_irishman_json(tmp_path / "a.json", fixture_tunes[:3])
+    (tmp_path / "sub").mkdir()
+    corpus.write_irishman_json(tmp_path / "sub" / "B.JSON", fixture_tunes[3:5])
+    (tmp_path / "c.abc").write_text("X:1\nK:D\nDEF|\n\nX:2\nT:no notes\nK:D\n")
+    (tmp_path / "notes.txt").write_text("X:1\nK:D\nDEF|\n")  # neither kind: not read
+    assert corpus.load_tunes(str(tmp_path)) == fixture_tunes[:3] + ["X:1\nK:D\nDEF|\n"] + fixture_tunes[3:5]
+    assert "c.abc: 1 tunes skipped" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("X:1\nK:D\nDEF|\n")
+    with pytest.raises(corpus.UserError, match="no tunes found .a folder is read for its .abc and .json files"):
+        corpus.load_tunes(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("script", ["build_corpus.py", "build_large.py"])
+def test_the_data_builders_run_as_files_from_any_folder(script, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "data" / script), "--help"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-500:]
 
 
 def test_irishman_json_round_trip(tmp_path, fixture_tunes):
