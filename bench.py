@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", help=f"the torch model (default: {DEFAULTS['checkpoint']})")
     parser.add_argument("--onnx", help=f"its fp32 export (default: {DEFAULTS['onnx']})")
-    parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}, its row left out if missing)")
+    parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}, its row reads nan if it is missing)")
     parser.add_argument("--train-data", help=f"tunes to train on (default: {DEFAULTS['train_data']})")
     parser.add_argument("--val-data", help=f"tunes that the measured trainings validate on "
                                            f"(default: {DEFAULTS['val_data']})")
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def input_paths(args) -> dict[str, str]:
     """Each input's path (given, or its default), once each file this run reads is there: a missing
-    default --int8 only leaves its row out; --large refuses the flags it does not read."""
+    default --int8 only makes its row read nan; --large refuses the flags it does not read."""
     given = {name for name in DEFAULTS if getattr(args, name) is not None}
     if args.large and given & set(NOT_READ_BY_LARGE):
         raise UserError(f"--large reads no --{sorted(given & set(NOT_READ_BY_LARGE))[0].replace('_', '-')}: leave it out")

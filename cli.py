@@ -1,5 +1,6 @@
 """
-cli: command-line plumbing shared by musicrnn.py, infer_onnx.py and export.py. Torch-free.
+cli: command-line plumbing shared by every command (musicrnn.py, infer_onnx.py, export.py, serve.py,
+bench.py, the data builders). Torch-free.
 
 Holds:
 - UserError, run_command, first_line: every command's errors as one `error:` line and exit code 2,

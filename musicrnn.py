@@ -760,8 +760,9 @@ def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, un
     """With probability key_share a random transposition (-5..+6), with rhythm_share every
     length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
 
-    For training (never validation). Returns the tune and whether the range guard [low, high]
-    refused its transposition (it then keeps its key; None: no transposition was drawn). The key
+    For training (never validation). Returns the tune and whether its transposition was refused
+    (a note outside [low, high], or a key that writes out its accidentals: it then keeps its key;
+    None: no transposition was drawn). The key
     and the unit draw a number whatever their share; the rhythm draws only when its share is above
     0 (its default is 0).
     """
@@ -792,7 +793,7 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
                  for t in run.train_tunes]
     if cfg.augment_key:
         log(f"augmentation: {sum(r is True for _, r in augmented)} of {sum(r is not None for _, r in augmented)} "
-            f"transpositions refused by the range guard {cfg.transpose_range}")
+            f"transpositions refused (notes outside {cfg.transpose_range}, or a key with its accidentals written out)")
     return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)  # the form survives every rewrite
 
 

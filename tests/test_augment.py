@@ -176,7 +176,7 @@ def test_length_format_round_trips(length, text):
 @pytest.mark.slow
 def test_transposition_never_fails_on_corpus_tunes():
     """Every shift of a sample of the default corpus (all of it: README) either works,
-    tokenizing losslessly, or is refused by the range guard."""
+    tokenizing losslessly, or is refused: by the range guard, or for a key that writes out its accidentals."""
     path = ROOT / "data" / "train.json"
     tunes = [r["abc notation"] for r in json.loads(path.read_text())] if path.exists() else []
     if not tunes:
@@ -187,7 +187,7 @@ def test_transposition_never_fails_on_corpus_tunes():
             try:
                 out = abc_music.transpose_tune(tune, shift)
             except abc_music.TransposeError as e:
-                assert "outside" in str(e) or "cannot transpose the key" in str(e)
+                assert "outside" in str(e) or "cannot transpose the key" in str(e) or "written out" in str(e)
                 continue
             assert "".join(tokenize_abc(out)) == out
             assert len(abc_music.note_tokens(out)) == len(abc_music.note_tokens(tune))
