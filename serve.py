@@ -15,7 +15,8 @@ Safe to leave running: it binds 127.0.0.1 unless --host says otherwise; every pa
 checked (HTTP 400, the reason on the page); a request writes at most MAX_TUNES tunes of
 MAX_TOKENS tokens and each tool gets RENDER_SECONDS; the server keeps the files of its last
 KEEP_REQUESTS requests, at most KEEP_BYTES, in a folder of its own that it removes when it
-stops, and serves nothing else; requests run in threads, at most MAX_ACTIVE at once.
+stops, and serves nothing else; requests run in threads, at most MAX_ACTIVE at once, and one whose
+client has closed its connection renders no more tunes.
 """
 
 from __future__ import annotations
