@@ -126,13 +126,21 @@ class Parser(argparse.ArgumentParser):
         return namespace
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A value as a message shows it: quoted, control characters escaped, cut after limit characters."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _number(text: str, kind):
+    what = f"{shown(text)} is not a {'whole ' if kind is int else ''}number"
+    if not text.isascii() or "_" in text:  # a number as people write it ("1_000" and "١٢" are Python's)
+        raise argparse.ArgumentTypeError(what)
     try:
         value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+    except (TypeError, ValueError):  # ValueError: past 4,300 digits too
+        raise argparse.ArgumentTypeError(what) from None
     if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number")
     return value
 
 
@@ -142,7 +150,7 @@ def int_in(low: int, high: int | None = None):
         value = _number(text, int)
         if value < low or (high is not None and value > high):
             bound = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
-            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, got {shown(text)}")
         return value
 
     check.__name__ = "whole number"
@@ -155,7 +163,7 @@ def float_in(low: float, high: float, low_open: bool = False, high_open: bool = 
         value = _number(text, float)
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
             words = f"{'above' if low_open else 'at least'} {low:g} and {'below' if high_open else 'at most'} {high:g}"
-            raise argparse.ArgumentTypeError(f"must be a number {words}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a number {words}, got {shown(text)}")
         return value
 
     check.__name__ = "number"

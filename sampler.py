@@ -408,7 +408,7 @@ def requested_form(args: argparse.Namespace) -> str:
     if not all(p.isascii() and p.isdigit() for p in parts) or len(parts) not in (1, args.sections):
         apart = f", or {args.sections} numbers apart by commas" if args.sections > 1 else ""
         raise PromptError(f"--bars {args.bars}: one number{apart}")
-    bars = [int(p) for p in parts] * (args.sections if len(parts) == 1 else 1)
+    bars = [int(p) if len(p) < 10 else MAX_BARS + 1 for p in parts] * (args.sections if len(parts) == 1 else 1)
     if not all(1 <= n <= MAX_BARS for n in bars):
         raise PromptError(f"--bars {args.bars}: bars per section must be 1 to {MAX_BARS}")
     return form_code(bars)

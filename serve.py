@@ -47,6 +47,7 @@ from exported_model import load_model, model_facts, onnx_step
 from rendering import missing_tools, render_tune
 
 MAX_TUNES = 8               # tunes per request
+MAX_MESSAGE = 300           # characters of an error message on the page
 MAX_TOKENS = 1000           # tokens per tune
 MAX_FORM_BARS = most_bars(MAX_TOKENS, MAX_TOKENS)  # the bars of a form that MAX_TOKENS holds
 MAX_BODY = 8 * 1024         # bytes of a form: its fields are a few dozen
@@ -66,7 +67,7 @@ def _ticked(text: str) -> bool:
     return text == "on"
 
 
-BROWSER_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?")  # HTML's "valid floating-point number"
+BROWSER_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?", re.ASCII)  # HTML's "valid floating-point number"
 
 
 def _whole(read):
@@ -217,7 +218,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
     """The one byte range a Range header asks for, as (first, last) within size; None: the whole
     file (no header, or one this server does not read: several ranges, a reversed one); False:
     a range that starts past the end (416)."""
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip()) if header else None
+    m = re.fullmatch(r"bytes=(\d{0,18})-(\d{0,18})", header.strip()) if header else None  # (no int() of 5,000 digits)
     if not m or m.group(1) == m.group(2) == "":
         return None
     if m.group(1) == "":  # bytes=-N: the last N
@@ -226,6 +227,11 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
     if first >= size:
         return False
     return (first, min(last, size - 1)) if first <= last else None
+
+
+def shown_size(digits: str) -> str:
+    """A Content-Length as a message shows it: 12,345, or its number of digits past 18."""
+    return f"{int(digits):,}" if len(digits) <= 18 else f"a {len(digits):,}-digit number of"
 
 
 def _bytes(folder: Path) -> int:
@@ -267,18 +273,34 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/generate":
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
             return
+        try:  # read before taking a slot: clients slow to send their forms hold none
+            body = self.read_body()
+        except HTTPError as e:
+            self.send_page(e.status, DEFAULTS, error=str(e))
+            return
         if not self.server.active.acquire(blocking=False):
             self.send_page(HTTPStatus.SERVICE_UNAVAILABLE, DEFAULTS, error="busy: try again in a moment")
             return
         try:
-            self.generate()
+            self.generate(body)
         finally:
             self.server.active.release()
 
-    def generate(self) -> None:
+    def do_PUT(self) -> None:
+        self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error=f"{self.command} is not a way to use this page")
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (a malformed request line, an unknown method, headers
+        too long) on this server's page, with its headers."""
+        self.close_connection = True
+        self.send_page(HTTPStatus(code), DEFAULTS, error=message or HTTPStatus(code).phrase)
+
+    def generate(self, body: bytes) -> None:
         form = dict(DEFAULTS)
         try:
-            form = {**DEFAULTS, "constrained": "", **read_form(self.read_body())}
+            form = {**DEFAULTS, "constrained": "", **read_form(body)}
             opts, tune_type = sampling_options(form)
             tunes = self.server.generate_tunes(opts, tune_type)
             note = sampler.form_note(opts, self.server.facts)
@@ -318,18 +340,22 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")
-        if int(length) > MAX_BODY:
-            self.drain(int(length))
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the form has {int(length):,} bytes; "
+        size = int(length) if len(length) <= 18 else None  # no int() of 5,000 digits: it raises
+        if size is None or size > MAX_BODY:
+            if size is None:
+                self.close_connection = True  # no body is that long: nothing to drain
+            else:
+                self.drain(size)
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the form has {shown_size(length)} bytes; "
                                                                   f"at most {MAX_BODY:,} are read")
         try:
-            body = self.rfile.read(int(length))
+            body = self.rfile.read(size)
         except TimeoutError:  # the client stopped sending within Handler.timeout
             body = b""
-        if len(body) < int(length):
+        if len(body) < size:
             self.close_connection = True
             raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the form did not arrive in full: {len(body):,} of "
-                                                        f"{int(length):,} bytes")
+                                                        f"{size:,} bytes")
         self.body_read = True
         return body
 
@@ -378,13 +404,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            self.send_header("Allow", "POST")
-        if not self.body_read and (self.headers.get("Content-Length", "0").strip() != "0"
-                                   or "Transfer-Encoding" in self.headers):
+            self.send_header("Allow", "POST" if self.path == "/generate" else "GET, HEAD")
+        sent = getattr(self, "headers", None) or {}  # none where the request line itself was refused
+        if self.close_connection or not getattr(self, "body_read", False) and (
+                sent.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in sent):
             self.close_connection = True  # a body left unread would be read as the next request
             self.send_header("Connection", "close")
         self.end_headers()
-        if not self.head_only:
+        if not getattr(self, "head_only", False):
             try:
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):  # the client went away (a player that read
@@ -406,7 +433,10 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: t
          note: str | None = None) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
              f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form, types)]
-    if error:
+    if error:  # control characters shown escaped, a long message cut: a field's value comes back in it
+        error = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", error)
+        error = re.sub(r"\S{60,}", lambda m: m.group()[:40] + "...", error)  # a long value, not what is said of it
+        error = error if len(error) <= MAX_MESSAGE else error[:MAX_MESSAGE] + "..."
         parts.append(f'<p class=error id=error>{html.escape(error)}</p>')
     if note:
         parts.append(f'<p class=note id=note>{html.escape(note)}</p>')

@@ -188,11 +188,59 @@ def test_without_the_tools_the_page_still_shows_the_abc_and_names_the_packages(t
     (form(key="D\nM:3/4"), 400, "not a key"),
     (form(sections="8", bars="32"), 400, "the page writes at most 40 bars a tune: 256 are too many"),
     (b"x" * 10 * 1024**2, 413, "the form has 10,485,760 bytes"),
+    (form(sections="1", bars="9" * 4400), 400, "bars per section must be 1 to 32"),  # int() refuses 4,300 digits
+    (form(seed="9" * 5000), 400, "seed: '99999"),
+    (form(temperature="1_0"), 400, "temperature: '1_0' is not a number"),  # Python's reading, no browser's
+    (form(num="\u0663"), 400, "num: '\u0663' is not a whole number"),  # an Arabic-Indic 3
 ])
 def test_a_bad_request_gets_a_clean_4xx_and_the_server_keeps_serving(server, body, status, message):
     got, kind, page = request(server + "/generate", body)
     assert (got, kind) == (status, "text/html; charset=utf-8") and message in error_on_page(page), page[-300:]
     assert request(server + "/")[0] == 200
+
+
+def test_a_long_value_comes_back_cut_and_a_control_character_escaped(server):
+    _, _, page = request(server + "/generate", form(temperature="7" * 5000))
+    assert error_on_page(page).startswith("temperature: '77777") and len(error_on_page(page)) < 100
+    _, _, page = request(server + "/generate", form(meter="6/8\x00"))
+    assert "\\x00" in error_on_page(page) and "\x00" not in error_on_page(page)
+
+
+@pytest.mark.parametrize("header", ["Content-Length: " + "9" * 5000, "Range: bytes=0-" + "9" * 5000])
+def test_a_number_of_thousands_of_digits_in_a_header_is_answered_not_a_traceback(tiny_onnx, tmp_path, capfd,
+                                                                                   header):
+    with in_process(tiny_onnx, tmp_path) as (_, url):
+        _, _, page = request(url + "/generate", form(num="1"))
+        file = re.search(rb'href="(/files/[0-9a-f]{32}/tune1\.abc)"', page).group(1).decode()
+        method, path = ("POST", "/generate") if "Length" in header else ("GET", file)
+        received = raw_exchange(url, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n".encode())
+        assert statuses(received) == ([413] if "Length" in header else [200]), received[:300]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_slow_to_send_its_form_holds_no_slot(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "MAX_ACTIVE", 1)
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        with socket.create_connection(tune_server.server_address[:2], timeout=5) as slow:
+            slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nmeter=6")
+            time.sleep(0.5)  # its handler waits for the rest of the form
+            status, _, page = request(url + "/generate", form(num="1"))
+            assert status == 200, error_on_page(page)
+
+
+@pytest.mark.parametrize("method, path, allow", [("PUT", "/generate", "POST"), ("DELETE", "/", "GET, HEAD"),
+                                                 ("OPTIONS", "/", "GET, HEAD")])
+def test_another_method_gets_405_on_the_servers_own_page(server, method, path, allow):
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=10)
+    connection.request(method, path, body=b"x")
+    answer = connection.getresponse()
+    assert (answer.status, answer.getheader("Allow")) == (405, allow)
+    assert answer.getheader("Content-Security-Policy") and b"not a way to use this page" in answer.read()
+
+
+def test_the_standard_librarys_own_refusals_come_on_the_servers_page(server):
+    received = raw_exchange(server, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert statuses(received) == [501] and b"Content-Security-Policy" in received and b"<h1>musicrnn" in received
 
 
 def raw_exchange(server: str, data: bytes, wait: float = 10) -> bytes:
