@@ -63,22 +63,32 @@ def test_two_processes_train_the_same_model_as_one(fixture_data, tmp_path, preci
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.slow
-def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path, fixture_tunes):
+def drill_run(tmp_path: Path, fixture_tunes: list[str]) -> tuple[list[str], Path]:
+    """(the arguments of a training whose epochs take seconds, long enough to be caught in; its folder)."""
     train, val = tmp_path / "train.json", tmp_path / "val.json"
-    corpus.write_irishman_json(train, fixture_tunes * 100)   # epochs of seconds, long enough to be caught in
+    corpus.write_irishman_json(train, fixture_tunes * 100)
     corpus.write_irishman_json(val, fixture_tunes[:2])
     out = tmp_path / "run"
-    args = ["musicrnn.py", "train", "--train-data", str(train), "--val-data", str(val), "--hidden-dim", "128",
-            "--embedding-dim", "32", "--batch-size", "8", "--epochs", "5", "--out", str(out)]  # ~2 s an epoch
+    return ["musicrnn.py", "train", "--train-data", str(train), "--val-data", str(val), "--hidden-dim", "128",
+            "--embedding-dim", "32", "--batch-size", "8", "--epochs", "5", "--out", str(out)], out  # ~2 s an epoch
+
+
+def into_second_epoch(job: subprocess.Popen, out: Path) -> None:
+    """Wait until the job has written its first checkpoint, and a little more."""
+    deadline = time.time() + 180
+    while not (out / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path, fixture_tunes):
+    args, out = drill_run(tmp_path, fixture_tunes)
     tag = f"MUSICRNN_DRILL={os.getpid()}-{time.time()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", tag.split("=")[0]: tag.split("=")[1]}
     job = subprocess.Popen(TORCHRUN + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                            env=env)
-    deadline = time.time() + 180
-    while not (out / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
+    into_second_epoch(job, out)
     rank1 = rank_process(tag.encode(), 1)
     assert job.poll() is None and rank1, "the job ended before the drill could kill a rank"
     os.kill(rank1, signal.SIGKILL)
@@ -98,19 +108,11 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path,
 
 @pytest.mark.slow
 def test_ctrl_c_under_procs_is_one_line_and_exit_130_then_resume_goes_on(tmp_path, fixture_tunes):
-    train, val = tmp_path / "train.json", tmp_path / "val.json"
-    corpus.write_irishman_json(train, fixture_tunes * 100)   # epochs of seconds, long enough to be caught in
-    corpus.write_irishman_json(val, fixture_tunes[:2])
-    out = tmp_path / "run"
-    args = [sys.executable, "musicrnn.py", "train", "--train-data", str(train), "--val-data", str(val),
-            "--hidden-dim", "128", "--embedding-dim", "32", "--batch-size", "8", "--epochs", "5", "--out", str(out),
-            "--procs", "2"]
+    args, out = drill_run(tmp_path, fixture_tunes)
+    args = [sys.executable, *args, "--procs", "2"]
     job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                            start_new_session=True)  # a group of its own, as a terminal's foreground job
-    deadline = time.time() + 180
-    while not (out / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
+    into_second_epoch(job, out)
     assert job.poll() is None, "the job ended before the drill could interrupt it"
     os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends: the launcher and both ranks
     _, err = job.communicate(timeout=120)
