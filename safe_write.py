@@ -59,10 +59,8 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
             raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")
     if folder and p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
-    if not folder and p.is_dir():
-        raise OutputError(f"{flag} {path} is a folder; give a file name")
-    if not folder and p.exists() and not p.is_file():  # a rename would put a file in place of /dev/null, say
-        raise OutputError(f"{flag} {path} is not a regular file (a device or a pipe); give a file name")
+    if not folder and _not_a_file(p):
+        raise OutputError(f"{flag} {path} {_not_a_file(p)}; give a file name")
     if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work
         raise OutputError(f"{flag} {path} is a link to a missing {os.readlink(p)}; give another name")
     if not folder and p.exists() and not overwrite:
@@ -73,16 +71,25 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
 
 def probe_writable(folder: Path, flag: str, path) -> None:
     """Can folder be written, or, where it is missing, created? Probed in its nearest existing folder."""
-    for p in (folder, *folder.parents):
-        if p.is_symlink() and not p.exists():  # nothing could be created under it
-            raise OutputError(f"{flag} {path}: {p} is a link to a missing {os.readlink(p)}")
-    folder = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    for nearest in (folder, *folder.parents):
+        if nearest.exists():
+            break
+        if nearest.is_symlink():  # nothing could be created under it
+            raise OutputError(f"{flag} {path}: {nearest} is a link to a missing {os.readlink(nearest)}")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        fd, probe = tempfile.mkstemp(dir=nearest, prefix=".write-probe.")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+        raise OutputError(f"{flag} {path}: cannot write in {nearest} ({e.strerror})") from None
+
+
+def _not_a_file(path: Path) -> str:
+    """Why no file is to be written at path ("" where it holds a regular file or nothing): a folder, or
+    a device or a pipe, which the atomic rename would replace by a plain file (/dev/null, say)."""
+    if path.is_dir():
+        return "is a folder"
+    return "is not a regular file (a device or a pipe)" if path.exists() and not path.is_file() else ""
 
 
 def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=()) -> None:
@@ -94,12 +101,9 @@ def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=
             if _same_file(folder / name, source):
                 raise OutputError(f"{folder / name}, which this training writes, is also what it reads ({source}): "
                                   f"choose another --out")
-        if (folder / name).is_dir():
-            raise OutputError(f"{folder / name} is a folder, where this training writes a file: move it away, "
-                              f"or choose another --out")
-        if (folder / name).exists() and not (folder / name).is_file():
-            raise OutputError(f"{folder / name} is not a regular file (a device or a pipe), where this training "
-                              f"writes one: move it away, or choose another --out")
+        if _not_a_file(folder / name):
+            raise OutputError(f"{folder / name} {_not_a_file(folder / name)}, where this training writes a file: "
+                              f"move it away, or choose another --out")
     existing = [name for name in names if (folder / name).exists()]
     if existing and not replace:
         raise OutputError(f"{folder}/ already holds {', '.join(existing)}: pass --resume to continue the run, "
