@@ -47,15 +47,17 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if "://" not in path and not p.exists():
         made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
         raise UserError(f"{path}: no such file or folder{made}")
+    folder = p.is_dir()
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".abc", ".json") and f.is_file()) \
-        if p.is_dir() else [path]
+        if folder else [path]  # B.ABC and X.JSON too, as when named alone
     records, why = [], []
-    for file in files:  # B.ABC and X.JSON too, as when named alone
+    for file in files:
         found, skipped = read_file(str(file))
         records += found
-        why += [f"{file.name}: {skipped}" if p.is_dir() else skipped] if skipped else []
+        if skipped:
+            why.append(f"{file.name}: {skipped}" if folder else skipped)
     if not records:
-        kinds = " (a folder is read for its .abc and .json files)" if p.is_dir() else ""
+        kinds = " (a folder is read for its .abc and .json files)" if folder else ""
         raise UserError(f"{path}: no tunes found" + (f" ({'; '.join(why)})" if why else kinds))
     if why:
         print(f"note: {path}: {len(records)} tunes read, {'; '.join(why)}", file=sys.stderr)

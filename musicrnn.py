@@ -762,9 +762,8 @@ def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, un
 
     For training (never validation). Returns the tune and whether its transposition was refused
     (a note outside [low, high], or a key that writes out its accidentals: it then keeps its key;
-    None: no transposition was drawn). The key
-    and the unit draw a number whatever their share; the rhythm draws only when its share is above
-    0 (its default is 0).
+    None: no transposition was drawn). The key and the unit draw a number whatever their share;
+    the rhythm draws only when its share is above 0 (its default is 0).
     """
     refused = None
     if rng.random() < key_share:
@@ -793,7 +792,8 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
                  for t in run.train_tunes]
     if cfg.augment_key:
         log(f"augmentation: {sum(r is True for _, r in augmented)} of {sum(r is not None for _, r in augmented)} "
-            f"transpositions refused (notes outside {cfg.transpose_range}, or a key with its accidentals written out)")
+            f"transpositions refused (notes outside {cfg.transpose_range}, or a key with its accidentals "
+            f"written out)")
     return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)  # the form survives every rewrite
 
 

@@ -83,7 +83,8 @@ def _whole(read):
 FIELDS = {  # name -> how its text is read ("" for an optional field left empty: None)
     "meter": str, "key": str, "temperature": sampler.TEMPERATURE, "seed": _whole(sampler.SEED),
     "num": _whole(cli.int_in(1, MAX_TUNES)), "constrained": _ticked,
-    "type": lambda text: text or None, "sections": lambda text: _whole(sampler.SECTIONS)(text) if text else None,
+    "type": lambda text: text or None,
+    "sections": lambda text, read=_whole(sampler.SECTIONS): read(text) if text else None,
     "bars": lambda text: text or None,
 }
 OPTIONAL = {"constrained", "type", "sections", "bars"}  # a browser leaves out an unticked box
@@ -286,10 +287,10 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.active.release()
 
-    def do_PUT(self) -> None:
+    def not_allowed(self) -> None:
         self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error=f"{self.command} is not a way to use this page")
 
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's own refusals (a malformed request line, an unknown method, headers
@@ -406,8 +407,9 @@ class Handler(BaseHTTPRequestHandler):
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             self.send_header("Allow", "POST" if self.path == "/generate" else "GET, HEAD")
         sent = getattr(self, "headers", None) or {}  # none where the request line itself was refused
-        if self.close_connection or not getattr(self, "body_read", False) and (
-                sent.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in sent):
+        unread = not getattr(self, "body_read", False) and (sent.get("Content-Length", "0").strip() != "0"
+                                                            or "Transfer-Encoding" in sent)
+        if self.close_connection or unread:
             self.close_connection = True  # a body left unread would be read as the next request
             self.send_header("Connection", "close")
         self.end_headers()
