@@ -30,6 +30,7 @@ from abc_music import note_shape
 from safe_write import check_output, write_atomic
 
 TUNE_TOKENS = 500  # "a 500-token tune"
+GEMM_N = 2048  # the ceiling: a product of two GEMM_N x GEMM_N matrices, in the precision training multiplies in
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -47,17 +48,36 @@ STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so m
 PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
 
 
-def interleaved(sides: dict, repeats: int = REPEATS, typical: bool = False) -> tuple[list[float], dict[str, float]]:
+def in_turns(sides: dict, repeats: int = REPEATS) -> dict[str, list[float]]:
     """Measure every side `repeats` times, in turns (a, b, c, a, b, c, ...), so that a change
     in the machine's speed falls on each side alike. Each side returns a cost (seconds, or
-    seconds per token). Returns each side's best (the lowest; typical=True: the median), in
-    order, and name -> its spread (highest / lowest - 1)."""
+    seconds per token); returns name -> its costs, turn by turn."""
     costs = {name: [] for name in sides}
     for _ in range(repeats):
         for name, measure in sides.items():
             costs[name].append(measure())
+    return costs
+
+
+def picked(costs: dict[str, list[float]], typical: bool = False) -> tuple[list[float], dict[str, float]]:
+    """Each side's best (the lowest; typical=True: the median), in order, and name -> its spread
+    (highest / lowest - 1)."""
     pick = (lambda c: float(np.median(c))) if typical else min
     return [pick(c) for c in costs.values()], {name: max(c) / min(c) - 1 for name, c in costs.items()}
+
+
+def interleaved(sides: dict, repeats: int = REPEATS, typical: bool = False) -> tuple[list[float], dict[str, float]]:
+    """in_turns, then picked: each side's best (or median) and its spread."""
+    return picked(in_turns(sides, repeats), typical)
+
+
+def turn_utilisation(flops_per_token: int, train_costs: list[float], gemm_costs: list[float]) -> float:
+    """The FLOP utilisation of each turn, its training (seconds per token) against the ceiling
+    measured beside it (seconds per product), and the median of those. A ratio of the two sides'
+    bests moved with the one ceiling turn that met a fast spell: a pair of runs read 0.093 and
+    0.112 that way (ceilings of 2,358 and 1,688 GFLOP/s), 20% apart."""
+    ceilings = [2 * GEMM_N ** 3 / gemm_s for gemm_s in gemm_costs]
+    return float(np.median([flops_per_token / train_s / ceiling for train_s, ceiling in zip(train_costs, ceilings)]))
 
 
 STEP_WINDOW = 50         # steps timed together
@@ -269,9 +289,6 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     }
 
 
-GEMM_N = 2048  # the ceiling: a product of two GEMM_N x GEMM_N matrices, in the precision training multiplies in
-
-
 GEMM_TURN_SECONDS = 10.0  # a ceiling turn as long as a training turn: a shorter one is the likelier to catch a quiet spell
 
 
@@ -335,17 +352,18 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
     order = rng.permutation(len(lengths))
     naive = [order[i:i + 8] for i in range(0, len(order), 8)]
     flops, dtype = train_flops_per_token(cfg, len(vocab)), product_dtype(cfg)
-    (gemm_s, ours_s, naive_s), spread = interleaved({
+    costs = in_turns({
         "GEMM ceiling": lambda: gemm_seconds(dtype),
         "training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, ours, seconds),
         "padded training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, naive, seconds,
                                                             pad_to=int(lengths.max()))})
+    (gemm_s, ours_s, naive_s), spread = picked(costs)
     return {"gemm_gflops": 2 * GEMM_N ** 3 / gemm_s / 1e9, "train_tokens_per_s": 1 / ours_s,
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
             "train_speedup": naive_s / ours_s, "train_batch_size": cfg.batch_size,
-            "train_flop_utilisation": flops / ours_s / (2 * GEMM_N ** 3 / gemm_s),
+            "train_flop_utilisation": turn_utilisation(flops, costs["training"], costs["GEMM ceiling"]),
             "train_products": products_name(dtype),
             "spread_training": spread}
 
@@ -419,18 +437,18 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
         return 1 / train_processes(procs, train_data, val_data, out, "--limit", "1000")[0]
 
     dtype = product_dtype(musicrnn.Config())  # train_processes passes no --precision
-    (gemm_s, one, two), spread = interleaved({"GEMM ceiling beside them": lambda: gemm_seconds(dtype),
-                                              "1 process": lambda: seconds_per_token(1),
-                                              "2 processes": lambda: seconds_per_token(2)},
-                                             repeats=PROCESS_REPEATS)
+    gemm = "GEMM ceiling beside them"
+    costs = in_turns({gemm: lambda: gemm_seconds(dtype), "1 process": lambda: seconds_per_token(1),
+                      "2 processes": lambda: seconds_per_token(2)}, repeats=PROCESS_REPEATS)
+    (gemm_s, one, two), spread = picked(costs)
     ceiling = 2 * GEMM_N ** 3 / gemm_s
     return {"gemm_gflops_processes": ceiling / 1e9,
             "train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
             "processes_batch_size": musicrnn.Config.batch_size,  # train_processes passes no --batch-size
             "processes_products": products_name(dtype),
             "scaling_2_over_1": one / two, "spread_processes": spread,
-            "train_flop_utilisation_1_process": flops_per_token / one / ceiling,
-            "train_flop_utilisation_2_processes": flops_per_token / two / ceiling}
+            "train_flop_utilisation_1_process": turn_utilisation(flops_per_token, costs["1 process"], costs[gemm]),
+            "train_flop_utilisation_2_processes": turn_utilisation(flops_per_token, costs["2 processes"], costs[gemm])}
 
 
 def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dict:
@@ -539,8 +557,9 @@ def table(rows: list[tuple], spreads: dict[str, float]) -> str:
               for name, value, unit in rows]
     spread = ", ".join(f"{name} {100 * value:.0f}%" for name, value in spreads.items())
     return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({PROCESS_REPEATS} for " \
-        f"the training processes), and for generation of the median of {STEP_REPEATS} turns, each turn's step the " \
-        f"median of its {STEP_WINDOW}-step windows over {STEP_TURN_SECONDS:g} s; their spread (worst / best - 1): " + spread
+        f"the training processes), but a FLOP utilisation is the median of its turns' (each turn's training against the " \
+        f"ceiling beside it), and generation's the median of {STEP_REPEATS} turns, each turn's step the median of its " \
+        f"{STEP_WINDOW}-step windows over {STEP_TURN_SECONDS:g} s; the sides' spread (worst / best - 1): " + spread
 
 
 def utilisation(value: float) -> float | str:

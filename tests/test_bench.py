@@ -177,3 +177,18 @@ def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
     assert one_error_line(code, err) and "not the results of a bench.py run" in err
     code, out, err = run_main(bench.main, "--compare", first, second, "--out", tmp_path / "x.json")
     assert one_error_line(code, err) and "leave out --out" in err and not (tmp_path / "x.json").exists()
+
+
+def test_a_flop_utilisation_is_the_median_of_its_turns_each_against_the_ceiling_beside_it():
+    flops = 2 * bench.GEMM_N ** 3  # a token costs one product: a turn's figure is its gemm_s / train_s
+    train, gemm = [1e-3] * 5, [2e-4, 2e-4, 1e-4, 2e-4, 2e-4]  # one ceiling turn met a spell twice as fast
+    assert bench.turn_utilisation(flops, train, gemm) == pytest.approx(0.2)  # the ratio of the bests: 0.1
+    drifting = [1.0, 1.1, 1.2, 1.3, 1.4]  # both sides slowing alike: every turn reads the same
+    assert bench.turn_utilisation(flops, [d * 1e-3 for d in drifting], [d * 2e-4 for d in drifting]) == \
+        pytest.approx(0.2)
+
+
+def test_in_turns_keeps_every_turn_of_every_side():
+    costs = {"a": iter([2.0, 1.0]), "b": iter([4.0, 3.0])}
+    assert bench.in_turns({n: (lambda n=n: next(costs[n])) for n in costs}, repeats=2) == {"a": [2.0, 1.0],
+                                                                                          "b": [4.0, 3.0]}
