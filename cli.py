@@ -13,7 +13,8 @@ Holds:
   field's own comment and its group from the comment line above, so each setting is
   documented once, in the dataclass;
 - dataclass_from_args: the dataclass back from the parsed flags;
-- abc_text: an ABC prompt as typed on a command line, its \\n as line breaks.
+- abc_text: an ABC prompt as typed on a command line, its \\n as line breaks;
+- check_model_file: what a model file named on the command line must be before it is opened.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import os
 import sys
 import tokenize
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -107,6 +109,17 @@ def abc_text(value: str) -> str:
     becomes the line break it stands for (in a prompt it stands for nothing else); a file's
     Windows line breaks (\\r\\n), pasted in, become plain ones."""
     return value.replace("\\n", "\n").replace("\r\n", "\n")
+
+
+def check_model_file(path: str, what: str, name: str, missing: str = "", error=UserError) -> None:
+    """A file, named, that is there: not an empty name (Path("") is the current folder), not a
+    folder (its `name` inside is suggested). what: "checkpoint", say; missing: how to make it."""
+    if not str(path).strip():
+        raise error(f"{str(path)!r} names no {what}: give one (runs/{name}, say)")
+    if Path(path).is_dir():
+        raise error(f"{path} is a folder: give the {what} in it ({Path(path) / name}, say)")
+    if not Path(path).is_file():
+        raise error(f"{path}: no such {what}{missing}")
 
 
 class Parser(argparse.ArgumentParser):

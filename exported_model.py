@@ -12,13 +12,12 @@ Holds:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from abc_tokens import Vocabulary
-from cli import UserError, first_line
+from cli import UserError, check_model_file, first_line
 from sampler import ModelFacts
 
 METADATA_FORMAT = "musicrnn-onnx-1"  # export.py writes it; bump it if the metadata changes
@@ -50,12 +49,7 @@ def load_model(path: str, threads: int | None = None) -> tuple[ort.InferenceSess
 
 
 def _session(path: str, threads: int | None) -> ort.InferenceSession:
-    if not str(path).strip():  # Path("") is the current folder
-        raise ModelError(f"{str(path)!r} names no model: give one (runs/musicrnn.onnx, say)")
-    if Path(path).is_dir():
-        raise ModelError(f"{path} is a folder: give the model in it ({Path(path) / 'musicrnn.onnx'}, say)")
-    if not Path(path).is_file():
-        raise ModelError(f"{path}: no such model (run `make export` first)")
+    check_model_file(path, "model", "musicrnn.onnx", " (run `make export` first)", ModelError)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -306,12 +306,7 @@ CHECKPOINT_KEYS = {"model", "config", "vocab", "optimizer", "epoch", "step", "be
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint dict. Refuses anything that is not one: never unpickles code."""
-    if not str(path).strip():  # Path("") is the current folder
-        raise UserError(f"{str(path)!r} names no checkpoint: give one (runs/best.pt, say)")
-    if Path(path).is_dir():
-        raise UserError(f"{path} is a folder: give the checkpoint in it ({Path(path) / 'best.pt'}, say)")
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such checkpoint" + (" (`make train` writes it)" if path == "runs/best.pt" else ""))
+    cli.check_model_file(path, "checkpoint", "best.pt", " (`make train` writes it)" if path == "runs/best.pt" else "")
     if not os.access(path, os.R_OK):  # zipfile.is_zipfile would call it "not a zip file"
         raise UserError(f"{path}: permission denied")
     if not zipfile.is_zipfile(path):
