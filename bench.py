@@ -31,6 +31,7 @@ from safe_write import check_output, write_atomic
 
 TUNE_TOKENS = 500  # "a 500-token tune"
 GEMM_N = 2048  # the ceiling: a product of two GEMM_N x GEMM_N matrices, in the precision training multiplies in
+GEMM_FLOPS = 2 * GEMM_N ** 3  # of one such product (a multiply and an add per term)
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -76,7 +77,7 @@ def turn_utilisation(flops_per_token: int, train_costs: list[float], gemm_costs:
     measured beside it (seconds per product), and the median of those. A ratio of the two sides'
     bests moved with the one ceiling turn that met a fast spell: a pair of runs read 0.093 and
     0.112 that way (ceilings of 2,358 and 1,688 GFLOP/s), 20% apart."""
-    ceilings = [2 * GEMM_N ** 3 / gemm_s for gemm_s in gemm_costs]
+    ceilings = [GEMM_FLOPS / gemm_s for gemm_s in gemm_costs]
     return float(np.median([flops_per_token / train_s / ceiling for train_s, ceiling in zip(train_costs, ceilings)]))
 
 
@@ -358,7 +359,7 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
         "padded training": lambda: 1 / useful_tokens_per_s(cfg, vocab, dataset, naive, seconds,
                                                             pad_to=int(lengths.max()))})
     (gemm_s, ours_s, naive_s), spread = picked(costs)
-    return {"gemm_gflops": 2 * GEMM_N ** 3 / gemm_s / 1e9, "train_tokens_per_s": 1 / ours_s,
+    return {"gemm_gflops": GEMM_FLOPS / gemm_s / 1e9, "train_tokens_per_s": 1 / ours_s,
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
@@ -441,7 +442,7 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
     costs = in_turns({gemm: lambda: gemm_seconds(dtype), "1 process": lambda: seconds_per_token(1),
                       "2 processes": lambda: seconds_per_token(2)}, repeats=PROCESS_REPEATS)
     (gemm_s, one, two), spread = picked(costs)
-    ceiling = 2 * GEMM_N ** 3 / gemm_s
+    ceiling = GEMM_FLOPS / gemm_s
     return {"gemm_gflops_processes": ceiling / 1e9,
             "train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
             "processes_batch_size": musicrnn.Config.batch_size,  # train_processes passes no --batch-size
