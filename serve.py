@@ -51,6 +51,7 @@ MAX_MESSAGE = 300           # characters of an error message on the page
 MAX_TOKENS = 1000           # tokens per tune
 MAX_FORM_BARS = most_bars(MAX_TOKENS, MAX_TOKENS)  # the bars of a form that MAX_TOKENS holds
 MAX_BODY = 8 * 1024         # bytes of a form: its fields are a few dozen
+MAX_DIGITS = 18             # of a size in a header: no file is larger, and int() refuses thousands of digits
 MAX_DRAIN = 16 * 1024**2    # a larger body is read (and dropped) up to here, so the client sees the 413
 RENDER_SECONDS = 20         # per tool and tune
 KEEP_REQUESTS = 64          # requests whose files are kept for the page's players and downloads
@@ -219,7 +220,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
     """The one byte range a Range header asks for, as (first, last) within size; None: the whole
     file (no header, or one this server does not read: several ranges, a reversed one); False:
     a range that starts past the end (416)."""
-    m = re.fullmatch(r"bytes=(\d{0,18})-(\d{0,18})", header.strip()) if header else None  # (no int() of 5,000 digits)
+    digits = rf"(\d{{0,{MAX_DIGITS}}})"
+    m = re.fullmatch(f"bytes={digits}-{digits}", header.strip()) if header else None
     if not m or m.group(1) == m.group(2) == "":
         return None
     if m.group(1) == "":  # bytes=-N: the last N
@@ -231,8 +233,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
 
 
 def shown_size(digits: str) -> str:
-    """A Content-Length as a message shows it: 12,345, or its number of digits past 18."""
-    return f"{int(digits):,}" if len(digits) <= 18 else f"a {len(digits):,}-digit number of"
+    """A Content-Length as a message shows it: 12,345, or its number of digits past MAX_DIGITS."""
+    return f"{int(digits):,}" if len(digits) <= MAX_DIGITS else f"a {len(digits):,}-digit number of"
 
 
 def _bytes(folder: Path) -> int:
@@ -341,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")
-        size = int(length) if len(length) <= 18 else None  # no int() of 5,000 digits: it raises
+        size = int(length) if len(length) <= MAX_DIGITS else None
         if size is None or size > MAX_BODY:
             if size is None:
                 self.close_connection = True  # no body is that long: nothing to drain
