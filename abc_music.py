@@ -143,7 +143,14 @@ _LENGTHED = re.compile(rf"(?P<what>{PITCH}|[zx]|\])(?P<length>[\d/]*)")  # a not
 
 def scale_lengths(token: str, factor: Fraction) -> str:
     """A note, rest or chord close with its length multiplied by factor."""
-    return _LENGTHED.sub(lambda m: m["what"] + format_length(parse_length(m["length"]) * factor), token)
+    return _LENGTHED.sub(lambda m: m["what"] + _scaled_length(m["length"], factor), token)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scaled_length(suffix: str, factor: Fraction) -> str:
+    """A length suffix times factor; cached, since a corpus writes few distinct lengths and
+    augmentation rewrites every one of them each epoch."""
+    return format_length(parse_length(suffix) * factor)
 
 
 def token_length(token: str) -> Fraction:

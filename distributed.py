@@ -101,6 +101,17 @@ class World:
         dist.broadcast(tensor, src=0)
         return float(tensor.item())
 
+    def gather_shares(self, items: list) -> list:
+        """Every rank's share(...) of a list, put back in order on every rank."""
+        if self.size == 1:
+            return items
+        shares = [None] * self.size
+        dist.all_gather_object(shares, items)
+        whole = [None] * sum(len(share) for share in shares)
+        for rank, share in enumerate(shares):
+            whole[rank::self.size] = share
+        return whole
+
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -757,34 +757,53 @@ def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, un
 
     For training (never validation). Returns the tune and whether its transposition was refused
     (a note outside [low, high], or a key that writes out its accidentals: it then keeps its key;
-    None: no transposition was drawn). The key and the unit draw a number whatever their share;
-    the rhythm draws only when its share is above 0 (its default is 0).
+    None: no transposition was drawn).
     """
-    refused = None
-    if rng.random() < key_share:
-        refused = False
+    return rewrite_tune(tune, augmentation_draws(rng, key_share, unit_share, rhythm_share), low, high)
+
+
+def augmentation_draws(rng: np.random.Generator, key_share: float, unit_share: float,
+                       rhythm_share: float) -> tuple[int | None, int | Fraction | None, str | None]:
+    """One tune's random choices: (semitones, rhythm factor, unit length), None where none is drawn.
+    The key and the unit draw a number whatever their share; the rhythm only above 0 (its default)."""
+    shift = int(rng.choice(list(range(-5, 7)))) if rng.random() < key_share else None
+    rhythm = None
+    if rhythm_share and rng.random() < rhythm_share:
+        rhythm = (2, Fraction(1, 2))[int(rng.integers(2))]
+    unit = str(rng.choice(["1/8", "1/16", "1/4"])) if rng.random() < unit_share else None
+    return shift, rhythm, unit
+
+
+def rewrite_tune(tune: str, draws: tuple, low: int, high: int) -> tuple[str, bool | None]:
+    """The tune with augmentation_draws' choices applied, and whether its transposition was refused."""
+    shift, rhythm, unit = draws
+    refused = None if shift is None else False
+    if shift is not None:
         try:
-            tune = transpose_tune(tune, int(rng.choice(list(range(-5, 7)))), low, high)
+            tune = transpose_tune(tune, shift, low, high)
         except TransposeError:
             refused = True
-    if rhythm_share and rng.random() < rhythm_share:
+    if rhythm is not None:
         try:
-            tune = change_rhythm(tune, (2, Fraction(1, 2))[int(rng.integers(2))])
+            tune = change_rhythm(tune, rhythm)
         except TransposeError:
             pass  # a meter that cannot scale (M:none): the tune keeps its rhythm
-    if rng.random() < unit_share:
-        tune = set_unit_length(tune, str(rng.choice(["1/8", "1/16", "1/4"])))
-    return tune, refused
+    return (tune if unit is None else set_unit_length(tune, unit)), refused
 
 
 def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
-    """This epoch's training tunes: as written, or with the configured shares augmented."""
-    cfg = run.cfg
+    """This epoch's training tunes: as written, or with the configured shares augmented.
+
+    Every process draws every tune's choices, so the random stream is the same as one
+    process's; each rewrites only every size-th tune, and the processes swap their shares.
+    """
+    cfg, world = run.cfg, run.world
     if not (cfg.augment_key or cfg.augment_unit or cfg.augment_rhythm):
         return run.train_set
     low, high = parse_note_range(cfg.transpose_range)  # checked when the run started
-    augmented = [augment_tune(t, rng, cfg.augment_key, cfg.augment_unit, low, high, cfg.augment_rhythm)
-                 for t in run.train_tunes]
+    draws = [augmentation_draws(rng, cfg.augment_key, cfg.augment_unit, cfg.augment_rhythm) for _ in run.train_tunes]
+    mine = world.share(np.arange(len(run.train_tunes)))
+    augmented = world.gather_shares([rewrite_tune(run.train_tunes[i], draws[i], low, high) for i in mine])
     if cfg.augment_key:
         log(f"augmentation: {sum(r is True for _, r in augmented)} of {sum(r is not None for _, r in augmented)} "
             f"transpositions refused (notes outside {cfg.transpose_range}, or a key with its accidentals "

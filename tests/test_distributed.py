@@ -140,6 +140,20 @@ def test_shares_of_a_batch_are_disjoint_and_cover_it():
     assert [len(s) for s in shares] == [4, 4, 3]
 
 
+def test_gathered_shares_come_back_in_order_on_every_rank(monkeypatch):
+    items = [f"tune {i}" for i in range(11)]
+    worlds = [distributed.World(rank, 3) for rank in range(3)]
+    shares = [[items[i] for i in world.share(np.arange(len(items)))] for world in worlds]
+
+    def all_gather_object(out, mine):  # what gloo does: every rank's list, in rank order
+        assert mine in shares
+        out[:] = shares
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    assert all(world.gather_shares(share) == items for world, share in zip(worlds, shares))
+    assert distributed.World(0, 1).gather_shares(items) is items
+
+
 def test_threads_share_the_cores_without_oversubscribing():
     assert distributed.threads_per_process(2, cores=2) == 1
     assert distributed.threads_per_process(1, cores=16) == 16
