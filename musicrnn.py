@@ -777,8 +777,9 @@ def augmentation_draws(rng: np.random.Generator, key_share: float, unit_share: f
 def rewrite_tune(tune: str, draws: tuple, low: int, high: int) -> tuple[str, bool | None]:
     """The tune with augmentation_draws' choices applied, and whether its transposition was refused."""
     shift, rhythm, unit = draws
-    refused = None if shift is None else False
+    refused = None
     if shift is not None:
+        refused = False
         try:
             tune = transpose_tune(tune, shift, low, high)
         except TransposeError:
