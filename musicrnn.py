@@ -751,22 +751,12 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # the music unchanged. abc2midi confirms all three on the test tunes (tests/test_augment.py).
 
 
-def augment_tune(tune: str, rng: np.random.Generator, key_share: float = 1.0, unit_share: float = 1.0,
-                 low: int = 55, high: int = 108, rhythm_share: float = 0.0) -> tuple[str, bool | None]:
-    """With probability key_share a random transposition (-5..+6), with rhythm_share every
-    length doubled or halved, with unit_share a random unit length (L:1/8, 1/16, 1/4).
-
-    For training (never validation). Returns the tune and whether its transposition was refused
-    (a note outside [low, high], or a key that writes out its accidentals: it then keeps its key;
-    None: no transposition was drawn).
-    """
-    return rewrite_tune(tune, augmentation_draws(rng, key_share, unit_share, rhythm_share), low, high)
-
-
 def augmentation_draws(rng: np.random.Generator, key_share: float, unit_share: float,
                        rhythm_share: float) -> tuple[int | None, int | Fraction | None, str | None]:
-    """One tune's random choices: (semitones, rhythm factor, unit length), None where none is drawn.
-    The key and the unit draw a number whatever their share; the rhythm only above 0 (its default)."""
+    """One tune's random choices, None where none is drawn: with probability key_share a transposition
+    (-5..+6 semitones), with rhythm_share every length doubled or halved, with unit_share a unit
+    length (L:1/8, 1/16, 1/4). The key and the unit draw a number whatever their share; the rhythm
+    only above 0 (its default)."""
     shift = int(rng.choice(list(range(-5, 7)))) if rng.random() < key_share else None
     rhythm = None
     if rhythm_share and rng.random() < rhythm_share:
@@ -775,8 +765,10 @@ def augmentation_draws(rng: np.random.Generator, key_share: float, unit_share: f
     return shift, rhythm, unit
 
 
-def rewrite_tune(tune: str, draws: tuple, low: int, high: int) -> tuple[str, bool | None]:
-    """The tune with augmentation_draws' choices applied, and whether its transposition was refused."""
+def rewrite_tune(tune: str, draws: tuple, low: int = 55, high: int = 108) -> tuple[str, bool | None]:
+    """The tune with augmentation_draws' choices applied, for training (never validation); and
+    whether its transposition was refused (a note outside [low, high], or a key that writes out its
+    accidentals: it then keeps its key; None: no transposition was drawn)."""
     shift, rhythm, unit = draws
     refused = None
     if shift is not None:

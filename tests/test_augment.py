@@ -193,22 +193,26 @@ def test_transposition_never_fails_on_corpus_tunes():
             assert len(abc_music.note_tokens(out)) == len(abc_music.note_tokens(tune))
 
 
+def augment_tune(tune, rng, key_share=1.0, unit_share=1.0, rhythm_share=0.0):
+    return musicrnn.rewrite_tune(tune, musicrnn.augmentation_draws(rng, key_share, unit_share, rhythm_share))
+
+
 def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
     tune = next(t for t in fixture_tunes if "L:1/8" in t and abc_music._midi_range(t)[1] <= 84)
     rng = np.random.default_rng(0)
-    assert musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, None)  # none drawn
-    keyed = {musicrnn.augment_tune(tune, rng, key_share=1.0, unit_share=0.0)[0] for _ in range(40)}
+    assert augment_tune(tune, rng, key_share=0.0, unit_share=0.0) == (tune, None)  # none drawn
+    keyed = {augment_tune(tune, rng, key_share=1.0, unit_share=0.0)[0] for _ in range(40)}
     assert keyed <= {abc_music.transpose_tune(tune, s) for s in range(-5, 7)} and len(keyed) > 6
-    united = {musicrnn.augment_tune(tune, rng, key_share=0.0, unit_share=1.0)[0] for _ in range(40)}
+    united = {augment_tune(tune, rng, key_share=0.0, unit_share=1.0)[0] for _ in range(40)}
     assert united == {abc_music.set_unit_length(tune, u) for u in ("1/8", "1/16", "1/4")}
-    changed = sum(musicrnn.augment_tune(tune, rng, key_share=0.5, unit_share=0.0)[0] != tune for _ in range(400))
+    changed = sum(augment_tune(tune, rng, key_share=0.5, unit_share=0.0)[0] != tune for _ in range(400))
     assert 150 < changed < 220  # half are drawn, and 1 in 12 of those draws the shift 0
-    rhythmed = {musicrnn.augment_tune(tune, rng, 0.0, 0.0, rhythm_share=1.0)[0] for _ in range(40)}
+    rhythmed = {augment_tune(tune, rng, 0.0, 0.0, rhythm_share=1.0)[0] for _ in range(40)}
     assert rhythmed == {abc_music.change_rhythm(tune, f) for f in (2, Fraction(1, 2))}
     rng, reference = np.random.default_rng(3), np.random.default_rng(3)
-    musicrnn.augment_tune(tune, rng, 0.0, 0.0, rhythm_share=0.0)
+    augment_tune(tune, rng, 0.0, 0.0, rhythm_share=0.0)
     reference.random(2)  # the key and the unit draws: a rhythm share of 0 draws nothing
     assert rng.random() == reference.random()
-    a = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
-    b = [musicrnn.augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
+    a = [augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
+    b = [augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
     assert a == b  # seeded, so --resume replays the same epochs
