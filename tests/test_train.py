@@ -279,6 +279,16 @@ def test_a_bf16_step_rounds_the_products_but_keeps_fp32_weights_and_loss():
     assert torch.allclose(grads[True], grads[False], atol=0.05 * float(grads[False].abs().max()))
 
 
+def test_dropout_keeps_one_mask_per_tune_across_its_time_steps():
+    torch.manual_seed(0)
+    drop, x = musicrnn.LockedDropout(0.5).train(), torch.ones(8, 50, 16)   # (B, T, C)
+    y = drop(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0}                 # dropped, or scaled by 1 / (1 - p)
+    assert torch.equal(y, y[:, :1].expand_as(y))                  # every step of a tune: its one mask
+    assert not torch.equal(y[0], y[1])                            # each tune its own
+    assert torch.equal(drop.eval()(x), x)                         # evaluation and generation: none
+
+
 def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
     cpu = torch.device("cpu")
     assert musicrnn.bf16_products("bf16", cpu) and not musicrnn.bf16_products("fp32", cpu)
