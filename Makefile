@@ -19,7 +19,7 @@ SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_form.py abc
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch,
 # at the rate and batch it was measured with; bf16 products (where the CPU has them) ran 2.3-3.6x the
 # tokens/s of fp32 for this model (README), so its schedule spans 56 epochs of the 55 minutes
-LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --augment-key 0.5 --augment-unit 0.3 \
+LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --dropout-mask element --augment-key 0.5 --augment-unit 0.3 \
               --batch-size 32 --lr 4e-3 --epochs 56 --max-minutes 55
 
 .PHONY: venv data data-large train train-long export generate serve bench test test-fast clean

@@ -84,8 +84,8 @@ class Config:
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 384                       # LSTM state size (README: 384 beat 256 and 512 in 10 min)
     num_layers: int = 1                         # stacked LSTM layers
-    dropout: float = 0.3                        # on the embedding and before the output (one mask per tune),
-                                                # and between layers
+    dropout: float = 0.15                       # on the embedding and before the output, and between layers
+    dropout_mask: str = "tune"                  # "tune": one mask per tune for all its steps; "element": one per step
     # optimisation
     batch_size: int = 32                        # tunes per batch, grouped by length (README: in bf16, 32 beat 16 in 10 min)
     lr: float = 5.6e-3                          # peak learning rate of Adam (4e-3 x sqrt(2), for the batch of 32)
@@ -247,12 +247,12 @@ class MusicRNN(nn.Module):
     """Embedding -> LSTM -> Linear, over token ids. forward(x, state) -> (logits, state)."""
 
     def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_dim: int = 384,
-                 num_layers: int = 1, dropout: float = 0.0):
+                 num_layers: int = 1, dropout: float = 0.0, dropout_mask: str = "tune"):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
-        self.dropout = LockedDropout(dropout)
+        self.dropout = LockedDropout(dropout) if dropout_mask == "tune" else nn.Dropout(dropout)
         self.to_logits = nn.Linear(hidden_dim, vocab_size)
         self.reset_parameters()
 
@@ -298,7 +298,7 @@ def parameter_summary(model: MusicRNN) -> str:
 
 
 def build_model(cfg: Config, vocab_size: int) -> MusicRNN:
-    return MusicRNN(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout)
+    return MusicRNN(vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout, cfg.dropout_mask)
 
 
 def bf16_products(precision: str, device: torch.device) -> bool:

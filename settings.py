@@ -33,7 +33,7 @@ FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and o
     "max_minutes": cli.float_in(0, 10**6, low_open=True), "seed": cli.int_in(0, 2**32 - 1),
 }
 FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"],
-                "precision": ["auto", "bf16", "fp32"]}
+                "precision": ["auto", "bf16", "fp32"], "dropout_mask": ["tune", "element"]}
 MAX_PARAMETERS = 100_000_000  # a model this project's CPUs can train; Adam keeps 3 more copies
 
 
