@@ -230,7 +230,7 @@ class LockedDropout(nn.Module):
     The variational dropout of Gal & Ghahramani (2016), which AWD-LSTM applies to an LSTM's input
     and output: a feature a tune loses, it loses for the whole tune. Its random numbers are T times
     fewer than per-element dropout's, whose masks cost 18% of a bf16 training step on a CPU without
-    AMX (README, "Speed and memory")."""
+    AMX (README, "Training")."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -790,9 +790,8 @@ def rewrite_tune(tune: str, draws: tuple, low: int = 55, high: int = 108) -> tup
     whether its transposition was refused (a note outside [low, high], or a key that writes out its
     accidentals: it then keeps its key; None: no transposition was drawn)."""
     shift, rhythm, unit = draws
-    refused = None
+    refused = None if shift is None else False
     if shift is not None:
-        refused = False
         try:
             tune = transpose_tune(tune, shift, low, high)
         except TransposeError:
