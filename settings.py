@@ -34,6 +34,8 @@ FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and o
 }
 FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"],
                 "precision": ["auto", "bf16", "fp32"], "dropout_mask": ["tune", "element"]}
+BEFORE_ADDED = {"dropout_mask": "element"}  # settings added since checkpoints were first written: the value
+#                                          that does what the code before them did, for a checkpoint without them
 MAX_PARAMETERS = 100_000_000  # a model this project's CPUs can train; Adam keeps 3 more copies
 
 
@@ -82,11 +84,12 @@ def check_note_range(text: str) -> None:
 
 
 def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
-    """The config a checkpoint stored, checked; keys that this version no longer has are dropped."""
+    """The config a checkpoint stored, checked; keys that this version no longer has are dropped, and
+    those it added since (BEFORE_ADDED) take the value that reproduces the code before them."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: its config is not a table of settings")
     known = {f.name for f in fields(config_class)}
-    cfg = config_class(**{k: v for k, v in values.items() if k in known})
+    cfg = config_class(**{k: v for k, v in {**BEFORE_ADDED, **values}.items() if k in known})
     check_config(cfg, source)
     return cfg
 

@@ -349,6 +349,16 @@ def test_checkpoints_with_settings_this_version_dropped_still_load_and_resume(tm
     assert musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=quiet)["epoch"] == 2
 
 
+def test_a_checkpoint_from_before_dropout_masks_per_tune_resumes_with_its_per_step_masks(tmp_path, fixture_data):
+    quiet = lambda *a: None  # noqa: E731
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=quiet)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["config"]["dropout_mask"] == "tune"
+    del ckpt["config"]["dropout_mask"]                            # as written before the setting existed
+    _, cfg, _ = musicrnn.model_from_checkpoint(ckpt)
+    assert cfg.dropout_mask == "element"
+
+
 def test_every_training_flag_explains_itself_in_words():
     """--help takes each flag's text from the Config field's comment: none may be missing."""
     comments, groups = cli.field_comments(musicrnn.Config)
