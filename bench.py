@@ -44,8 +44,8 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
-REPEATS = 3       # turns of each side of a ratio
-STEP_REPEATS = 7  # turns for generation, whose steps take microseconds and so meet the most noise
+REPEATS = 5        # turns of each side of a ratio: the median of 3 turns' ratios is one turn's
+STEP_REPEATS = 11  # turns for generation, whose steps take microseconds and so meet the most noise
 PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
 
 
@@ -67,18 +67,18 @@ def picked(costs: dict[str, list[float]], typical: bool = False) -> tuple[list[f
     return [pick(c) for c in costs.values()], {name: max(c) / min(c) - 1 for name, c in costs.items()}
 
 
-def interleaved(sides: dict, repeats: int = REPEATS, typical: bool = False) -> tuple[list[float], dict[str, float]]:
-    """in_turns, then picked: each side's best (or median) and its spread."""
-    return picked(in_turns(sides, repeats), typical)
+def turn_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """A ratio of two sides measured in turns: each turn's ratio (its two sides taken side by
+    side), and the median of those. A ratio of the sides' bests moves with whichever single turn
+    met a fast spell: on an AMD host a pair of runs read 119.9 and 139.7 that way for carried
+    state / prefix recompute, and a pair of an AMX host 0.093 and 0.112 for a FLOP utilisation."""
+    return float(np.median([a / b for a, b in zip(numerators, denominators)]))
 
 
 def turn_utilisation(flops_per_token: int, train_costs: list[float], gemm_costs: list[float]) -> float:
     """The FLOP utilisation of each turn, its training (seconds per token) against the ceiling
-    measured beside it (seconds per product), and the median of those. A ratio of the two sides'
-    bests moved with the one ceiling turn that met a fast spell: a pair of runs read 0.093 and
-    0.112 that way (ceilings of 2,358 and 1,688 GFLOP/s), 20% apart."""
-    ceilings = [GEMM_FLOPS / gemm_s for gemm_s in gemm_costs]
-    return float(np.median([flops_per_token / train_s / ceiling for train_s, ceiling in zip(train_costs, ceilings)]))
+    measured beside it (seconds per product), and the median of those."""
+    return flops_per_token / GEMM_FLOPS * turn_ratio(gemm_costs, train_costs)
 
 
 STEP_WINDOW = 50         # steps timed together
@@ -161,8 +161,7 @@ def prefix_ms_per_token(model, vocab, threads: int, stride: int = 20) -> float:
 
     Timing all 500 prefixes takes minutes, so every `stride`-th prefix length is timed
     (the middle of each block of `stride`) and the sum is scaled by `stride`. Each length
-    counts at its best of 3 runs, as the carried-state side's short loop does at its best:
-    one long timing would take every disturbance of its seconds into the ratio.
+    counts at its best of 3 runs: one long timing would take every disturbance of its seconds in.
     Torch at its best for whole sequences: oneDNN on.
     """
     x = torch.full((1, TUNE_TOKENS), vocab.eos_id, dtype=torch.long)
@@ -232,8 +231,8 @@ BATCH_TURNS = 15  # a batch of 32 takes a third of a second: at 7 turns, one run
 
 def constrained_batch(step, vocab, batch: int = 32) -> dict:
     """Tokens/s of one batch of `batch` new tunes, free and --constrained (a cache filled by 50
-    tunes first), in turns, each turn's two batches from one seed of their own; the best of
-    BATCH_TURNS turns of each."""
+    tunes first), in turns, each turn's two batches from one seed of their own; each side's best
+    of BATCH_TURNS turns, and the median of the turns' ratios."""
     constraint = AbcConstraint(vocab)
     seeds = {None: iter(range(10_000, 20_000)), constraint: iter(range(10_000, 20_000))}  # a turn's sides: one seed
 
@@ -243,11 +242,11 @@ def constrained_batch(step, vocab, batch: int = 32) -> dict:
 
     sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=50, max_tokens=TUNE_TOKENS, constrained=True),
                            constraint)
-    (free, constrained), spread = interleaved({"free, batch 32": lambda: seconds_per_token(None),
-                                               "constrained, batch 32": lambda: seconds_per_token(constraint)},
-                                              repeats=BATCH_TURNS)
+    costs = in_turns({"free, batch 32": lambda: seconds_per_token(None),
+                      "constrained, batch 32": lambda: seconds_per_token(constraint)}, repeats=BATCH_TURNS)
+    (free, constrained), spread = picked(costs)
     return {"gen_tokens_per_s_batch32_free": 1 / free, "gen_tokens_per_s_batch32_constrained": 1 / constrained,
-            "constrained_share_batch32": free / constrained, "spread_batch32": spread}
+            "constrained_share_batch32": turn_ratio(*costs.values()), "spread_batch32": spread}
 
 
 def constraint_bench(onnx_path: str) -> dict:
@@ -272,8 +271,8 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
     # core for a while, a 2-thread side alone would slow down and move the ratios between runs
     prefix_side = fastest({threads: (lambda t=threads: prefix_ms_per_token(model, vocab, t)) for threads in (1, 2)},
                           prefix_wins)
-    (torch_ms, ort_ms, prefix_ms), spread = interleaved(repeats=STEP_REPEATS, typical=True, sides={
-        "torch": torch_side, "onnxruntime": ort_side, "prefix": prefix_side})
+    costs = in_turns({"torch": torch_side, "onnxruntime": ort_side, "prefix": prefix_side}, repeats=STEP_REPEATS)
+    (torch_ms, ort_ms, prefix_ms), spread = picked(costs, typical=True)
     int8_ms, _ = ort_ms_per_token(int8_path) if Path(int8_path).exists() else (float("nan"), 0)
     batch32_ms, _ = ort_ms_per_token(onnx_path, batch=32)
     return {
@@ -283,8 +282,8 @@ def generation_bench(checkpoint: str, onnx_path: str, int8_path: str) -> dict:
         "gen_ms_per_token_ort_int8": int8_ms,
         "gen_ms_per_token_prefix": prefix_ms, "gen_prefix_threads": max(prefix_wins, key=prefix_wins.get),
         "gen_tokens_per_s_batch32_ort": 32 / batch32_ms * 1e3,
-        "ort_speedup_over_torch": torch_ms / ort_ms,
-        "state_speedup_over_prefix": prefix_ms / ort_ms,
+        "ort_speedup_over_torch": turn_ratio(costs["torch"], costs["onnxruntime"]),
+        "state_speedup_over_prefix": turn_ratio(costs["prefix"], costs["onnxruntime"]),
         "spread_generation": spread,
         **constraint_bench(onnx_path),
     }
@@ -363,7 +362,7 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
-            "train_speedup": naive_s / ours_s, "train_batch_size": cfg.batch_size,
+            "train_speedup": turn_ratio(costs["padded training"], costs["training"]), "train_batch_size": cfg.batch_size,
             "train_flop_utilisation": turn_utilisation(flops, costs["training"], costs["GEMM ceiling"]),
             "train_products": products_name(dtype),
             "spread_training": spread}
@@ -447,7 +446,7 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
             "train_tokens_per_s_1_process": 1 / one, "train_tokens_per_s_2_processes": 1 / two,
             "processes_batch_size": musicrnn.Config.batch_size,  # train_processes passes no --batch-size
             "processes_products": products_name(dtype),
-            "scaling_2_over_1": one / two, "spread_processes": spread,
+            "scaling_2_over_1": turn_ratio(costs["1 process"], costs["2 processes"]), "spread_processes": spread,
             "train_flop_utilisation_1_process": turn_utilisation(flops_per_token, costs["1 process"], costs[gemm]),
             "train_flop_utilisation_2_processes": turn_utilisation(flops_per_token, costs["2 processes"], costs[gemm])}
 
@@ -557,10 +556,11 @@ def table(rows: list[tuple], spreads: dict[str, float]) -> str:
     lines += [f"| {name} | {value if isinstance(value, str) else f'{value:,.3f}'} | {unit} |"
               for name, value, unit in rows]
     spread = ", ".join(f"{name} {100 * value:.0f}%" for name, value in spreads.items())
-    return "\n".join(lines) + f"\n\nRatios are of the best of {REPEATS} turns of each side ({PROCESS_REPEATS} for " \
-        f"the training processes), but a FLOP utilisation is the median of its turns' (each turn's training against the " \
-        f"ceiling beside it), and generation's the median of {STEP_REPEATS} turns, each turn's step the median of its " \
-        f"{STEP_WINDOW}-step windows over {STEP_TURN_SECONDS:g} s; the sides' spread (worst / best - 1): " + spread
+    return "\n".join(lines) + f"\n\nEvery ratio is the median of its turns' ratios, each turn's two sides " \
+        f"measured side by side ({REPEATS} turns; {STEP_REPEATS} for generation, {PROCESS_REPEATS} for the training " \
+        f"processes, {BATCH_TURNS} at batch 32). A side's own figure is its best turn, generation's its median turn, " \
+        f"each turn's step the median of its {STEP_WINDOW}-step windows over {STEP_TURN_SECONDS:g} s; the sides' " \
+        f"spread (worst / best - 1): " + spread
 
 
 def utilisation(value: float) -> float | str:

@@ -11,7 +11,7 @@ import bench
 from cli import UserError
 
 
-def test_interleaved_measures_in_turns_and_keeps_the_best_and_the_spread():
+def test_sides_are_measured_in_turns_and_each_keeps_its_best_and_its_spread():
     order, costs = [], {"a": iter([2.0, 1.0, 1.5]), "b": iter([4.0, 4.0, 5.0])}
 
     def side(name):
@@ -20,14 +20,15 @@ def test_interleaved_measures_in_turns_and_keeps_the_best_and_the_spread():
             return next(costs[name])
         return measure
 
-    result = bench.interleaved({"a": side("a"), "b": side("b")}, repeats=3)
+    result = bench.picked(bench.in_turns({"a": side("a"), "b": side("b")}, repeats=3))
     assert order == ["a", "b", "a", "b", "a", "b"]
     assert result == ([1.0, 4.0], {"a": 1.0, "b": 0.25})
 
 
 def test_typical_turns_keep_the_median_so_one_lucky_turn_does_not_set_the_figure():
     costs = {"a": iter([1.0, 0.5, 1.2, 1.1, 0.9]), "b": iter([2.0] * 5)}
-    result = bench.interleaved({name: (lambda n=name: next(costs[n])) for name in costs}, repeats=5, typical=True)
+    result = bench.picked(bench.in_turns({name: (lambda n=name: next(costs[n])) for name in costs}, repeats=5),
+                          typical=True)
     assert result == ([1.0, 2.0], {"a": pytest.approx(1.4), "b": 0.0})
 
 
@@ -186,6 +187,14 @@ def test_a_flop_utilisation_is_the_median_of_its_turns_each_against_the_ceiling_
     drifting = [1.0, 1.1, 1.2, 1.3, 1.4]  # both sides slowing alike: every turn reads the same
     assert bench.turn_utilisation(flops, [d * 1e-3 for d in drifting], [d * 2e-4 for d in drifting]) == \
         pytest.approx(0.2)
+
+
+def test_a_ratio_is_the_median_of_its_turns_ratios_so_one_fast_turn_does_not_set_it():
+    padded, grouped = [10.0, 10.0, 10.0, 10.0, 10.0], [1.0, 1.0, 0.5, 1.0, 1.0]  # one grouped turn met a fast spell
+    assert bench.turn_ratio(padded, grouped) == 10.0  # the ratio of the bests: 20
+    drifting = [1.0, 1.2, 1.4, 1.6, 1.8]  # the machine slowing on both sides alike: every turn reads the same
+    assert bench.turn_ratio([10 * d for d in drifting], drifting) == pytest.approx(10.0)
+    assert bench.turn_ratio([9.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0  # the median, not the mean (4.0)
 
 
 def test_in_turns_keeps_every_turn_of_every_side():
