@@ -362,7 +362,8 @@ def training_bench(checkpoint: str, train_data: str, seconds: float = 10.0) -> d
             "train_tokens_per_s_padded": 1 / naive_s, "train_flops_per_token": flops,
             "padding_ours": musicrnn.padding_fraction(lengths, ours),
             "padding_naive": 1 - float(lengths.mean()) / int(lengths.max()),
-            "train_speedup": turn_ratio(costs["padded training"], costs["training"]), "train_batch_size": cfg.batch_size,
+            "train_speedup": turn_ratio(costs["padded training"], costs["training"]),
+            "train_batch_size": cfg.batch_size,
             "train_flop_utilisation": turn_utilisation(flops, costs["training"], costs["GEMM ceiling"]),
             "train_products": products_name(dtype),
             "spread_training": spread}
