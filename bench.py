@@ -172,7 +172,7 @@ def prefix_ms_per_token(model, vocab, threads: int, stride: int = 20) -> float:
     return seconds * stride / TUNE_TOKENS * 1e3
 
 
-ROUNDS = 9  # of the constraint's batch-1 measurement: each side's best of 9 is steadier than of 5
+ROUNDS = 9  # of the constraint's batch-1 measurement: a round is a turn, its two sides alternating tune by tune
 
 
 def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
@@ -182,9 +182,10 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
     state, but a new tune still meets states the cache has not seen. Two figures: the first
     `tunes` tunes of a fresh process (infer_onnx.py --num 10), and `tunes` more after 50
     tunes have filled the cache. Free and constrained alternate tune by tune over the same
-    seeds, so that a change in the machine's speed falls on both sides alike; each side's best
-    of ROUNDS rounds is kept (the least disturbed by the machine). The constraint's start-up
-    (what it builds ahead, so that the first tunes do not) is timed apart.
+    seeds, so that a change in the machine's speed falls on both sides alike: a round is a turn,
+    and an overhead is the median of the ROUNDS rounds' ratios (turn_ratio); a side's row is its
+    best round. The constraint's start-up (what it builds ahead, so that the first tunes do not)
+    is timed apart.
     """
     assert 2 * tunes + 50 <= 100, "rounds would share seeds"
     rounds = []  # per round: start-up s, then free, cold, free later, warm (ms per token)
@@ -200,10 +201,11 @@ def constraint_overhead(step, vocab, tunes: int = 10) -> dict:
         later = range(seeds.stop + 50, seeds.stop + 50 + tunes)
         rounds.append((startup, free, cold, *paired_ms_per_token(step, vocab, constraint, later)))
     startup, free, cold, free_later, warm = np.min(rounds, axis=0).tolist()  # each side's best
+    sides = np.array(rounds).T.tolist()  # (5, ROUNDS): each figure, round by round
     return {"gen_ms_per_token_sampled_ort": free, "gen_ms_per_token_constrained_cold_ort": cold,
             "gen_ms_per_token_sampled_later_ort": free_later, "gen_ms_per_token_constrained_ort": warm,
-            "constraint_overhead_cold": cold / free - 1, "constraint_overhead": warm / free_later - 1,
-            "constraint_startup_ms": startup * 1e3}
+            "constraint_overhead_cold": turn_ratio(sides[2], sides[1]) - 1,
+            "constraint_overhead": turn_ratio(sides[4], sides[3]) - 1, "constraint_startup_ms": startup * 1e3}
 
 
 def tunes_seconds(step, vocab, constraint: AbcConstraint | None, seed: int, num: int = 1) -> tuple[float, int]:

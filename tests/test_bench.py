@@ -197,6 +197,18 @@ def test_a_ratio_is_the_median_of_its_turns_ratios_so_one_fast_turn_does_not_set
     assert bench.turn_ratio([9.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0  # the median, not the mean (4.0)
 
 
+def test_the_constraints_overheads_are_the_median_of_its_rounds_ratios(monkeypatch):
+    pairs = iter([(1.0, 1.2), (1.0, 1.1)] * 2 + [(1.0, 0.6), (1.0, 0.55)] + [(1.0, 1.2), (1.0, 1.1)] * 2)
+    monkeypatch.setattr(bench, "ROUNDS", 5)
+    monkeypatch.setattr(bench, "AbcConstraint", lambda vocab: None)
+    monkeypatch.setattr(bench, "tunes_seconds", lambda *args: (0.0, 1))
+    monkeypatch.setattr(bench, "paired_ms_per_token", lambda *args: next(pairs))  # (free, constrained) ms
+    result = bench.constraint_overhead(step=None, vocab=None)  # round 3's constrained tunes met a fast spell
+    assert result["constraint_overhead_cold"] == pytest.approx(0.2)  # the ratio of the bests: -0.4
+    assert result["constraint_overhead"] == pytest.approx(0.1)       # and -0.45
+    assert result["gen_ms_per_token_constrained_cold_ort"] == 0.6    # a side's row: its best round
+
+
 def test_in_turns_keeps_every_turn_of_every_side():
     costs = {"a": iter([2.0, 1.0]), "b": iter([4.0, 3.0])}
     assert bench.in_turns({n: (lambda n=n: next(costs[n])) for n in costs}, repeats=2) == {"a": [2.0, 1.0],
