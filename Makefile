@@ -11,8 +11,8 @@
 
 PYTHON := .venv/bin/python
 # make train runs as 2 processes (torchrun, gloo; on 2 cores, 1 thread each) where there are 2 cores or more: measured
-# 0.96-1.12x the tokens/s of one process with 2 threads (make bench, 15e2b66 to 03bca5f), 1.00x (daf63f9's pair);
-# without dropout, the same steps as 1 process
+# 0.96-1.12x the tokens/s of one process with 2 threads (make bench, 15e2b66 to 03bca5f), 1.00x (daf63f9's pair),
+# 1.06-1.09x (13347fd's); without dropout, the same steps as 1 process
 TRAIN_PROCS := $(shell nproc 2>/dev/null | awk '{print ($$1 >= 2) ? 2 : 1}')
 TRAIN := $(PYTHON) musicrnn.py train --procs $(TRAIN_PROCS)
 SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_form.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
