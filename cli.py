@@ -52,7 +52,9 @@ class ReaderSafeStdout:
     of raising, so a training, a sweep and the files they write go on to the end. `gone` says so."""
 
     def __init__(self, stream):
-        self.stream, self.gone = stream, False
+        self.stream, self.gone = stream, stream is None
+        if stream is None:  # a closed stdout (`>&-`): Python has none; devnull takes its descriptor, so that
+            self.stream = open(os.devnull, "w")  # no file the command opens later becomes its stdout
 
     def write(self, text: str) -> int:
         self._try(self.stream.write, text)

@@ -531,6 +531,17 @@ def test_out_is_written_in_full_when_the_reader_of_stdout_stops_early(tiny_onnx,
     assert set(range(1, 71)) <= numbers  # the first batch of 64 and the 6 after the pipe closed
 
 
+def test_a_closed_stdout_is_no_reader_and_the_work_goes_on(tiny_onnx, tmp_path):
+    """`infer_onnx.py --out all.abc >&-`: Python has no sys.stdout at all; the tunes are still written,
+    and no file the command opens takes stdout's place."""
+    out = tmp_path / "all.abc"
+    proc = subprocess.run([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "3",
+                           "--max-tokens", "20", "--out", str(out)], stderr=subprocess.PIPE, cwd=ROOT,
+                          preexec_fn=lambda: os.close(1), timeout=120)
+    assert proc.returncode == 0 and proc.stderr.decode() == "", proc.stderr.decode()
+    assert re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2", "3"]
+
+
 @pytest.mark.parametrize("command", [
     ["musicrnn.py", "sweep", "--num", "2", "--temperatures", "0.5", "1", "--max-tokens", "120", "--onnx"],
     ["musicrnn.py", "stats", "--plot"]], ids=["sweep", "stats"])
