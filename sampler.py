@@ -262,6 +262,8 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     encode_prompt(vocab, prompt)
     if not opts.constrained:
         return opts, None
+    if facts.control_codes and not opts.form:  # the form it reads must fit the budget as an asked one does
+        check_form_budget(CONTROL_FORM, opts.max_tokens, "the form this model reads when none is asked for, ")
     constraint = constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
     constraint.start(prompt, form)
     return opts, constraint
@@ -388,10 +390,16 @@ def check_budget(args: argparse.Namespace, form: str) -> None:
     if args.constrained and args.max_tokens < AbcConstraint.END_RESERVE:
         raise UserError(f"--max-tokens {args.max_tokens} is too few for --constrained, which keeps "
                         f"{AbcConstraint.END_RESERVE} tokens to finish a tune cleanly: give at least that many")
-    bars = sum(form_bars(form))
-    if bars and form_tokens(bars) > args.max_tokens:
-        raise UserError(f"--max-tokens {args.max_tokens} is too few for {bars} bars: give at least {TOKENS_PER_BAR} "
-                        f"per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
+    check_form_budget(form, args.max_tokens)
+
+
+def check_form_budget(code: str, max_tokens: int, whose: str = "") -> None:
+    """Refuses a form whose bars max_tokens cannot hold (whose: what the form is, when not asked for)."""
+    bars = sum(form_bars(code))
+    if bars and form_tokens(bars) > max_tokens:
+        named = f" ({whose}{code.strip().replace(chr(10), ' ')})" if whose else ""
+        raise UserError(f"--max-tokens {max_tokens} is too few for {bars} bars{named}: give at least "
+                        f"{TOKENS_PER_BAR} per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
 
 
 def requested_form(args: argparse.Namespace) -> str:

@@ -137,6 +137,15 @@ def test_a_control_model_with_a_header_prompt_and_no_form_says_which_form_it_rea
     assert {tuple(s.bars for s in abc_form.sections(t)) for t in out.split("\n\n") if t.strip()} == {(8, 8)}
 
 
+def test_a_budget_too_small_for_the_form_a_control_model_reads_is_refused_as_an_asked_one_is(control_onnx):
+    """With no form asked for, a --control model reads S:2 B:8 E:3 B:8: --constrained must fit its 16 bars."""
+    code, _, err = run_main(infer_onnx.main, "--model", control_onnx, "--constrained", "--max-tokens", "120")
+    assert one_error_line(code, err) and "too few for 16 bars (the form this model reads" in err, err
+    assert "--max-tokens 423" in err
+    code, _, err = run_main(infer_onnx.main, "--model", control_onnx, "--max-tokens", "120")  # free: no promise
+    assert code == 0, err
+
+
 def test_type_primes_the_r_line_after_x(control_onnx, tiny_onnx):
     code, out, err = run_main(infer_onnx.main, "--model", control_onnx, "--type", "Reel", "--form", CODE,
                               "--num", "2", "--constrained")
