@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
-from abc_music import (CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, pitch_spelling, playable_key,
-                       playable_meter, playable_unit, written_unit)
+from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, chord_type, note_shape,
+                       pitch_spelling, playable_key, playable_meter, playable_unit, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -356,15 +356,22 @@ class AbcConstraint:
         if pending:
             self._commit(state, pending)
             state.pending, state.pending_must_end = "", False
+        if state.chord or state.grace:  # abcm2ps: "Not a note", "Bad character in grace note sequence"
+            raise PromptError(f"--constrained: a chord symbol goes before a [chord] or {{grace notes}}, not inside "
+                              f"a {'chord' if state.chord else 'grace group'}, at {before!r}")
 
     @staticmethod
     def _skip_chord_symbol(prompt: str, i: int) -> int:
-        """The index after the chord symbol that starts at prompt[i]; refuses any other quoted text."""
+        """The index after the chord symbol that starts at prompt[i]; refuses any other quoted text,
+        and a chord type that abc2midi's table does not name."""
         end = prompt.find('"', i + 1)
         text = prompt[i:end + 1] if end > 0 else prompt[i:]
         if end < 0 or not CHORD_SYMBOL.fullmatch(text):
             raise PromptError(f"--constrained: {text!r} in the prompt is not a chord symbol like \"G\", \"Am7\" "
                               f"or \"D/F#\"")
+        if chord_type(text) not in ABC2MIDI_CHORD_TYPES:
+            known = ", ".join(sorted(ABC2MIDI_CHORD_TYPES - {""}))
+            raise PromptError(f"--constrained: abc2midi knows no chord {text} (after the root, it names: {known})")
         return end + 1
 
     def advance(self, state: TuneState, token_id: int) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 import abc_constraint
 import abc_form
+import abc_music
 import abc_tokens
 import judging
 import sampler
@@ -328,6 +329,26 @@ def test_chord_symbols_in_a_prompt_take_no_time(constraint):
 def test_a_chord_symbol_that_splits_a_token_or_follows_a_decoration_is_refused(body, says):
     with pytest.raises(PromptError, match=says):
         AbcConstraint(VOCAB).start("X:1\nL:1/8\nM:6/8\nK:D\n" + body)
+
+
+@pytest.mark.parametrize("body, says", [('"Emin"d3 def|', "abc2midi knows no chord"),
+                                         ('"Cmaj"d3 def|', "abc2midi knows no chord"),
+                                         ('"C13"d3 def|', "abc2midi knows no chord"),
+                                         ('[D"G"FA]', "inside a chord"), ('{"G"g}DFA', "inside a grace")])
+def test_a_chord_symbol_abc2midi_or_abcm2ps_would_refuse_is_refused(body, says):
+    with pytest.raises(PromptError, match=says):
+        AbcConstraint(VOCAB).start("X:1\nL:1/8\nM:6/8\nK:D\n" + body)
+
+
+def test_every_chord_type_the_constraint_accepts_abc2midi_plays():
+    """The table of chord types is abc2midi's own: each one in a tune that abc2midi then finds clean."""
+    constraint, head = AbcConstraint(VOCAB), "X:1\nL:1/8\nM:6/8\nK:D\n"
+    prompts = [f'{head}"F#{kind}/A"d3 def|' for kind in sorted(abc_music.ABC2MIDI_CHORD_TYPES)]
+    for prompt in prompts:
+        constraint.start(prompt)
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the constraint accepted every type")
+    assert all(judging.check_with_abc2midi(p + "fed cBA|]\n")["bar_clean"] for p in prompts)
 
 
 def test_with_chord_symbols_a_pickup_of_part_of_an_eighth_is_refused():
