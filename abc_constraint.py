@@ -35,6 +35,7 @@ from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
 GRANULE = TICKS // 4  # every duration is a multiple of L/4, so any bar can be filled exactly
+MAX_BAR_NOTES = 3     # a full bar is at most this many of the longest notes (8 units of L): 12/8, 6/4, 3/2 in L:1/16
 LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24, "/2": 24,
                 "//": 12, "/4": 12, "3/": 72, "3/2": 72}
 
@@ -113,6 +114,11 @@ def bar_ticks(meter: str, unit: str | None) -> int:
     ticks = units * TICKS
     if (unit and written_unit(unit) is None) or ticks.denominator != 1 or ticks % GRANULE:
         raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
+    longest = MAX_BAR_NOTES * max(LENGTH_TICKS.values())  # what END_RESERVE and OWED_BAR_TOKENS can finish
+    if ticks > longest:
+        raise PromptError(f"--constrained cannot finish a bar of M:{meter} with L:{unit or '1/8'} in the tokens it keeps "
+                          f"to end a tune: a bar may hold {longest // TICKS} units of L at most (a shorter meter, "
+                          f"or a longer L:)")
     return int(ticks)
 
 
@@ -266,7 +272,7 @@ class AbcConstraint:
 
     END_RESERVE = 120  # tokens kept to finish the bar and close the tune
     OWED_BAR_TOKENS = 16  # and under a form, for each bar it still owes: once it must end, a bar is its
-    # longest notes (at most three, a space after each, in every meter and unit length) and a bar line
+    # longest notes (at most MAX_BAR_NOTES, a space after each: bar_ticks refuses longer bars) and a bar line
 
     def __init__(self, vocab: Vocabulary, max_bars: int = 32, use_cache: bool = True, coded: bool = False):
         self.vocab, self.max_bars, self.use_cache, self.coded = vocab, max_bars, use_cache, coded

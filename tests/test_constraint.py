@@ -147,6 +147,16 @@ def test_every_header_line_the_constraint_writes_is_one_it_accepts_in_a_prompt()
         assert [line for line in lines if not playable(line[2:])] == [], letter
 
 
+def test_a_bar_longer_than_the_end_reserve_can_finish_is_refused_and_every_written_header_fits():
+    """A bar of M:256/4 needs 64 notes of 8 eighths: the tokens kept to end a tune cannot close it (all 10
+    tunes of such a prompt ended mid-bar). Every meter and unit length the constraint writes fits."""
+    with pytest.raises(PromptError, match="cannot finish a bar of M:256/4"):
+        AbcConstraint(VOCAB).start("X:1\nL:1/8\nM:256/4\nK:D\n")
+    for unit in abc_constraint.HEADER_LINES[2]:
+        for meter in abc_constraint.HEADER_LINES[3]:
+            assert abc_constraint.bar_ticks(meter[2:], unit[2:]) <= 3 * 384
+
+
 def test_header_order_and_meter_are_checked(constraint):
     with pytest.raises(PromptError, match="order"):
         constraint.start("X:1\nM:6/8\nL:1/8\nK:D\n")
