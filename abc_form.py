@@ -193,7 +193,7 @@ CODE_LINES = {"S": [f"S:{n}" for n in range(1, MAX_SECTIONS + 1)], "B": [f"B:{n}
 # the training corpus's most common level between two parts (2,014 of its 2,521 8+8 tunes
 # have E:1 to E:5, the most E:3).
 DEFAULT_SIMILARITY = 3
-_CODE_LINE = re.compile(r"^[SBE]:\d+$")
+_CODE_LINE = re.compile(r"^[SBE]:[0-9]+$")  # ASCII digits: \d would take "B:\u0664" (Arabic-Indic four)
 
 
 def next_code_field(lines: tuple[str, ...] | list[str]) -> str:
@@ -211,7 +211,8 @@ def parse_control_code(text: str, flag: str = "--form") -> tuple[tuple[int, ...]
     """A control code as a user may type it ("S:2 B:8 E:3 B:8", newlines, commas or a literal
     \\n between lines) -> (bars of each section, the code in IrishMAN's form)."""
     lines = [part for part in re.split(r"(?:\\n|[\s,;])+", text.strip()) if part]
-    lines = [f"{line[:2]}{int(line[2:])}" if _CODE_LINE.match(line) else line for line in lines]  # B:08 is B:8
+    lines = [line[:2] + (line[2:].lstrip("0") or "0") if _CODE_LINE.match(line) else line for line in lines]  # B:08
+    # is B:8, and a number of thousands of digits is only out of range (int() refuses past 4,300)
     for i, line in enumerate(lines):
         want = next_code_field(lines[:i])
         if want == "X" or not _CODE_LINE.match(line) or line[0] != want:

@@ -83,7 +83,8 @@ def test_a_short_spelling_makes_the_same_code_as_the_long_one():
     ("S:2 B:40 E:3 B:8", "bars in a section must be 1 to 32"), ("S:1 B:0", "bars in a section must be 1 to 32"),
     ("S:2 B:8 E:11 B:8", "similarity levels must be 0 to 10"), ("S:2 B:8", "incomplete"),
     ("S:2 B:8 B:8", "expected E:"), ("S:1 B:8 E:3", "expected no more lines"), ("", "incomplete"),
-    ("two parts", "expected S:"),
+    ("two parts", "expected S:"), ("S:1 B:\u0664", "expected B:"), ("S:\uff11 B:\uff14", "expected S:"),  # digits
+    ("S:1 B:" + "9" * 5000, "bars in a section must be 1 to 32"),  # that int() would not read (ASCII only, any length)
 ])
 def test_an_impossible_code_is_refused_with_its_reason(text, says):
     with pytest.raises(abc_form.PromptError, match=says):
