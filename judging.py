@@ -273,10 +273,11 @@ def run_command(args, torch_generator) -> None:
     write it as JSON."""
     inputs = [args.train_data] if "train_data" in args else []  # sweep and types read a corpus
     corpus = load_tunes(inputs[0]) if inputs else []              # refused before the model loads
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.onnx or args.checkpoint, *inputs])
+    model = args.checkpoint if args.onnx is None else args.onnx  # --onnx '' is a model named wrong, not none
+    out = check_output(args.out, "--out", args.overwrite, inputs=[model, *inputs])
     judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),
                     "types": (judge_types, type_table)}[args.command]
-    generate_fn, facts = onnx_generator(args.onnx) if args.onnx else torch_generator(args.checkpoint)
+    generate_fn, facts = torch_generator(model) if args.onnx is None else onnx_generator(model)
     rows = judge(args, corpus, generate_fn, facts)
     print(table(rows))
     write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)

@@ -660,9 +660,12 @@ def test_blank_lines_before_a_prompt_carry_nothing(tiny_onnx):
     assert out.startswith("X:1\nK:D\n")
 
 
-@pytest.mark.parametrize("main, flag", [(infer_onnx.main, "--model"), (musicrnn.main, "--checkpoint")])
+@pytest.mark.parametrize("main, flag", [(infer_onnx.main, "--model"), (musicrnn.main, "--checkpoint"),
+                                        (musicrnn.main, "forms --onnx")])
 def test_an_empty_model_name_is_named_as_none_not_as_a_folder(main, flag):
-    args = ["generate", flag, ""] if main is musicrnn.main else [flag, ""]
+    """--onnx '' too: it was taken for no --onnx, and the command ran the torch checkpoint instead."""
+    args = [*(["generate"] if flag == "--checkpoint" else []), *flag.split(), ""] if main is musicrnn.main \
+        else [flag, ""]
     code, _, err = run_main(main, *args)
     assert one_error_line(code, err) and "'' names no" in err and "folder" not in err, err
 
