@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 from argparse import ArgumentTypeError, Namespace
+from decimal import Decimal
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,10 +74,13 @@ BROWSER_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?", re.ASCII)  
 
 def _whole(read):
     """A whole-number field read as a browser's number input sends it: the text as typed, which
-    HTML's number grammar lets be "1e3" or "8.0" for 1000 and 8, values the page's own check passes."""
+    HTML's number grammar lets be "1e3" or "8.0" for 1000 and 8, values the page's own check passes.
+    Read exactly (a float would round 26 nines), and only while short: past 20 digits the text is
+    left as typed, for read's message to quote."""
     def check(text: str):
-        if BROWSER_NUMBER.fullmatch(text) and float(text).is_integer():
-            text = str(int(float(text)))
+        number = Decimal(text) if BROWSER_NUMBER.fullmatch(text) else None
+        if number is not None and number.adjusted() < 20 and number == number.to_integral_value():
+            text = str(int(number))
         return read(text)
     return check
 
@@ -437,11 +441,10 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: t
          note: str | None = None) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
              f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form, types)]
-    if error:  # control characters shown escaped, a long message cut: a field's value comes back in it
-        error = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", error)
+    if error:  # a long message cut: a field's value comes back in it
         error = re.sub(r"\S{60,}", lambda m: m.group()[:40] + "...", error)  # a long value, not what is said of it
         error = error if len(error) <= MAX_MESSAGE else error[:MAX_MESSAGE] + "..."
-        parts.append(f'<p class=error id=error>{html.escape(error)}</p>')
+        parts.append(f'<p class=error id=error>{shown(error)}</p>')
     if note:
         parts.append(f'<p class=note id=note>{html.escape(note)}</p>')
     if missing:
@@ -452,22 +455,28 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: t
     return "".join(parts) + "</body></html>"
 
 
+def shown(text: str) -> str:
+    """Text as the page shows it: HTML-escaped, control characters as \\x00 (a value sent with them
+    comes back in the message and the form; a raw NUL makes the page invalid HTML)."""
+    return html.escape(re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text))
+
+
 def form_html(form: dict, types: tuple = ()) -> str:
     form = {**DEFAULTS, **form}  # the optional fields a request left out, shown empty
     def select(name, options, label=None):
         if form[name] not in options:  # a value the page does not list, but took: shown as sent
             options = (*options, form[name])
-        items = "".join(f"<option value=\"{html.escape(o)}\"{' selected' * (o == form[name])}>"
-                        f"{html.escape(label(o) if label else o)}</option>" for o in options)
+        items = "".join(f"<option value=\"{shown(o)}\"{' selected' * (o == form[name])}>"
+                        f"{shown(label(o) if label else o)}</option>" for o in options)
         return f"<label>{name}<select name={name} id={name}>{items}</select></label>"
 
     def number(name, low, high, step):
         return (f'<label>{name}<input type=number name={name} id={name} min={low} max={high} step={step} '
-                f'value="{html.escape(form[name])}"></label>')
+                f'value="{shown(form[name])}"></label>')
 
     checked = " checked" * (form.get("constrained") == "on")
     bars = (f'<label>bars<input name=bars id=bars maxlength=100 placeholder="8 or 8,16" '
-            f'value="{html.escape(form["bars"])}"></label>')
+            f'value="{shown(form["bars"])}"></label>')
     return (f"<form method=post action=/generate>{select('meter', METERS)}{select('key', KEYS)}"
             f"{select('type', ('',) + tuple(types), lambda o: o or 'any')}"
             f"{number('sections', 1, sampler.MAX_SECTIONS, 1)}{bars}"

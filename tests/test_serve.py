@@ -203,7 +203,10 @@ def test_a_long_value_comes_back_cut_and_a_control_character_escaped(server):
     _, _, page = request(server + "/generate", form(temperature="7" * 5000))
     assert error_on_page(page).startswith("temperature: '77777") and len(error_on_page(page)) < 100
     _, _, page = request(server + "/generate", form(meter="6/8\x00"))
-    assert "\\x00" in error_on_page(page) and "\x00" not in error_on_page(page)
+    assert "\\x00" in error_on_page(page) and b"\x00" not in page  # the form shows the value it refused so too
+    assert b'<option value="6/8\\x00" selected>' in page
+    _, _, page = request(server + "/generate", form(type="\x1b\x07", bars="8\x00"))
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", page)
 
 
 @pytest.mark.parametrize("header", ["Content-Length: " + "9" * 5000, "Range: bytes=0-" + "9" * 5000])
@@ -422,6 +425,7 @@ def test_a_whole_number_as_a_browser_may_send_it_is_read_as_that_number():
     assert (opts.seed, opts.num) == (1000, 2)
     assert serve.sampling_options({**VALID_FORM, "sections": "2E0", "bars": "4"})[0].form.startswith("S:2\nB:4\n")
     for field, text, says in [("seed", "1.5", "not a whole number"), ("seed", "1e400", "not a whole number"),
+                              ("seed", "9" * 26, "got '" + "9" * 26 + "'"),  # as typed, not rounded through a float
                               ("num", "9e0", "from 1 to 8"), ("seed", "-1e0", "from 0")]:
         with pytest.raises(serve.HTTPError, match=says):
             serve.sampling_options({**VALID_FORM, field: text})
