@@ -204,15 +204,18 @@ def check_dataclass(obj, types: dict, source: str) -> None:
 
 def field_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
     """({field: its trailing comment}, {field: the group comment above it}) of a dataclass."""
-    comments, groups, group, name = {}, {}, "options", None
+    comments, groups, group, name, last = {}, {}, "options", None, None
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
         if tok.type == tokenize.NAME and tok.start[1] == 4 and name is None:
-            name = tok.string  # the first name on a line inside the class body
+            name = last = tok.string  # the first name on a line inside the class body
         elif tok.type == tokenize.COMMENT:
-            if name is None and tok.start[1] == 4:
-                group = tok.string.lstrip("# ").strip()
-            elif name is not None:
-                comments[name], groups[name] = tok.string.lstrip("# ").strip(), group
+            text = tok.string.lstrip("# ").strip()
+            if name is not None:
+                comments[name], groups[name] = text, group
+            elif tok.start[1] == 4:
+                group, last = text, None
+            elif last in comments:  # a field's comment, continued on the lines below it
+                comments[last] += " " + text
         if tok.type in (tokenize.NEWLINE, tokenize.NL):
             name = None
     return comments, groups

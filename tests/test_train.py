@@ -365,3 +365,5 @@ def test_every_training_flag_explains_itself_in_words():
     assert set(comments) == {f.name for f in dataclasses.fields(musicrnn.Config)}
     assert all(len(text.split()) >= 3 for text in comments.values()), comments
     assert set(groups.values()) == {"data", "model", "optimisation", "run"}
+    assert all(text.count("(") == text.count(")") for text in comments.values()), comments  # none cut mid-line
+    assert comments["epochs"].endswith("a slower one anneals by the clock: README)")  # its second line read too
