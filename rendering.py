@@ -193,51 +193,50 @@ def rendered_files(path: Path, tunes: int) -> list[Path]:
         n = int(m[1]) if m else 0
         return 1 <= n <= tunes and m[1] == (f"{n:03d}" if m[2] == ".svg" else str(n))
 
-    return sorted(p for p in path.parent.iterdir() if written(p.name))
+    return sorted(p for p in path.parent.iterdir() if written(p.name)) if path.parent.is_dir() else []  # --out's
+    # folder is made with the tunebook
 
 
-def check_render(path: Path, tunes: int, overwrite: bool, inputs=()) -> None:
+def check_render(path: Path, tunes: int, overwrite: bool, inputs=()) -> list[Path]:
     """A render of this many tunes beside tunebook path replaces no file unless overwrite, and never
-    one of the command's inputs (a model named tunes2.mid, say), not even with overwrite."""
+    one of the command's inputs (a model named tunes2.mid, say), not even with overwrite. Returns
+    the files it may replace."""
     old = rendered_files(path, tunes)
     if old and not overwrite:
         raise OutputError(f"--render would replace {old[0]}: pass --overwrite, or choose another --out")
     for p in old:
         check_output(p, "--render", overwrite=True, inputs=inputs)
+    return old
 
 
-def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 300.0, inputs=()) -> list[str]:
-    """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps -g, in its secure mode
-    -S) beside a tunebook, where the tools are installed. Returns one line per kind of file to
-    show the user.
+def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, inputs=()) -> list[str]:
+    """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps, in its secure mode -S)
+    beside a tunebook, where the tools are installed: stemN.mid, stemN.wav and stemNNN.svg for its
+    tune X:N. Returns one line per kind of file to show the user.
 
+    Each tune is rendered alone (render_tune, timeout seconds a tool): a tune that a tool refuses, or
+    aborts on, costs only that tune its file (abc2midi aborting on one tune of a book wrote an empty
+    .mid and none for the tunes after it; abcm2ps overflowing on one long tune wrote no score at all).
     What a render may write is known before it runs (rendered_files): a file of one of those names
-    that exists stops it (unless overwrite) before anything is written, even where a tool then
-    makes fewer files (a tune it rejects), since only running it would tell. The tools work in a
-    scratch folder on a copy named book.abc, so that no name of the user's reaches their command
-    lines (a leading "-" reads as an option) or a glob; what they made then moves in under the
-    tunebook's name, replacing only files of the same names. Nothing else beside it is touched."""
+    that exists stops it (unless overwrite) before anything is written. The tools work in a scratch
+    folder under names of their own, so that no name of the user's reaches their command lines (a
+    leading "-" reads as an option); what they made then moves in under the tunebook's name. With
+    overwrite, an earlier render's file that this one does not make anew (a tune now refused) is
+    removed: it belonged to another tune. Nothing else beside the tunebook is touched."""
     folder, stem = path.parent, path.stem
-    text = path.read_text(encoding="utf-8")
-    tunes = len(re.findall(r"(?m)^X:", text))
-    check_render(path, tunes, overwrite, inputs)
-    missing = missing_tools()
+    tunes = re.split(r"(?m)^(?=X:)", path.read_text(encoding="utf-8"))[1:]
+    old = check_render(path, len(tunes), overwrite, inputs)
+    made = {"MIDI": [], "audio": [], "score": []}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
-        book = Path(scratch) / "book.abc"
-        if "MIDI" not in missing:
-            book.write_text(for_abc2midi(text), encoding="utf-8")
-            run_tool(["abc2midi", book.name], book.parent, timeout)
-        book.write_text(text, encoding="utf-8")
-        if "score" not in missing:
-            run_tool([*SCORE, book.name, "-O", "book.svg"], book.parent, timeout)
-        made = rendered_files(book, tunes)
-        if "audio" not in missing:
-            made += [midi.with_suffix(".wav") for midi in made
-                     if midi.suffix == ".mid" and write_audio(midi, midi.with_suffix(".wav"), timeout)]
-        for p in made:
-            os.replace(p, folder / (stem + p.name.removeprefix(book.stem)))
-    count = {suffix: sum(p.suffix == suffix for p in made) for suffix in (".mid", ".wav", ".svg")}
-    lines = {"MIDI": f"MIDI: {count['.mid']} file{'s' * (count['.mid'] != 1)} {folder / stem}N.mid",
-             "audio": f"audio: {count['.wav']} file{'s' * (count['.wav'] != 1)} {folder / stem}N.wav",
-             "score": f"SVG: {count['.svg']} score{'s' * (count['.svg'] != 1)} {folder / stem}NNN.svg"}
-    return [missing.get(what, line) for what, line in lines.items()]
+        for n, tune in enumerate(tunes, start=1):
+            names = {"MIDI": f"{stem}{n}.mid", "audio": f"{stem}{n}.wav", "score": f"{stem}{n:03d}.svg"}
+            (own := Path(scratch) / str(n)).mkdir()  # a folder a tune: no page of one is taken for the next's
+            for what, file in render_tune(tune, own, "tune", timeout).items():
+                if what in names:
+                    made[what].append(Path(file).replace(folder / names[what]))
+    for stale in set(old) - {p for files in made.values() for p in files}:
+        stale.unlink()
+    missing = missing_tools()
+    return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{n}")
+            for what, label, noun, n in [("MIDI", "MIDI", "file", "N.mid"), ("audio", "audio", "file", "N.wav"),
+                                        ("score", "SVG", "score", "NNN.svg")]]

@@ -88,6 +88,21 @@ def test_any_tunebook_name_gets_its_midi_audio_and_scores(tmp_path, stem):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.abc", *made])
 
 
+@needs["abcm2ps"]
+@needs["abc2midi"]
+def test_a_tune_a_tool_fails_on_costs_only_that_tune_its_file_and_its_old_one_goes(tmp_path):
+    """abcm2ps aborts on a 640-bar tune ("Output buffer overflow"): rendered as one book, no tune got a
+    score. Tune by tune, the short tune still does; with overwrite, the old score under the long
+    tune's name, which this render does not make anew, is removed (it showed another tune)."""
+    long = "X:1\nM:4/4\nL:1/4\nK:C\n" + "\n".join(["CDEF|GABc|" * 8] * 40) + "|]\n"
+    path = tmp_path / "set.abc"
+    path.write_text(long + "\n" + TUNE.format(n=2), encoding="utf-8")
+    plant(tmp_path, "set001.svg")
+    lines = rendering.render_tunebook(path, overwrite=True)
+    assert lines[0].startswith("MIDI: 2 files") and lines[2].startswith("SVG: 1 score ")
+    assert not (tmp_path / "set001.svg").exists() and (tmp_path / "set002.svg").read_text().rstrip().endswith("</svg>")
+
+
 # --- through the command line
 
 
@@ -116,3 +131,11 @@ def test_the_command_line_with_overwrite_deletes_nothing_it_does_not_write(tiny_
     assert run_main(infer_onnx.main, *args, "--num", "1", "--out", tmp_path / "set.abc")[0] == 0
     assert run_main(infer_onnx.main, *args, "--num", "2", "--out", tmp_path / "a.abc")[0] == 0
     assert untouched(tmp_path, planted)
+
+
+def test_a_render_into_a_folder_out_makes_is_not_refused(tiny_onnx, tmp_path):
+    """--out makes its folder; --render refused it as missing ("No such file or directory")."""
+    out = tmp_path / "new" / "sub" / "set.abc"
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "1", "--max-tokens", "20", "--render",
+                            "--out", out)
+    assert code == 0 and out.exists(), err
