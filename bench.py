@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -640,13 +641,16 @@ def read_results(path: str) -> dict:
     """A run's runs/bench.json, refused in one line if it is not one (a --large run's lacks the ratios)."""
     try:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
-        ratios(results)
+        named = ratios(results)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path}: not readable as JSON ({cli.first_line(e, 80)})") from None
     except (KeyError, TypeError):
         raise UserError(f"{path}: not the results of a bench.py run (a --large run's hold no ratios)") from None
+    for name, value in named.items():  # a ratio of two timings: a number above 0 (json reads NaN too)
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise UserError(f"{path}: its ratio {name} is {value!r}, where a run writes a number above 0")
     return results
 
 
@@ -697,6 +701,8 @@ def compare(args) -> None:
     given += ["large"] * bool(args.large) + ["overwrite"] * args.overwrite + ["out"] * (args.out is not None)
     if given:
         raise UserError(f"--compare measures nothing and writes no file: leave out --{given[0].replace('_', '-')}")
+    if Path(args.compare[0]).resolve() == Path(args.compare[1]).resolve():
+        raise UserError(f"--compare {args.compare[0]} with itself: give two runs' results")
     first, second = (read_results(path) for path in args.compare)
     print(comparison_markdown(first, second, tuple(args.compare)))
 

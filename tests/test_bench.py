@@ -180,6 +180,20 @@ def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
     assert one_error_line(code, err) and "leave out --out" in err and not (tmp_path / "x.json").exists()
 
 
+
+@pytest.mark.parametrize("value", ["fast", None, [1], 0.0, -2.0, float("nan"), True])
+def test_compare_refuses_a_ratio_no_run_writes_and_a_run_compared_with_itself(tmp_path, value):
+    """A ratio of 0 divided by zero, a string met '>' (tracebacks); NaN and -2 read as agreeing."""
+    import json
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    first.write_text(json.dumps(bench_results()))
+    second.write_text(json.dumps(bench_results() | {"ort_speedup_over_torch": value}))
+    code, _, err = run_main(bench.main, "--compare", first, second)
+    assert one_error_line(code, err) and "ratio onnxruntime / torch eager is" in err, err
+    code, _, err = run_main(bench.main, "--compare", first, first)
+    assert one_error_line(code, err) and "with itself" in err, err
+
+
 def test_a_flop_utilisation_is_the_median_of_its_turns_each_against_the_ceiling_beside_it():
     flops = 2 * bench.GEMM_N ** 3  # a token costs one product: a turn's figure is its gemm_s / train_s
     train, gemm = [1e-3] * 5, [2e-4, 2e-4, 1e-4, 2e-4, 2e-4]  # one ceiling turn met a spell twice as fast
