@@ -30,7 +30,7 @@ import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
 from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, chord_type, note_shape,
-                       pitch_spelling, playable_key, playable_meter, playable_unit, written_unit)
+                       pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -163,7 +163,7 @@ class TuneState:
     phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
     code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
-    hornpipe: bool = False         # the header's R: line is R:hornpipe, which limits its M: line
+    hornpipe: bool = False         # abc2midi reads the header's R: line as a hornpipe, which limits its M: line
     form: tuple = ()               # bars of each section, when a form is asked for (): any form)
     section: int = 0               # under a form: sections finished
     section_bars: int = 0          # under a form: this section's bars so far, as abc_form counts them
@@ -454,7 +454,7 @@ class AbcConstraint:
             state.unit = value
         elif letter == "M":
             state.meter = value
-        state.hornpipe = state.hornpipe or line.replace(" ", "").lower() == "r:hornpipe"  # as abc2midi reads it
+        state.hornpipe = state.hornpipe or (letter == "R" and swung_as_hornpipe(value))
         state.phase = HEADER_ORDER.index(letter) + 1
         if letter == "K":
             if state.meter is None:

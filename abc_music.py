@@ -218,6 +218,13 @@ TUNE_TYPES = ("reel", "jig", "slip jig", "hornpipe", "strathspey", "clog", "air"
 _TYPE_SPELLINGS = {name.replace(" ", ""): name for name in TUNE_TYPES} | {"doublejig": "jig", "highlandfling": "fling"}
 
 
+def swung_as_hornpipe(r_value: str) -> bool:
+    """Whether abc2midi reads an R: line's value as a hornpipe, by its own test (the value, spaces and
+    tabs skipped, begins "hornpipe" or "Hornpipe": "hornpipes" and "hornpipe, reel" do, "HORNPIPE"
+    and "horn pipe" do not). It then swings pairs of notes and refuses every meter but 2/4 and 4/4."""
+    return r_value.lstrip(" \t").startswith(("hornpipe", "Hornpipe"))
+
+
 def tune_type(value: str) -> str | None:
     """R: text -> one of TUNE_TYPES, or None: "Slip Jig", "slipjig", "slip-jig" -> "slip jig"."""
     return _TYPE_SPELLINGS.get(re.sub(r"[\s_-]+", "", value.lower()))

@@ -517,7 +517,10 @@ def test_any_under_reduces_each_next_characters_range_including_the_last_one():
 def test_a_hornpipe_is_written_only_in_the_meters_abc2midi_plays_it_in():
     tunes = random_logits_tunes(AbcConstraint(VOCAB), "X:1\nR:hornpipe\n", num=10, seed=5)
     assert {re.search(r"(?m)^M:.*$", t).group() for t in tunes} <= set(abc_constraint.HORNPIPE_METERS)
-    for hornpipe in ("R:hornpipe", "R:Hornpipe", "R: hornpipe"):  # abc2midi reads the name in any case
-        with pytest.raises(PromptError, match="R:hornpipe only in"):
+    for hornpipe in ("R:hornpipe", "R:Hornpipe", "R: hornpipe", "R:hornpipes", "R:hornpipe, reel"):  # abc2midi's
+        with pytest.raises(PromptError, match="R:hornpipe only in"):                               # own test
             AbcConstraint(VOCAB).start(f"X:1\n{hornpipe}\nL:1/8\nM:C|\nK:D\n")
-    AbcConstraint(VOCAB).start("X:1\nR:reel\nL:1/8\nM:C|\nK:D\n")  # other types in any meter
+    for other in ("R:reel", "R:horn pipe", "R:reel/hornpipe"):  # abc2midi plays these in any meter
+        AbcConstraint(VOCAB).start(f"X:1\n{other}\nL:1/8\nM:C|\nK:D\n")
+    swung = [" hornpipe", "\tHornpipe", "hornpipes", "hornpipe, reel", "HORNPIPE", "horn pipe", "reel/hornpipe"]
+    assert [abc_music.swung_as_hornpipe(value) for value in swung] == [True] * 4 + [False] * 3  # abc2midi 4.84
