@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from abc_tokens import SPECIALS, PromptError, Vocabulary
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
 GRANULE = TICKS // 4  # every duration is a multiple of L/4, so any bar can be filled exactly
 MAX_BAR_NOTES = 3     # a full bar is at most this many of the longest notes (8 units of L): 12/8, 6/4, 3/2 in L:1/16
+SHORTEST_UNIT = Fraction(1, 16)  # abcm2ps draws no 1/256 ("Invalid note duration"), L/8 under L:1/32
 LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24, "/2": 24,
                 "//": 12, "/4": 12, "3/": 72, "3/2": 72}
 
@@ -114,6 +116,9 @@ def bar_ticks(meter: str, unit: str | None) -> int:
     ticks = units * TICKS
     if (unit and written_unit(unit) is None) or ticks.denominator != 1 or ticks % GRANULE:
         raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
+    if unit and written_unit(unit) < SHORTEST_UNIT:  # L/4 dotted by > halves its partner: L/8, 1/256 under L:1/32
+        raise PromptError(f"--constrained writes notes down to a quarter of L and halves one with broken rhythm, "
+                          f"shorter than abcm2ps draws under L:{unit.strip()}: give L:1/16 or longer")
     longest = MAX_BAR_NOTES * max(LENGTH_TICKS.values())  # what END_RESERVE and OWED_BAR_TOKENS can finish
     if ticks > longest:
         raise PromptError(f"--constrained cannot finish a bar of M:{meter} with L:{unit or '1/8'} in the tokens it keeps "

@@ -147,11 +147,14 @@ def test_every_header_line_the_constraint_writes_is_one_it_accepts_in_a_prompt()
         assert [line for line in lines if not playable(line[2:])] == [], letter
 
 
-def test_a_bar_longer_than_the_end_reserve_can_finish_is_refused_and_every_written_header_fits():
+def test_a_bar_too_long_to_finish_or_a_unit_too_short_to_draw_is_refused_and_every_written_header_fits():
     """A bar of M:256/4 needs 64 notes of 8 eighths: the tokens kept to end a tune cannot close it (all 10
     tunes of such a prompt ended mid-bar). Every meter and unit length the constraint writes fits."""
     with pytest.raises(PromptError, match="cannot finish a bar of M:256/4"):
         AbcConstraint(VOCAB).start("X:1\nL:1/8\nM:256/4\nK:D\n")
+    for unit in ("1/32", "1/64"):  # L/4 halved by broken rhythm: abcm2ps "Invalid note duration"
+        with pytest.raises(PromptError, match="shorter than abcm2ps draws"):
+            AbcConstraint(VOCAB).start(f"X:1\nL:{unit}\nM:3/16\nK:D\n")
     for unit in abc_constraint.HEADER_LINES[2]:
         for meter in abc_constraint.HEADER_LINES[3]:
             assert abc_constraint.bar_ticks(meter[2:], unit[2:]) <= 3 * 384
