@@ -337,6 +337,8 @@ class AbcConstraint:
                 self._end_token_before_chord_symbol(state, prompt[:i])
                 i = self._skip_chord_symbol(prompt, i)
                 _accompany(state, prompt[:i])
+                while prompt[i:i + 1] == " " and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]:
+                    i += 1  # "D" A2B at a line's start, A2B "D" d2e: a space the rules take nowhere else, no music
                 continue
             i += 1
             if ch not in self.char_ids:

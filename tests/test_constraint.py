@@ -379,6 +379,7 @@ def test_a_chord_symbol_ends_the_token_before_it():
 
 @pytest.mark.parametrize("prompt", [NOTTINGHAM, 'X:1\nL:1/8\nM:6/8\nK:D\nA|"D"dfa "G"g2e|"A"c3 "D"d2A|',
                                     'X:1\nL:1/8\nM:6/8\nK:D\n"D"A"G"B', 'X:1\nL:1/16\nM:2/4\nK:D\n"G"A',
+                                    'X:1\nL:1/8\nM:6/8\nK:D\n"D" d2e "G" g2e|',  # spaces after a chord symbol
                                     'X:1\nL:1/4\nM:3/4\nK:G\n"G"B/'])  # the last three: their pickup still open
 def test_prompts_with_chord_symbols_continue_into_valid_bar_clean_tunes(prompt):
     rng = np.random.default_rng(0)
