@@ -46,6 +46,8 @@ OUTPUTS = ["train.json", "validation.json", "essen.json", "README.md"]
 
 def fetch_wheel(cache: Path) -> Path:
     wheel = cache / WHEEL_FILE
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"{cache}: a file, where the download cache (a folder) goes: move it, or choose another --out")
     if not wheel.exists():
         with removed_if_failed(cache):  # a failed download leaves no empty folders behind
             cache.mkdir(parents=True, exist_ok=True)

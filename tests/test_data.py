@@ -267,6 +267,13 @@ def test_a_download_that_fails_is_one_line_and_leaves_no_folder(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_where_the_download_cache_goes_is_named_as_such(tmp_path):
+    (tmp_path / "cache").write_text("mine")
+    code, _, err = run_main(build_corpus.main, "--out", tmp_path)
+    assert one_error_line(code, err) and "a file, where the download cache (a folder) goes" in err, err
+    assert (tmp_path / "cache").read_text() == "mine"
+
+
 def test_build_corpus_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, offline_build):
     a_file = tmp_path / "some_file.json"
     a_file.write_text("[]")
