@@ -121,9 +121,9 @@ def bar_ticks(meter: str, unit: str | None) -> int:
                           f"shorter than abcm2ps draws under L:{unit.strip()}: give L:1/16 or longer")
     longest = MAX_BAR_NOTES * max(LENGTH_TICKS.values())  # what END_RESERVE and OWED_BAR_TOKENS can finish
     if ticks > longest:
-        raise PromptError(f"--constrained cannot finish a bar of M:{meter} with L:{unit or '1/8'} in the tokens it keeps "
-                          f"to end a tune: a bar may hold {longest // TICKS} units of L at most (a shorter meter, "
-                          f"or a longer L:)")
+        raise PromptError(f"--constrained cannot finish a bar of M:{meter} with L:{unit or '1/8'} in the tokens it "
+                          f"keeps to end a tune: a bar may hold {longest // TICKS} units of L at most (a shorter "
+                          f"meter, or a longer L:)")
     return int(ticks)
 
 

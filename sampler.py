@@ -399,7 +399,8 @@ def check_form_budget(code: str, max_tokens: int, whose: str = "") -> None:
     if bars and form_tokens(bars) > max_tokens:
         named = f" ({whose}{code.strip().replace(chr(10), ' ')})" if whose else ""
         raise UserError(f"--max-tokens {max_tokens} is too few for {bars} bars{named}: give at least "
-                        f"{TOKENS_PER_BAR} per bar and {HEADER_TOKENS} for the header, --max-tokens {form_tokens(bars)}")
+                        f"{TOKENS_PER_BAR} per bar and {HEADER_TOKENS} for the header, "
+                        f"--max-tokens {form_tokens(bars)}")
 
 
 def requested_form(args: argparse.Namespace) -> str:
