@@ -203,7 +203,21 @@ def removed_if_failed(folder: Path):
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
-                if {c.name for c in p.iterdir()} <= {".lock"}:
+                if {c.name for c in p.iterdir()} <= {".lock"} and not _held(p / ".lock"):
                     (p / ".lock").unlink(missing_ok=True)
                 p.rmdir()  # fails, and is left, if anything else is in it
         raise
+
+
+def _held(lock: Path) -> bool:
+    """Whether a training holds this lock now: one that took the folder this command made, and
+    refused it, owns the folder (its lock and its checkpoints to come)."""
+    try:
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False

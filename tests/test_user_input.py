@@ -122,6 +122,26 @@ def test_a_second_training_into_a_locked_folder_names_the_holder(tmp_path, fixtu
     assert not (out / "last.pt").exists()
 
 
+def test_a_refused_start_leaves_the_folder_it_made_to_the_training_that_took_it(tmp_path):
+    """A --procs 2 rank makes --out and waits for its peer; a 1-process training takes the folder's lock
+    meanwhile; the rank is refused, and its clean-up removed the folder, the other's lock in it, so a
+    third training was let in beside the second."""
+    out, theirs = tmp_path / "run", safe_write.folder_lock(tmp_path / "run")
+    with pytest.raises(safe_write.OutputError, match="in use by another training"):
+        with safe_write.removed_if_failed(out):
+            out.mkdir()                            # ours, made for the run
+            theirs.__enter__()                     # the other training takes it
+            with safe_write.folder_lock(out):      # ours is refused
+                pass
+    try:
+        assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(safe_write.OutputError, match="in use by another training"):
+            with safe_write.folder_lock(out):      # a third one is still refused
+                pass
+    finally:
+        theirs.__exit__(None, None, None)
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
