@@ -62,7 +62,7 @@ from abc_tokens import Vocabulary
 from cli import UserError
 from corpus import load_records, load_tunes
 from distributed import World
-from safe_write import check_output, check_run_files, folder_lock, removed_if_failed, write_atomic
+from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
 from settings import (FLAG_CHOICES, FLAG_TYPES, check_checkpoint_fields, check_config, check_unused_flags,
                       config_from_dict, resumed_config)
 
@@ -574,9 +574,10 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
         p.stale += 1
         p.lr_scale *= 0.5  # only the plateau schedule reads it
     if run.world.writer:
-        if improved:
-            save_checkpoint(out / "best.pt", run)
-        save_checkpoint(out / "last.pt", run)
+        with deferred_interrupt():  # Ctrl-C waits for both: never a new best.pt beside an old last.pt
+            if improved:
+                save_checkpoint(out / "best.pt", run)
+            save_checkpoint(out / "last.pt", run)
     if p.stale >= run.cfg.patience and p.epoch < run.cfg.epochs:
         log(f"early stop: no better validation loss for {run.cfg.patience} epochs")
         return True

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import stat
 import tempfile
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -191,6 +193,23 @@ def folder_lock(folder: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C waits for the block to end, then interrupts: files written as a pair (best.pt, last.pt)
+    are both of one run, never one new and one old. Outside the main thread it is a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

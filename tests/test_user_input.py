@@ -142,6 +142,25 @@ def test_a_refused_start_leaves_the_folder_it_made_to_the_training_that_took_it(
         theirs.__exit__(None, None, None)
 
 
+def test_ctrl_c_while_the_checkpoints_are_written_waits_for_both(tmp_path, fixture_data, monkeypatch):
+    """Ctrl-C between best.pt and last.pt left a best.pt alone (--resume: no last.pt) or, under
+    --overwrite, a new best.pt beside the old run's last.pt, which --resume then continued."""
+    save = musicrnn.save_checkpoint
+
+    def save_then_interrupt(path, run):
+        save(path, run)
+        if path.name == "best.pt":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands between the two writes
+
+    monkeypatch.setattr(musicrnn, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "run"
+    code, _, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"], "--val-data",
+                            fixture_data["val"], "--out", out, "--hidden-dim", "8", "--epochs", "3")
+    assert code == 130 and err.strip() == "interrupted", err
+    best, last = (torch.load(out / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 1 and best["history"] == last["history"]
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
