@@ -19,8 +19,11 @@ them by hand.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +154,7 @@ def start(device_name: str) -> tuple[World, str]:
     env = os.environ
     if "LOCAL_WORLD_SIZE" in env:  # started by torchrun, which sets OMP_NUM_THREADS=1
         torch.set_num_threads(threads_per_process(int(env["LOCAL_WORLD_SIZE"])))
+        end_with_launcher()
     if int(env.get("WORLD_SIZE", 1)) == 1:
         return World(), device_name
     world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
@@ -159,6 +163,20 @@ def start(device_name: str) -> tuple[World, str]:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     return world, f"cuda:{world.local_rank}" if cuda else "cpu"
+
+
+def end_with_launcher() -> None:
+    """A rank ends when its launcher does, even one killed outright (SIGKILL lets it stop nobody: its
+    ranks trained on, holding the run's lock). Linux's PR_SET_PDEATHSIG sends this rank SIGTERM then."""
+    if sys.platform != "linux":
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def threads_per_process(local_size: int, cores: int | None = None) -> int:

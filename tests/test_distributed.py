@@ -121,6 +121,27 @@ def test_ctrl_c_under_procs_is_one_line_and_exit_130_then_resume_goes_on(tmp_pat
     assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_ranks_end_with_their_launcher_even_one_killed_outright_and_resume_goes_on(tmp_path, fixture_tunes):
+    """SIGKILL of `train --procs 2` let its two ranks train on to the end, holding the run's lock."""
+    args, out = drill_run(tmp_path, fixture_tunes)
+    tag = f"MUSICRNN_DRILL={os.getpid()}-{time.time()}"
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    job = subprocess.Popen([sys.executable, *args, "--procs", "2"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    into_second_epoch(job, out)
+    assert job.poll() is None and rank_process(tag.encode(), 1), "the job ended before the drill could kill it"
+    job.kill()
+    job.wait()
+    deadline = time.time() + 5  # the run's 5 epochs take ~15 s: a rank that outlives its launcher is seen
+    while (rank_process(tag.encode(), 0) or rank_process(tag.encode(), 1)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not (rank_process(tag.encode(), 0) or rank_process(tag.encode(), 1)), "a rank outlived its launcher"
+    assert not (out / "last.pt").exists() or torch.load(out / "last.pt", weights_only=True)["epoch"] < 5
+    done = run([sys.executable, *args, "--procs", "2", "--resume"])
+    assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-3000:]
+
+
 def rank_process(tag: bytes, rank: int) -> int | None:
     """The PID of the process whose environment holds tag and RANK=rank (a torchrun worker)."""
     for environ in Path("/proc").glob("[0-9]*/environ"):
