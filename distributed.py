@@ -166,8 +166,9 @@ def start(device_name: str) -> tuple[World, str]:
 
 
 def end_with_launcher() -> None:
-    """A rank ends when its launcher does, even one killed outright (SIGKILL lets it stop nobody: its
-    ranks trained on, holding the run's lock). Linux's PR_SET_PDEATHSIG sends this rank SIGTERM then."""
+    """A rank ends when its launcher does, even one killed outright (a launcher killed by SIGKILL stops
+    nobody: its ranks would train on, holding the run's lock). Linux's PR_SET_PDEATHSIG sends this rank
+    SIGTERM then."""
     if sys.platform != "linux":
         return
     launcher = os.getppid()

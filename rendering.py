@@ -214,8 +214,8 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     tune X:N. Returns one line per kind of file to show the user.
 
     Each tune is rendered alone (render_tune, timeout seconds a tool): a tune that a tool refuses, or
-    aborts on, costs only that tune its file (abc2midi aborting on one tune of a book wrote an empty
-    .mid and none for the tunes after it; abcm2ps overflowing on one long tune wrote no score at all).
+    aborts on, costs only that tune its file (a book rendered whole loses every later tune's MIDI when
+    abc2midi aborts on one, and every score when abcm2ps overflows on one long tune).
     What a render may write is known before it runs (rendered_files): a file of one of those names
     that exists stops it (unless overwrite) before anything is written. The tools work in a scratch
     folder under names of their own, so that no name of the user's reaches their command lines (a
@@ -236,6 +236,7 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     for stale in set(old) - {p for files in made.values() for p in files}:
         stale.unlink()
     missing = missing_tools()
-    return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{n}")
-            for what, label, noun, n in [("MIDI", "MIDI", "file", "N.mid"), ("audio", "audio", "file", "N.wav"),
-                                        ("score", "SVG", "score", "NNN.svg")]]
+    kinds = [("MIDI", "MIDI", "file", "N.mid"), ("audio", "audio", "file", "N.wav"),
+             ("score", "SVG", "score", "NNN.svg")]
+    return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{names}")
+            for what, label, noun, names in kinds]
