@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import cli  # first: Ctrl-C while torch loads is one line, as it is later
+cli.quiet_interrupt_while_loading(__name__)
+
 import numpy as np
 import torch
 
-import cli
 from cli import UserError
 import exported_model
 import musicrnn

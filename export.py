@@ -23,12 +23,14 @@ import time
 import warnings
 from pathlib import Path
 
+import cli  # first: Ctrl-C while torch loads is one line, as it is later
+cli.quiet_interrupt_while_loading(__name__)
+
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-import cli
 import exported_model
 import musicrnn
 from abc_tokens import SPECIALS, Vocabulary

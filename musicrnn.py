@@ -46,12 +46,14 @@ from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
+import cli  # first: Ctrl-C while torch loads is one line, as it is later
+cli.quiet_interrupt_while_loading(__name__)
+
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-import cli
 import distributed
 import judging
 import plots

@@ -161,6 +161,17 @@ def test_ctrl_c_while_the_checkpoints_are_written_waits_for_both(tmp_path, fixtu
     assert best["epoch"] == last["epoch"] == 1 and best["history"] == last["history"]
 
 
+@pytest.mark.parametrize("script", ["musicrnn.py", "export.py"])
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(script):
+    """Ctrl-C in a command's first seconds, while torch imports, printed Python's traceback from inside it."""
+    proc = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT, text=True)
+    time.sleep(0.6)  # past Python's start-up, before torch has loaded (it takes seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
