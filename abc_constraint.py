@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
-from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, chord_type, note_shape,
+from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape,
                        pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
@@ -113,10 +113,10 @@ def bar_ticks(meter: str, unit: str | None) -> int:
     units = bar_units(meter, unit)
     if units is None:
         raise PromptError(f"--constrained needs a meter like M:6/8, M:C or M:C|, not M:{meter.strip()}")
-    ticks = units * TICKS
-    if (unit and written_unit(unit) is None) or ticks.denominator != 1 or ticks % GRANULE:
+    ticks, written = units * TICKS, written_unit(unit) if unit else None
+    if (unit and written is None) or ticks.denominator != 1 or ticks % GRANULE:
         raise PromptError(f"--constrained cannot fill bars of M:{meter} with L:{unit}")
-    if unit and written_unit(unit) < SHORTEST_UNIT:  # L/4 dotted by > halves its partner: L/8, 1/256 under L:1/32
+    if written is not None and written < SHORTEST_UNIT:  # L/4 dotted by > halves its partner: L/8, 1/256 under L:1/32
         raise PromptError(f"--constrained writes notes down to a quarter of L and halves one with broken rhythm, "
                           f"shorter than abcm2ps draws under L:{unit.strip()}: give L:1/16 or longer")
     longest = MAX_BAR_NOTES * max(LENGTH_TICKS.values())  # what END_RESERVE and OWED_BAR_TOKENS can finish
@@ -379,10 +379,11 @@ class AbcConstraint:
         and a chord type that abc2midi's table does not name."""
         end = prompt.find('"', i + 1)
         text = prompt[i:end + 1] if end > 0 else prompt[i:]
-        if end < 0 or not CHORD_SYMBOL.fullmatch(text):
+        symbol = CHORD_SYMBOL.fullmatch(text) if end > 0 else None
+        if symbol is None:
             raise PromptError(f"--constrained: {text!r} in the prompt is not a chord symbol like \"G\", \"Am7\" "
                               f"or \"D/F#\"")
-        if chord_type(text) not in ABC2MIDI_CHORD_TYPES:
+        if symbol["type"] not in ABC2MIDI_CHORD_TYPES:
             known = ", ".join(sorted(ABC2MIDI_CHORD_TYPES - {""}))
             raise PromptError(f"--constrained: abc2midi knows no chord {text} (after the root, it names: {known})")
         return end + 1

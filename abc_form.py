@@ -211,8 +211,8 @@ def parse_control_code(text: str, flag: str = "--form") -> tuple[tuple[int, ...]
     """A control code as a user may type it ("S:2 B:8 E:3 B:8", newlines, commas or a literal
     \\n between lines) -> (bars of each section, the code in IrishMAN's form)."""
     lines = [part for part in re.split(r"(?:\\n|[\s,;])+", text.strip()) if part]
-    lines = [line[:2] + (line[2:].lstrip("0") or "0") if _CODE_LINE.match(line) else line for line in lines]  # B:08
-    # is B:8, and a number of thousands of digits is only out of range (int() refuses past 4,300)
+    # B:08 is B:8, and a number of thousands of digits is only out of range (int() refuses past 4,300)
+    lines = [line[:2] + (line[2:].lstrip("0") or "0") if _CODE_LINE.match(line) else line for line in lines]
     for i, line in enumerate(lines):
         want = next_code_field(lines[:i])
         if want == "X" or not _CODE_LINE.match(line) or line[0] != want:

@@ -196,19 +196,14 @@ _FIELD_LINE = re.compile(r"^([A-Za-z]):(?![|:])(.*)$")     # "K: G", not the bod
 _QUOTED = re.compile(r'"[^"\n]*"')
 # A chord symbol ("Am", "G/B", "D7", "Bbmaj7") is music; any other quoted string is an
 # annotation ("^text", "_mf") or a fingering ("4") and is dropped.
-CHORD_SYMBOL = re.compile(
-    r'"\(?[A-G][#b]?(?:m(?!aj)|min|maj|M|dim|aug|sus|add|\+|o)?\d*(?:(?:sus|add|b|#)\d+)*'
+CHORD_SYMBOL = re.compile(  # its group "type": what follows the root ("m7" of "F#m7/A")
+    r'"\(?[A-G][#b]?(?P<type>(?:m(?!aj)|min|maj|M|dim|aug|sus|add|\+|o)?\d*(?:(?:sus|add|b|#)\d+)*)'
     r'(?:/[A-Ga-g][#b]?)?\)?"')
 # The chord types abc2midi's table names (abcmidi 4.84, each checked by a test): it refuses any
 # other ("Unrecognized chord name"), so a prompt's chord symbol under --constrained is one of these.
 ABC2MIDI_CHORD_TYPES = frozenset(("", "m", "7", "m7", "m7b5", "maj7", "M7", "6", "m6", "aug", "+", "aug7", "dim",
                                   "dim7", "9", "m9", "maj9", "M9", "11", "dim9", "sus", "sus2", "sus4", "sus9",
                                   "7sus2", "7sus4", "7sus9", "5"))
-
-
-def chord_type(symbol: str) -> str:
-    """The type of a chord symbol: '"F#m7/A"' -> "m7", '"(G)"' -> ""."""
-    return re.fullmatch(r'"\(?[A-G][#b]?(.*?)(?:/[A-Ga-g][#b]?)?\)?"', symbol).group(1)
 
 
 # The tune types an R: line may name, normalised to one lowercase spelling each; other
