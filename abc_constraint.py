@@ -331,12 +331,13 @@ class AbcConstraint:
         state, i = TuneState(phase=CODE if self.coded else 0, form=tuple(form)), 0
         if self.coded:  # only a code the model writes reads it
             state.code_bars = self.max_bars if max_tokens is None else most_bars(max_tokens, self.max_bars, code=True)
+        shown = 0  # where the user's text begins: a refusal never quotes the code the model reads before it
         while i < len(prompt):
-            ch = prompt[i]
+            ch, shown = prompt[i], i + 1 if state.phase == CODE else shown
             if state.phase == BODY and ch == '"':
-                self._end_token_before_chord_symbol(state, prompt[:i])
+                self._end_token_before_chord_symbol(state, prompt[shown:i])
                 i = self._skip_chord_symbol(prompt, i)
-                _accompany(state, prompt[:i])
+                _accompany(state, prompt[shown:i])
                 while prompt[i:i + 1] == " " and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]:
                     i += 1  # "D" A2B at a line's start, A2B "D" d2e: a space the rules take nowhere else, no music
                 continue
@@ -346,8 +347,8 @@ class AbcConstraint:
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[:i]!r}"
-                                  + self._cap_reason(state))
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[shown:i]!r}"
+                                  + self._why_refused(state, ch))
             else:
                 self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []
@@ -593,6 +594,52 @@ class AbcConstraint:
         if not (self._at_bar_cap(s) or closing):
             return ""
         return f" (it has {s.full_bars + closing} full bars; --max-bars is {self.max_bars})"
+
+    def _why_refused(self, s: TuneState, ch: str) -> str:
+        """Why the prompt's next character breaks the constraints, where the bar's time or the form
+        says so: " (...)"; "" where the reason is the syntax the rules allow, which the quote shows."""
+        cap = self._cap_reason(s)
+        if cap or s.phase != BODY or s.final:
+            return cap
+        token, after = s.pending + ch, s
+        if token not in self.body.prefixes and s.pending:
+            if s.pending not in self.info:
+                return ""  # a token no rule knows: the quote shows it
+            token = s.pending  # the token being written ends here, and may not ...
+            if not self._unfinished(s, self._legal(s, s.pending_must_end)):
+                after = _copy(s)  # ... or it may, and ch, which begins the next one, may not
+                self._commit(after, s.pending)
+                token, after.pending = ch, ""
+        if after.final:
+            return " (the tune's last bar is closed: only its end may follow)"
+        if after.broken_len and token != " ":
+            return f" (after > or <, the partner note is {_units(after.broken_len)} long, as the note before)"
+        if after.chord or after.grace or after.tuplet_left or after.tie_pitch >= 0:
+            return ""
+        return self._why_not_in_bar(after, token, s.pending_must_end)
+
+    def _why_not_in_bar(self, s: TuneState, token: str, must_end: bool) -> str:
+        """_why_refused for a token outside chords, grace groups, tuplets and ties: the bar's time,
+        or the bar lines that the form or a pickup allow here."""
+        target, kind = self._bar_target(s, must_end), _bar_kind(s, must_end)
+        left = target - s.bar
+        if token[0] in "^_=zABCDEFGabcdefg" and token in self.body.prefixes and left <= 0:
+            return f" (the bar{kind} is full, at {_units(target)})"
+        if self.info.get(token, (None, 0))[1] > left and self.info[token][0] in (NOTE, REST):
+            return f" (the bar{kind} has room for {_units(left)} more, of its {_units(target)})"
+        if token[0] not in "|:":
+            return ""
+        if 0 < s.bar != target and not s.first_bar:
+            return f" (the bar{kind} has {_units(s.bar)} of its {_units(target)})"
+        legal = self._legal(s, must_end)
+        bars = [bar for bar in BAR_LINES if bar in self.at and legal[self.at[bar]]]
+        if s.form and bars:
+            return (f" (section {s.section + 1} of the form has {s.form[s.section]} bars: "
+                    f"the bar line here is {' or '.join(bars)})")
+        if s.pickup and bars == ["|"]:
+            return (f" (after a pickup of {_units(s.pickup)}, a section ends on a bar of "
+                    f"{_units(s.full - s.pickup)}, which completes it)")
+        return ""
 
     def _near_bar_cap(self, s: TuneState) -> bool:
         """The bar being written is the last that max_bars allows (a form ends by its own count)."""
@@ -878,6 +925,21 @@ def _accompany(s: TuneState, prompt: str) -> None:
     if s.pickup % s.accompanied:
         raise PromptError(f"--constrained: with chord symbols, a pickup must be whole eighth notes (abc2midi's "
                           f"accompaniment outlasts a shorter last bar), at {prompt!r}")
+
+
+def _units(ticks: int) -> str:
+    """A length in units of L, as a reader counts them: "6 units of L", "3/2 units of L"."""
+    units = Fraction(ticks, TICKS)
+    return f"{units} unit{'s' if units != 1 else ''} of L"
+
+
+def _bar_kind(s: TuneState, must_end: bool) -> str:
+    """Which bar a shorter target than the meter's makes this one: " that completes the pickup"."""
+    if s.short_next:
+        return " that completes the short bar before :|"
+    if AbcConstraint._bar_target(s, must_end) == s.full:
+        return ""
+    return f" that ends the {'section' if s.form else 'tune'} and completes the pickup"
 
 
 def _undotted(ticks: int) -> bool:

@@ -212,6 +212,34 @@ def test_a_prompt_past_the_bar_cap_names_the_cap():
         AbcConstraint(VOCAB, max_bars=2).start(HEAD + "defg|" * 6)
 
 
+SIX_EIGHT = "X:1\nL:1/8\nM:6/8\nK:D\n"
+
+
+@pytest.mark.parametrize("body, form, says", [
+    ("d2e f3 g", (), "(the bar is full, at 6 units of L)"),
+    ("d2e f3|d2e f4", (), "(the bar has room for 3 units of L more, of its 6 units of L)"),
+    ("d2e f3|d2e f|", (), "(the bar has 4 units of L of its 6 units of L)"),
+    ("d2|d2e f3|d2e f3:", (), "after a pickup of 2 units of L, a section ends on a bar of 4 units of L"),
+    ("d2e>f3", (), "the partner note is 1 unit of L long"),
+    ("d2|d2e f3|d2e f3", (2,), "the bar that ends the section and completes the pickup has room for 1 unit of L"),
+    ("d2e f3|d2e f3|d", (2,), "section 1 of the form has 2 bars: the bar line here is || or |] or :|)"),
+    ("d2e f3|d2e f3:|d", (2,), "(the tune's last bar is closed: only its end may follow)"),
+])
+def test_a_refused_prompt_says_what_in_the_bar_or_the_form_refuses_it(body, form, says):
+    with pytest.raises(PromptError) as refused:
+        AbcConstraint(VOCAB).start(SIX_EIGHT + body, form)
+    assert f"at {SIX_EIGHT + body!r} (" in str(refused.value) and says in str(refused.value)
+
+
+def test_a_refusal_quotes_the_users_prompt_not_the_code_the_model_reads_before_it():
+    code = "S:1\nB:2\n"
+    with pytest.raises(PromptError) as refused:
+        AbcConstraint(VOCAB, coded=True).start(code + SIX_EIGHT + "d2e f3|d2e f3|d")
+    assert f"at {SIX_EIGHT + 'd2e f3|d2e f3|d'!r} (section 1 of the form has 2 bars" in str(refused.value)
+    with pytest.raises(PromptError, match=r"eighth notes.*, at 'X:1\\nL:1/8\\nM:6/8\\nK:D\\nd/\|"):
+        AbcConstraint(VOCAB, coded=True).start(code + SIX_EIGHT + 'd/|"G"d')  # a pickup of half an eighth
+
+
 @pytest.mark.parametrize("max_bars, max_tokens", [(2, 400), (1, 400), (32, 140)])
 def test_a_tune_that_must_end_before_four_bars_still_ends_cleanly(max_bars, max_tokens):
     """A bar cap under 4, or a token budget too small for 4 bars: the tune ends at its next section
@@ -528,3 +556,20 @@ def test_a_hornpipe_is_written_only_in_the_meters_abc2midi_plays_it_in():
         AbcConstraint(VOCAB).start(f"X:1\n{other}\nL:1/8\nM:C|\nK:D\n")
     swung = [" hornpipe", "\tHornpipe", "hornpipes", "hornpipe, reel", "HORNPIPE", "horn pipe", "reel/hornpipe"]
     assert [abc_music.swung_as_hornpipe(value) for value in swung] == [True] * 4 + [False] * 3  # abc2midi 4.84
+
+
+def test_a_prompt_broken_anywhere_is_refused_with_a_prompt_error_only():
+    """The reasons a refusal gives read the state where the prompt broke: any state, any character."""
+    rng, constraint = np.random.default_rng(3), AbcConstraint(VOCAB)
+    heads = ["X:1\nL:1/8\nM:6/8\nK:D\n", "X:1\nL:1/16\nM:3/4\nK:G\n", "X:1\nL:1/4\nM:3/4\nK:G\n"]
+    tunes = [t for h in heads for t in random_logits_tunes(AbcConstraint(VOCAB), h, num=4, seed=1)]
+    chars, refused = list("Acz^=,'/23|:[](){}<>-~ \n\""), 0
+    for _ in range(1500):
+        tune, form = tunes[rng.integers(len(tunes))], [(), (2, 2), (1,)][rng.integers(3)]
+        at = rng.integers(tune.index("K:") + 5, len(tune))
+        broken = tune[:at] + chars[rng.integers(len(chars))] + tune[at + 1: rng.integers(at + 1, len(tune) + 1)]
+        try:
+            constraint.start(broken, form)
+        except PromptError:
+            refused += 1
+    assert refused > 1000
