@@ -531,7 +531,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     lengths, scored = train_set.lengths(), train_set.scored()
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
-    started, sum_loss, sum_tokens, out_of_time = time.time(), 0.0, 0, False
+    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, 0
     bar = tqdm(batches, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, disable=None if world.writer else True,
                file=sys.stderr)
     for batch in bar:
@@ -545,10 +545,11 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
         loss = train_step(run.stepper, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
                           tokens, world.size, run.bf16)
-        sum_loss, sum_tokens, p.step = sum_loss + loss, sum_tokens + tokens, p.step + 1
+        sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
         bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
     figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens), "tokens": sum_tokens,
-               "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches)}
+               "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches),
+               "epoch_share": done / len(batches)}  # < 1 where the time budget ended the epoch early
     return figures, out_of_time
 
 
@@ -560,12 +561,12 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
     row = {"epoch": p.epoch, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
            "val_bits_per_char": val["bits_per_char"], "tokens_per_s": figures["tokens_per_s"],
            "padding": figures["padding"], "elapsed_s": time.time() - run.started,
-           "lr": run.optimizer.param_groups[0]["lr"]}
+           "lr": run.optimizer.param_groups[0]["lr"], "epoch_share": figures["epoch_share"]}
     p.history.append(row)
     log(f"epoch {p.epoch:3d} | train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} | "
         f"val bits/char {val['bits_per_char']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
         f"padding {row['padding']:.1%} | lr {row['lr']:.2e} | {row['elapsed_s'] / 60:.1f} min"
-        + (" (time budget reached)" if out_of_time else ""))
+        + (f" (time budget reached {row['epoch_share']:.0%} into the epoch)" if out_of_time else ""))
     if writer:
         for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
             writer.add_scalar(key, row[key], p.epoch)
@@ -636,8 +637,10 @@ def restore(run: Run, ckpt: dict, log) -> None:
     history = list(ckpt.get("history", []))
     run.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history, ckpt.get("lr_scale", 1.0),
                             epochs_since_best(history))  # early stopping goes on counting where it was
-    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {run.progress.epoch} "
-        f"(best val loss {run.progress.best_val:.4f})")
+    share, epoch = history[-1].get("epoch_share", 1.0) if history else 1.0, run.progress.epoch
+    cut = f"; the time budget ended epoch {epoch} {share:.0%} of the way through, the next starts afresh"
+    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {epoch} "
+        f"(best val loss {run.progress.best_val:.4f})" + (cut if share < 1 else ""))
 
 
 def epochs_since_best(history: list[dict]) -> int:

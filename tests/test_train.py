@@ -1,9 +1,12 @@
 """Training, checkpoints, evaluation and generation on a tiny model and the fixture tunes."""
 
 import dataclasses
+import json
+import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +370,17 @@ def test_every_training_flag_explains_itself_in_words():
     assert set(groups.values()) == {"data", "model", "optimisation", "run"}
     assert all(text.count("(") == text.count(")") for text in comments.values()), comments  # none cut mid-line
     assert comments["epochs"].endswith("a slower one anneals by the clock: README)")  # its second line read too
+
+
+def test_an_epoch_the_time_budget_cut_short_says_how_far_it_got(tmp_path, fixture_data, monkeypatch):
+    """The row and the log say what share of its batches the last epoch took; --resume says so too."""
+    calls, lines = [], []
+    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: calls.append(1) or (2.0 if len(calls) > 2 else 0.0))
+    musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=2), log=lines.append)
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    batches = math.ceil(len(json.loads(Path(fixture_data["train"]).read_text())) / 2)  # batches of 2 tunes
+    assert len(history) == 1 and history[0]["epoch_share"] == pytest.approx(2 / batches)
+    assert f"(time budget reached {2 / batches:.0%} into the epoch)" in lines[-2]
+    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 2.0)
+    musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=2), resume=True, log=lines.append)
+    assert any(f"ended epoch 1 {2 / batches:.0%} of the way through" in line for line in lines), lines
