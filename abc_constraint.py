@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
-from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape,
+from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, parse_meter,
                        pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
@@ -169,6 +169,8 @@ class TuneState:
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
     code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
     hornpipe: bool = False         # abc2midi reads the header's R: line as a hornpipe, which limits its M: line
+    swing: int = 0                 # and then swings pairs of notes of these ticks (an eighth in 4/4, a 16th in 2/4)
+    swung_tuplet: bool = False     # under it, the last note was a tuplet's of that length: abc2midi pairs the next
     form: tuple = ()               # bars of each section, when a form is asked for (): any form)
     section: int = 0               # under a form: sections finished
     section_bars: int = 0          # under a form: this section's bars so far, as abc_form counts them
@@ -221,7 +223,7 @@ class TuneState:
                 self.line_letter, self.need_note, self.final, self.accompanied, min(max(self.full_bars, 2), 4),
                 min(max(self.notes, MIN_NOTES - 2), MIN_NOTES), must_end,
                 (self.code, self.code_bars) if self.phase == CODE else (), self.form_key(),
-                self.hornpipe and self.phase < BODY)
+                self.hornpipe and self.phase < BODY, self.swing, self.swung_tuplet)
 
     def form_key(self) -> tuple:
         """What the rules read of a form: bars left in this section (and at its ending's start),
@@ -469,6 +471,7 @@ class AbcConstraint:
             if state.meter is None:
                 raise PromptError("--constrained: the header needs an M: line before K:")
             state.full = bar_ticks(state.meter, state.unit)
+            state.swing = state.full * parse_meter(state.meter)[1] // 32 if state.hornpipe else 0  # abc2midi's hornp()
 
     def _commit(self, s: TuneState, text: str) -> None:
         """A finished token joins the tune: the rules of what it does to the state."""
@@ -495,10 +498,12 @@ class AbcConstraint:
                 s.tuplet_len = ticks
                 s.bar += 2 * ticks  # (3: three notes in the time of two
             s.tuplet_left -= 1
+            s.swung_tuplet = ticks == s.swing if kind == NOTE else s.swung_tuplet  # swing 0: never
             s.tuplet_len = s.tuplet_len if s.tuplet_left else 0
             s.last_note = 0
         else:
             s.bar += ticks
+            s.swung_tuplet = s.swung_tuplet and kind == REST  # abc2midi pairs notes across rests
             # no broken rhythm after a rest, a partner, a decorated or a tied note (abc2midi
             # fails on ~A>B and miscounts A-A>B)
             tied = s.tie_pitch >= 0
@@ -805,7 +810,8 @@ class AbcConstraint:
             # abc2midi takes an outer length ([CE]2) instead of the inner one, the standard
             # multiplies them: allow an outer length only on plain inner notes, where both agree
             length = s.chord_len * self.ticks
-            outer_ok = (self.ticks == TICKS) | (s.chord_len == TICKS)
+            outer_ok = (self.ticks == TICKS) | (s.chord_len == TICKS and not s.swing)  # abc2midi's swing counts
+            # a chord by its inner length: under a hornpipe, [CE]2 would move the pairs it swings ([C2E2] does not)
             legal |= (self.kind == CHORD_CLOSE) & outer_ok & (length % (TICKS * GRANULE) == 0) \
                 & (length <= rem * TICKS)
         return legal
@@ -821,6 +827,8 @@ class AbcConstraint:
         notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
         if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
             return notes & (self.pitch == s.tie_pitch)
+        if s.swung_tuplet and _swung_second(s, s.bar):  # abc2midi would swing it with the tuplet's last note
+            notes, sounds = notes & (self.ticks != s.swing), sounds & ~(self.is_note & (self.ticks == s.swing))
         if s.need_note:
             legal = notes & (self.ticks > s.graced * GRANULE)  # ("Grace sequence exceeds host note")
             self._put(legal, "[", rem >= GRANULE and s.last != DECORATION and not s.graced)  # abc2midi: no rolls
@@ -856,12 +864,14 @@ class AbcConstraint:
             for text in ("[",) + DECORATIONS:
                 self._put(legal, text, True)
         graces_fit = GRANULE < self._longest_note(rem) and not must_end
-        for text in ("{", "~"):  # a grace note (a roll plays as such), then a note that outlasts it
-            self._put(legal, text, graces_fit)
-        self._put(legal, "(3", rem >= 2 * GRANULE and not must_end)
+        self._put(legal, "{", graces_fit and not _swung_second(s, s.bar))  # a grace note (a roll plays as such),
+        # then a note that outlasts it (a swung second would not: "Grace sequence exceeds host note")
+        self._put(legal, "~", graces_fit and not _swung_second(s, s.bar))
+        self._put(legal, "(3", rem >= 2 * GRANULE and not must_end and not _swung_second(s, s.bar))
         if s.last == NOTE and _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
-            self._put(legal, ">", rem >= s.last_note)  # room for the partner note, of the same length
-            self._put(legal, "<", rem >= s.last_note)
+            paired = s.last_note == s.swing and _swung_second(s, s.bar - s.last_note)
+            self._put(legal, ">", rem >= s.last_note and not paired)  # room for the partner note, of the same length
+            self._put(legal, "<", rem >= s.last_note and not paired)
         self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0 and rem > 0 and not must_end)  # a tie is
         # "inside" (_bar_target): begun in the bar that must end the tune, it would carry it to a full bar
         self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
@@ -940,6 +950,14 @@ def _bar_kind(s: TuneState, must_end: bool) -> str:
     if AbcConstraint._bar_target(s, must_end) == s.full:
         return ""
     return f" that ends the {'section' if s.form else 'tune'} and completes the pickup"
+
+
+def _swung_second(s: TuneState, at: int) -> bool:
+    """Under a hornpipe, whether a note at `at` ticks into the bar may be the second that abc2midi swings
+    with the one before: anywhere but an even multiple of its swing length (abc2midi's count of a bar
+    can differ from the tune's after a chord). abc2midi fails on a roll, a tuplet or a broken rhythm of
+    the tune's own there ("Cannot apply broken rhythm", "Bar N has 17/9 time units", measured)."""
+    return bool(s.swing) and at % (2 * s.swing) != 0
 
 
 def _undotted(ticks: int) -> bool:
