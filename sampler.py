@@ -30,7 +30,7 @@ import numpy as np
 
 import cli
 from abc_constraint import HEADER_TOKENS, TOKENS_PER_BAR, AbcConstraint, form_tokens
-from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code, strip_control_code
+from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code
 from abc_music import BLANK_LINE, TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
 from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt
 from cli import UserError
@@ -134,8 +134,8 @@ def generate_tunes(step, vocab: Vocabulary, opts: SamplingOptions, constraint: A
                 constraint.advance(tunes[b], int(tokens[b]))
         if done.all():
             break
-    texts = [prompt + vocab.decode(row) for row in out]
-    return [strip_control_code(t) for t in texts] if facts.control_codes else texts
+    shown = opts.prompt if facts.control_codes else prompt  # the code the model read is not the tune's
+    return [shown + vocab.decode(row) for row in out]
 
 
 def row_generators(seed: int, first: int, num: int) -> list[np.random.Generator]:

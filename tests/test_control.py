@@ -101,6 +101,16 @@ def test_a_control_model_without_a_form_reads_the_commonest_one(control_onnx):
     assert [tuple(s.bars for s in abc_form.sections(t)) for t in tunes] == [(8, 8)] * 4
 
 
+def test_the_prompt_comes_back_whole_even_where_it_opens_with_lines_that_look_like_a_code(control_onnx):
+    """B: is also ABC's book field: only the code the model read is taken off, never the user's lines."""
+    session, vocab, config = exported_model.load_model(str(control_onnx))
+    step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
+    prompt = "B:8\nS:2\nL:1/8\nM:6/8\nK:D\nA"
+    tunes = sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=2, seed=1, max_tokens=40, prompt=prompt),
+                                   facts=facts)
+    assert all(t.startswith(prompt) for t in tunes), tunes
+
+
 def test_max_bars_is_refused_for_a_control_model_whose_form_sets_the_bars(control_onnx):
     code, out, err = run_main(infer_onnx.main, "--model", control_onnx, "--constrained", "--max-bars", "4")
     assert one_error_line(code, err) and "give --form or --sections/--bars instead" in err and out == ""
