@@ -344,6 +344,8 @@ class AbcConstraint:
                     i += 1  # "D" A2B at a line's start, A2B "D" d2e: a space the rules take nowhere else, no music
                 continue
             i += 1
+            if state.phase == BODY and ch == " " and self._idle_space(state, prompt[i:]):
+                continue  # the automaton reads the tune as if it were not there: the prompt stays as typed
             if ch not in self.char_ids:
                 raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write")
             if state.phase < BODY:
@@ -358,6 +360,15 @@ class AbcConstraint:
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
         return state
+
+    def _idle_space(self, state: TuneState, after: str) -> bool:
+        """A space in a prompt's body that changes nothing: one before a line break, or after another
+        space (pasted ABC has both; the rules write neither, but abc2midi and abcm2ps read them as none).
+        A space at the prompt's end is not idle: it ends the token before it, which the model may not go on."""
+        line, newline, _ = after.partition("\n")
+        if newline and not line.strip(" "):
+            return True
+        return state.pending.strip(" ") == "" and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]
 
     def _end_token_before_chord_symbol(self, state: TuneState, before: str) -> None:
         """A chord symbol ends the token being written, which must then be complete (d"G"2 would split
@@ -603,9 +614,8 @@ class AbcConstraint:
     def _why_refused(self, s: TuneState, ch: str) -> str:
         """Why the prompt's next character breaks the constraints, where the bar's time or the form
         says so: " (...)"; "" where the reason is the syntax the rules allow, which the quote shows."""
-        cap = self._cap_reason(s)
-        if cap or s.phase != BODY or s.final:
-            return cap
+        if s.phase != BODY:
+            return ""
         token, after = s.pending + ch, s
         if token not in self.body.prefixes and s.pending:
             if s.pending not in self.info:
@@ -615,6 +625,8 @@ class AbcConstraint:
                 after = _copy(s)  # ... or it may, and ch, which begins the next one, may not
                 self._commit(after, s.pending)
                 token, after.pending = ch, ""
+        if self._cap_reason(after):
+            return self._cap_reason(after)
         if after.final:
             return " (the tune's last bar is closed: only its end may follow)"
         if after.broken_len and token != " ":

@@ -604,3 +604,13 @@ def test_a_prompt_broken_anywhere_is_refused_with_a_prompt_error_only():
         except PromptError:
             refused += 1
     assert refused > 1000
+
+
+@pytest.mark.parametrize("pasted, plain", [("|:GAG GAB|  \nABA ABd|", "|:GAG GAB|\nABA ABd|"),
+                                           ("|:GAG  GAB| \nABA ABd|", "|:GAG GAB|\nABA ABd|"),
+                                           ("|:GAG GAB|\nABA ABd|   ", "|:GAG GAB|\nABA ABd| ")])
+def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constraint, pasted, plain):
+    assert constraint.start(SIX_EIGHT + pasted) == constraint.start(SIX_EIGHT + plain)
+    with pytest.raises(PromptError, match="breaks the constraints"):  # a space does not join what it parts
+        constraint.start(SIX_EIGHT + "|:GAG ^ c")  # ^ c is no note
+    assert constraint.start(SIX_EIGHT + "GAG A ").pending == " "  # at the end: A is finished, not A2
