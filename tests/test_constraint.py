@@ -210,6 +210,8 @@ def random_tunes(vocab: Vocabulary, n: int, seed: int, max_tokens: int = 800, ma
 def test_a_prompt_past_the_bar_cap_names_the_cap():
     with pytest.raises(PromptError, match="--max-bars is 2"):
         AbcConstraint(VOCAB, max_bars=2).start(HEAD + "defg|" * 6)
+    with pytest.raises(PromptError, match=r"\|' \(it has 2 full bars; --max-bars is 2\)"):  # a repeat open: :| ends it
+        AbcConstraint(VOCAB, max_bars=2).start(HEAD + "|:defg|defg|defg|")
 
 
 SIX_EIGHT = "X:1\nL:1/8\nM:6/8\nK:D\n"
