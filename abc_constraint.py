@@ -24,6 +24,7 @@ steps cost one dictionary look-up; a state seen for the first time mostly costs 
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -45,6 +46,7 @@ LENGTH_TICKS = {"": 48, "2": 96, "3": 144, "4": 192, "6": 288, "8": 384, "/": 24
  TIE, DECORATION, SPACE, NEWLINE) = range(13)
 
 SECTION_ENDS = (":|", "||", "|]")
+NOTE_STARTS = "^_=zABCDEFGabcdefg"  # the characters a note or a rest begins with
 MIN_NOTES = 16  # a tune ends only after 4 full bars and this many notes, unless it must end sooner
 BAR_LINES = ("|", "||", "|]", "|:", ":|", "::", "|1", ":|2")
 # no fermata (H, !fermata!): abc2midi lengthens the note, which breaks the bar and broken rhythm;
@@ -347,12 +349,13 @@ class AbcConstraint:
             if state.phase == BODY and ch == " " and self._idle_space(state, prompt[i:]):
                 continue  # the automaton reads the tune as if it were not there: the prompt stays as typed
             if ch not in self.char_ids:
-                raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write")
+                raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write"
+                                  + (_unsupported(prompt, i - 1) if state.phase == BODY else ""))
             if state.phase < BODY:
                 self._advance_header(state, ch)
             elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {prompt[shown:i]!r}"
-                                  + self._why_refused(state, ch))
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(prompt[shown:i])}"
+                                  + (self._why_refused(state, ch) or _unsupported(prompt, i - 1)))
             else:
                 self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []
@@ -629,7 +632,7 @@ class AbcConstraint:
             return self._cap_reason(after)
         if after.final:
             return " (the tune's last bar is closed: only its end may follow)"
-        if after.broken_len and token != " ":
+        if after.broken_len and token[0] in NOTE_STARTS:
             return f" (after > or <, the partner note is {_units(after.broken_len)} long, as the note before)"
         if after.chord or after.grace or after.tuplet_left or after.tie_pitch >= 0:
             return ""
@@ -640,7 +643,7 @@ class AbcConstraint:
         or the bar lines that the form or a pickup allow here."""
         target, kind = self._bar_target(s, must_end), _bar_kind(s, must_end)
         left = target - s.bar
-        if token[0] in "^_=zABCDEFGabcdefg" and token in self.body.prefixes and left <= 0:
+        if token[0] in NOTE_STARTS and token in self.body.prefixes and left <= 0:
             return f" (the bar{kind} is full, at {_units(target)})"
         if self.info.get(token, (None, 0))[1] > left and self.info[token][0] in (NOTE, REST):
             return f" (the bar{kind} has room for {_units(left)} more, of its {_units(target)})"
@@ -947,6 +950,33 @@ def _accompany(s: TuneState, prompt: str) -> None:
     if s.pickup % s.accompanied:
         raise PromptError(f"--constrained: with chord symbols, a pickup must be whole eighth notes (abc2midi's "
                           f"accompaniment outlasts a shorter last bar), at {prompt!r}")
+
+
+UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and what it reads instead
+    (re.compile(r"\[[A-Za-z]:"), "an inline field like [K:G] or [M:3/4]: it keeps the header's key, meter and unit"),
+    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, T:, ...): it reads the header X:, R:, L:, "
+                                    "M:, K:, then music"),
+    (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
+    (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
+    (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
+    (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
+    (re.compile(r"\([^3]|\)"), "a slur, or a tuplet other than (3: it leaves slurs out, which abc2midi mis-times"),
+    (re.compile(r"H|!fermata!|!staccato!|\.(?=[A-Ga-gz^_=\[])"), "a fermata or a staccato: it leaves them out, "
+                                                                  "which abc2midi plays longer or shorter"),
+]
+
+
+def _unsupported(prompt: str, at: int) -> str:
+    """ " (...)" naming the construct of UNSUPPORTED that the character at `at` belongs to, if any."""
+    for pattern, what in UNSUPPORTED:
+        if any(m.start() <= at < m.end() for m in pattern.finditer(prompt, max(0, at - 3), at + 4)):
+            return f" ({what})"
+    return ""
+
+
+def _quote(text: str, shown: int = 60) -> str:
+    """The prompt up to where it broke, its last `shown` characters when it is long."""
+    return repr(text) if len(text) <= shown + 20 else "..." + repr(text[-shown:])
 
 
 def _units(ticks: int) -> str:

@@ -616,3 +616,20 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     with pytest.raises(PromptError, match="breaks the constraints"):  # a space does not join what it parts
         constraint.start(SIX_EIGHT + "|:GAG ^ c")  # ^ c is no note
     assert constraint.start(SIX_EIGHT + "GAG A ").pending == " "  # at the end: A is finished, not A2
+
+
+@pytest.mark.parametrize("body, says", [
+    ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
+    ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
+    ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa a2f-|f", "a tie across a bar line"),
+    ("A|(dfa) agf|", "a slur"), ("A|Hdfa agf|", "a fermata or a staccato"), ("A|.dfa agf|", "a fermata"),
+])
+def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, says):
+    with pytest.raises(PromptError, match=re.escape(says)):
+        AbcConstraint(VOCAB).start(SIX_EIGHT + body)
+
+
+def test_a_long_refused_prompt_is_quoted_by_its_end():
+    with pytest.raises(PromptError) as refused:
+        AbcConstraint(VOCAB).start(SIX_EIGHT + "A|" + "dfa agf|" * 20 + "dfa agf a")
+    assert f" at ...{('dfa agf|' * 8 + 'dfa agf a')[-60:]!r} (the bar is full" in str(refused.value)
