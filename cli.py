@@ -26,6 +26,7 @@ import inspect
 import io
 import math
 import os
+import re
 import signal
 import sys
 import tokenize
@@ -119,8 +120,15 @@ def error_line(message: str, every_rank: bool = False) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
     Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
     if every_rank or os.environ.get("RANK", "0") == "0":
-        print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        print("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return 2
+
+
+def not_utf8_as_bytes(text: str) -> str:
+    """A byte a command line held that is not UTF-8 as \\xff, the byte it is: Python reads it as the
+    stand-in \\udcff (surrogateescape), which is what a quoted value would otherwise show."""
+    text = re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xdc00:02x}", text)
+    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", text)
 
 
 def abc_text(value: str) -> str:

@@ -822,3 +822,11 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
 def test_a_flag_a_command_does_not_know_sends_the_user_to_that_commands_help(argv, help_page):
     code, _, err = run_main(musicrnn.main, *argv)
     assert one_error_line(code, err) and "unrecognized arguments" in err and f"(see {help_page})" in err, err
+
+
+def test_a_byte_that_is_not_utf8_is_shown_as_the_byte_in_an_error(tiny_onnx):
+    """Python reads such a byte from the command line as a stand-in character, \\udcff."""
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\nK:D\n\udcff")
+    assert one_error_line(code, err) and "'\\xff'" in err and "udc" not in err, err
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--meter", "6/8", "--key", "D\udcff")
+    assert one_error_line(code, err) and "--key D\\xff:" in err, err
