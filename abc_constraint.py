@@ -467,8 +467,9 @@ class AbcConstraint:
     def _header_line(state: TuneState, line: str) -> None:
         letter, value = line[:1], line[2:]
         if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
+            late = f" after {HEADER_ORDER[state.phase - 1]}:" if line[1:2] == ":" and letter in HEADER_ORDER else ""
             raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
-                              f"not {line!r}")
+                              f"not {line!r}{late}")
         playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
         if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")

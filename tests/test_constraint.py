@@ -532,8 +532,10 @@ def test_the_tune_type_line_is_optional_and_comes_after_x(constraint):
     assert legal_chars(constraint, "X:1\n") >= {"R", "L"}
     assert accepts(constraint, "A2|", head="X:1\nR:jig\nL:1/8\nM:6/8\nK:D\n")
     assert "R" not in legal_chars(constraint, "X:1\nL:1/8\n")
-    with pytest.raises(PromptError, match="in order"):
+    with pytest.raises(PromptError, match="in order, not 'R:jig' after L:"):
         constraint.start("X:1\nL:1/8\nR:jig\n")
+    with pytest.raises(PromptError, match="in order, not 'L:1/8' after M:"):
+        constraint.start("X:1\nM:6/8\nL:1/8\n")
 
 
 def test_any_under_reduces_each_next_characters_range_including_the_last_one():
