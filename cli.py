@@ -105,10 +105,29 @@ def _errors_as_lines(command, args) -> int:
     except MemoryError:
         return error_line("out of memory: ask for less (fewer or shorter tunes, a smaller model)")
     except KeyboardInterrupt:
-        if "RANK" not in os.environ:  # under torchrun the launcher says it, once
-            print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception as e:  # a library that turned Ctrl-C into its own error (torch.export, while it imports)
+        if _caused_by_interrupt(e):
+            return _interrupted()
+        raise
     return 0
+
+
+def _interrupted() -> int:
+    if "RANK" not in os.environ:  # under torchrun the launcher says it, once
+        print("interrupted", file=sys.stderr)
+    return 130
+
+
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to e."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def first_line(e: Exception, limit: int = 160) -> str:

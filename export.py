@@ -195,14 +195,18 @@ def export(args: argparse.Namespace) -> None:
     int8 = check_output(int8_path, "--int8", args.overwrite, inputs=[args.checkpoint]) if args.int8 else None
     ckpt = musicrnn.load_checkpoint(args.checkpoint)
     model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, args.checkpoint)
-    export_onnx(model, cfg, vocab, out, args.overwrite, musicrnn.model_facts(ckpt, cfg).tune_types)
-    diff = parity(model, cfg, vocab, out)
-    if not np.isfinite(diff):  # NaN compares False with everything: it would pass the check below
-        raise UserError(f"{out}: the model's outputs are not finite (max |onnxruntime - torch| = {diff})")
+    with tempfile.TemporaryDirectory() as tmp:  # checked before it becomes --out: a failed export replaces nothing
+        candidate = Path(tmp) / out.name
+        export_onnx(model, cfg, vocab, candidate, True, musicrnn.model_facts(ckpt, cfg).tune_types)
+        diff = parity(model, cfg, vocab, candidate)
+        if not np.isfinite(diff):  # NaN compares False with everything: it would pass the check below
+            raise UserError(f"{args.checkpoint}: the model's outputs are not finite (max |onnxruntime - torch| = "
+                            f"{diff}); nothing written")
+        if diff > PARITY_TOLERANCE:
+            raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}; nothing written")
+        write_atomic(out, candidate.read_bytes(), args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
           f"max |onnxruntime - torch| = {diff:.2e}")
-    if diff > PARITY_TOLERANCE:
-        raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}")
     if int8:
         quantize_int8(out, int8, args.overwrite)
         print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "

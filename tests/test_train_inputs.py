@@ -191,6 +191,19 @@ def test_non_finite_outputs_fail_the_parity_check(tiny_run, tmp_path, monkeypatc
     assert one_error_line(code, err) and "not finite" in err, err
 
 
+def test_an_export_that_fails_its_parity_check_replaces_nothing(tiny_run, tmp_path, monkeypatch):
+    """Checked before it is written: an --overwrite of a good model by one that fails keeps the good one."""
+    good = tmp_path / "m.onnx"
+    assert run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", good)[0] == 0
+    before = good.read_bytes()
+    monkeypatch.setattr(export, "parity", lambda *a, **k: 1e18)
+    code, out, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", good, "--overwrite")
+    assert one_error_line(code, err) and "differs from torch" in err and "wrote" not in out, (out, err)
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    code, out, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "new.onnx")
+    assert code == 2 and not (tmp_path / "new.onnx").exists()
+
+
 # --- failed starts leave no folder behind
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import abc_form
+import cli
 import export
 import infer_onnx
 import musicrnn
@@ -830,3 +831,19 @@ def test_a_byte_that_is_not_utf8_is_shown_as_the_byte_in_an_error(tiny_onnx):
     assert one_error_line(code, err) and "'\\xff'" in err and "udc" not in err, err
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--meter", "6/8", "--key", "D\udcff")
     assert one_error_line(code, err) and "--key D\\xff:" in err, err
+
+
+def test_ctrl_c_that_a_library_wrapped_in_its_own_error_is_still_an_interrupt(capsys):
+    """torch.export, interrupted while it imports, raises its own error from the KeyboardInterrupt."""
+    def export_interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Failed to export the model with torch.export")  # raised during it: its context
+
+    def plain_failure(args):
+        raise RuntimeError("a bug")
+
+    assert cli.run_command(export_interrupted, None) == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug still shows as one
+        cli.run_command(plain_failure, None)
