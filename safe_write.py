@@ -215,11 +215,16 @@ def deferred_interrupt():
 @contextlib.contextmanager
 def removed_if_failed(folder: Path):
     """Run the block; if it fails, remove the folders it created on the way to folder, as long as
-    they hold nothing but a training's .lock: a refused command leaves no trace."""
+    they hold nothing but a training's .lock, or in a folder that was there, the .lock it made:
+    a refused command leaves no trace."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    lock_was_there = (folder / ".lock").exists()
     try:
         yield
     except BaseException:
+        if not (created or lock_was_there or _held(folder / ".lock")):  # a folder that was there: our lock alone
+            with contextlib.suppress(OSError):
+                (folder / ".lock").unlink(missing_ok=True)
         for p in created:
             with contextlib.suppress(OSError):
                 if {c.name for c in p.iterdir()} <= {".lock"} and not _held(p / ".lock"):

@@ -847,3 +847,16 @@ def test_ctrl_c_that_a_library_wrapped_in_its_own_error_is_still_an_interrupt(ca
     assert cli.run_command(export_interrupted, None) == 130 and capsys.readouterr().err == "interrupted\n"
     with pytest.raises(RuntimeError, match="a bug"):  # a bug still shows as one
         cli.run_command(plain_failure, None)
+
+
+def test_a_refused_training_into_a_folder_that_was_there_leaves_no_lock(tmp_path, fixture_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "bad.json").write_text("[]")
+    code, _, err = run_main(musicrnn.main, "train", "--train-data", tmp_path / "bad.json", "--val-data",
+                            fixture_data["val"], "--out", out, "--hidden-dim", "8")
+    assert one_error_line(code, err) and list(out.iterdir()) == [], (err, list(out.iterdir()))
+    (out / ".lock").write_text("123\n")  # a lock that was there before stays
+    run_main(musicrnn.main, "train", "--train-data", tmp_path / "bad.json", "--val-data", fixture_data["val"],
+             "--out", out, "--hidden-dim", "8")
+    assert (out / ".lock").exists()
