@@ -191,15 +191,29 @@ class MusicDataset(torch.utils.data.Dataset):
         return self.lengths() - np.array(self.given, dtype=np.int64)
 
 
-def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 1,927
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                   row_tokens: int = CHUNK) -> list[np.ndarray]:
     """Index batches of tunes of similar length, in random order when rng is given.
 
     Shuffle, then sort by length in buckets of 16 tokens: batches differ from epoch to
-    epoch, yet each pads only to the longest of its near neighbours.
+    epoch, yet each pads only to the longest of its near neighbours. A batch also stops before
+    it would pad past batch_size x row_tokens tokens: a tune far longer than a chunk goes alone,
+    not with 31 others padded to its length (the corpus's tunes never reach that).
     """
+    max_tokens = batch_size * row_tokens
     order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
     order = order[np.argsort(lengths[order] // 16, kind="stable")]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, batch, longest = [], [], 0
+    for i in order:
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * max(longest, lengths[i]) > max_tokens):
+            batches.append(np.array(batch))
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, lengths[i])
+    batches += [np.array(batch)] if batch else []
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -384,9 +398,6 @@ def checkpoint_mismatch(path: str):
 
 # -----------------------------------------------------------------------------
 # training: the step, the epoch, and the bookkeeping around them
-
-
-CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 1,927
 
 
 @dataclass

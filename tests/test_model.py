@@ -66,6 +66,15 @@ def test_dataset_shift_and_padding_are_ignored_by_the_loss():
     assert torch.isclose(loss, (loss_no_pad_row + loss_first_row) / 9, atol=1e-6)
 
 
+def test_a_tune_far_longer_than_a_chunk_is_batched_alone_not_padded_with_others():
+    """20 short tunes and one of 3 million tokens: batched together, 21 x 3 million padded tokens
+    (1.5 GB of indices, 21 rows through the LSTM for every chunk) where 3 million were needed."""
+    lengths = np.array([300] * 20 + [3_000_000] + [300] * 20)
+    batches = musicrnn.length_batches(lengths, 32, None)
+    assert sorted(len(b) for b in batches) == [1, 8, 32] and [20] in [list(b) for b in batches]
+    assert len(musicrnn.length_batches(np.array([4096] * 64), 32, None)) == 2  # a chunk a row: as many as fit
+
+
 def test_length_batches_cover_every_tune_once_with_little_padding():
     lengths = np.random.default_rng(0).integers(50, 1500, size=1000)
     batches = musicrnn.length_batches(lengths, 32, np.random.default_rng(1))
