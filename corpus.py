@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from abc_music import read_tunebook, readable_lengths
+from abc_music import header_field, read_tunebook, readable_lengths
 from cli import UserError, first_line
 from safe_write import write_atomic
 
@@ -128,6 +128,8 @@ def _not_a_tune(item) -> str:
         return '"abc notation" not text'
     if not tune.strip():
         return '"abc notation" empty'
+    if header_field(tune, "K") is None:  # as a tunebook's tunes: without a key line it is not read as music
+        return "no K: line"
     return "" if readable_lengths(tune) else "a length that reads as none (L:1/0, A/0)"
 
 

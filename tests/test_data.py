@@ -154,11 +154,13 @@ def test_an_fsspec_url_holding_irishman_records_with_control_codes_reads_as_hf_w
 def test_irishman_records_without_a_tune_are_counted_and_said_why(tmp_path, capsys):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps([{"abc notation": "X:1\nK:D\nABc|\n"}, {"abc notation": 5}, {"abc notation": " "},
-                                {"control code": "S:1"}, 7, {"abc notation": "X:1\nK:G\nGAB|\n", "control code": 3}]))
+                                {"control code": "S:1"}, 7, {"abc notation": "X:1\nK:G\nGAB|\n", "control code": 3},
+                                {"abc notation": "hello world"}]))  # no K: line: not music, as in a tunebook
     assert corpus.load_records(str(path)) == [("", "X:1\nK:D\nABc|\n"), ("", "X:1\nK:G\nGAB|\n")]
     err = capsys.readouterr().err
-    assert err == (f'note: {path}: 2 tunes read, 4 records skipped: 1 "abc notation" not text, 1 "abc notation" '
-                   'empty, 1 no "abc notation", 1 not a {...} record; 1 "control code" not text, read as none\n')
+    assert err == (f'note: {path}: 2 tunes read, 5 records skipped: 1 "abc notation" not text, 1 "abc notation" '
+                   'empty, 1 no "abc notation", 1 not a {...} record, 1 no K: line; 1 "control code" not text, '
+                   'read as none\n')
 
 
 def test_a_control_code_without_its_last_line_break_still_ends_its_line(tmp_path):
