@@ -524,7 +524,9 @@ def train_locked(run: Run, tensorboard: bool, log) -> dict:
             break
     if run.world.writer:
         plots.plot_history(run.progress.history, out / "loss.png")
-    log(f"best val loss {run.progress.best_val:.4f}, checkpoints in {out}/, loss curve {out}/loss.png")
+    there = [name for name in ("best.pt", "last.pt") if (out / name).exists()]  # a resumed folder may lack best.pt
+    log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
+        f"loss curve {out}/loss.png")
     return run.progress.history[-1] if run.progress.history else {}
 
 

@@ -384,3 +384,14 @@ def test_an_epoch_the_time_budget_cut_short_says_how_far_it_got(tmp_path, fixtur
     monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 2.0)
     musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=2), resume=True, log=lines.append)
     assert any(f"ended epoch 1 {2 / batches:.0%} of the way through" in line for line in lines), lines
+
+
+def test_the_last_line_names_only_the_checkpoints_that_are_there(tmp_path, fixture_data, monkeypatch):
+    """A resumed folder whose best.pt was deleted, and whose new epoch is no better: only last.pt is there."""
+    lines = []
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=lines.append)
+    assert "checkpoints best.pt and last.pt in" in lines[-1]
+    (tmp_path / "best.pt").unlink()
+    monkeypatch.setattr(musicrnn, "evaluate", lambda *a, **k: {"loss": 99.0, "bits_per_char": 99.0})
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=lines.append)
+    assert "checkpoints last.pt in" in lines[-1] and not (tmp_path / "best.pt").exists()
