@@ -631,6 +631,9 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}, {'bf16' if run.bf16 else 'fp32'} products")
     warn_if_validation_is_trained_on(train_tunes, val_tunes, log)
+    if ckpt and run.train_set.unknown:  # a run's vocabulary comes from its training tunes: these are not those
+        log(f"warning: {run.train_set.unknown} symbols of the training tunes are not in {last_path}'s vocabulary "
+            f"and are read as <unk>: {cfg.train_data} has changed since the run began")
     log(parameter_summary(model))
     return run
 

@@ -395,3 +395,15 @@ def test_the_last_line_names_only_the_checkpoints_that_are_there(tmp_path, fixtu
     monkeypatch.setattr(musicrnn, "evaluate", lambda *a, **k: {"loss": 99.0, "bits_per_char": 99.0})
     musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=2), resume=True, log=lines.append)
     assert "checkpoints last.pt in" in lines[-1] and not (tmp_path / "best.pt").exists()
+
+
+def test_resuming_on_tunes_with_symbols_the_run_never_saw_says_the_data_changed(tmp_path, fixture_data):
+    """The vocabulary is the checkpoint's: new symbols become <unk>, which a resumed run now says."""
+    lines, data = [], tmp_path / "train.json"
+    shutil.copy(fixture_data["train"], data)
+    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=1, train_data=str(data)), log=lines.append)
+    data.write_text(json.dumps(json.loads(data.read_text()) + [{"abc notation": "X:1\nT:Ωμ\nK:D\nABc|"}]))
+    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=2, train_data=str(data)), resume=True,
+                   log=lines.append)
+    assert any("symbols of the training tunes are not in" in line and "has changed" in line for line in lines)
+    assert sum("has changed" in line for line in lines) == 1  # said once, on the resume
