@@ -324,6 +324,7 @@ def test_a_vocabulary_without_bar_lines_is_refused():
     ("X:1\nL:1/8\nM:6/8\nK:D\n", (), False), ("X:1\nL:1/16\nM:4/4\nK:G\n", (), False),
     ("X:1\nL:1/4\nM:3/4\nK:Ador\n", (), False), ("X:1\nL:1/8\nM:C|\nK:Bb\n", (), False),
     ("X:1\nM:2/4\nK:E\n", (), False), ("", (), False),  # "": the tune writes its own header
+    ("X:1\nR:hornpipe\nL:1/8\nM:C\nK:D\n", (), False), ("X:1\nR:hornpipe\nL:1/16\nM:2/4\nK:D\n", (), False),
     ("X:1\nL:1/8\nM:6/8\nK:D\n", (4, 2, 3), False),   # a requested form
     ("", (), True),                                       # a control code, then the form it names
 ])
