@@ -16,7 +16,9 @@ import argparse
 import os
 import sys
 
-import cli
+import cli  # first: Ctrl-C while numpy and onnxruntime load is one line, as it is later
+cli.quiet_interrupt_while_loading(__name__)
+
 import sampler
 from exported_model import load_model, model_facts, onnx_step
 

@@ -21,6 +21,9 @@ client has closed its connection renders no more tunes.
 
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the server's modules load is one line, as it is later
+cli.quiet_interrupt_while_loading(__name__)
+
 import argparse
 import contextlib
 import html
@@ -40,7 +43,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import cli
 import sampler
 from abc_constraint import AbcConstraint, most_bars
 from cli import UserError

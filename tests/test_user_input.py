@@ -173,6 +173,28 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(script):
     assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]
 
 
+INTERRUPT_AT_IMPORT = """
+import os, runpy, signal, sys
+class Interrupt:  # Ctrl-C the moment the script first imports {module}
+    def find_spec(self, name, path=None, target=None):
+        if name == "{module}":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["{script}", "--help"]
+runpy.run_path("{script}", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["infer_onnx.py", "serve.py"])
+def test_ctrl_c_while_numpy_and_onnxruntime_load_is_one_line_and_exit_130(script):
+    """The torch-free commands load for ~0.3 s; a Ctrl-C then printed a traceback from inside numpy."""
+    code = INTERRUPT_AT_IMPORT.format(module="numpy", script=script)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr[-2000:]
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
