@@ -125,7 +125,7 @@ def bar_ticks(meter: str, unit: str | None) -> int:
     if ticks > longest:
         raise PromptError(f"--constrained cannot finish a bar of M:{meter} with L:{unit or '1/8'} in the tokens it "
                           f"keeps to end a tune: a bar may hold {longest // TICKS} units of L at most (a shorter "
-                          f"meter, or a longer L:)")
+                          f"meter, or a longer L: in a --prompt header; --meter writes L:1/8)")
     return int(ticks)
 
 
