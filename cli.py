@@ -33,6 +33,10 @@ import tokenize
 from pathlib import Path
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`): raised where the command is, so that it cleans up as after Ctrl-C."""
+
+
 class UserError(Exception):
     """Bad input or an impossible request: one `error:` line, exit code 2, no traceback."""
 
@@ -58,11 +62,18 @@ def run_command(command, args) -> int:
     a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `kill` ends the command as Ctrl-C does, through its clean-up (the default would leave half-written
+    # files); not a torchrun rank's, whose launcher stops it and may find it inside a collective
+    terminate = "RANK" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if terminate:
+        signal.signal(signal.SIGTERM, _terminate)
     stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
     try:
         return _errors_as_lines(command, args)
     finally:
         sys.stdout = stdout
+        if terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class ReaderSafeStdout:
@@ -104,6 +115,9 @@ def _errors_as_lines(command, args) -> int:
         return error_line(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     except MemoryError:
         return error_line("out of memory: ask for less (fewer or shorter tunes, a smaller model)")
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         return _interrupted()
     except Exception as e:  # a library that turned Ctrl-C into its own error (torch.export, while it imports)
@@ -111,6 +125,10 @@ def _errors_as_lines(command, args) -> int:
             return _interrupted()
         raise
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def _interrupted() -> int:

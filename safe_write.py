@@ -27,7 +27,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from cli import UserError
+from cli import Terminated, UserError
 
 
 class OutputError(UserError):
@@ -197,19 +197,22 @@ def folder_lock(folder: Path):
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Ctrl-C waits for the block to end, then interrupts: files written as a pair (best.pt, last.pt)
-    are both of one run, never one new and one old. Outside the main thread it is a plain block."""
+    """Ctrl-C (and a `kill` that run_command turns into Terminated) waits for the block to end, then
+    interrupts: files written as a pair (best.pt, last.pt) are both of one run, never one new and one
+    old. Outside the main thread it is a plain block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    deferred = [sig for sig in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(sig))]
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in deferred}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextlib.contextmanager

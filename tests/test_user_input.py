@@ -882,3 +882,29 @@ def test_a_refused_training_into_a_folder_that_was_there_leaves_no_lock(tmp_path
     run_main(musicrnn.main, "train", "--train-data", tmp_path / "bad.json", "--val-data", fixture_data["val"],
              "--out", out, "--hidden-dim", "8")
     assert (out / ".lock").exists()
+
+
+def test_kill_ends_a_command_through_its_clean_up_like_ctrl_c(tmp_path, capsys):
+    """SIGTERM's default action killed infer_onnx.py mid-render: a scratch folder of half-made audio
+    and a tunebook's temporary file were left behind."""
+    def writing(args):
+        with safe_write.atomic_file(tmp_path / "tunes.abc") as f:
+            f.write(b"X:1\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises first
+
+    assert cli.run_command(writing, None) == 143 and capsys.readouterr().err == "terminated\n"
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_kill_while_a_pair_of_checkpoints_is_written_waits_for_both(tmp_path, capsys):
+    def saving(args):
+        with safe_write.deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            for name in ("best.pt", "last.pt"):
+                safe_write.write_atomic(tmp_path / name, b"x")
+        time.sleep(10)  # not reached: the deferred kill is raised as the block ends
+
+    assert cli.run_command(saving, None) == 143 and capsys.readouterr().err == "terminated\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
