@@ -180,17 +180,15 @@ def _varlen(data: bytes, i: int) -> tuple[int, int]:
 # a tunebook (generate --render)
 
 
-def rendered_files(path: Path, tunes: int) -> list[Path]:
-    """The files beside this tunebook that rendering its tunes X:1..X:tunes writes, those that
-    exist already: stemN.mid and stemN.wav (abc2midi names them by X:) and stemNNN.svg (abcm2ps -g
-    writes one score per tune, numbered 001, 002, ...). Names of other tunebooks' renders, or of
-    tune numbers outside 1..tunes, are not these files, whatever they look like."""
-    number = re.compile(rf"{re.escape(path.stem)}(\d+)(\.mid|\.wav|\.svg)")
+def rendered_files(path: Path, tunes: int | None = None) -> list[Path]:
+    """The files beside this tunebook named as renders of its tunes, those that exist already:
+    stem-N.mid, stem-N.wav and stem-N.svg for its tune X:N (N in 1..tunes, or any N). The "-" keeps
+    each tunebook's names its own: set.abc's tune 11 and set1.abc's tune 1 would both be set11.mid."""
+    number = re.compile(rf"{re.escape(path.stem)}-([1-9]\d*)\.(mid|wav|svg)")
 
     def written(name: str) -> bool:
         m = number.fullmatch(name)
-        n = int(m[1]) if m else 0
-        return 1 <= n <= tunes and m[1] == (f"{n:03d}" if m[2] == ".svg" else str(n))
+        return m is not None and (tunes is None or int(m[1]) <= tunes)
 
     return sorted(p for p in path.parent.iterdir() if written(p.name)) if path.parent.is_dir() else []  # --out's
     # folder is made with the tunebook
@@ -198,11 +196,13 @@ def rendered_files(path: Path, tunes: int) -> list[Path]:
 
 def check_render(path: Path, tunes: int, overwrite: bool, inputs=()) -> list[Path]:
     """A render of this many tunes beside tunebook path replaces no file unless overwrite, and never
-    one of the command's inputs (a model named tunes2.mid, say), not even with overwrite. Returns
-    the files it may replace."""
+    one of the command's inputs (a model named tunes-2.mid, say), not even with overwrite. Returns
+    the files an overwrite replaces or removes: every earlier render of this tunebook, a longer one's
+    later tunes too (they would play tunes it no longer holds)."""
     old = rendered_files(path, tunes)
     if old and not overwrite:
         raise OutputError(f"--render would replace {old[0]}: pass --overwrite, or choose another --out")
+    old = rendered_files(path) if overwrite else old
     for p in old:
         check_output(p, "--render", overwrite=True, inputs=inputs)
     return old
@@ -210,7 +210,7 @@ def check_render(path: Path, tunes: int, overwrite: bool, inputs=()) -> list[Pat
 
 def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, inputs=()) -> list[str]:
     """MIDI files (abc2midi), audio (fluidsynth) and SVG scores (abcm2ps, in its secure mode -S)
-    beside a tunebook, where the tools are installed: stemN.mid, stemN.wav and stemNNN.svg for its
+    beside a tunebook, where the tools are installed: stem-N.mid, stem-N.wav and stem-N.svg for its
     tune X:N. Returns one line per kind of file to show the user.
 
     Each tune is rendered alone (render_tune, timeout seconds a tool): a tune that a tool refuses, or
@@ -220,15 +220,16 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     that exists stops it (unless overwrite) before anything is written. The tools work in a scratch
     folder under names of their own, so that no name of the user's reaches their command lines (a
     leading "-" reads as an option); what they made then moves in under the tunebook's name. With
-    overwrite, an earlier render's file that this one does not make anew (a tune now refused) is
-    removed: it belonged to another tune. Nothing else beside the tunebook is touched."""
+    overwrite, an earlier render's file that this one does not make anew (a tune now refused, or past
+    the tunebook's end) is removed: it belonged to another tune. Nothing else beside the tunebook is
+    touched."""
     folder, stem = path.parent, path.stem
     tunes = re.split(r"(?m)^(?=X:)", path.read_text(encoding="utf-8"))[1:]
     old = check_render(path, len(tunes), overwrite, inputs)
     made = {"MIDI": [], "audio": [], "score": []}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
         for n, tune in enumerate(tunes, start=1):
-            names = {"MIDI": f"{stem}{n}.mid", "audio": f"{stem}{n}.wav", "score": f"{stem}{n:03d}.svg"}
+            names = {"MIDI": f"{stem}-{n}.mid", "audio": f"{stem}-{n}.wav", "score": f"{stem}-{n}.svg"}
             (own := Path(scratch) / str(n)).mkdir()  # a folder a tune: no page of one is taken for the next's
             for what, file in render_tune(tune, own, "tune", timeout).items():
                 if what in names:
@@ -236,7 +237,7 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     for stale in set(old) - {p for files in made.values() for p in files}:
         stale.unlink()
     missing = missing_tools()
-    kinds = [("MIDI", "MIDI", "file", "N.mid"), ("audio", "audio", "file", "N.wav"),
-             ("score", "SVG", "score", "NNN.svg")]
+    kinds = [("MIDI", "MIDI", "file", "-N.mid"), ("audio", "audio", "file", "-N.wav"),
+             ("score", "SVG", "score", "-N.svg")]
     return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{names}")
             for what, label, noun, names in kinds]

@@ -43,31 +43,36 @@ def untouched(folder: Path, planted: dict[str, str]) -> bool:
 
 
 def test_only_the_names_of_this_tunebooks_tunes_would_be_replaced(tmp_path):
-    # set1.abc's first tune renders to set11.*; set.abc's tune 11 would too, its tune 1 would not
-    plant(tmp_path, "set11.mid", "set11.wav", "set002.svg", "set01.svg", "set0001.svg", "set1.mid.bak", "set.mid")
+    # set1.abc's first tune renders to set1-1.*, set.abc's tune 11 to set-11.*: without the "-" both were set11.*
+    plant(tmp_path, "set1-1.mid", "set1-1.wav", "set-2.svg", "set-02.svg", "set-0.mid", "set-1.mid.bak", "set.mid",
+          "set-11.wav", "set11.mid")
     path = tmp_path / "set.abc"
     assert rendering.rendered_files(path, 1) == []
-    assert [p.name for p in rendering.rendered_files(path, 2)] == ["set002.svg"]
-    assert [p.name for p in rendering.rendered_files(path, 11)] == ["set002.svg", "set11.mid", "set11.wav"]
+    assert [p.name for p in rendering.rendered_files(path, 2)] == ["set-2.svg"]
+    assert [p.name for p in rendering.rendered_files(path, 11)] == ["set-11.wav", "set-2.svg"]
+    assert rendering.rendered_files(path) == rendering.rendered_files(path, 11)  # every tune number
+    assert [p.name for p in rendering.rendered_files(tmp_path / "set1.abc", 1)] == ["set1-1.mid", "set1-1.wav"]
 
 
 def test_without_overwrite_a_render_refuses_before_writing_anything(tmp_path):
-    planted = plant(tmp_path, "set2.wav")
-    with pytest.raises(OutputError, match="set2.wav"):
+    planted = plant(tmp_path, "set-2.wav")
+    with pytest.raises(OutputError, match="set-2.wav"):
         rendering.render_tunebook(tunebook(tmp_path / "set.abc", 2))
-    assert untouched(tmp_path, planted) and sorted(p.name for p in tmp_path.iterdir()) == ["set.abc", "set2.wav"]
+    assert untouched(tmp_path, planted) and sorted(p.name for p in tmp_path.iterdir()) == ["set-2.wav", "set.abc"]
 
 
 @all_tools
-def test_overwrite_replaces_only_the_files_this_render_writes(tmp_path):
-    planted = plant(tmp_path, "set11.mid", "set11.wav", "set2.mid", "set002.svg", "set1.mid.bak")
-    (tmp_path / "set1.mid").write_text("an earlier render of this tunebook")
+def test_overwrite_replaces_this_tunebooks_renders_and_nothing_else(tmp_path):
+    """An earlier render of a longer tunebook: its tune 2's files would play a tune this one no longer holds."""
+    planted = plant(tmp_path, "set1-1.mid", "set1-1.wav", "set11.mid", "set2.mid", "set-1.mid.bak")
+    (tmp_path / "set-1.mid").write_text("an earlier render of this tunebook")
+    plant(tmp_path, "set-2.mid", "set-2.wav", "set-2.svg")
     lines = rendering.render_tunebook(tunebook(tmp_path / "set.abc", 1), overwrite=True)
     assert [line.split(" file")[0].split(" score")[0] for line in lines] == ["MIDI: 1", "audio: 1", "SVG: 1"]
     assert untouched(tmp_path, planted)
-    assert (tmp_path / "set1.mid").read_bytes().startswith(b"MThd")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*planted, "set.abc", "set1.mid", "set1.wav",
-                                                                 "set001.svg"])
+    assert (tmp_path / "set-1.mid").read_bytes().startswith(b"MThd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*planted, "set.abc", "set-1.mid", "set-1.wav",
+                                                                 "set-1.svg"])
 
 
 @needs["abcm2ps"]
@@ -84,7 +89,7 @@ def test_a_score_abcm2ps_draws_is_shown_even_when_it_squeezed_a_line(tmp_path):
 def test_any_tunebook_name_gets_its_midi_audio_and_scores(tmp_path, stem):
     lines = rendering.render_tunebook(tunebook(tmp_path / f"{stem}.abc", 2))
     assert [line.split(" files")[0].split(" scores")[0] for line in lines] == ["MIDI: 2", "audio: 2", "SVG: 2"]
-    made = [f"{stem}{n}.mid" for n in (1, 2)] + [f"{stem}{n}.wav" for n in (1, 2)] + [f"{stem}00{n}.svg" for n in (1, 2)]
+    made = [f"{stem}-{n}.{kind}" for n in (1, 2) for kind in ("mid", "wav", "svg")]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.abc", *made])
 
 
@@ -97,10 +102,10 @@ def test_a_tune_a_tool_fails_on_costs_only_that_tune_its_file_and_its_old_one_go
     long = "X:1\nM:4/4\nL:1/4\nK:C\n" + "\n".join(["CDEF|GABc|" * 8] * 40) + "|]\n"
     path = tmp_path / "set.abc"
     path.write_text(long + "\n" + TUNE.format(n=2), encoding="utf-8")
-    plant(tmp_path, "set001.svg")
+    plant(tmp_path, "set-1.svg")
     lines = rendering.render_tunebook(path, overwrite=True)
     assert lines[0].startswith("MIDI: 2 files") and lines[2].startswith("SVG: 1 score ")
-    assert not (tmp_path / "set001.svg").exists() and (tmp_path / "set002.svg").read_text().rstrip().endswith("</svg>")
+    assert not (tmp_path / "set-1.svg").exists() and (tmp_path / "set-2.svg").read_text().rstrip().endswith("</svg>")
 
 
 # --- through the command line
@@ -108,26 +113,26 @@ def test_a_tune_a_tool_fails_on_costs_only_that_tune_its_file_and_its_old_one_go
 
 def test_the_command_line_refuses_only_what_its_render_would_replace(tiny_onnx, tmp_path):
     args = ["--model", tiny_onnx, "--num", "1", "--constrained", "--max-tokens", "120", "--render"]
-    planted = plant(tmp_path, "set11.mid", "set11.wav")
+    planted = plant(tmp_path, "set1-1.mid", "set1-1.wav", "set-11.mid")
     code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "set.abc")
     assert code == 0 and untouched(tmp_path, planted), err
-    plant(tmp_path, "other1.mid")
+    plant(tmp_path, "other-1.mid")
     code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "other.abc")
-    assert one_error_line(code, err) and "other1.mid" in err and not (tmp_path / "other.abc").exists()
+    assert one_error_line(code, err) and "other-1.mid" in err and not (tmp_path / "other.abc").exists()
 
 
 def test_not_even_overwrite_lets_a_render_replace_the_model(tiny_onnx, tmp_path):
-    model = tmp_path / "set1.mid"
+    model = tmp_path / "set-1.mid"
     shutil.copy(tiny_onnx, model)
     args = ["--model", model, "--constrained", "--max-tokens", "120", "--render", "--overwrite", "--num", "1"]
     code, _, err = run_main(infer_onnx.main, *args, "--out", tmp_path / "set.abc")
-    assert one_error_line(code, err) and "set1.mid" in err and "reads" in err, err
+    assert one_error_line(code, err) and "set-1.mid" in err and "reads" in err, err
     assert model.read_bytes() == Path(tiny_onnx).read_bytes() and not (tmp_path / "set.abc").exists()
 
 
 def test_the_command_line_with_overwrite_deletes_nothing_it_does_not_write(tiny_onnx, tmp_path):
     args = ["--model", tiny_onnx, "--constrained", "--max-tokens", "120", "--render", "--overwrite"]
-    planted = plant(tmp_path, "set11.mid", "set11.wav", "a9.mid", "a2024.wav", "a003.svg")
+    planted = plant(tmp_path, "set11.mid", "set1-1.wav", "a9.mid", "a-2024x.wav", "a003.svg", "a1-1.svg")
     assert run_main(infer_onnx.main, *args, "--num", "1", "--out", tmp_path / "set.abc")[0] == 0
     assert run_main(infer_onnx.main, *args, "--num", "2", "--out", tmp_path / "a.abc")[0] == 0
     assert untouched(tmp_path, planted)

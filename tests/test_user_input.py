@@ -646,19 +646,22 @@ def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(ti
 
 
 @pytest.mark.skipif(not shutil.which("abc2midi"), reason="abc2midi not installed (apt-get install abcmidi)")
-def test_render_with_overwrite_replaces_only_the_files_it_writes_and_counts_only_its_own(tiny_onnx, tmp_path):
+def test_render_with_overwrite_replaces_the_tunebooks_render_whole_and_counts_only_its_own(tiny_onnx, tmp_path):
+    """The tunebook of 4 tunes is replaced by one of 1: its tunes 2-4's files would play tunes it no longer
+    holds, so they go; another tunebook's files (tunes1-1.mid: without the "-", tunes11.mid) stay."""
     out = tmp_path / "tunes.abc"
     args = ["--model", tiny_onnx, "--constrained", "--max-tokens", "400", "--out", out, "--render"]
     assert run_main(infer_onnx.main, *args, "--num", "4")[0] == 0
     earlier = {p.name: p.read_bytes() for p in tmp_path.glob("tunes*.mid")}
-    assert len(earlier) == 4
+    assert sorted(earlier) == [f"tunes-{n}.mid" for n in (1, 2, 3, 4)]
+    (tmp_path / "tunes1-1.mid").write_bytes(b"another tunebook's")
     code, _, err = run_main(infer_onnx.main, *args, "--num", "1")
     assert one_error_line(code, err) and "pass --overwrite" in err
     code, _, err = run_main(infer_onnx.main, *args, "--num", "1", "--seed", "5", "--overwrite")
     assert code == 0 and "MIDI: 1 file " in err, err
     now = {p.name: p.read_bytes() for p in tmp_path.glob("tunes*.mid")}
-    assert now.keys() == earlier.keys() and now["tunes1.mid"] != earlier["tunes1.mid"]
-    assert all(now[name] == earlier[name] for name in ("tunes2.mid", "tunes3.mid", "tunes4.mid"))  # not its files
+    assert sorted(now) == ["tunes-1.mid", "tunes1-1.mid"] and now["tunes-1.mid"] != earlier["tunes-1.mid"]
+    assert now["tunes1-1.mid"] == b"another tunebook's"
 
 
 def test_render_without_out_is_one_line(tiny_onnx):
@@ -673,14 +676,14 @@ def test_overwrite_without_out_is_one_line(tiny_onnx):
 
 def test_render_never_replaces_an_input_even_with_overwrite(tmp_path):
     """A tunebook with more tunes than were asked for (a model that wrote an X: line itself) would
-    render tunes2.mid: when that is the model, it is refused before any tool runs."""
-    book, model = tmp_path / "tunes.abc", tmp_path / "tunes2.mid"
+    render tunes-2.mid: when that is the model, it is refused before any tool runs."""
+    book, model = tmp_path / "tunes.abc", tmp_path / "tunes-2.mid"
     book.write_text("X:1\nL:1/8\nM:2/4\nK:D\nAB cd|\nX:2\nL:1/8\nM:2/4\nK:D\ndc BA|\n")
     model.write_bytes(b"the model")
     with pytest.raises(safe_write.OutputError, match="is also what this command reads"):
         rendering.render_tunebook(book, overwrite=True, inputs=[model])
-    assert model.read_bytes() == b"the model" and sorted(p.name for p in tmp_path.iterdir()) == ["tunes.abc",
-                                                                                                 "tunes2.mid"]
+    assert model.read_bytes() == b"the model" and sorted(p.name for p in tmp_path.iterdir()) == ["tunes-2.mid",
+                                                                                                 "tunes.abc"]
 
 
 def test_an_out_that_is_a_link_to_nowhere_is_refused_before_the_work(tiny_onnx, tmp_path):
