@@ -214,8 +214,10 @@ def _number(text: str, kind):
         raise argparse.ArgumentTypeError(what)
     try:
         value = kind(text)
-    except (TypeError, ValueError):  # ValueError: past 4,300 digits too
-        raise argparse.ArgumentTypeError(what) from None
+    except (TypeError, ValueError):
+        digits = re.fullmatch(r"\s*[+-]?(\d+)\s*", text)  # a whole number past the 4,300 digits int() reads
+        raise argparse.ArgumentTypeError(f"{shown(text)} has {len(digits[1]):,} digits, far past what it may be"
+                                         if digits else what) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number")
     return value

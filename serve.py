@@ -266,6 +266,7 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self.path = self.path.split("?", 1)[0]  # a query string (a bookmark's ?ref=) chooses nothing here
         if self.path in ("/", "/index.html"):
             self.send_page(HTTPStatus.OK, DEFAULTS)
         elif m := FILE_PATH.fullmatch(self.path):
@@ -279,6 +280,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
 
     def do_POST(self) -> None:
+        self.path = self.path.split("?", 1)[0]
         if self.path != "/generate":
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
             return

@@ -503,3 +503,10 @@ def test_a_client_that_goes_away_mid_file_leaves_no_traceback(tiny_onnx, tmp_pat
             time.sleep(1)
         assert request(url + "/")[0] == 200  # still serving
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_query_string_chooses_nothing_the_page_and_the_form_are_served_as_without_it(server):
+    status, kind, page = request(server + "/?ref=bookmark")
+    assert status == 200 and kind.startswith("text/html") and b"<form" in page
+    status, _, page = request(server + "/generate?x=1", form(num="1"))
+    assert status == 200 and error_on_page(page) == "", error_on_page(page)

@@ -5,6 +5,7 @@ commands at once, unwritable places, flags out of range, crafted files, unbounde
 surprising flags, file modes, renders, messages, junk input and --help.
 """
 
+import argparse
 import json
 import os
 import re
@@ -911,3 +912,11 @@ def test_kill_while_a_pair_of_checkpoints_is_written_waits_for_both(tmp_path, ca
 
     assert cli.run_command(saving, None) == 143 and capsys.readouterr().err == "terminated\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_whole_number_of_thousands_of_digits_is_too_large_not_not_a_number():
+    """int() reads no more than 4,300 digits: past them, such a --seed was "not a whole number"."""
+    with pytest.raises(argparse.ArgumentTypeError, match="has 4,400 digits, far past"):
+        cli.int_in(0, 2**32 - 1)("9" * 4400)
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
+        cli.int_in(0, 10)("9" * 4400 + "x")
