@@ -160,7 +160,10 @@ def user_errors_as_bad_requests():
 
 
 def for_the_page(message: str) -> str:
-    """A command line's message with its flags named as the page's fields: "--key" -> "key"."""
+    """A command line's message with its flags named as the page's fields: "--key" -> "key"; the page
+    asks for a form by its sections and bars alone."""
+    message = message.replace("--form or --sections/--bars", "sections and bars")
+    message = re.sub(r"--form\b(?! [\"'S])", "the form asked for", message)  # not "--form 'S:2 ...'": a value
     return re.sub(r"--(?=(?:%s|form|max-tokens|prompt)\b)" % "|".join(FIELDS), "", message)
 
 

@@ -363,7 +363,13 @@ def test_a_request_whose_client_went_away_renders_nothing_more(tiny_onnx, tmp_pa
 
 def test_the_page_shows_that_a_form_is_held_only_when_constrained(server):
     _, _, page = request(server + "/generate", form(constrained=None, sections="2", bars="8", num="1"))
-    assert "only constrained holds" in html.unescape(page.decode())
+    assert "only constrained holds it to the form asked for" in html.unescape(page.decode())
+
+
+def test_the_page_names_its_own_fields_in_a_note_not_the_command_lines_flags():
+    note = "it reads S:2 B:8 E:3 B:8 (--form or --sections/--bars for another); only --constrained holds it to --form"
+    assert serve.for_the_page(note) == ("it reads S:2 B:8 E:3 B:8 (sections and bars for another); only constrained "
+                                        "holds it to the form asked for")
 
 
 @pytest.mark.parametrize("path", ["/../../etc/passwd", "/files/../../etc/passwd", "/files/%2e%2e/serve.py",
