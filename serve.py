@@ -159,6 +159,14 @@ def user_errors_as_bad_requests():
         raise HTTPError(HTTPStatus.BAD_REQUEST, for_the_page(str(e))) from None
 
 
+def as_sent(body: bytes) -> dict[str, str]:
+    """The page's fields as a form filled them in (DEFAULTS where it cannot be read)."""
+    try:
+        return {**DEFAULTS, "constrained": "", **read_form(body)}
+    except HTTPError:
+        return dict(DEFAULTS)
+
+
 def for_the_page(message: str) -> str:
     """A command line's message with its flags named as the page's fields: "--key" -> "key"; the page
     asks for a form by its sections and bars alone."""
@@ -292,8 +300,8 @@ class Handler(BaseHTTPRequestHandler):
         except HTTPError as e:
             self.send_page(e.status, DEFAULTS, error=str(e))
             return
-        if not self.server.active.acquire(blocking=False):
-            self.send_page(HTTPStatus.SERVICE_UNAVAILABLE, DEFAULTS, error="busy: try again in a moment")
+        if not self.server.active.acquire(blocking=False):  # the form as sent, to send again as it is
+            self.send_page(HTTPStatus.SERVICE_UNAVAILABLE, as_sent(body), error="busy: try again in a moment")
             return
         try:
             self.generate(body)

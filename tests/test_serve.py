@@ -516,3 +516,13 @@ def test_a_query_string_chooses_nothing_the_page_and_the_form_are_served_as_with
     assert status == 200 and kind.startswith("text/html") and b"<form" in page
     status, _, page = request(server + "/generate?x=1", form(num="1"))
     assert status == 200 and error_on_page(page) == "", error_on_page(page)
+
+
+def test_a_busy_server_sends_the_form_back_as_it_was_filled_in(tiny_onnx, tmp_path):
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        while tune_server.active.acquire(blocking=False):  # every slot taken
+            pass
+        status, _, page = request(url + "/generate", form(meter="9/8", key="Am", seed="42", num="3"))
+    text = page.decode()
+    assert status == 503 and "busy" in error_on_page(page)
+    assert re.search(r'name=seed[^>]*value="?42', text) and re.search(r'value="?9/8"? selected', text), text[:3000]
