@@ -18,8 +18,8 @@ TRAIN := $(PYTHON) musicrnn.py train --procs $(TRAIN_PROCS)
 SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_form.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch,
-# at the rate and batch it was measured with; bf16 products (where the CPU has them) ran 2.3-3.6x the
-# tokens/s of fp32 for this model (README), so its schedule spans 56 epochs of the 55 minutes
+# at the rate and batch it was measured with; bf16 products (where the CPU has them) run faster than fp32
+# (a 1 x 384 step 1.5x on this AMD host: docs/measurements.md), so its schedule spans 56 epochs of the 55 minutes
 LONG_FLAGS := --num-layers 2 --hidden-dim 384 --dropout 0.3 --dropout-mask element --augment-key 0.5 --augment-unit 0.3 \
               --batch-size 32 --lr 4e-3 --epochs 56 --max-minutes 55
 
