@@ -646,13 +646,15 @@ def read_results(path: str) -> dict:
         named = ratios(results)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[... nested deep
         raise UserError(f"{path}: not readable as JSON ({cli.first_line(e, 80)})") from None
     except (KeyError, TypeError):
         raise UserError(f"{path}: not the results of a bench.py run (a --large run's hold no ratios)") from None
-    for name, value in named.items():  # a ratio of two timings: a number above 0 (json reads NaN too)
-        if type(value) not in (int, float) or not 0 < value < math.inf:
-            raise UserError(f"{path}: its ratio {name} is {value!r}, where a run writes a number above 0")
+    for name, value in named.items():  # a ratio of two timings: a number above 0 (json reads NaN too), and one
+        # a float holds (json reads a whole number of 400 digits, which no division takes)
+        if type(value) not in (int, float) or not 0 < value < 1e300:
+            raise UserError(f"{path}: its ratio {name} is {cli.shown(repr(value))}, where a run writes a number "
+                            f"above 0, as a float holds it")
     return results
 
 

@@ -178,10 +178,13 @@ def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
     assert one_error_line(code, err) and "not the results of a bench.py run" in err
     code, out, err = run_main(bench.main, "--compare", first, second, "--out", tmp_path / "x.json")
     assert one_error_line(code, err) and "leave out --out" in err and not (tmp_path / "x.json").exists()
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # json recurses once a level
+    code, out, err = run_main(bench.main, "--compare", first, tmp_path / "deep.json")
+    assert one_error_line(code, err) and "not readable as JSON" in err
 
 
 
-@pytest.mark.parametrize("value", ["fast", None, [1], 0.0, -2.0, float("nan"), True])
+@pytest.mark.parametrize("value", ["fast", None, [1], 0.0, -2.0, float("nan"), True, 10**400])  # 10**400: no float
 def test_compare_refuses_a_ratio_no_run_writes_and_a_run_compared_with_itself(tmp_path, value):
     """A ratio of 0 divided by zero, a string met '>' (tracebacks); NaN and -2 read as agreeing."""
     import json
