@@ -106,14 +106,19 @@ def tune_metrics(tunes: list[str], training_tunes: list[str], judge: bool) -> di
     return metrics
 
 
+def judged_by_abc2midi(log=print) -> bool:
+    """Whether abc2midi is here to judge the tunes; when it is not, the table says what it lacks."""
+    if abc2midi_available():
+        return True
+    log("abc2midi is not installed (apt-get install abcmidi): the valid and bar-clean columns are missing")
+    return False
+
+
 def sweep(generate_fn, opts, training_tunes: list[str], temperatures=(0.5, 0.8, 1.0, 1.2),
           log=print) -> list[dict]:
     """generate_fn(options) -> tunes, for each setting of the table: opts (a
     sampler.SamplingOptions) at each temperature, free and constrained."""
-    judge = abc2midi_available()
-    if not judge:
-        log("abc2midi is not installed (apt-get install abcmidi): the valid and bar-clean columns are missing")
-    rows = []
+    judge, rows = judged_by_abc2midi(log), []
     for temperature in temperatures:
         for constrained in (False, True):
             tunes = generate_fn(replace(opts, temperature=temperature, constrained=constrained))
@@ -151,7 +156,7 @@ def form_match(tunes: list[str], code: str) -> dict:
 def form_sweep(generate_fn, opts, requests=FORM_REQUESTS, log=print) -> list[dict]:
     """generate_fn(options) -> tunes, for each request (bars per section, meter or None), free
     and constrained: how often the tunes have the form asked for, and abc2midi's verdict."""
-    judge, rows = abc2midi_available(), []
+    judge, rows = judged_by_abc2midi(log), []
     for bars, meter in requests:
         for constrained in (False, True):
             code = form_code(list(bars))
@@ -296,12 +301,16 @@ def judge_forms(args, corpus: list[str], generate_fn, facts) -> list[dict]:
     return form_sweep(generate_fn, sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature))
 
 
-def judge_types(args, corpus: list[str], generate_fn, facts: sampler.ModelFacts) -> list[dict]:
+def judge_types(args, corpus: list[str], generate_fn, facts: sampler.ModelFacts, log=print) -> list[dict]:
     if facts.control_codes:
         raise UserError("types measures a model trained without --control (one with codes needs a form too)")
     types = [name for name in TYPE_MARKS if name in facts.tune_types]
     if not types:
         raise UserError(f"the model knows none of the types measured ({', '.join(TYPE_MARKS)})")
+    unknown = [name for name in TYPE_MARKS if name not in types]
+    if unknown:  # --type refuses a type its training tunes never named: there is no row to measure
+        log(f"the model knows no {' or '.join(unknown)} (its training tunes name none): "
+            f"{'that row is' if len(unknown) == 1 else 'those rows are'} left out")
     opts = sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature)
     return type_sweep(generate_fn, opts, corpus, types)
 

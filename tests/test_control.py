@@ -11,6 +11,7 @@ import abc_form
 import corpus
 import exported_model
 import infer_onnx
+import judging
 import musicrnn
 import sampler
 from conftest import one_error_line, run_main, tiny_config
@@ -169,7 +170,6 @@ def test_abc2midi_judges_a_hornpipe_as_written(tmp_path):
     """abc2midi swings an R:hornpipe and refuses it in C|: the judge and the renderer leave the line out."""
     import subprocess
 
-    import judging
 
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi)")
@@ -185,7 +185,6 @@ def test_abc2midi_judges_a_hornpipe_as_written(tmp_path):
 def test_the_judge_reads_abc2midi_echoing_a_character_byte_by_byte():
     """abc2midi echoes an unknown character's bytes one at a time, which is no UTF-8 (a sweep at T = 1.5
     wrote one and ended in a UnicodeDecodeError traceback)."""
-    import judging
 
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi)")
@@ -206,13 +205,23 @@ def test_the_forms_table_measures_requests_free_and_constrained(tiny_onnx, tmp_p
     assert "| 8+8 | any | yes | 100% | 100% |" in printed
 
 
+def test_without_abc2midi_the_forms_table_says_why_it_lacks_its_verdict(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(judging, "abc2midi_available", lambda: False)
+    code, printed, err = run_main(musicrnn.main, "forms", "--onnx", tiny_onnx, "--num", "1", "--out",
+                                  tmp_path / "forms.json")
+    header = next(line for line in printed.splitlines() if line.startswith("| sections x bars"))
+    assert code == 0 and "abc2midi is not installed" in printed and "valid" not in header, err
+
+
 def test_the_types_table_compares_primed_tunes_with_the_corpus(tiny_onnx, fixture_data, tmp_path):
     out = tmp_path / "types.json"
     code, printed, err = run_main(musicrnn.main, "types", "--onnx", tiny_onnx, "--num", "4", "--out", out,
                                   "--train-data", fixture_data["train"])
     assert code == 0, err
     rows = {r["type"]: r for r in json.loads(out.read_text())}
-    assert list(rows) == ["reel"]  # the only type the tiny model met
+    assert list(rows) == ["reel"]  # the only type the tiny model met, and a note says so
+    assert "the model knows no jig or slip jig or hornpipe (its training tunes name none): those rows are left out" \
+        in printed
     assert rows["reel"]["corpus_tunes"] == 3 and rows["reel"]["corpus"] == 1.0  # the fixture reel, three times, in C|
     assert "| reel | in C\\| or 2/4 | 100% |" in printed
     assert all(0.0 <= r["primed"] <= 1.0 and 0.0 <= r["unprimed"] <= 1.0 for r in rows.values())
