@@ -239,5 +239,15 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     missing = missing_tools()
     kinds = [("MIDI", "MIDI", "file", "-N.mid"), ("audio", "audio", "file", "-N.wav"),
              ("score", "SVG", "score", "-N.svg")]
-    return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{names}")
+    return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{names}"
+                        + _none_for(made[what], len(tunes), stem))
             for what, label, noun, names in kinds]
+
+
+def _none_for(files: list[Path], tunes: int, stem: str) -> str:
+    """" (none for tunes 2, 5: ...)": the tunes a tool refused or ran out of time on, if any."""
+    got = {int(p.stem.removeprefix(f"{stem}-")) for p in files}
+    lacking = [str(n) for n in range(1, tunes + 1) if n not in got]
+    them = "them" if len(lacking) > 1 else "it"
+    return f" (none for tune{'s' * (len(lacking) > 1)} {', '.join(lacking)}: the tool refused {them} or ran out " \
+           f"of time)" if lacking else ""

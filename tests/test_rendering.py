@@ -144,3 +144,14 @@ def test_a_render_into_a_folder_out_makes_is_not_refused(tiny_onnx, tmp_path):
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "1", "--max-tokens", "20", "--render",
                             "--out", out)
     assert code == 0 and out.exists(), err
+
+
+@needs["abc2midi"]
+def test_the_summary_names_the_tunes_a_tool_made_no_file_for(tmp_path):
+    """K:cm: abc2midi refuses the tune ("First K: field must specify key signature"); the count alone
+    (MIDI: 1 file) did not say which of the two tunes had none."""
+    path = tmp_path / "u.abc"
+    path.write_text("X:1\nL:1/8\nM:6/8\nK:cm\nABc def|\n\n" + TUNE.format(n=2), encoding="utf-8")
+    lines = rendering.render_tunebook(path)
+    assert lines[0] == f"MIDI: 1 file {tmp_path / 'u'}-N.mid (none for tune 1: the tool refused it or ran out of time)"
+    assert not (tmp_path / "u-1.mid").exists() and (tmp_path / "u-2.mid").exists()
