@@ -627,7 +627,8 @@ def ratios(r: dict) -> dict[str, float]:
 def comparison_markdown(first: dict, second: dict, names: tuple[str, str]) -> str:
     """Two runs' ratios side by side, each difference as larger / smaller - 1, and whether they agree."""
     a, b = ratios(first), ratios(second)
-    lines = [f"| ratio | {names[0]} | {names[1]} | difference |", "|---|---:|---:|---:|"]
+    heads = [name.replace("|", "\\|") for name in names]  # a file named x|y.json: one cell, not two
+    lines = [f"| ratio | {heads[0]} | {heads[1]} | difference |", "|---|---:|---:|---:|"]
     over = []
     for name in a:
         difference = max(a[name], b[name]) / min(a[name], b[name]) - 1

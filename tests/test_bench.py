@@ -1,6 +1,7 @@
 """make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused;
 its command line."""
 
+import re
 import shutil
 import sys
 
@@ -178,6 +179,9 @@ def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
     assert one_error_line(code, err) and "not the results of a bench.py run" in err
     code, out, err = run_main(bench.main, "--compare", first, second, "--out", tmp_path / "x.json")
     assert one_error_line(code, err) and "leave out --out" in err and not (tmp_path / "x.json").exists()
+    (tmp_path / "x|y.json").write_text(second.read_text())  # a | in a name is escaped: one header cell
+    code, out, err = run_main(bench.main, "--compare", first, tmp_path / "x|y.json")
+    assert code == 0 and len(re.split(r"(?<!\\)\|", out.splitlines()[0])) == 6, out  # 4 cells between pipes
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # json recurses once a level
     code, out, err = run_main(bench.main, "--compare", first, tmp_path / "deep.json")
     assert one_error_line(code, err) and "not readable as JSON" in err
