@@ -182,14 +182,22 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
     return "\n".join(tunes)
 
 
-def write_tunes(batches, num: int, out: Path | None, overwrite: bool) -> None:
-    """Print each batch's tunes as it arrives, and write them all to out (atomically, at the end)."""
+def first_number(prompt: str) -> int:
+    """The X: number a prompt gives its tune (X:42 -> 42), which the tunebook then counts on from; 1
+    without one."""
+    m = re.match(r"X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)
+    return int(m[1]) if m else 1
+
+
+def write_tunes(batches, num: int, out: Path | None, overwrite: bool, first: int = 1) -> None:
+    """Print each batch's tunes as it arrives, numbered from X:first, and write them all to out
+    (atomically, at the end)."""
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(atomic_file(out, overwrite)) if out else None
         bar = stack.enter_context(progress_bar(num))
         written, printing = 0, True
         for tunes in batches:
-            text = tunebook(tunes, first=written + 1)
+            text = tunebook(tunes, first=first + written)
             printing = printing and print_while_read(text)
             if not (printing or f):
                 break
@@ -229,7 +237,8 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
     note = form_note(opts, facts)
     if note:
         print("note: " + note, file=sys.stderr)
-    write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite)
+    write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite,
+                first_number(opts.prompt))
     if out and args.render:
         for line in render_tunebook(out, args.overwrite, inputs=[model_path]):
             print(line, file=sys.stderr)

@@ -29,6 +29,7 @@ import infer_onnx
 import musicrnn
 import rendering
 import safe_write
+import sampler
 import serve
 from conftest import ROOT, one_error_line, report, run_main, tiny_config
 
@@ -920,3 +921,12 @@ def test_a_whole_number_of_thousands_of_digits_is_too_large_not_not_a_number():
         cli.int_in(0, 2**32 - 1)("9" * 4400)
     with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
         cli.int_in(0, 10)("9" * 4400 + "x")
+
+
+def test_a_prompts_own_tune_number_is_kept_and_counted_on_from(tiny_onnx):
+    """X:42 in the prompt came out as X:1, X:2: the tunebook numbered its tunes from 1."""
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "2", "--max-tokens", "20",
+                              "--prompt", "X:42\nL:1/8\nM:6/8\nK:D\n")
+    assert code == 0 and out.startswith("X:42\nL:1/8\nM:6/8\nK:D\n"), (out, err)
+    assert re.findall(r"(?m)^X:.*$", out) == ["X:42", "X:43"]
+    assert sampler.first_number("X:1\n") == 1 and sampler.first_number("T:x\nX:7\n") == 1  # X: is first or none
