@@ -297,7 +297,10 @@ def judge_sweep(args, corpus: list[str], generate_fn, facts) -> list[dict]:
     return sweep(generate_fn, opts, corpus, args.temperatures)
 
 
-def judge_forms(args, corpus: list[str], generate_fn, facts) -> list[dict]:
+def judge_forms(args, corpus: list[str], generate_fn, facts, log=print) -> list[dict]:
+    if not facts.control_codes:  # the free rows are then its base rate, the same tunes for every request
+        log("this model was trained without control codes (train --control): its free rows never read the "
+            "form asked for; only the constrained rows are held to it")
     return form_sweep(generate_fn, sampler.SamplingOptions(num=args.num, seed=args.seed, temperature=args.temperature))
 
 

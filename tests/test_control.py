@@ -203,6 +203,7 @@ def test_the_forms_table_measures_requests_free_and_constrained(tiny_onnx, tmp_p
     assert all(r["sections"] == r["bars"] == 1.0 for r in rows if r["constrained"])
     assert all(r.get("bar_clean", 1.0) == 1.0 for r in rows if r["constrained"])
     assert "| 8+8 | any | yes | 100% | 100% |" in printed
+    assert "trained without control codes (train --control): its free rows never read the form" in printed
 
 
 def test_without_abc2midi_the_forms_table_says_why_it_lacks_its_verdict(tiny_onnx, tmp_path, monkeypatch):
