@@ -115,6 +115,20 @@ def check_checkpoint_fields(ckpt: dict, source: str) -> None:
     types = ckpt.get("tune_types", [])
     if not (isinstance(types, (list, tuple)) and all(isinstance(t, str) for t in types)):
         _refuse(source, "tune_types", types, "a list of tune types as text")
+    optimizer = ckpt.get("optimizer")
+    for group in optimizer.get("param_groups", []) if isinstance(optimizer, dict) else []:
+        if not _adam_settings(group):  # a --resume would train on with them: Adam with betas of 5 diverges
+            shown = {k: group.get(k) for k in ("betas", "eps", "weight_decay")} if isinstance(group, dict) else group
+            _refuse(source, "optimizer's settings", shown, "Adam's: betas from 0 to under 1, eps above 0, "
+                                                           "weight_decay 0 or more")
+
+
+def _adam_settings(group) -> bool:
+    if not isinstance(group, dict):
+        return False
+    betas, eps, decay = group.get("betas"), group.get("eps"), group.get("weight_decay", 0.0)
+    return (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+            and _is_number(eps) and 0 < eps < math.inf and _is_number(decay) and 0 <= decay < math.inf)
 
 
 def _is_int(value) -> bool:

@@ -155,6 +155,18 @@ def test_crafted_checkpoint_fields_are_one_line_naming_the_field(field, value, t
     assert "epoch " not in out
 
 
+@pytest.mark.parametrize("change", [{"betas": (5.0, -1.0)}, {"eps": -1.0}, {"betas": "x"},
+                                    {"weight_decay": float("nan")}])
+def test_crafted_optimizer_settings_are_one_line_not_a_run_that_diverges(change, tiny_run, tmp_path):
+    """Adam with betas of 5 resumed without a word, and trained on to NaN."""
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt["optimizer"]["param_groups"][0].update(change)
+    torch.save(ckpt, tmp_path / "last.pt")
+    code, out, err = run_main(musicrnn.main, "train", "--out", tmp_path, "--resume", "--epochs", "5")
+    assert one_error_line(code, err) and "optimizer's settings must be Adam's" in err, err
+    assert "epoch " not in out
+
+
 def test_tune_types_that_are_not_a_list_are_one_line_in_export_and_types(tiny_run, fixture_data, tmp_path):
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     torch.save({**ckpt, "tune_types": 5}, tmp_path / "crafted.pt")
