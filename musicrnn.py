@@ -94,7 +94,7 @@ class Config:
     schedule: str = "cosine"                    # "cosine" (warm-up then decay) or "plateau" (halve when stuck)
     warmup_steps: int = 50                      # linear warm-up, cosine schedule only
     epochs: int = 24                            # passes over the training tunes (what 10 min on 2 cores fit in bf16
-                                                # on a quick hour; a slower one anneals by the clock: README)
+                                                # on this host; a slower one anneals by the clock: README)
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
     precision: str = "auto"                     # products in "bf16", "fp32", or "auto": bf16 where the device has bf16 units
@@ -164,11 +164,11 @@ class MusicDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tunes: list[str], vocab: Vocabulary, codes: list[str] | None = None):
-        # int32 arrays, not lists of Python ints: 4 bytes a token instead of 8 or more
         codes = codes or [""] * len(tunes)
+        # int32 arrays, not lists of Python ints: 4 bytes a token instead of 8 or more
         self.sequences = [np.array([vocab.eos_id, *vocab.encode(c + t), vocab.eos_id], dtype=np.int32)
                           for c, t in zip(codes, tunes)]
-        self.given = [len(vocab.encode(c)) for c in codes]  # leading tokens read but not scored
+        self.code_tokens = [len(vocab.encode(c)) for c in codes]  # leading tokens read but not scored
         self.pad_id = vocab.pad_id
         self.chars = sum(len(t) for t in tunes)
         self.unknown = sum(int((seq == vocab.unk_id).sum()) for seq in self.sequences)
@@ -179,7 +179,7 @@ class MusicDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         seq = self.sequences[i]
         x, y = seq[:-1], seq[1:].copy()  # the one-step shift: y[t] is the token after x[t]
-        y[: self.given[i]] = self.pad_id  # the code is read, never predicted: padding, to the loss
+        y[: self.code_tokens[i]] = self.pad_id  # the code is read, never predicted: padding, to the loss
         return x, y
 
     def lengths(self) -> np.ndarray:
@@ -188,7 +188,7 @@ class MusicDataset(torch.utils.data.Dataset):
 
     def scored(self) -> np.ndarray:
         """Tokens scored per tune (its code's left out): what the loss divides by."""
-        return self.lengths() - np.array(self.given, dtype=np.int64)
+        return self.lengths() - np.array(self.code_tokens, dtype=np.int64)
 
 
 CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 1,927
@@ -425,13 +425,23 @@ class Run:
     optimizer: torch.optim.Optimizer
     progress: Progress
     world: World                                  # this process among the training's (distributed.py)
-    stepper: nn.Module                            # the model steps go through: DistributedDataParallel(model) or it
+    ddp_model: nn.Module                          # the model steps go through: DistributedDataParallel(model) or it
     bf16: bool = False                            # the step's products in bfloat16 (bf16_products)
     started: float = 0.0                          # time.time() when the first epoch began
 
     def time_used(self) -> float:
         """The share of --max-minutes spent so far."""
         return (time.time() - self.started) / (self.cfg.max_minutes * 60)
+
+
+def chunk_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state, pad_id: int,
+              bf16: bool = False) -> tuple[torch.Tensor, tuple]:
+    """The summed loss (nats) of one chunk x, y (B, t) of a batch, and the LSTM state after it.
+    The padding mask is ignore_index: a target that is <pad> (a short tune's tail, or a control
+    code's token, which is read but not scored) adds nothing to the loss or its gradient."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        logits, state = model(x, state)                                   # (B, t, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=pad_id, reduction="sum"), state
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
@@ -453,9 +463,7 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pa
     optimizer.zero_grad(set_to_none=True)
     state, total = None, 0.0
     for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):   # (B, <= chunk) each
-        with torch.autocast(xc.device.type, torch.bfloat16, enabled=bf16):
-            logits, state = model(xc, state)                              # (B, t, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), yc.flatten(), ignore_index=pad_id, reduction="sum")
+        nll, state = chunk_nll(model, xc, yc, state, pad_id, bf16)
         (nll * ranks / tokens).backward()
         total += nll.item()
         state = tuple(s.detach() for s in state)
@@ -502,10 +510,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     with removed_if_failed(out), distributed.session(cfg.device) as (world, device):  # a failed start leaves no folder
         log = log if world.writer else (lambda *args: None)
         with folder_lock(out) if world.writer else contextlib.nullcontext():
-            return train_locked(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
+            return train_loop(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
 
 
-def train_locked(run: Run, tensorboard: bool, log) -> dict:
+def train_loop(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
@@ -556,7 +564,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
         tokens = int(scored[batch].sum())                                  # scored tokens of the whole batch
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
-        loss = train_step(run.stepper, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
+        loss = train_step(run.ddp_model, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
                           tokens, world.size, run.bf16)
         sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
         bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
@@ -626,7 +634,7 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
                   Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
-    run.stepper = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
+    run.ddp_model = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     run.bf16 = bf16_products(cfg.precision, device)
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}, {'bf16' if run.bf16 else 'fp32'} products")
@@ -725,9 +733,7 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
         x, y = collate([dataset[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
         state = None
         for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):  # long tunes: the state carried on
-            logits, state = model(xc.to(device), state)                    # (B, t, V)
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), yc.to(device).flatten(),
-                                  ignore_index=pad_id, reduction="sum")
+            nll, state = chunk_nll(model, xc.to(device), yc.to(device), state, pad_id)
             total_nll += nll.item()
     total_nll, total_tokens = world.sum(total_nll), int(dataset.scored().sum())
     loss = total_nll / total_tokens
@@ -744,7 +750,14 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
 # where the temperature acts: the logits are divided by it (below 1 sharpens the
 # distribution, above 1 flattens it), top-k keeps the k largest, and one uniform number
 # per tune draws the token from the cumulative probabilities. The loop lives in a
-# torch-free module so that infer_onnx.py runs the very same code over onnxruntime.
+# torch-free module so that infer_onnx.py runs the very same code over onnxruntime. In short:
+#
+#     state, token = None, <eos>                            # <eos> also starts a tune
+#     repeat:
+#         logits, state = step(token, state)                # (B, V); the state carried to the next step
+#         logits += constraint.penalty(tune, tokens_left)   # with --constrained: -inf on illegal tokens
+#         token = sample_next(logits / temperature)         # one uniform draw per tune
+#         constraint.advance(tune, token)
 
 
 def torch_step(model: MusicRNN, device: torch.device):
@@ -771,16 +784,15 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # Before each draw, the sampler adds a mask to every tune's logits: 0 for the tokens that
 # keep the tune valid, -inf for the others, so they are never drawn and the rest keep their
 # relative probabilities (sampler.generate_tunes builds the constraint; sampler.mask_illegal adds
-# constraint.penalty(tune) to each row's logits before sample_next draws, and
+# constraint.penalty(tune, tokens_left) to each row's logits before sample_next draws, and
 # constraint.advance(tune, token) follows the token drawn). abc_constraint.AbcConstraint follows
 # the ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: in that order;
 # bars that are exactly full (broken rhythm, triplets, chords, ties and pickups counted); chords
-# and grace groups closed;
-# an end only after 4 full bars, 16 notes and a section end; the end within max_bars bars
-# and max_tokens tokens (when it must end, the bars left take the longest notes that fit,
-# and the next section end closes the tune, 4 bars or not). Asked for a form (--form,
-# --sections/--bars: opts.form), it holds exactly that many sections of exactly those bars,
-# counted as abc_form counts them, and ends after the last. It never replaces the model's
+# and grace groups closed; an end only after 4 full bars, 16 notes and a section end; the end
+# within max_bars bars and max_tokens tokens (when it must end, the bars left take the longest
+# notes that fit, and the next section end closes the tune, 4 bars or not). Asked for a form
+# (--form, --sections/--bars: opts.form), it holds exactly that many sections of exactly those
+# bars, counted as abc_form counts them, and ends after the last. It never replaces the model's
 # choice, it only removes the illegal ones.
 
 
