@@ -576,7 +576,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
 
 def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> bool:
     """Validate, log, write the checkpoints; True when early stopping ends the run."""
-    p, out = run.progress, Path(run.cfg.out_dir)
+    p = run.progress
     p.epoch += 1
     val = evaluate(run.model, run.val_set, run.vocab.pad_id, run.device, world=run.world)
     row = {"epoch": p.epoch, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
@@ -584,10 +584,7 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
            "padding": figures["padding"], "elapsed_s": time.time() - run.started,
            "lr": run.optimizer.param_groups[0]["lr"], "epoch_share": figures["epoch_share"]}
     p.history.append(row)
-    log(f"epoch {p.epoch:3d} | train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} | "
-        f"val bits/char {val['bits_per_char']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
-        f"padding {row['padding']:.1%} | lr {row['lr']:.2e} | {row['elapsed_s'] / 60:.1f} min"
-        + (f" (time budget reached {row['epoch_share']:.0%} into the epoch)" if out_of_time else ""))
+    log(epoch_line(row, out_of_time))
     if writer:
         for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
             writer.add_scalar(key, row[key], p.epoch)
@@ -598,14 +595,28 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
         p.stale += 1
         p.lr_scale *= 0.5  # only the plateau schedule reads it
     if run.world.writer:
-        with deferred_interrupt():  # Ctrl-C waits for both: never a new best.pt beside an old last.pt
-            if improved:
-                save_checkpoint(out / "best.pt", run)
-            save_checkpoint(out / "last.pt", run)
+        write_checkpoints(run, improved)
     if p.stale >= run.cfg.patience and p.epoch < run.cfg.epochs:
         log(f"early stop: no better validation loss for {run.cfg.patience} epochs")
         return True
     return False
+
+
+def epoch_line(row: dict, out_of_time: bool) -> str:
+    return (f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} | "
+            f"val bits/char {row['val_bits_per_char']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"padding {row['padding']:.1%} | lr {row['lr']:.2e} | {row['elapsed_s'] / 60:.1f} min"
+            + (f" (time budget reached {row['epoch_share']:.0%} into the epoch)" if out_of_time else ""))
+
+
+def write_checkpoints(run: Run, improved: bool) -> None:
+    """last.pt, and best.pt when the epoch improved: Ctrl-C (or kill) waits for both, so that a
+    new best.pt never sits beside an old last.pt."""
+    out = Path(run.cfg.out_dir)
+    with deferred_interrupt():
+        if improved:
+            save_checkpoint(out / "best.pt", run)
+        save_checkpoint(out / "last.pt", run)
 
 
 def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log,
