@@ -621,21 +621,14 @@ def write_checkpoints(run: Run, improved: bool) -> None:
 
 def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None, log,
               world: World | None = None, device_name: str | None = None) -> Run:
-    """A new run, or with resume the one in OUT/last.pt (resumed_config says which settings
-    this command may change). world and device_name come from distributed.session."""
-    last_path = Path(cfg.out_dir) / "last.pt"
-    ckpt = load_checkpoint(str(last_path)) if resume else None
-    check_run_files(last_path.parent, RUN_FILES, replace=resume or overwrite,  # all of them, before any epoch
-                    inputs=(cfg.train_data, cfg.val_data))
-    if ckpt is not None:
-        cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
-    check_config(cfg, "the settings")
-    check_unused_flags(cfg, given)
+    """A new run, or with resume the one in OUT/last.pt. world and device_name come from
+    distributed.session."""
+    cfg, ckpt = run_settings(cfg, resume, overwrite, given)
     device = pick_device(device_name or cfg.device)
     seed_everything(cfg.seed)
     train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit)
     val_tunes, val_codes = load_collection(cfg.val_data, cfg.control)
-    with checkpoint_mismatch(str(last_path)):
+    with checkpoint_mismatch(str(Path(cfg.out_dir) / "last.pt")):
         texts = train_tunes + (train_codes or [])
         vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(texts, cfg)
         model = build_model(cfg, len(vocab)).to(device)
@@ -647,14 +640,36 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
             restore(run, ckpt, log)
     run.ddp_model = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     run.bf16 = bf16_products(cfg.precision, device)
-    log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
-        f"({cfg.tokenizer} tokens); {distributed.describe(world, device)}, {'bf16' if run.bf16 else 'fp32'} products")
-    warn_if_validation_is_trained_on(train_tunes, val_tunes, log)
-    if ckpt and run.train_set.unknown:  # a run's vocabulary comes from its training tunes: these are not those
-        log(f"warning: {run.train_set.unknown} symbols of the training tunes are not in {last_path}'s vocabulary "
-            f"and are read as <unk>: {cfg.train_data} has changed since the run began")
-    log(parameter_summary(model))
+    describe_run(run, val_tunes, resumed=ckpt is not None, log=log)
     return run
+
+
+def run_settings(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None) -> tuple[Config, dict | None]:
+    """The settings a run trains with, and with resume OUT/last.pt (resumed_config says which settings
+    this command may change); the run's files checked before any epoch."""
+    last_path = Path(cfg.out_dir) / "last.pt"
+    ckpt = load_checkpoint(str(last_path)) if resume else None
+    check_run_files(last_path.parent, RUN_FILES, replace=resume or overwrite,  # all of them, before any epoch
+                    inputs=(cfg.train_data, cfg.val_data))
+    if ckpt is not None:
+        cfg = resumed_config(ckpt, cfg, given, str(last_path))  # only some settings may change (settings.py)
+    check_config(cfg, "the settings")
+    check_unused_flags(cfg, given)
+    return cfg, ckpt
+
+
+def describe_run(run: Run, val_tunes: list[str], resumed: bool, log) -> None:
+    """What a run trains on, where, and what its user should know before the first epoch."""
+    cfg, vocab = run.cfg, run.vocab
+    log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
+        f"({cfg.tokenizer} tokens); {distributed.describe(run.world, run.device)}, "
+        f"{'bf16' if run.bf16 else 'fp32'} products")
+    warn_if_validation_is_trained_on(run.train_tunes, val_tunes, log)
+    if resumed and run.train_set.unknown:  # a run's vocabulary comes from its training tunes: these are not those
+        log(f"warning: {run.train_set.unknown} symbols of the training tunes are not in "
+            f"{Path(cfg.out_dir) / 'last.pt'}'s vocabulary and are read as <unk>: {cfg.train_data} has changed "
+            f"since the run began")
+    log(parameter_summary(run.model))
 
 
 def warn_if_validation_is_trained_on(train_tunes: list[str], val_tunes: list[str], log) -> None:
