@@ -15,7 +15,7 @@ PYTHON := .venv/bin/python
 # 1.06-1.09x (13347fd's); without dropout, the same steps as 1 process
 TRAIN_PROCS := $(shell nproc 2>/dev/null | awk '{print ($$1 >= 2) ? 2 : 1}')
 TRAIN := $(PYTHON) musicrnn.py train --procs $(TRAIN_PROCS)
-SOURCES := musicrnn.py distributed.py abc_tokens.py abc_music.py abc_form.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
+SOURCES := musicrnn.py checkpoint_files.py distributed.py abc_tokens.py abc_music.py abc_form.py abc_constraint.py sampler.py plots.py safe_write.py settings.py corpus.py cli.py
 
 # chosen by measured experiments (README): two layers, dropout, half the tunes in a new key each epoch,
 # at the rate and batch it was measured with; bf16 products (where the CPU has them) run faster than fp32

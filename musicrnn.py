@@ -36,12 +36,9 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
-import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -61,12 +58,13 @@ import sampler
 from abc_form import control_code
 from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune, tune_types
 from abc_tokens import Vocabulary
+from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
 from cli import UserError
 from corpus import load_records, load_tunes
 from distributed import World
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
-from settings import (FLAG_CHOICES, FLAG_TYPES, check_checkpoint_fields, check_config, check_unused_flags,
-                      config_from_dict, resumed_config)
+from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_unused_flags, config_from_dict,
+                      resumed_config)
 
 
 @dataclass
@@ -336,32 +334,24 @@ def pick_device(name: str) -> torch.device:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: plain dicts of tensors and builtins, loadable with weights_only=True
+# checkpoints: plain dicts of tensors and builtins, as nanoGPT's
+#
+# save_checkpoint writes one atomically; checkpoint_files.load_checkpoint reads it back with
+# weights_only=True (tensors and plain values, never code), refusing in one line a file that is not
+# one of ours, and check_finite refuses the weights of a training that diverged.
 
-CHECKPOINT_KEYS = {"model", "config", "vocab", "optimizer", "epoch", "step", "best_val_loss"}
 
-
-def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint dict. Refuses anything that is not one: never unpickles code."""
-    cli.check_model_file(path, "checkpoint", "best.pt", " (`make train` writes it)" if path == "runs/best.pt" else "")
-    if not os.access(path, os.R_OK):  # zipfile.is_zipfile would call it "not a zip file"
-        raise UserError(f"{path}: permission denied")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a musicrnn checkpoint (not a PyTorch zip file)")
-    try:
-        with warnings.catch_warnings():  # torch's own warnings would come before our one line
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: not a musicrnn checkpoint (it holds Python objects, and loading those "
-                        f"would run code; musicrnn loads tensors and plain values only)") from None
-    except Exception as e:  # truncated zip, foreign format: all the same to a user
-        raise UserError(f"{path}: not a readable musicrnn checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
-        raise UserError(f"{path}: not a musicrnn checkpoint (missing {sorted(CHECKPOINT_KEYS - set(ckpt or {}))})"
-                        if isinstance(ckpt, dict) else f"{path}: not a musicrnn checkpoint")
-    check_checkpoint_fields(ckpt, path)  # epoch, step, history, ...: refused here if not as training writes them
-    return ckpt
+def save_checkpoint(path: Path, run: Run) -> None:
+    p = run.progress
+    ckpt = {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
+        "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
+        "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
+    }
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    write_atomic(path, buffer.getvalue())  # a crash mid-write never leaves half a checkpoint
 
 
 def model_facts(ckpt: dict, cfg: Config) -> sampler.ModelFacts:
@@ -377,23 +367,6 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRN
         model.load_state_dict(ckpt["model"])
     check_finite(model, path)
     return model.eval(), cfg, vocab
-
-
-def check_finite(model: MusicRNN, path: str) -> None:
-    """Refuse NaN or infinite weights (a training that diverged, a crafted file): their outputs are too."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise UserError(f"{path}: its weights are not finite (NaN or inf in {', '.join(bad[:3])}); "
-                        f"use a checkpoint of a training that did not diverge")
-
-
-@contextlib.contextmanager
-def checkpoint_mismatch(path: str):
-    """A checkpoint whose parts do not fit musicrnn's model or optimizer: one line, no traceback."""
-    try:
-        yield
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
-        raise UserError(f"{path}: checkpoint does not match musicrnn's model ({cli.first_line(e, 120)})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -706,19 +679,6 @@ def stored_config(cfg: Config) -> dict:
     finds the data from any folder (a URL stays as typed)."""
     local = [name for name in ("train_data", "val_data") if "://" not in getattr(cfg, name)]
     return asdict(cfg) | {name: os.path.abspath(getattr(cfg, name)) for name in local}
-
-
-def save_checkpoint(path: Path, run: Run) -> None:
-    p = run.progress
-    ckpt = {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
-        "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
-        "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
-    }
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    write_atomic(path, buffer.getvalue())  # a crash mid-write never leaves half a checkpoint
 
 
 def seed_everything(seed: int) -> None:

@@ -14,6 +14,7 @@ import torch
 
 import abc_music
 import abc_tokens
+import checkpoint_files
 import cli
 import sampler
 import musicrnn
@@ -28,7 +29,7 @@ def run_cli(*args, cwd=ROOT):
 def test_training_lowers_both_losses_and_writes_loadable_checkpoints(tiny_run):
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(tiny_run / name, weights_only=True)
-        assert musicrnn.CHECKPOINT_KEYS <= ckpt.keys()
+        assert checkpoint_files.CHECKPOINT_KEYS <= ckpt.keys()
         assert ckpt["config"]["hidden_dim"] == 32 and ckpt["vocab"]["kind"] == "char"
     history = torch.load(tiny_run / "last.pt", weights_only=True)["history"]
     assert len(history) == 3
