@@ -12,9 +12,10 @@ Holds:
 - transposition: transpose_tune, TransposeError, parse_note_range;
 - lengths and rhythm: scale_lengths, token_length, change_rhythm, set_unit_length.
 
-Pitches are tracked the way ABC defines them: key signature, then accidentals that hold to
-the end of the bar for that pitch and octave. The tests check every rewrite against
-abc2midi, an independent ABC parser.
+Pitches are read as abc2midi plays them: key signature, then accidentals that hold to the end
+of the bar for that letter in every octave (the standard says that octave only); a rewrite writes
+an accidental wherever either reading would need one, so both hear the same notes. The tests
+check every rewrite against abc2midi, an independent ABC parser.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def _rewrite_lengths(abc: str, factor_for) -> str:
         elif chord is not None:
             chord.append((token, kind))
             continue
-        elif in_body and kind in ("note", "rest"):
+        elif in_body and kind in ("note", "rest", "grace"):  # a grace group's notes are lengths of L too
             token = scale_lengths(token, factor)
         out.append(token)
     return "".join(out + [t for t, _ in chord or []])
@@ -445,9 +446,9 @@ def _note_pitch(acc, letter, octave_marks, signature, bar_alter) -> _Pitch:
     octave = (5 if letter.islower() else 4) + octave_marks.count("'") - octave_marks.count(",")
     index = LETTERS.index(letter.upper())
     step = octave * 7 + index
-    if acc:
-        bar_alter[step] = ACCIDENTALS[acc]
-    alter = bar_alter.get(step, signature.get(index, 0))
+    if acc:  # as abc2midi hears it: to the bar's end, for this letter in every octave
+        bar_alter[index] = ACCIDENTALS[acc]
+    alter = bar_alter.get(index, signature.get(index, 0))
     return _Pitch(step, 12 * (octave + 1) + NATURAL[letter.upper()] + alter)
 
 
@@ -464,9 +465,11 @@ def _spell(pitch: _Pitch, steps: int, semitones: int, signature, bar_alter) -> s
         natural = 12 * (octave + 1) + NATURAL[LETTERS[index]]
         alter = pitch.midi + semitones - natural
     accidental = ""
-    if bar_alter.get(step, signature.get(index, 0)) != alter:
+    heard = bar_alter.get(index, signature.get(index, 0))            # abc2midi: the letter, every octave
+    read = bar_alter.get(("octave", step), signature.get(index, 0))  # the standard: this octave only
+    if heard != alter or read != alter:  # written wherever either reading would need it
         accidental = ACCIDENTAL_FOR[alter]
-        bar_alter[step] = alter
+        bar_alter[index] = bar_alter[("octave", step)] = alter
     letter = LETTERS[index] if octave <= 4 else LETTERS[index].lower()
     marks = "," * max(0, 4 - octave) + "'" * max(0, octave - 5)
     return accidental + letter + marks
@@ -629,7 +632,8 @@ def change_rhythm(abc: str, factor) -> str:
 
 
 def set_unit_length(abc: str, unit: str) -> str:
-    """Rewrite L: and every length so that the music is identical: L:1/8 A2 == L:1/16 A4."""
+    """Rewrite L: and every length, grace notes' too, so that the music is identical: L:1/8 A2 ==
+    L:1/16 A4 (abc2midi plays rolls and trills as runs in fractions of L, which no rewrite keeps)."""
     target = Fraction(unit)
     head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]  # an L: line in the body changes the unit from there on
     header = re.search(r"(?m)^L:\s*(\d+/\d+)", head)

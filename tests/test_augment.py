@@ -73,6 +73,20 @@ def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, s
 
 @pytest.mark.slow
 @needs_abcmidi
+@pytest.mark.parametrize("body, in_a", [("^C =c C c z4 |", "^D =d =D d"), ("^C c z6 |", "^D ^d"),
+                                        ("d>e=fe dcA^F | ^F4 f4 |", "e>f=gf edB^G")])
+def test_an_accidental_holds_for_its_letter_in_every_octave_as_abc2midi_plays_it(tmp_path, body, in_a):
+    """abc2midi carries a bar's accidental to the letter's other octaves (^C c: C# c#), the standard to
+    that octave alone: a transposition wrote the accidental only where its own reading needed it, and
+    abc2midi played 25 corpus tunes a semitone off somewhere."""
+    tune = f"X:1\nL:1/8\nM:4/4\nK:G\n{body}\n"
+    for shift in (2, -5):
+        moved = abc_music.transpose_tune(tune, shift, 0, 127)
+        assert midi_notes(moved, tmp_path)[0] == [(on, d, p + shift) for on, d, p in midi_notes(tune, tmp_path)[0]]
+    assert in_a in abc_music.transpose_tune(tune, 2)  # in K:A, the notes both readings agree on
+
+
+@needs_abcmidi
 @pytest.mark.parametrize("shift", [1, 5, -4, 6])
 def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
     for tune in fixture_tunes:
@@ -83,13 +97,14 @@ def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
 @needs_abcmidi
 @pytest.mark.parametrize("unit", ["1/4", "1/8", "1/16"])
 def test_unit_length_rewrite_keeps_the_music_identical(fixture_tunes, tmp_path, unit):
-    """abc2midi plays grace notes, rolls and trills in fractions of L, so those ornaments are
-    left out of the comparison (-NGRA, and ~ !trill! removed from both): all else must match."""
+    """abc2midi plays rolls and trills as runs of notes in fractions of L, so those are left out of
+    the comparison (~ !trill! removed from both); a grace group's notes are lengths of L and are
+    rewritten with the rest (they were not: {c}B4 -> {c}B8 halved the grace). All else must match."""
     for tune in fixture_tunes:
         rewritten = abc_music.set_unit_length(tune, unit)
         assert f"L:{unit}" in rewritten and rewritten.count("~") == tune.count("~")
         plain_before, plain_after = without_ornaments(tune), without_ornaments(rewritten)
-        assert midi_notes(plain_after, tmp_path, "-NGRA") == midi_notes(plain_before, tmp_path, "-NGRA"), rewritten
+        assert midi_notes(plain_after, tmp_path) == midi_notes(plain_before, tmp_path), rewritten
 
 
 @needs_abcmidi
@@ -120,12 +135,12 @@ def test_a_key_that_writes_out_its_accidentals_is_not_transposed(key):
 
 @needs_abcmidi
 def test_rhythm_doubling_doubles_every_duration_and_keeps_bars_full(fixture_tunes, tmp_path):
-    """Ornaments aside, as above: abc2midi plays them in fractions of L, which does not change."""
+    """Rolls and trills aside, as above; grace notes double with the rest."""
     for tune in fixture_tunes:
         tune = without_ornaments(tune)
-        before, warnings_before = midi_notes(tune, tmp_path, "-NGRA")
+        before, warnings_before = midi_notes(tune, tmp_path)
         doubled = abc_music.change_rhythm(tune, 2)
-        after, warnings_after = midi_notes(doubled, tmp_path, "-NGRA")
+        after, warnings_after = midi_notes(doubled, tmp_path)
         assert [(2 * on, 2 * dur) for on, dur, _ in before] == durations(after), doubled
         assert [p for *_, p in after] == [p for *_, p in before]
         assert len(warnings_after) <= len(warnings_before), warnings_after
