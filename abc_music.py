@@ -406,7 +406,9 @@ def playable_key(value: str) -> bool:
 
 def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
     """The key a number of semitones away, spelled with the fewest accidentals, and the
-    number of letter steps between the two tonics."""
+    number of letter steps between the two tonics (an octave more for each 12 semitones more)."""
+    octaves, semitones = divmod(semitones + 6, 12)  # the key of a shift within -6..+5, then whole octaves
+    semitones -= 6
     pitch = (NATURAL[LETTERS[key.tonic]] + key.alter + semitones) % 12
     best = None
     for steps in range(-7, 8):
@@ -423,7 +425,7 @@ def transpose_key(key: Key, semitones: int) -> tuple[Key, int]:
         cost = (abs(fifths), abs(interval - semitones))
         if best is None or cost < best[0]:
             best = (cost, Key(letter, alter, key.mode, key.rest, fifths), steps)
-    return best[1], best[2]
+    return best[1], best[2] + 7 * octaves
 
 
 def _letter_semitones(letter: int, steps: int) -> int:

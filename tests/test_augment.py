@@ -231,3 +231,12 @@ def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
     a = [augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
     b = [augment_tune(t, np.random.default_rng(7), 0.5, 0.5) for t in fixture_tunes]
     assert a == b  # seeded, so --resume replays the same epochs
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("shift", [13, 24, -13, -30])
+def test_a_shift_of_more_than_an_octave_moves_every_pitch_by_it(tmp_path, shift):
+    """transpose_key searched letter steps within an octave: 13 semitones raised a bare KeyError."""
+    tune = "X:1\nL:1/8\nM:4/4\nK:G\nABcd ^c=fed|\n"
+    moved = abc_music.transpose_tune(tune, shift, low=0, high=127)
+    assert [p for *_, p in midi_notes(moved, tmp_path)[0]] == [p + shift for *_, p in midi_notes(tune, tmp_path)[0]]
