@@ -607,9 +607,15 @@ def change_rhythm(abc: str, factor) -> str:
     """Every note and rest length times factor (2, 1/2); M: scales with them so bars stay full.
 
     M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
-    L:, broken rhythm, tuplets, chord symbols and decorations are untouched.
+    L:, broken rhythm, tuplets, chord symbols and decorations are untouched; a tune without L: gets
+    the one it had by default, which the new meter would change (M:6/8's is 1/8, M:6/16's 1/16).
     """
     factor = Fraction(factor)
+    head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]
+    if not re.search(r"(?m)^L:", head):
+        meter = re.search(r"(?m)^M:(.*)$", head)
+        unit = default_unit(meter.group(1) if meter else None)
+        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
 
     def fields(token):
         if token is None:

@@ -240,3 +240,13 @@ def test_a_shift_of_more_than_an_octave_moves_every_pitch_by_it(tmp_path, shift)
     tune = "X:1\nL:1/8\nM:4/4\nK:G\nABcd ^c=fed|\n"
     moved = abc_music.transpose_tune(tune, shift, low=0, high=127)
     assert [p for *_, p in midi_notes(moved, tmp_path)[0]] == [p + shift for *_, p in midi_notes(tune, tmp_path)[0]]
+
+
+@needs_abcmidi
+@pytest.mark.parametrize("header, factor", [("X:1\nM:6/8\nK:G\n", Fraction(1, 2)), ("X:1\nM:2/4\nK:G\n", 2)])
+def test_a_rhythm_change_keeps_the_default_unit_of_a_tune_without_l(tmp_path, header, factor):
+    """M:6/8 -> M:6/16 would change the default L: from 1/8 to 1/16: every bar broke."""
+    tune = header + ("GAB cde|d3 B3|\n" if "6/8" in header else "GABc defg|a4 g4|\n")  # full bars: 6/8, 8/16
+    changed = abc_music.change_rhythm(tune, factor)
+    before, after = midi_notes(tune, tmp_path), midi_notes(changed, tmp_path)
+    assert before[1] == after[1] == [] and [(on * factor, d * factor) for on, d, _ in before[0]] == durations(after[0]), changed
