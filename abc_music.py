@@ -477,12 +477,12 @@ def _spell(pitch: _Pitch, steps: int, semitones: int, signature, bar_alter) -> s
     return accidental + letter + marks
 
 
-_CHORD_ROOT = re.compile(r'(")([A-G])([#b]?)([^"/]*)(?:/([A-G])([#b]?))?(")')
+_CHORD_ROOT = re.compile(r'("\(?)([A-G])([#b]?)([^"/)]*)(?:/([A-Ga-g])([#b]?))?(\)?")')  # as CHORD_SYMBOL reads it
 
 
 def _transpose_chord_symbol(text: str, semitones: int, sharps: bool) -> str:
     def name(letter: str, acc: str) -> str:
-        pc = (NATURAL[letter] + KEY_ACCIDENTALS[acc] + semitones) % 12
+        pc = (NATURAL[letter.upper()] + KEY_ACCIDENTALS[acc] + semitones) % 12  # a bass may be written "G/b"
         names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"] if sharps else \
             ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
         return names[pc]

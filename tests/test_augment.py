@@ -249,4 +249,11 @@ def test_a_rhythm_change_keeps_the_default_unit_of_a_tune_without_l(tmp_path, he
     tune = header + ("GAB cde|d3 B3|\n" if "6/8" in header else "GABc defg|a4 g4|\n")  # full bars: 6/8, 8/16
     changed = abc_music.change_rhythm(tune, factor)
     before, after = midi_notes(tune, tmp_path), midi_notes(changed, tmp_path)
-    assert before[1] == after[1] == [] and [(on * factor, d * factor) for on, d, _ in before[0]] == durations(after[0]), changed
+    scaled = [(on * factor, d * factor) for on, d, _ in before[0]]
+    assert before[1] == after[1] == [] and scaled == durations(after[0]), changed
+
+
+def test_chord_symbols_with_a_lowercase_bass_or_in_parentheses_move_with_the_tune():
+    """CHORD_SYMBOL reads "G/b" and "(D7)" as chords, the transposition did not: they stayed in D."""
+    moved = abc_music.transpose_tune('X:1\nL:1/8\nM:4/4\nK:D\n"G/b"d2 "Am/c"c2 "(D7)"d2 "F#m7/A"f2|\n', 2)
+    assert '"A/C#"e2 "Bm/D"d2 "(E7)"e2 "G#m7/B"g2|' in moved
