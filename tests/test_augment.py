@@ -71,7 +71,6 @@ def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, s
         assert "".join(tokenize_abc(moved)) == moved
 
 
-@pytest.mark.slow
 @needs_abcmidi
 @pytest.mark.parametrize("body, in_a", [("^C =c C c z4 |", "^D =d =D d"), ("^C c z6 |", "^D ^d"),
                                         ("d>e=fe dcA^F | ^F4 f4 |", "e>f=gf edB^G")])
@@ -86,6 +85,7 @@ def test_an_accidental_holds_for_its_letter_in_every_octave_as_abc2midi_plays_it
     assert in_a in abc_music.transpose_tune(tune, 2)  # in K:A, the notes both readings agree on
 
 
+@pytest.mark.slow
 @needs_abcmidi
 @pytest.mark.parametrize("shift", [1, 5, -4, 6])
 def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
