@@ -207,6 +207,17 @@ def next_code_field(lines: tuple[str, ...] | list[str]) -> str:
     return "B" if since_bar == bars else "E"  # section i (from 0) is i E lines, then its B
 
 
+def is_control_code(text: str) -> bool:
+    """Whether text is a whole control code, its lines in IrishMAN's order (S:, B:, then E: lines and a
+    B: for each later section), whatever their numbers: a corpus holds more sections and bars than a
+    request may ask for (parse_control_code's limits)."""
+    lines = text.split()
+    for i, line in enumerate(lines):
+        if not _CODE_LINE.match(line) or next_code_field(lines[:i]) != line[0]:
+            return False
+    return bool(lines) and next_code_field(lines) == "X"
+
+
 def parse_control_code(text: str, flag: str = "--form") -> tuple[tuple[int, ...], str]:
     """A control code as a user may type it ("S:2 B:8 E:3 B:8", newlines, commas or a literal
     \\n between lines) -> (bars of each section, the code in IrishMAN's form)."""

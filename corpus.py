@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from abc_form import is_control_code
 from abc_music import header_field, read_tunebook, readable_lengths
 from cli import UserError, first_line
 from safe_write import write_atomic
@@ -98,22 +99,26 @@ def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
     fields = dict.fromkeys(key for item in items if isinstance(item, dict) for key in item)  # in order, once each
     if fields and "abc notation" not in fields:
         raise UserError(f"{path}: records have no \"abc notation\" field (found: {', '.join(map(str, fields))})")
-    records, skipped, odd_codes = [], Counter(), 0
+    records, skipped, odd_codes, not_codes = [], Counter(), 0, 0
     for item in items:
         problem = _not_a_tune(item)
         if problem:
             skipped[problem] += 1
             continue
-        # a code that is not text is read as none, as if absent: the tune is still good, and a
-        # --control model computes its code from the tune (musicrnn.load_collection)
+        # a code that is not text, or not a code, is read as none, as if absent: the tune is still good,
+        # and a --control model computes its code from the tune (musicrnn.load_collection)
         code = item.get("control code")
         odd_codes += code is not None and not isinstance(code, str)
-        records.append((_code_lines(code) if isinstance(code, str) else "", _lines(item["abc notation"])))
+        code = _code_lines(code) if isinstance(code, str) else ""
+        not_codes += bool(code.strip()) and not is_control_code(code)
+        records.append((code if is_control_code(code) else "", _lines(item["abc notation"])))
     why = []
     if skipped:
         why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))
     if odd_codes:
         why.append(f'{odd_codes} "control code" not text, read as none')
+    if not_codes:
+        why.append(f'{not_codes} "control code" not a code (S:, B:, E: lines in order), read as none')
     return records, "; ".join(why)
 
 

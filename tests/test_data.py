@@ -326,3 +326,15 @@ def test_make_data_recipes_replace_their_own_targets():
     """make reruns a builder when a source changed, so its outputs exist then: the recipes say --overwrite."""
     recipes = (ROOT / "Makefile").read_text()
     assert "-m data.build_corpus --overwrite" in recipes and "-m data.build_large --overwrite" in recipes
+
+
+def test_a_control_code_that_is_not_one_is_read_as_none_and_counted(tmp_path, capsys):
+    """ "garbage" as a code was trained on before each tune; the corpus's own codes, S:11 and B:48
+    among them (past what a request may ask for), are codes."""
+    tune = "X:1\nL:1/8\nM:6/8\nK:D\nABc def|\n"
+    path = tmp_path / "codes.json"
+    path.write_text(json.dumps([{"control code": "garbage", "abc notation": tune},
+                                {"control code": "S:2\nB:8\n", "abc notation": tune},     # a section missing
+                                {"control code": "S:1\nB:48\n", "abc notation": tune}]))
+    assert [code for code, _ in corpus.load_records(str(path))] == ["", "", "S:1\nB:48\n"]
+    assert '2 "control code" not a code (S:, B:, E: lines in order), read as none' in capsys.readouterr().err
