@@ -180,8 +180,9 @@ def test_one_json_object_is_refused_whatever_it_holds(tmp_path):
 
 def test_irishman_json_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "bom.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"control code": "S:1", "abc notation": "X:1\nK:D\nA|"}]).encode())
-    assert corpus.load_records(str(path)) == [("S:1\n", "X:1\nK:D\nA|")]
+    records = [{"control code": "S:1\nB:4", "abc notation": "X:1\nK:D\nA|"}]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert corpus.load_records(str(path)) == [("S:1\nB:4\n", "X:1\nK:D\nA|")]
 
 
 def test_a_tunebook_with_a_byte_order_mark_keeps_its_first_tune(tmp_path):
