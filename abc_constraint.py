@@ -342,9 +342,7 @@ class AbcConstraint:
                 self._end_token_before_chord_symbol(state, prompt[shown:i])
                 i = self._skip_chord_symbol(prompt, i)
                 _accompany(state, prompt[shown:i])
-                while prompt[i:i + 1] == " " and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]:
-                    i += 1  # "D" A2B at a line's start, A2B "D" d2e: a space the rules take nowhere else, no music
-                continue
+                continue  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
             i += 1
             if state.phase == BODY and ch == " " and self._idle_space(state, prompt[i:]):
                 continue  # the automaton reads the tune as if it were not there: the prompt stays as typed
@@ -629,8 +627,9 @@ class AbcConstraint:
                 after = _copy(s)  # ... or it may, and ch, which begins the next one, may not
                 self._commit(after, s.pending)
                 token, after.pending = ch, ""
-        if self._cap_reason(after):
-            return self._cap_reason(after)
+        cap = self._cap_reason(after)
+        if cap:
+            return cap
         if after.final:
             return " (the tune's last bar is closed: only its end may follow)"
         if after.broken_len and token[0] in NOTE_STARTS:
@@ -642,7 +641,8 @@ class AbcConstraint:
     def _why_not_in_bar(self, s: TuneState, token: str, must_end: bool) -> str:
         """_why_refused for a token outside chords, grace groups, tuplets and ties: the bar's time,
         or the bar lines that the form or a pickup allow here."""
-        target, kind = self._bar_target(s, must_end), _bar_kind(s, must_end)
+        target = self._bar_target(s, must_end)
+        kind = _bar_kind(s, target)
         left = target - s.bar
         if token[0] in NOTE_STARTS and token in self.body.prefixes and left <= 0:
             return f" (the bar{kind} is full, at {_units(target)})"
@@ -879,11 +879,10 @@ class AbcConstraint:
         if rem >= GRANULE and not must_end:
             for text in ("[",) + DECORATIONS:
                 self._put(legal, text, True)
-        graces_fit = GRANULE < self._longest_note(rem) and not must_end
-        self._put(legal, "{", graces_fit and not _swung_second(s, s.bar))  # a grace note (a roll plays as such),
-        # then a note that outlasts it (a swung second would not: "Grace sequence exceeds host note")
-        self._put(legal, "~", graces_fit and not _swung_second(s, s.bar))
-        self._put(legal, "(3", rem >= 2 * GRANULE and not must_end and not _swung_second(s, s.bar))
+        graces_fit, swung = GRANULE < self._longest_note(rem) and not must_end, _swung_second(s, s.bar)
+        self._put(legal, "{", graces_fit and not swung)  # a grace note (a roll plays as such), then a note that
+        self._put(legal, "~", graces_fit and not swung)  # outlasts it (a swung second would not: "Grace sequence
+        self._put(legal, "(3", rem >= 2 * GRANULE and not must_end and not swung)  # exceeds host note")
         if s.last == NOTE and _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
             paired = s.last_note == s.swing and _swung_second(s, s.bar - s.last_note)
             self._put(legal, ">", rem >= s.last_note and not paired)  # room for the partner note, of the same length
@@ -986,11 +985,11 @@ def _units(ticks: int) -> str:
     return f"{units} unit{'s' if units != 1 else ''} of L"
 
 
-def _bar_kind(s: TuneState, must_end: bool) -> str:
+def _bar_kind(s: TuneState, target: int) -> str:
     """Which bar a shorter target than the meter's makes this one: " that completes the pickup"."""
     if s.short_next:
         return " that completes the short bar before :|"
-    if AbcConstraint._bar_target(s, must_end) == s.full:
+    if target == s.full:
         return ""
     return f" that ends the {'section' if s.form else 'tune'} and completes the pickup"
 
