@@ -52,9 +52,7 @@ def quiet_interrupt_while_loading(module_name: str) -> None:
 
 
 def _interrupted_while_loading(signum, frame) -> None:
-    if "RANK" not in os.environ:  # under torchrun the launcher says it, once
-        print("interrupted", file=sys.stderr)
-    os._exit(130)
+    os._exit(_interrupted())
 
 
 def run_command(command, args) -> int:

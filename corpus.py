@@ -110,8 +110,9 @@ def read_irishman_json(path: str) -> tuple[list[tuple[str, str]], str]:
         code = item.get("control code")
         odd_codes += code is not None and not isinstance(code, str)
         code = _code_lines(code) if isinstance(code, str) else ""
-        not_codes += bool(code.strip()) and not is_control_code(code)
-        records.append((code if is_control_code(code) else "", _lines(item["abc notation"])))
+        valid = is_control_code(code)
+        not_codes += bool(code.strip()) and not valid
+        records.append((code if valid else "", _lines(item["abc notation"])))
     why = []
     if skipped:
         why.append(f"{sum(skipped.values())} records skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))

@@ -159,10 +159,16 @@ def user_errors_as_bad_requests():
         raise HTTPError(HTTPStatus.BAD_REQUEST, for_the_page(str(e))) from None
 
 
+def sent_form(body: bytes) -> dict[str, str]:
+    """The page's fields as a form filled them in (an unticked box is left out: empty); HTTPError if
+    it cannot be read."""
+    return {**DEFAULTS, "constrained": "", **read_form(body)}
+
+
 def as_sent(body: bytes) -> dict[str, str]:
-    """The page's fields as a form filled them in (DEFAULTS where it cannot be read)."""
+    """sent_form, or DEFAULTS where the form cannot be read."""
     try:
-        return {**DEFAULTS, "constrained": "", **read_form(body)}
+        return sent_form(body)
     except HTTPError:
         return dict(DEFAULTS)
 
@@ -322,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self, body: bytes) -> None:
         form = dict(DEFAULTS)
         try:
-            form = {**DEFAULTS, "constrained": "", **read_form(body)}
+            form = sent_form(body)
             opts, tune_type = sampling_options(form)
             tunes = self.server.generate_tunes(opts, tune_type)
             note = sampler.form_note(opts, self.server.facts)
