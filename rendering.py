@@ -226,28 +226,27 @@ def render_tunebook(path: Path, overwrite: bool = False, timeout: float = 20.0, 
     folder, stem = path.parent, path.stem
     tunes = re.split(r"(?m)^(?=X:)", path.read_text(encoding="utf-8"))[1:]
     old = check_render(path, len(tunes), overwrite, inputs)
-    made = {"MIDI": [], "audio": [], "score": []}
+    made = {"MIDI": {}, "audio": {}, "score": {}}  # what -> {tune number: its file}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".render.") as scratch:
         for n, tune in enumerate(tunes, start=1):
             names = {"MIDI": f"{stem}-{n}.mid", "audio": f"{stem}-{n}.wav", "score": f"{stem}-{n}.svg"}
             (own := Path(scratch) / str(n)).mkdir()  # a folder a tune: no page of one is taken for the next's
             for what, file in render_tune(tune, own, "tune", timeout).items():
                 if what in names:
-                    made[what].append(Path(file).replace(folder / names[what]))
-    for stale in set(old) - {p for files in made.values() for p in files}:
+                    made[what][n] = Path(file).replace(folder / names[what])
+    for stale in set(old) - {p for files in made.values() for p in files.values()}:
         stale.unlink()
     missing = missing_tools()
     kinds = [("MIDI", "MIDI", "file", "-N.mid"), ("audio", "audio", "file", "-N.wav"),
              ("score", "SVG", "score", "-N.svg")]
     return [missing.get(what, f"{label}: {len(made[what])} {noun}{'s' * (len(made[what]) != 1)} {folder / stem}{names}"
-                        + _none_for(made[what], len(tunes), stem))
+                        + _none_for(made[what], len(tunes)))
             for what, label, noun, names in kinds]
 
 
-def _none_for(files: list[Path], tunes: int, stem: str) -> str:
+def _none_for(files: dict[int, Path], tunes: int) -> str:
     """" (none for tunes 2, 5: ...)": the tunes a tool refused or ran out of time on, if any."""
-    got = {int(p.stem.removeprefix(f"{stem}-")) for p in files}
-    lacking = [str(n) for n in range(1, tunes + 1) if n not in got]
+    lacking = [str(n) for n in range(1, tunes + 1) if n not in files]
     them = "them" if len(lacking) > 1 else "it"
     return f" (none for tune{'s' * (len(lacking) > 1)} {', '.join(lacking)}: the tool refused {them} or ran out " \
            f"of time)" if lacking else ""
