@@ -9,7 +9,7 @@ Holds:
 - tunebooks normalised into IrishMAN's form: split_tunebook, without_blank_lines, clean_body_line,
   normalize_tune, read_tunebook; and the parts of a tune: tune_body, note_tokens;
 - keys: Key, parse_key, transpose_key;
-- transposition: transpose_tune, TransposeError, parse_note_range;
+- transposition: transpose_tune, RewriteError, parse_note_range;
 - lengths and rhythm: scale_lengths, token_length, change_rhythm, set_unit_length.
 
 Pitches are read as abc2midi plays them: key signature, then accidentals that hold to the end
@@ -347,7 +347,7 @@ _KEY = re.compile(r"\s*([A-G])([#b]?)(\s*)([A-Za-z]*)(.*)", re.S)
 _EXPLICIT = re.compile(r"(?:^|\s)(?:exp\b|(?:\^\^|\^|__|_|=)[A-Ga-g])")  # accidentals a K: line sets itself
 
 
-class TransposeError(ValueError):
+class RewriteError(ValueError):
     """A tune that cannot be rewritten as asked: notes out of the playable range, a meter that cannot scale."""
 
 
@@ -524,7 +524,7 @@ def _midi_range(abc: str) -> tuple[int, int] | None:
 def _check_range(abc: str, semitones: int, low: int, high: int) -> None:
     midis = _midi_range(abc)
     if midis and (midis[0] < low or midis[1] > high):
-        raise TransposeError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
+        raise RewriteError(f"a shift of {semitones:+d} puts notes outside MIDI {low}..{high}")
 
 
 def parse_note_range(text: str) -> tuple[int, int]:
@@ -554,7 +554,7 @@ class _KeyChange:
         """A K: field: from here on the tune is in this key. Returns the rewritten field."""
         key = parse_key(value)
         if key and _EXPLICIT.search(key.rest):  # its signature is what it lists, which the letters here ignore
-            raise TransposeError(f"cannot transpose K:{value.strip()}: its accidentals are written out")
+            raise RewriteError(f"cannot transpose K:{value.strip()}: its accidentals are written out")
         self.new_key, self.steps = transpose_key(key, self.semitones) if key else (None, _steps_without_key(self.semitones))
         self.signature_in, self.signature_out = (key.signature(), self.new_key.signature()) if key else ({}, {})
         self.bar_in, self.bar_out = {}, {}
@@ -580,7 +580,7 @@ def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> 
     """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
 
     Notes move to the letters of the new key (C -> D in a whole step), with only the
-    accidentals the new key and bar need. Raises TransposeError when a note would leave
+    accidentals the new key and bar need. Raises RewriteError when a note would leave
     [low, high] (MIDI; default G, to c''', 55..108).
     """
     if semitones == 0:
@@ -626,7 +626,7 @@ def change_rhythm(abc: str, factor) -> str:
             return None
         meter = parse_meter(body[2:])
         if meter is None:
-            raise TransposeError(f"cannot scale the meter {body}")
+            raise RewriteError(f"cannot scale the meter {body}")
         num, den = meter  # not reduced: 6/8 stays six beats
         # keep the numerator (the beats) and move the denominator where possible
         if (Fraction(den) / factor).denominator == 1:

@@ -7,13 +7,14 @@ The lesson, top to bottom in pipeline order:
     -> training -> evaluation -> sampling with temperature -> constrained sampling
     -> augmentation -> command line
 
-The machinery lives in torch-free modules, each named for what it holds, so that
-infer_onnx.py can generate without torch: corpus (reading collections), abc_tokens
-(tokenizer, vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_constraint
-(the --constrained automaton), sampler (the sampling options and loop), judging (abc2midi;
-the sweep, forms and types commands), plots, settings (ranges, resume rules), cli and
-safe_write (errors, outputs).
-Training on several processes (torchrun) is distributed.py's: the lesson keeps its call sites.
+The machinery lives in modules, each named for what it holds. These are torch-free, so that
+infer_onnx.py can generate without torch: corpus (reading collections), abc_tokens (tokenizer,
+vocabulary), abc_music (tunebooks, keys, transposition, rhythm), abc_form (control codes, bars
+per section), abc_constraint (the --constrained automaton), sampler (the sampling options and
+loop), judging (abc2midi; the sweep, forms and types commands), plots, settings (ranges, resume
+rules), cli and safe_write (errors, outputs). With torch: checkpoint_files (reading a checkpoint
+back), distributed (training on several processes, torchrun) and export.py (the ONNX graph).
+The lesson keeps their call sites.
 
     make train                                   # venv, data, train, export, one tune
     make train-long                              # the long-run model in runs/long/ (<= 60 min)
@@ -56,7 +57,7 @@ import judging
 import plots
 import sampler
 from abc_form import control_code
-from abc_music import TransposeError, change_rhythm, parse_note_range, set_unit_length, transpose_tune, tune_types
+from abc_music import RewriteError, change_rhythm, parse_note_range, set_unit_length, transpose_tune, tune_types
 from abc_tokens import Vocabulary
 from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
 from cli import UserError
@@ -76,9 +77,9 @@ class Config:
     control: bool = False                       # read each tune's control code (its form) before it: p(tune | form)
     tokenizer: str = "char"                     # "char" (measured better, README) or "abc" (musical tokens)
     min_count: int = 3                          # --tokenizer abc: a whole token joins the vocabulary at this many uses
-    augment_key: float = 0.3                    # share (0..1) of training tunes put in a random key each epoch
+    augment_key: float = 0.3                    # share (0..1) of training tunes drawn a random key (-5..+6) each epoch
     augment_rhythm: float = 0.0                 # share (0..1) with every length doubled or halved (M: scaled)
-    augment_unit: float = 0.3                   # share (0..1) rewritten in a random unit length (L:1/8, 1/16, 1/4)
+    augment_unit: float = 0.3                   # share (0..1) drawn a random unit length (L:1/8, 1/16 or 1/4)
     transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
@@ -87,15 +88,15 @@ class Config:
     dropout: float = 0.15                       # on the embedding and before the output, and between layers
     dropout_mask: str = "tune"                  # "tune": one mask per tune for all its steps; "element": one per step
     # optimisation
-    batch_size: int = 32                        # tunes per batch, grouped by length (README: in bf16, 32 beat 16 in 10 min)
-    lr: float = 5.6e-3                          # peak learning rate of Adam (4e-3 x sqrt(2), for the batch of 32)
+    batch_size: int = 32                        # tunes per batch, grouped by length (README: 32 beat 16)
+    lr: float = 5.6e-3                          # peak learning rate of Adam (about 4e-3 x sqrt(2), for the batch of 32)
     schedule: str = "cosine"                    # "cosine" (warm-up then decay) or "plateau" (halve when stuck)
     warmup_steps: int = 50                      # linear warm-up, cosine schedule only
-    epochs: int = 24                            # passes over the training tunes (what 10 min on 2 cores fit in bf16
-                                                # on this host; a slower one anneals by the clock: README)
+    epochs: int = 24                            # passes over the training tunes (what 10 min fit in bf16 on the
+                                                # README's 2-core host; a slower one anneals by the clock)
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
-    precision: str = "auto"                     # products in "bf16", "fp32", or "auto": bf16 where the device has bf16 units
+    precision: str = "auto"                     # products in "bf16", "fp32" or "auto" (bf16 where the hardware has it)
     max_minutes: float = 10.0                   # wall-clock budget for training; stops cleanly after it
     # run
     out_dir: str = "runs"                       # best.pt, last.pt, loss.png go here
@@ -139,7 +140,7 @@ def load_collection(path: str, control: bool, limit: int | None = None) -> tuple
 
 
 def build_vocabulary(tunes: list[str], cfg: Config) -> Vocabulary:
-    """Specials, then the sorted characters (and, for "abc", the frequent whole tokens)."""
+    """Specials, then the characters (and, for "abc", the frequent whole tokens), sorted together."""
     return Vocabulary.build(tunes, cfg.tokenizer, cfg.min_count)
 
 
@@ -189,7 +190,7 @@ class MusicDataset(torch.utils.data.Dataset):
         return self.lengths() - np.array(self.code_tokens, dtype=np.int64)
 
 
-CHUNK = 4096  # tokens a tune is read in at once; the corpus's longest tune has 1,927
+CHUNK = 4096  # tokens a row is read in at once; the corpus's longest row (with --control, its code too) has 2,538
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,
@@ -198,8 +199,9 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
     Shuffle, then sort by length in buckets of 16 tokens: batches differ from epoch to
     epoch, yet each pads only to the longest of its near neighbours. A batch also stops before
-    it would pad past batch_size x row_tokens tokens: a tune far longer than a chunk goes alone,
-    not with 31 others padded to its length (the corpus's tunes never reach that).
+    it would pad past batch_size x row_tokens tokens, so a tune k chunks long shares its batch
+    with at most batch_size / k - 1 others, never 31 padded to its length (the corpus's tunes,
+    all under a chunk, never meet that cap).
     """
     max_tokens = batch_size * row_tokens
     order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
@@ -463,7 +465,8 @@ def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, tim
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-RUN_FILES = ("best.pt", "last.pt", "loss.png")  # what a training writes in OUT/, beside its lock (.lock)
+RUN_FILES = ("best.pt", "last.pt", "loss.png")  # what a training writes in OUT/, beside its lock (.lock) and
+                                                # with --tensorboard, OUT/tensorboard/
 
 
 def log_line(*args) -> None:
@@ -472,7 +475,7 @@ def log_line(*args) -> None:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
           log=log_line, given: set[str] | None = None) -> dict:
-    """Train with early stopping; write best.pt and last.pt to cfg.out_dir. Returns the last epoch's row.
+    """Train with early stopping; write best.pt, last.pt and loss.png to cfg.out_dir. Returns the last epoch's row.
 
     The run folder is locked for the whole run: a second training into it is refused. Under
     torchrun this is one of several processes (distributed.py): each steps through its share
@@ -494,7 +497,7 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
         log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
             f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
     while epochs_left(run):
-        rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays exactly
+        rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
         figures, out_of_time = train_epoch(run, train_set, rng)
@@ -526,21 +529,21 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
     started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, 0
-    bar = tqdm(batches, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, disable=None if world.writer else True,
-               file=sys.stderr)
-    for batch in bar:
+    progress_bar = tqdm(batches, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                        disable=None if world.writer else True)
+    for batch in progress_bar:
         time_used = world.from_writer(run.time_used())                    # one clock for every process
         if time_used > 1 and (p.epoch or sum_tokens):  # a run's first epoch takes one step at least: a model to save
             out_of_time = True
             break
-        x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
+        x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B / ranks, T)
         tokens = int(scored[batch].sum())                                  # scored tokens of the whole batch
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
         loss = train_step(run.ddp_model, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
                           tokens, world.size, run.bf16)
         sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
-        bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
+        progress_bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
     figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens), "tokens": sum_tokens,
                "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches),
                "epoch_share": done / len(batches)}  # < 1 where the time budget ended the epoch early
@@ -704,10 +707,10 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
              batch_size: int = 32, chunk: int = CHUNK, world: World | None = None) -> dict:
     """Loss per token, perplexity and bits per character over whole tunes.
 
-    bits/char = total negative log-likelihood in bits (every token, each tune's <eos>
-    included) / characters of the tunes' text. It does not depend on the tokenizer. Tunes
-    longer than `chunk` tokens are read chunk by chunk with the state carried: the same
-    numbers in bounded memory. Under torchrun each process scores its share of every batch
+    bits/char = total negative log-likelihood in bits (every scored token: each tune's <eos>
+    included, a control code's tokens left out) / characters of the tunes' text. It does not
+    depend on the tokenizer. Tunes longer than `chunk` tokens are read chunk by chunk with the
+    state carried: the same numbers in bounded memory. Under torchrun each process scores its share of every batch
     and the sums are added up: the same figures as one process.
     """
     from tqdm import tqdm
@@ -716,7 +719,7 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
     world, lengths, total_nll = world or World(), dataset.lengths(), 0.0
     for batch in tqdm(length_batches(lengths, batch_size, None), desc="evaluate", leave=False,
                       disable=None if world.writer else True, file=sys.stderr):
-        x, y = collate([dataset[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B/N, T)
+        x, y = collate([dataset[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B / ranks, T)
         state = None
         for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):  # long tunes: the state carried on
             nll, state = chunk_nll(model, xc.to(device), yc.to(device), state, pad_id)
@@ -734,11 +737,11 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
 # sampler.generate_tunes runs the loop: feed the last token and the state, get the logits
 # of the next token, draw it with sampler.sample_next, repeat until <eos>. sample_next is
 # where the temperature acts: the logits are divided by it (below 1 sharpens the
-# distribution, above 1 flattens it), top-k keeps the k largest, and one uniform number
-# per tune draws the token from the cumulative probabilities. The loop lives in a
+# distribution, above 1 flattens it: `z = logits / temperature` in sample_next), top-k keeps the
+# k largest, and one uniform number per tune draws the token from the cumulative probabilities. The loop lives in a
 # torch-free module so that infer_onnx.py runs the very same code over onnxruntime. In short:
 #
-#     state, token = None, <eos>                            # <eos> also starts a tune
+#     state, token = None, <eos>                            # <eos> starts a tune (the prompt is fed next)
 #     repeat:
 #         logits, state = step(token, state)                # (B, V); the state carried to the next step
 #         logits += constraint.penalty(tune, tokens_left)   # with --constrained: -inf on illegal tokens
@@ -814,12 +817,12 @@ def rewrite_tune(tune: str, draws: tuple, low: int = 55, high: int = 108) -> tup
     if shift is not None:
         try:
             tune = transpose_tune(tune, shift, low, high)
-        except TransposeError:
+        except RewriteError:
             refused = True
     if rhythm is not None:
         try:
             tune = change_rhythm(tune, rhythm)
-        except TransposeError:
+        except RewriteError:
             pass  # a meter that cannot scale (M:none): the tune keeps its rhythm
     return (tune if unit is None else set_unit_length(tune, unit)), refused
 

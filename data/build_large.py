@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a file (python data/build_large.py): the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import corpus
-from abc_music import TransposeError, transpose_tune
+from abc_music import RewriteError, transpose_tune
 from cli import Parser, UserError, run_command
 from safe_write import check_output
 
@@ -31,7 +31,7 @@ def twelve_keys(tunes: list[str]) -> tuple[list[str], int]:
         for shift in range(-5, 7):
             try:
                 out.append(transpose_tune(tune, shift, 0, 127))
-            except TransposeError:
+            except RewriteError:
                 refused += 1
     return out, refused
 

@@ -370,7 +370,7 @@ def test_every_training_flag_explains_itself_in_words():
     assert all(len(text.split()) >= 3 for text in comments.values()), comments
     assert set(groups.values()) == {"data", "model", "optimisation", "run"}
     assert all(text.count("(") == text.count(")") for text in comments.values()), comments  # none cut mid-line
-    assert comments["epochs"].endswith("a slower one anneals by the clock: README)")  # its second line read too
+    assert comments["epochs"].endswith("a slower one anneals by the clock)")  # its second line read too
 
 
 def test_an_epoch_the_time_budget_cut_short_says_how_far_it_got(tmp_path, fixture_data, monkeypatch):
