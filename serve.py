@@ -45,6 +45,7 @@ from urllib.parse import parse_qs
 
 import sampler
 from abc_constraint import AbcConstraint, most_bars
+from abc_music import playable_key
 from cli import UserError
 from exported_model import load_model, model_facts, onnx_step
 from rendering import missing_tools, render_tune
@@ -61,7 +62,8 @@ KEEP_REQUESTS = 64          # requests whose files are kept for the page's playe
 KEEP_BYTES = 256 * 1024**2  # and at most this many bytes of them
 MAX_ACTIVE = 64             # requests in progress at once; more get 503
 METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3/8"]
-KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B") for mode in ("", "m", "dor", "mix")]
+KEYS = [root + mode for root in ("D", "G", "A", "E", "C", "F", "Bb", "B", "Eb", "F#", "C#")
+        for mode in ("", "m", "dor", "mix") if playable_key(root + mode)]  # as the form's check reads them
 
 
 def _ticked(text: str) -> bool:
@@ -460,12 +462,14 @@ pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"""
 
 def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: tuple = (),
          note: str | None = None) -> str:
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>musicrnn</title>"
+    title = "musicrnn: refused" if error else "musicrnn"  # what a screen reader or a tab says first
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title>"
+             f'<meta name=viewport content="width=device-width,initial-scale=1">'  # a phone's width, not 980px
              f"<style>{STYLE}</style></head><body><h1>musicrnn: new folk tunes</h1>", form_html(form, types)]
     if error:  # a long message cut: a field's value comes back in it
         error = re.sub(r"\S{60,}", lambda m: m.group()[:40] + "...", error)  # a long value, not what is said of it
         error = error if len(error) <= MAX_MESSAGE else error[:MAX_MESSAGE] + "..."
-        parts.append(f'<p class=error id=error>{shown(error)}</p>')
+        parts.append(f'<p class=error id=error role=alert>{shown(error)}</p>')
     if note:
         parts.append(f'<p class=note id=note>{html.escape(note)}</p>')
     if missing:
@@ -496,7 +500,7 @@ def form_html(form: dict, types: tuple = ()) -> str:
                 f'value="{shown(form[name])}"></label>')
 
     checked = " checked" * (form.get("constrained") == "on")
-    bars = (f'<label>bars<input name=bars id=bars maxlength=100 placeholder="8 or 8,16" '
+    bars = (f'<label>bars<input name=bars id=bars maxlength=100 placeholder="8, or 8,16 a section each" '
             f'value="{shown(form["bars"])}"></label>')
     return (f"<form method=post action=/generate>{select('meter', METERS)}{select('key', KEYS)}"
             f"{select('type', ('',) + tuple(types), lambda o: o or 'any')}"
@@ -512,8 +516,11 @@ def tune_html(n: int, folder: str, files: dict[str, Path]) -> str:
     text = files["abc"].read_text(encoding="utf-8")
     parts = [f"<section class=tune id=tune-{n}><h2>Tune {n}</h2><p class=downloads>"]
     if "audio" in url:
-        parts.append(f'<audio class=player controls preload=metadata src="{url["audio"]}"></audio> ')
-    parts += [f'<a download href="{url[what]}">{path.suffix}</a> ' for what, path in files.items()]
+        parts.append(f'<audio class=player controls preload=metadata aria-label="tune {n}" src="{url["audio"]}">'
+                     f'</audio> ')
+    # saved as musicrnn-<request>-tune1.abc: one request's downloads never take another's names
+    parts += [f'<a download="musicrnn-{folder[:8]}-{path.name}" href="{url[what]}" '
+              f'aria-label="tune {n} as {path.suffix}">{path.suffix}</a> ' for what, path in files.items()]
     parts.append("</p>")
     if "score" in url:
         parts.append(f'<img class=score src="{url["score"]}" alt="score of tune {n}">')

@@ -80,7 +80,7 @@ def form(**change) -> bytes:
 
 
 def error_on_page(page: bytes) -> str:
-    m = re.search(rb"<p class=error id=error>([^<]*)</p>", page)
+    m = re.search(rb"<p class=error id=error role=alert>([^<]*)</p>", page)
     return html.unescape(m.group(1).decode()) if m else ""
 
 
@@ -442,6 +442,17 @@ def test_the_same_form_gives_the_same_tunes(server):
     abc = [re.findall(rb"<pre class=abc>(.*?)</pre>", page, re.S) for page in pages]
     assert len(abc[0]) == 2 and abc[0] == abc[1]
 
+
+def test_the_page_fits_a_phone_announces_a_refusal_and_names_each_download_apart(server):
+    assert '<meta name=viewport content="width=device-width' in serve.page(VALID_FORM, None, None, {})
+    status, _, page = request(server + "/generate", form(sections="2", bars="eight"))
+    assert status == 400 and b"<title>musicrnn: refused</title>" in page and b"id=error role=alert>" in page
+    pages = [request(server + "/generate", form(seed="7"))[2].decode() for _ in range(2)]
+    names = [re.findall(r'<a download="([^"]+)"', page) for page in pages]
+    assert len(names[0]) >= 2 and all(n.startswith("musicrnn-") and n.endswith(Path(n).suffix) for n in names[0])
+    assert not set(names[0]) & set(names[1])  # a second request's tune1.abc is saved beside the first's
+    assert 'aria-label="tune 1 as .abc"' in pages[0] and 'aria-label="tune 2 as .abc"' in pages[0]
+    assert {"F#m", "C#m", "Eb", "Edor"} <= set(serve.KEYS)  # the keys the form's check takes, offered
 
 def test_serve_refuses_a_bad_port_and_a_busy_one_in_one_line(server, tiny_onnx):
     assert one_error_line(*run_main(serve.main, "--model", str(tiny_onnx), "--port", "70000")[::2])
