@@ -55,6 +55,19 @@ def _interrupted_while_loading(signum, frame) -> None:
     os._exit(_interrupted())
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def torchrun_worker() -> dict[str, int] | None:
+    """This process's place among torchrun's workers ({"RANK": 0, "WORLD_SIZE": 2, ...}), or None where
+    torchrun did not start it. A RANK left in the shell, or set by a cluster for another launcher, is
+    not torchrun's: torchrun also sets TORCHELASTIC_RUN_ID, and every one of the four as a number."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env or not all(env.get(name, "").isdigit() for name in TORCHRUN_VARIABLES):
+        return None
+    return {name: int(env[name]) for name in TORCHRUN_VARIABLES}
+
+
 def run_command(command, args) -> int:
     """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
     a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
@@ -62,7 +75,7 @@ def run_command(command, args) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     # `kill` ends the command as Ctrl-C does, through its clean-up (the default would leave half-written
     # files); not a torchrun rank's, whose launcher stops it and may find it inside a collective
-    terminate = "RANK" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    terminate = torchrun_worker() is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if terminate:
         signal.signal(signal.SIGTERM, _terminate)
     stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
@@ -130,7 +143,7 @@ def _terminate(signum, frame) -> None:
 
 
 def _interrupted() -> int:
-    if "RANK" not in os.environ:  # under torchrun the launcher says it, once
+    if torchrun_worker() is None:  # under torchrun the launcher says it, once
         print("interrupted", file=sys.stderr)
     return 130
 
@@ -154,7 +167,7 @@ def first_line(e: Exception, limit: int = 160) -> str:
 def error_line(message: str, every_rank: bool = False) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
     Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
-    if every_rank or os.environ.get("RANK", "0") == "0":
+    if every_rank or (torchrun_worker() or {"RANK": 0})["RANK"] == 0:
         print("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return 2
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from cli import UserError, torchrun_worker
 
 
 class PeerLost(UserError):
@@ -45,8 +45,9 @@ def launched(procs: int, command: list[str]) -> bool:
     is to train (N = 1, or it is one of the ranks). What a rank can tell the user it prints itself,
     as one line (rank 0 alone, cli.error_line); torchrun's report of a failed rank, a traceback of
     its own, is left out, and its exit code kept: 2 for a user's error."""
-    if "RANK" in os.environ:
-        if procs not in (1, int(os.environ["LOCAL_WORLD_SIZE"])):
+    worker = torchrun_worker()
+    if worker:
+        if procs not in (1, worker["LOCAL_WORLD_SIZE"]):
             raise UserError("--procs starts the processes itself: under torchrun, leave it out "
                             "(--nproc_per_node sets them)")
         return False
@@ -151,13 +152,13 @@ def session(device_name: str):
 def start(device_name: str) -> tuple[World, str]:
     """The World torchrun describes (or one process), the device name to use, and the threads
     set for this process. Joins the process group when there are several ranks."""
-    env = os.environ
-    if "LOCAL_WORLD_SIZE" in env:  # started by torchrun, which sets OMP_NUM_THREADS=1
-        torch.set_num_threads(threads_per_process(int(env["LOCAL_WORLD_SIZE"])))
+    worker = torchrun_worker()
+    if worker:  # started by torchrun, which sets OMP_NUM_THREADS=1
+        torch.set_num_threads(threads_per_process(worker["LOCAL_WORLD_SIZE"]))
         end_with_launcher()
-    if int(env.get("WORLD_SIZE", 1)) == 1:
+    if not worker or worker["WORLD_SIZE"] == 1:
         return World(), device_name
-    world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    world = World(worker["RANK"], worker["WORLD_SIZE"], worker["LOCAL_RANK"], worker["LOCAL_WORLD_SIZE"])
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(world.local_rank)

@@ -97,7 +97,8 @@ class Config:
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
     precision: str = "auto"                     # products in "bf16", "fp32" or "auto" (bf16 where the hardware has it)
-    max_minutes: float = 10.0                   # wall-clock budget for training; stops cleanly after it
+    max_minutes: float = 10.0                   # wall-clock budget of the whole run (--resume's sessions added up);
+                                                # stops cleanly after it
     # run
     out_dir: str = "runs"                       # best.pt, last.pt, loss.png go here
     seed: int = 1337                            # seeds python, numpy and torch
@@ -350,7 +351,10 @@ def save_checkpoint(path: Path, run: Run) -> None:
         "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
         "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
         "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
+        "seconds": run.seconds(), "batches_done": p.batches_done,
     }
+    if p.batches_done:  # an epoch cut short: --resume draws its dropout masks on from here
+        ckpt["rng_state"] = p.rng_state
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     write_atomic(path, buffer.getvalue())  # a crash mid-write never leaves half a checkpoint
@@ -378,12 +382,15 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRN
 @dataclass
 class Progress:
     """Where a run stands; a checkpoint stores all of it but `stale`, which its history holds."""
-    epoch: int = 0                                # epochs done
+    epoch: int = 0                                # whole epochs done
     step: int = 0                                 # optimizer steps done
     best_val: float = math.inf                    # best validation loss so far
     history: list = field(default_factory=list)   # one row of figures per epoch
     lr_scale: float = 1.0                         # the plateau schedule's factor
     stale: int = 0                                # epochs since the best validation loss
+    batches_done: int = 0                         # batches of the next epoch done, when the time budget cut it
+    rng_state: torch.Tensor | None = None         # and torch's generator there (torch.get_rng_state())
+    seconds: float = 0.0                          # training time of the run's earlier sessions (--resume)
 
 
 @dataclass
@@ -402,11 +409,15 @@ class Run:
     world: World                                  # this process among the training's (distributed.py)
     ddp_model: nn.Module                          # the model steps go through: DistributedDataParallel(model) or it
     bf16: bool = False                            # the step's products in bfloat16 (bf16_products)
-    started: float = 0.0                          # time.time() when the first epoch began
+    started: float = 0.0                          # time.time() when this session's first epoch began
+
+    def seconds(self) -> float:
+        """Training time so far, the earlier sessions' included."""
+        return self.progress.seconds + time.time() - self.started
 
     def time_used(self) -> float:
         """The share of --max-minutes spent so far."""
-        return (time.time() - self.started) / (self.cfg.max_minutes * 60)
+        return self.seconds() / (self.cfg.max_minutes * 60)
 
 
 def chunk_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state, pad_id: int,
@@ -485,7 +496,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
     pick_device(cfg.device)  # refused here, in every rank, before a process group is set up on it
     with removed_if_failed(out), distributed.session(cfg.device) as (world, device):  # a failed start leaves no folder
         log = log if world.writer else (lambda *args: None)
-        with folder_lock(out) if world.writer else contextlib.nullcontext():
+        with folder_lock(out, leftovers=RUN_FILES) if world.writer else contextlib.nullcontext():
             return train_loop(start_run(cfg, resume, overwrite, given, log, world, device), tensorboard, log)
 
 
@@ -502,7 +513,7 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
         train_set = epoch_training_set(run, rng, log)
         figures, out_of_time = train_epoch(run, train_set, rng)
         if out_of_time and not figures["tokens"]:  # spent before this epoch's first step: no epoch to record
-            log(f"time budget reached after epoch {run.progress.epoch}")
+            log(budget_spent(run))
             break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
@@ -512,6 +523,14 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
     log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
         f"loss curve {out}/loss.png")
     return run.progress.history[-1] if run.progress.history else {}
+
+
+def budget_spent(run: Run) -> str:
+    """The line for a run whose time budget ran out between two steps: how far it got, how to go on."""
+    p = run.progress
+    cut = f" and {p.batches_done} batches of epoch {p.epoch + 1}" * bool(p.batches_done)
+    return (f"time budget reached after epoch {p.epoch}{cut} ({run.seconds() / 60:.1f} min of --max-minutes "
+            f"{run.cfg.max_minutes:g}, the run's sessions added up): --resume with more to go on")
 
 
 def epochs_left(run: Run) -> bool:
@@ -528,12 +547,14 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     lengths, scored = train_set.lengths(), train_set.scored()
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
-    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, 0
-    progress_bar = tqdm(batches, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                        disable=None if world.writer else True)
+    if p.batches_done:  # the epoch the time budget cut goes on where it stopped, its dropout masks too
+        torch.set_rng_state(p.rng_state.cpu())
+    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, p.batches_done
+    progress_bar = tqdm(batches[done:], desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                        initial=done, total=len(batches), disable=None if world.writer else True)
     for batch in progress_bar:
         time_used = world.from_writer(run.time_used())                    # one clock for every process
-        if time_used > 1 and (p.epoch or sum_tokens):  # a run's first epoch takes one step at least: a model to save
+        if time_used > 1 and (p.step or sum_tokens):  # a run's first epoch takes one step at least: a model to save
             out_of_time = True
             break
         x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B / ranks, T)
@@ -547,31 +568,34 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens), "tokens": sum_tokens,
                "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches),
                "epoch_share": done / len(batches)}  # < 1 where the time budget ended the epoch early
+    p.batches_done, p.rng_state = (done, torch.get_rng_state()) if out_of_time else (0, None)
     return figures, out_of_time
 
 
 def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> bool:
-    """Validate, log, write the checkpoints; True when early stopping ends the run."""
+    """Validate, log, write the checkpoints; True when early stopping ends the run. An epoch the time
+    budget cut short is validated too (its model may be the best) but not counted: --resume finishes it."""
     p = run.progress
-    p.epoch += 1
+    p.epoch += not out_of_time
     val = evaluate(run.model, run.val_set, run.vocab.pad_id, run.device, world=run.world)
-    row = {"epoch": p.epoch, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
+    row = {"epoch": p.epoch + out_of_time, "step": p.step, "train_loss": figures["train_loss"], "val_loss": val["loss"],
            "val_bits_per_char": val["bits_per_char"], "tokens_per_s": figures["tokens_per_s"],
-           "padding": figures["padding"], "elapsed_s": time.time() - run.started,
+           "padding": figures["padding"], "elapsed_s": run.seconds(),
            "lr": run.optimizer.param_groups[0]["lr"], "epoch_share": figures["epoch_share"]}
     p.history.append(row)
     log(epoch_line(row, out_of_time))
     if writer:
         for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
-            writer.add_scalar(key, row[key], p.epoch)
+            writer.add_scalar(key, row[key], row["epoch"])
     improved = run.world.from_writer(val["loss"] < p.best_val)  # decided once, for every process
     if improved:
         p.best_val, p.stale = val["loss"], 0
-    else:
+    elif not out_of_time:
         p.stale += 1
         p.lr_scale *= 0.5  # only the plateau schedule reads it
     if run.world.writer:
         write_checkpoints(run, improved)
+        plots.plot_history(p.history, Path(run.cfg.out_dir) / "loss.png")  # kept up: a run stopped by Ctrl-C has it
     if p.stale >= run.cfg.patience and p.epoch < run.cfg.epochs:
         log(f"early stop: no better validation loss for {run.cfg.patience} epochs")
         return True
@@ -661,19 +685,21 @@ def restore(run: Run, ckpt: dict, log) -> None:
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     history = list(ckpt.get("history", []))
-    run.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history, ckpt.get("lr_scale", 1.0),
-                            epochs_since_best(history))  # early stopping goes on counting where it was
-    share, epoch = history[-1].get("epoch_share", 1.0) if history else 1.0, run.progress.epoch
-    cut = f"; the time budget ended epoch {epoch} {share:.0%} of the way through, the next starts afresh"
-    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {epoch} "
-        f"(best val loss {run.progress.best_val:.4f})" + (cut if share < 1 else ""))
+    run.progress = p = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history,
+                                ckpt.get("lr_scale", 1.0), epochs_since_best(history),  # early stopping counts on
+                                ckpt.get("batches_done", 0), ckpt.get("rng_state"), ckpt.get("seconds", 0.0))
+    cut = f", and {p.batches_done} batches of epoch {p.epoch + 1}, where the time budget cut it" * bool(p.batches_done)
+    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {p.epoch}{cut} (best val loss {p.best_val:.4f}, "
+        f"{p.seconds / 60:.1f} of --max-minutes {run.cfg.max_minutes:g} spent)")
 
 
 def epochs_since_best(history: list[dict]) -> int:
-    """The epochs since the validation loss last improved, read back from a run's history."""
+    """The epochs since the validation loss last improved, read back from a run's history (a row of an
+    epoch the time budget cut short may improve it, but counts no epoch)."""
     best, stale = math.inf, 0
     for row in history:
-        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + 1)
+        whole = row.get("epoch_share", 1.0) == 1.0
+        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + whole)
     return stale
 
 

@@ -11,6 +11,7 @@ Holds:
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def plot_stats(stats: dict, path: Path, overwrite: bool = True) -> None:
 
 
 def pyplot():
+    os.environ["MPLBACKEND"] = "Agg"  # before the import, which refuses a notebook's (Jupyter sets it for its kernels)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -94,7 +96,7 @@ def plot_history(history: list[dict], path: Path) -> None:
         return
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
+    epochs = [h["epoch"] - 1 + h.get("epoch_share", 1.0) for h in history]  # an epoch cut short: where it stopped
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (with dropout)")
     ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     ax.set(xlabel="epoch", ylabel="cross-entropy per token (nats)", title="musicrnn training")

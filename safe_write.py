@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import signal
 import stat
@@ -176,8 +177,9 @@ def write_atomic(path: str | Path, data: bytes, overwrite: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path):
-    """Hold an advisory lock on a run folder; a second holder gets an OutputError with our PID."""
+def folder_lock(folder: Path, leftovers: tuple[str, ...] = ()):
+    """Hold an advisory lock on a run folder; a second holder gets an OutputError with our PID. Once held,
+    the temporary files that a killed holder left of the files named in leftovers are removed."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
         try:
@@ -189,10 +191,19 @@ def folder_lock(folder: Path):
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
+        _remove_leftovers(folder, leftovers)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(folder: Path, names: tuple[str, ...]) -> None:
+    """The temporary files atomic_file left of these names when its process was killed mid-write (kill -9
+    skips its clean-up); with the folder's lock held, no writer of them is at work."""
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

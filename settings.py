@@ -112,6 +112,14 @@ def check_checkpoint_fields(ckpt: dict, source: str) -> None:
     history = ckpt.get("history", [])
     if not (isinstance(history, list) and all(_is_row(row) for row in history)):
         _refuse(source, "history", history, "a list of rows of numbers with " + ", ".join(sorted(HISTORY_FIGURES)))
+    for name in ("batches_done", "seconds"):
+        value = ckpt.get(name, 0)
+        if not ((_is_int(value) if name == "batches_done" else _is_number(value)) and 0 <= value < math.inf):
+            _refuse(source, name, value, "a whole number, 0 or more" if name == "batches_done" else "0 or more seconds")
+    rng_state = ckpt.get("rng_state")
+    if ckpt.get("batches_done", 0) and not (getattr(rng_state, "dtype", None) is not None
+                                            and str(rng_state.dtype) == "torch.uint8" and rng_state.dim() == 1):
+        _refuse(source, "rng_state", type(rng_state).__name__, "torch's generator state (torch.get_rng_state())")
     types = ckpt.get("tune_types", [])
     if not (isinstance(types, (list, tuple)) and all(isinstance(t, str) for t in types)):
         _refuse(source, "tune_types", types, "a list of tune types as text")

@@ -339,3 +339,13 @@ def test_a_control_code_that_is_not_one_is_read_as_none_and_counted(tmp_path, ca
                                 {"control code": "S:1\nB:48\n", "abc notation": tune}]))
     assert [code for code, _ in corpus.load_records(str(path))] == ["", "", "S:1\nB:48\n"]
     assert '2 "control code" not a code (S:, B:, E: lines in order), read as none' in capsys.readouterr().err
+
+
+def test_stats_draws_its_plot_under_a_notebooks_matplotlib_backend(fixture_data, tmp_path):
+    """Jupyter sets MPLBACKEND for its kernels, and `!python musicrnn.py ...` inherits it: a plot is a
+    file, drawn whatever backend the environment names."""
+    env = {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    done = subprocess.run([sys.executable, "musicrnn.py", "stats", "--data", fixture_data["train"], "--plot",
+                           tmp_path / "stats.png"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "stats.png").stat().st_size > 1000

@@ -14,7 +14,8 @@ import torch
 
 import corpus
 import distributed
-from conftest import ROOT
+import musicrnn
+from conftest import ROOT, one_error_line, run_main, tiny_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -186,6 +187,20 @@ def test_one_process_without_torchrun_is_a_world_of_one(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     world, device = distributed.start("cpu")
     assert (world.rank, world.size, device) == (0, 1, "cpu") and world.sum(2.5) == 2.5
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "0", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "x"},
+                                 {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "0"}])
+def test_torchruns_variables_left_in_the_shell_make_no_rank(env, fixture_data, tmp_path, monkeypatch):
+    """A RANK that torchrun did not set (a shell's, a cluster's for another launcher) neither hides an
+    error line nor makes a training wait for processes that never come: the command runs as one process."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    code, _, err = run_main(musicrnn.main, "stats", "--data", tmp_path / "missing.json")
+    assert one_error_line(code, err), err
+    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=1), log=lambda *a: None)
+    assert (tmp_path / "run" / "best.pt").exists()
 
 
 def test_a_users_error_under_procs_is_one_line_from_rank_0_and_exit_2(fixture_data, tmp_path):

@@ -308,7 +308,7 @@ def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_dat
     musicrnn.train(tiny_config(fixture_data, tmp_path), log=lambda *a: lines.append(" ".join(map(str, a))))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and len(ended) == 1
-    assert "time budget reached after epoch 1" in lines
+    assert any(line.startswith("time budget reached after epoch 1 (") for line in lines), lines
 
 
 def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
@@ -373,18 +373,29 @@ def test_every_training_flag_explains_itself_in_words():
     assert comments["epochs"].endswith("a slower one anneals by the clock)")  # its second line read too
 
 
-def test_an_epoch_the_time_budget_cut_short_says_how_far_it_got(tmp_path, fixture_data, monkeypatch):
-    """The row and the log say what share of its batches the last epoch took; --resume says so too."""
+def test_an_epoch_the_time_budget_cut_short_goes_on_where_it_stopped_when_resumed(tmp_path, fixture_data,
+                                                                                   monkeypatch):
+    """Stopped by --max-minutes 2 batches into epoch 1 and resumed, a run ends with the very weights of a
+    run never stopped: the cut epoch is not counted as done, and --resume skips the batches it took and
+    draws their dropout masks on. The log, the row and --resume say how far it got."""
+    config = lambda out: tiny_config(fixture_data, out, batch_size=2, epochs=2, dropout=0.3)  # noqa: E731
+    batches = math.ceil(len(json.loads(Path(fixture_data["train"]).read_text())) / 2)  # batches of 2 tunes
+    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 0.0)  # the learning rate follows the steps alone
+    musicrnn.train(config(tmp_path / "straight"), log=lambda *a: None)
     calls, lines = [], []
     monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: calls.append(1) or (2.0 if len(calls) > 2 else 0.0))
-    musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=2), log=lines.append)
-    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
-    batches = math.ceil(len(json.loads(Path(fixture_data["train"]).read_text())) / 2)  # batches of 2 tunes
-    assert len(history) == 1 and history[0]["epoch_share"] == pytest.approx(2 / batches)
+    musicrnn.train(config(tmp_path / "cut"), log=lines.append)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (cut["epoch"], cut["batches_done"], cut["step"]) == (0, 2, 2) and cut["seconds"] > 0
+    assert len(cut["history"]) == 1 and cut["history"][0]["epoch_share"] == pytest.approx(2 / batches)
     assert f"(time budget reached {2 / batches:.0%} into the epoch)" in lines[-2]
-    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 2.0)
-    musicrnn.train(tiny_config(fixture_data, tmp_path, batch_size=2), resume=True, log=lines.append)
-    assert any(f"ended epoch 1 {2 / batches:.0%} of the way through" in line for line in lines), lines
+    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 0.0)
+    musicrnn.train(config(tmp_path / "cut"), resume=True, log=lines.append)
+    assert any("after epoch 0, and 2 batches of epoch 1, where the time budget cut it" in line for line in lines)
+    straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "cut"))
+    assert (resumed["epoch"], resumed["step"], resumed["batches_done"]) == (2, straight["step"], 0)
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert [row["epoch"] for row in resumed["history"]] == [1, 1, 2] and resumed["seconds"] > cut["seconds"]
 
 
 def test_the_last_line_names_only_the_checkpoints_that_are_there(tmp_path, fixture_data, monkeypatch):
