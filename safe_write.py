@@ -66,6 +66,9 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} {path} {_not_a_file(p)}; give a file name")
     if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work
         raise OutputError(f"{flag} {path} is a link to a missing {os.readlink(p)}; give another name")
+    if not folder and p.is_symlink() and _not_a_file(_target(p), system=True):  # /dev/stdout: /proc/self/fd/1
+        raise OutputError(f"{flag} {path} is a link to {_target(p)}, which {_not_a_file(_target(p), system=True)}; "
+                          f"give a file name")
     if not folder and p.exists() and not overwrite:
         raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
     probe_writable(p if folder else p.parent, flag, path)
@@ -87,12 +90,20 @@ def probe_writable(folder: Path, flag: str, path) -> None:
         raise OutputError(f"{flag} {path}: cannot write in {nearest} ({e.strerror})") from None
 
 
-def _not_a_file(path: Path) -> str:
+def _not_a_file(path: Path, system: bool = False) -> str:
     """Why no file is to be written at path ("" where it holds a regular file or nothing): a folder, or
-    a device or a pipe, which the atomic rename would replace by a plain file (/dev/null, say)."""
+    a device or a pipe, which the atomic rename would replace by a plain file (/dev/null, say); with
+    system, a link's target in /proc or /dev (a process's open file, a terminal)."""
     if path.is_dir():
         return "is a folder"
+    if system and path.parts[1:2] in (("proc",), ("dev",)):
+        return "is the system's, not a regular file"
     return "is not a regular file (a device or a pipe)" if path.exists() and not path.is_file() else ""
+
+
+def _target(path: Path) -> Path:
+    """Where a link leads, through every link on the way: what writing the link writes."""
+    return Path(os.path.realpath(path))
 
 
 def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=()) -> None:
@@ -150,7 +161,7 @@ class _Writer:
 def atomic_file(path: str | Path, overwrite: bool = True):
     """A binary file to write; it becomes path only when the block ends without an error.
     Errors of the caller's own code in the block pass through untouched."""
-    path = Path(path)
+    path = _target(path) if Path(path).is_symlink() else Path(path)  # the link stays, its file is replaced
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

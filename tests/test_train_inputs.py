@@ -317,3 +317,15 @@ def test_an_export_without_int8_names_the_older_int8_it_leaves(tiny_run, tmp_pat
     code, _, err = run_main(export.main, *args, "--overwrite")
     assert code == 0 and "m.int8.onnx is left as it was" in err, err
     assert (tmp_path / "m.int8.onnx").read_bytes() == before  # not asked to replace it
+
+
+def test_temporary_checkpoints_a_killed_training_left_are_removed_by_the_next(fixture_data, tmp_path):
+    """kill -9 mid-write leaves atomic_file's temporary file; the next training into the folder, holding
+    its lock, removes those of its own files and no one else's."""
+    tmp_path.mkdir(exist_ok=True)
+    left = [tmp_path / ".best.pt.k3x9q2ab.tmp", tmp_path / ".last.pt.z8w1m0cd.tmp"]
+    others = tmp_path / ".tunes.abc.a1b2c3d4.tmp"
+    for path in [*left, others]:
+        path.write_bytes(b"half a file")
+    musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=lambda *a: None)
+    assert not any(path.exists() for path in left) and others.exists()

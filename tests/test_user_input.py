@@ -706,6 +706,21 @@ def test_an_out_that_is_a_pipe_or_a_link_to_one_is_never_replaced_by_a_file(tiny
     assert (tmp_path / "pipe").is_fifo() and (tmp_path / "link").is_symlink()
 
 
+def test_overwrite_through_a_link_replaces_the_file_it_leads_to_and_keeps_the_link(tiny_onnx, tmp_path):
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "tunes.abc").write_text("old tunes")
+    (tmp_path / "tunes.abc").symlink_to(Path("v2") / "tunes.abc")  # a link a user keeps to the current book
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                            tmp_path / "tunes.abc", "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "tunes.abc").is_symlink() and (tmp_path / "v2" / "tunes.abc").read_text().startswith("X:1")
+    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == ["tunes.abc"]  # no temporary file left
+    (tmp_path / "status").symlink_to("/proc/self/status")  # as /dev/stdout leads into /proc: the system's
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                              tmp_path / "status", "--overwrite")
+    assert one_error_line(code, err) and "is a link to /proc/" in err and out == "", err
+
+
 def test_an_out_under_a_link_to_a_missing_folder_is_refused_before_the_work(tiny_onnx, tmp_path):
     (tmp_path / "book").symlink_to(tmp_path / "nowhere")
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
