@@ -31,8 +31,9 @@ from fractions import Fraction
 import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
-from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, note_shape, parse_meter,
-                       pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe, written_unit)
+from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, hornpipe_meter, note_shape,
+                       parse_meter, pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe,
+                       written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -61,7 +62,7 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
      if playable_key(root + mode)],  # not Abphr, C#lyd: more than 7 sharps or flats
 ]
 HEADER_ORDER = "XRLMK"
-HORNPIPE_METERS = ("M:2/4", "M:4/4", "M:C")  # abc2midi refuses R:hornpipe in any other meter
+HORNPIPE_METERS = tuple(line for line in HEADER_LINES[3] if hornpipe_meter(line[2:]))  # M:2/4, M:4/4, M:C
 PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
             "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix")}  # a prompt's header lines, as abc2midi reads them
 OPTIONAL_FIELDS = "R"
@@ -471,7 +472,7 @@ class AbcConstraint:
         playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
         if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
-        if letter == "M" and state.hornpipe and line.replace(" ", "") not in HORNPIPE_METERS:
+        if letter == "M" and state.hornpipe and not hornpipe_meter(value):
             raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
                               f"not {line!r}")
         if letter == "L":

@@ -221,6 +221,12 @@ def swung_as_hornpipe(r_value: str) -> bool:
     return r_value.lstrip(" \t").startswith(("hornpipe", "Hornpipe"))
 
 
+def hornpipe_meter(value: str) -> bool:
+    """Whether abc2midi plays R:hornpipe in this M: value: 2/4 and 4/4 (M:C) alone ("Hornpipe must be in
+    2/4 or 4/4 time"; it then plays the tune unswung)."""
+    return parse_meter(value) in ((2, 4), (4, 4))
+
+
 def tune_type(value: str) -> str | None:
     """R: text -> one of TUNE_TYPES, or None: "Slip Jig", "slipjig", "slip-jig" -> "slip jig"."""
     return _TYPE_SPELLINGS.get(re.sub(r"[\s_-]+", "", value.lower()))
@@ -609,9 +615,12 @@ def change_rhythm(abc: str, factor) -> str:
     M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
     L:, broken rhythm, tuplets, chord symbols and decorations are untouched; a tune without L: gets
     the one it had by default, which the new meter would change (M:6/8's is 1/8, M:6/16's 1/16).
+    Raises RewriteError where the meter cannot scale, or a hornpipe's would leave hornpipe_meter.
     """
     factor = Fraction(factor)
     head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]
+    r_line = re.search(r"(?m)^R:(.*)$", head)
+    hornpipe = r_line is not None and swung_as_hornpipe(r_line.group(1))
     if not re.search(r"(?m)^L:", head):
         meter = re.search(r"(?m)^M:(.*)$", head)
         unit = default_unit(meter.group(1) if meter else None)
@@ -634,6 +643,8 @@ def change_rhythm(abc: str, factor) -> str:
         else:
             num = int(num * factor)
         text = f"M:{num}/{den}"
+        if hornpipe and not hornpipe_meter(text[2:]):
+            raise RewriteError(f"abc2midi plays R:hornpipe only in 2/4 and 4/4, not {text}")
         return (f"[{text}]" if inline else text), factor
 
     return _rewrite_lengths(abc, fields)

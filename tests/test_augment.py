@@ -181,6 +181,17 @@ def test_rhythm_change_scales_lengths_not_numbers_elsewhere():
     assert abc_music.change_rhythm(out, Fraction(1, 2)) == tune
 
 
+@pytest.mark.parametrize("meter, factor", [("2/4", 2), ("2/4", Fraction(1, 2)), ("4/4", 2), ("C", Fraction(1, 2))])
+def test_a_hornpipe_keeps_its_rhythm_where_abc2midi_would_refuse_the_scaled_meter(meter, factor):
+    """abc2midi plays R:hornpipe in 2/4 and 4/4 alone: scaled to 2/2 or 4/8, it fails ("Hornpipe must be
+    in 2/4 or 4/4 time"), so the rewrite is refused and training keeps the tune as written."""
+    tune = f"X:1\nR:hornpipe\nL:1/16\nM:{meter}\nK:D\nABcd efga|\n"
+    with pytest.raises(abc_music.RewriteError, match="hornpipe"):
+        abc_music.change_rhythm(tune, factor)
+    assert musicrnn.rewrite_tune(tune, (None, factor, None))[0] == tune
+    assert abc_music.change_rhythm(tune.replace("R:hornpipe", "R:reel"), factor) != tune
+
+
 @pytest.mark.parametrize("length, text", [(Fraction(1), ""), (Fraction(2), "2"), (Fraction(1, 2), "/"),
                                           (Fraction(1, 4), "/4"), (Fraction(3, 2), "3/"), (Fraction(3, 4), "3/4")])
 def test_length_format_round_trips(length, text):
