@@ -89,7 +89,8 @@ def run_command(command, args) -> int:
 
 class ReaderSafeStdout:
     """stdout whose reader may go (`| head -1`): from then on what is printed goes nowhere instead
-    of raising, so a training, a sweep and the files they write go on to the end. `gone` says so."""
+    of raising, so a training, a sweep and the files they write go on to the end. `gone` says so.
+    A stdout that fails otherwise (a full disk behind `> file`) is said once on stderr, then dropped."""
 
     def __init__(self, stream):
         self.stream, self.gone = stream, stream is None
@@ -108,8 +109,10 @@ class ReaderSafeStdout:
             return
         try:
             method(*args)
-        except BrokenPipeError:
+        except OSError as e:
             self.gone = True
+            if not isinstance(e, BrokenPipeError):
+                print(f"warning: standard output: {e.strerror or e}; the command goes on without it", file=sys.stderr)
             with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit must not fail either
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 

@@ -28,11 +28,14 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from cli import Terminated, UserError
+from cli import Terminated, UserError, shown
 
 
 class OutputError(UserError):
     """An output that would destroy something, or cannot be written."""
+
+
+NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the temporary name adds, ".x.12345678.tmp")
 
 
 def _same_file(a: Path, b: str | Path) -> bool:
@@ -57,6 +60,9 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
     if folder and not str(path).strip():  # Path("") is the current folder
         raise OutputError(f"{flag} '' names no folder; give one (runs, say)")
     p = Path(path)
+    if len(os.fsencode(p.name)) > NAME_LIMIT:  # found now, not once the work is done
+        raise OutputError(f"{flag} {shown(p.name)}: a name of more than {NAME_LIMIT} bytes cannot be written "
+                          f"here; give a shorter one")
     for source in inputs:
         if source and _same_file(p, source):
             raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")

@@ -617,6 +617,28 @@ def test_a_closed_stdout_is_no_reader_and_the_work_goes_on(tiny_onnx, tmp_path):
     assert re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2", "3"]
 
 
+def test_an_out_name_too_long_to_write_is_refused_before_the_work(tiny_onnx, tmp_path):
+    """A name within Linux's 255 bytes whose temporary file would pass them: refused at once, not after
+    the tunes are made."""
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
+                              tmp_path / ("a" * 246 + ".abc"))
+    assert one_error_line(code, err) and "more than 239 bytes" in err and out == "", err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stdout_that_fails_is_said_once_and_the_work_goes_on(tiny_onnx, tmp_path):
+    """`infer_onnx.py --out all.abc > /dev/full` (a full disk behind the redirect): one warning, the tunes
+    written all the same, exit 0."""
+    out = tmp_path / "all.abc"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "3",
+                               "--max-tokens", "20", "--out", str(out)], stdout=full, stderr=subprocess.PIPE,
+                              cwd=ROOT, timeout=120, text=True)
+    assert proc.returncode == 0 and proc.stderr.splitlines() == [
+        "warning: standard output: No space left on device; the command goes on without it"], proc.stderr
+    assert re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2", "3"]
+
+
 @pytest.mark.parametrize("command", [
     ["musicrnn.py", "sweep", "--num", "2", "--temperatures", "0.5", "1", "--max-tokens", "120", "--onnx"],
     ["musicrnn.py", "stats", "--plot"]], ids=["sweep", "stats"])
