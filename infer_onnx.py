@@ -6,7 +6,8 @@ infer_onnx: write tunes with an exported musicrnn model, using onnxruntime and n
 
 It never imports torch: the tokenizer and vocabulary (abc_tokens), the sampling loop
 (sampler) and the constraint (abc_constraint) are the same code that musicrnn.py uses, so
-the same seed and flags give the same tunes. Everything the runtime needs (vocabulary,
+the same seed and flags give the same tunes (float32 rounding aside: the README says how
+rarely torch's differ). Everything the runtime needs (vocabulary,
 model shape) is in the .onnx file's metadata (exported_model).
 """
 

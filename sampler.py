@@ -14,7 +14,8 @@ Holds:
 
 A model is a function step(tokens (B, 1) int64, state) -> (logits (B, V) float32, state),
 state None meaning zeros: torch in musicrnn.torch_step, onnxruntime in exported_model.onnx_step.
-Both run this same loop with the same numpy generators, so the same seed gives the same tunes.
+Both run this same loop with the same numpy generators, so the same seed gives the same tunes
+wherever their logits agree to the last bit (float32 rounding flips about 1 tune in 500: README).
 """
 
 from __future__ import annotations
@@ -319,7 +320,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=cli.positive_int, default=None,
                        help="draw only among the k most likely tokens (default: all of them)")
     group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes, "
-                                                            "tune N the same whatever --num (0 to 2^32-1, default 0)")
+                                                            "tune N the same whatever --num (float32 rounding aside: "
+                                                            "README) (0 to 2^32-1, default 0)")
     group.add_argument("--max-tokens", type=cli.int_in(1, 100_000), default=1000,
                        help="tokens the model writes per tune at most, after the prompt (default 1000)")
     group.add_argument("--constrained", action="store_true",
