@@ -35,7 +35,7 @@ import exported_model
 import musicrnn
 from abc_tokens import SPECIALS, Vocabulary
 from cli import UserError
-from safe_write import check_output, write_atomic
+from safe_write import check_output, deferred_interrupt, write_atomic
 from sampler import sample_next
 
 OPSET = 18           # pinned: the LSTM op and everything else here are stable at 18
@@ -204,11 +204,15 @@ def export(args: argparse.Namespace) -> None:
                             f"{diff}); nothing written")
         if diff > PARITY_TOLERANCE:
             raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}; nothing written")
-        write_atomic(out, candidate.read_bytes(), args.overwrite)
+        if int8:  # made before either is written: a failure or Ctrl-C never leaves a new model beside an old int8
+            quantize_int8(candidate, Path(tmp) / int8.name)
+        with deferred_interrupt():
+            write_atomic(out, candidate.read_bytes(), args.overwrite)
+            if int8:
+                write_atomic(int8, (Path(tmp) / int8.name).read_bytes(), args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
           f"max |onnxruntime - torch| = {diff:.2e}")
     if int8:
-        quantize_int8(out, int8, args.overwrite)
         print(f"wrote {int8}: {out.stat().st_size / int8.stat().st_size:.1f}x smaller, "
               f"{ms_per_step(out) / ms_per_step(int8):.2f}x the fp32 speed at batch 1, "
               f"argmax agrees with fp32 on {argmax_agreement(out, int8):.1%} of 500 steps")

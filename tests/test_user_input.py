@@ -967,3 +967,20 @@ def test_a_prompts_own_tune_number_is_kept_and_counted_on_from(tiny_onnx):
     assert code == 0 and out.startswith("X:42\nL:1/8\nM:6/8\nK:D\n"), (out, err)
     assert re.findall(r"(?m)^X:.*$", out) == ["X:42", "X:43"]
     assert sampler.first_number("X:1\n") == 1 and sampler.first_number("T:x\nX:7\n") == 1  # X: is first or none
+
+
+def test_an_int8_export_that_fails_replaces_neither_model(tiny_run, tmp_path, monkeypatch):
+    """--int8 --overwrite writes the pair together: a quantization that fails (or Ctrl-C) never leaves
+    a new model beside the old model's int8 copy."""
+    for name in ("m.onnx", "m.int8.onnx"):
+        (tmp_path / name).write_bytes(b"the old model")
+
+    def failing(fp32, out, overwrite=True):
+        raise cli.UserError("the quantizer failed")
+
+    monkeypatch.setattr(export, "quantize_int8", failing)
+    code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx",
+                            "--int8", "--overwrite")
+    assert one_error_line(code, err) and "the quantizer failed" in err, err
+    assert [(tmp_path / name).read_bytes() for name in ("m.onnx", "m.int8.onnx")] == [b"the old model"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
