@@ -476,8 +476,21 @@ def page(form: dict, tunes, error: str | None, missing: dict[str, str], types: t
         parts.append("<p class=missing>" + "; ".join(html.escape(line) for line in missing.values()) + "</p>")
     if tunes:
         folder, made = tunes
+        parts.append(f"<p class=made-with id=made-with>{html.escape(made_with(form))}</p>")
         parts += [tune_html(n, folder, files) for n, files in enumerate(made, start=1)]
     return "".join(parts) + "</body></html>"
+
+
+def made_with(form: dict) -> str:
+    """The settings that wrote the tunes shown, in words: the form above them may be changed since (or
+    restored by the browser's back button with other values), the caption stays the tunes' own."""
+    form = {**DEFAULTS, **form}
+    words = [f"M:{form['meter']}", f"K:{form['key']}"] + [form["type"]] * bool(form["type"])
+    if form["sections"]:
+        words.append(f"{form['sections']} sections of {form['bars']} bars")
+    words += [f"temperature {form['temperature']}", f"seed {form['seed']}",
+              "constrained" if form.get("constrained") == "on" else "free"]
+    return "written with " + ", ".join(words)
 
 
 def shown(text: str) -> str:

@@ -453,6 +453,8 @@ def test_the_page_fits_a_phone_announces_a_refusal_and_names_each_download_apart
     assert not set(names[0]) & set(names[1])  # a second request's tune1.abc is saved beside the first's
     assert 'aria-label="tune 1 as .abc"' in pages[0] and 'aria-label="tune 2 as .abc"' in pages[0]
     assert {"F#m", "C#m", "Eb", "Edor"} <= set(serve.KEYS)  # the keys the form's check takes, offered
+    caption = re.search(r"<p class=made-with id=made-with>([^<]*)</p>", pages[0]).group(1)
+    assert caption == "written with M:6/8, K:D, temperature 1.0, seed 7, constrained"  # the tunes' own settings
 
 def test_serve_refuses_a_bad_port_and_a_busy_one_in_one_line(server, tiny_onnx):
     assert one_error_line(*run_main(serve.main, "--model", str(tiny_onnx), "--port", "70000")[::2])
