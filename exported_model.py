@@ -70,7 +70,11 @@ def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dic
         vocab = Vocabulary.from_json(meta["musicrnn.vocab"])
         config = json.loads(meta["musicrnn.config"])
         config["hidden_dim"], config["num_layers"] = int(config["hidden_dim"]), int(config["num_layers"])
-        config["tune_types"] = [str(name) for name in json.loads(meta.get("musicrnn.tune_types", "[]"))]
+        types = json.loads(meta.get("musicrnn.tune_types", "[]"))
+        if not isinstance(config.get("control", False), bool) or not (
+                isinstance(types, list) and all(isinstance(name, str) for name in types)):
+            raise TypeError("control is not true or false, or tune_types not a list of names")  # "no" reads as true
+        config["tune_types"] = types
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested deep
         raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {first_line(e, 80)})") from None
     if not (1 <= config["hidden_dim"] <= 65536 and 1 <= config["num_layers"] <= 64):

@@ -1,5 +1,6 @@
 """The step-wise ONNX export: parity with torch, the same tunes, and a runtime without torch."""
 
+import json
 import subprocess
 import sys
 
@@ -102,7 +103,17 @@ def test_bad_models_and_flags_get_one_line_and_exit_2(exported, tmp_path):
         if prop.key == "musicrnn.vocab":
             prop.value = '{"kind": "abc", "tokens": ["x"'
     onnx.save(proto, str(damaged))
+    edited = {}  # hand-edited metadata whose values Python would read as something else: "no" as true
+    for name, key, value in [("control", "musicrnn.config", None), ("types", "musicrnn.tune_types", '"jig"')]:
+        proto = onnx.load(str(path))
+        for prop in proto.metadata_props:
+            if prop.key == key:
+                prop.value = value or json.dumps({**json.loads(prop.value), "control": "no"})
+        edited[name] = tmp_path / f"{name}.onnx"
+        onnx.save(proto, str(edited[name]))
     cases = [
+        (["--model", str(edited["control"])], "damaged musicrnn metadata"),
+        (["--model", str(edited["types"])], "damaged musicrnn metadata"),
         (["--model", str(tmp_path / "missing.onnx")], "no such model"),
         (["--model", str(corrupt)], "not a readable ONNX model"),
         (["--model", str(bare)], "not a musicrnn export"),
