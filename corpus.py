@@ -48,6 +48,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if "://" not in path and not p.exists():
         made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
         raise UserError(f"{path}: no such file or folder{made}")
+    if "://" not in path and p.exists() and not (p.is_dir() or p.is_file() or p.is_fifo()):  # /dev/zero: endless
+        raise UserError(f"{path}: a device, not a file or a folder of tunes")
     folder = p.is_dir()
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".abc", ".json") and f.is_file()) \
         if folder else [path]  # B.ABC and X.JSON too, as when named alone

@@ -349,3 +349,8 @@ def test_stats_draws_its_plot_under_a_notebooks_matplotlib_backend(fixture_data,
                            tmp_path / "stats.png"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert (tmp_path / "stats.png").stat().st_size > 1000
+
+
+def test_a_device_as_data_is_refused_not_read_until_memory_runs_out():
+    code, _, err = run_main(musicrnn.main, "stats", "--data", "/dev/zero")
+    assert one_error_line(code, err) and "a device" in err, err
