@@ -71,6 +71,8 @@ def check_unused_flags(cfg, given: set[str] | None) -> None:
         raise UserError("--transpose-range bounds the transpositions of --augment-key, which is 0 here")
     if "warmup_steps" in given and cfg.schedule != "cosine":
         raise UserError(f"--warmup-steps warms up the cosine schedule only; --schedule is {cfg.schedule} here")
+    if "dropout_mask" in given and not cfg.dropout:
+        raise UserError("--dropout-mask chooses how --dropout draws its masks, and --dropout is 0 here")
 
 
 def check_note_range(text: str) -> None:

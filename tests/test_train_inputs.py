@@ -121,6 +121,12 @@ def test_warmup_steps_with_the_plateau_schedule_is_refused(fixture_data, tmp_pat
     assert run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", "--warmup-steps", "10"))[0] == 0
 
 
+def test_a_dropout_mask_without_dropout_is_refused(fixture_data, tmp_path):
+    code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", "--dropout", "0",
+                                                         "--dropout-mask", "element"))
+    assert one_error_line(code, err) and "--dropout-mask" in err and "epoch" not in out, err
+
+
 @pytest.mark.parametrize("flags, message", [(["--overwrite"], "without --plot"), (["--plot", ""], "names no file")])
 def test_stats_refuses_an_overwrite_with_nothing_to_write_and_an_empty_plot(flags, message, fixture_data):
     code, out, err = run_main(musicrnn.main, "stats", "--data", fixture_data["train"], *flags)
