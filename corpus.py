@@ -167,5 +167,10 @@ def _json_list(path: str) -> list:
 def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None, overwrite: bool = True) -> None:
     """IrishMAN records: each tune with its control code (abc_form.control_code), or "" without codes.
     Without overwrite, a file that appeared at path meanwhile is left as it is (safe_write)."""
+    write_atomic(path, irishman_json(tunes, codes), overwrite)
+
+
+def irishman_json(tunes: list[str], codes: list[str] | None = None) -> bytes:
+    """The text of an IrishMAN JSON file of these tunes (and their codes)."""
     records = [{"control code": code, "abc notation": t} for t, code in zip(tunes, codes or [""] * len(tunes))]
-    write_atomic(path, json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8"), overwrite)
+    return json.dumps(records, ensure_ascii=False, indent=0).encode("utf-8")

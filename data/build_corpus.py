@@ -20,6 +20,7 @@ An existing one of these four is replaced only with --overwrite (make data passe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import subprocess
@@ -34,7 +35,7 @@ import corpus
 from abc_form import control_code
 from abc_music import read_tunebook
 from cli import Parser, UserError, run_command
-from safe_write import check_output, removed_if_failed, write_atomic
+from safe_write import atomic_file, check_output, removed_if_failed
 
 WHEEL = "music21==10.5.1"
 WHEEL_FILE = "music21-10.5.1-py3-none-any.whl"
@@ -151,9 +152,11 @@ def build(args) -> None:
     essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)
     train, val = split_train_validation(tunes)
     essen = list(dict.fromkeys(essen_tunes))
-    for path, records in zip(jsons, (train, val, essen)):
-        corpus.write_irishman_json(path, records, [control_code(t) for t in records], args.overwrite)
-    write_atomic(readme, provenance(counts, essen_counts, len(tunes), train, val, essen).encode(), args.overwrite)
+    texts = [corpus.irishman_json(records, [control_code(t) for t in records]) for records in (train, val, essen)]
+    texts.append(provenance(counts, essen_counts, len(tunes), train, val, essen).encode())
+    with contextlib.ExitStack() as files:  # all four or none: each becomes its path only once every one is written
+        for path, text in zip([*jsons, readme], texts):
+            files.enter_context(atomic_file(path, args.overwrite)).write(text)
     print(f"{len(train):,} training and {len(val):,} validation tunes, {len(essen):,} out-of-collection tunes in {out}/")
 
 

@@ -10,6 +10,7 @@ import pytest
 import abc_form
 import abc_music
 import plots
+import safe_write
 import corpus
 import musicrnn
 from conftest import ROOT, one_error_line, run_main
@@ -254,6 +255,25 @@ def test_build_corpus_overwrite_replaces_every_output_by_renaming(tmp_path, offl
     assert all(os.stat(tmp_path / name).st_ino != inodes[name] for name in CORPUS_FILES)  # never rewritten in place
     assert len(musicrnn.load_tunes(str(tmp_path / "essen.json"))) == 8
     assert "# Data" in (tmp_path / "README.md").read_text()
+
+
+def test_build_corpus_that_fails_midway_replaces_none_of_its_files(tmp_path, offline_build, monkeypatch):
+    """A full disk while essen.json is written leaves the old corpus whole, never new training tunes beside
+    an old validation split."""
+    for name in CORPUS_FILES:
+        (tmp_path / name).write_text("old")
+    write = safe_write._Writer.write
+
+    def full_disk_at_essen(writer, data):
+        if writer.path.name == "essen.json":
+            raise safe_write.OutputError(f"{writer.path}: cannot write (No space left on device)")
+        write(writer, data)
+
+    monkeypatch.setattr(safe_write._Writer, "write", full_disk_at_essen)
+    code, _, err = run_main(build_corpus.main, "--out", tmp_path, "--overwrite")
+    assert one_error_line(code, err) and "No space left" in err, err
+    assert all((tmp_path / name).read_text() == "old" for name in CORPUS_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CORPUS_FILES)
 
 
 def test_build_corpus_an_empty_out_is_one_line_not_the_current_folder(tmp_path, offline_build, monkeypatch):
