@@ -1,14 +1,19 @@
 """make bench's own arithmetic: ratios from interleaved turns, and impossible ratios refused;
 its command line."""
 
+import dataclasses
 import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from conftest import one_error_line, run_main
 
 import bench
+import exported_model
+import sampler
+from abc_constraint import AbcConstraint
 from cli import UserError
 
 
@@ -76,12 +81,14 @@ def test_free_and_constrained_tunes_alternate_over_the_same_seeds(monkeypatch):
 
     def fake_tunes_seconds(step, vocab, constraint, seed):
         calls.append((constraint, seed))
-        return (0.2, 100) if constraint else (0.1, 100 + seed)  # constrained: 2 ms a token
+        return (0.2, 100) if constraint else (0.1 + seed / 100, 90)  # constrained: 2 ms a token
 
     monkeypatch.setattr(bench, "tunes_seconds", fake_tunes_seconds)
-    free, constrained = bench.paired_ms_per_token(None, None, "constraint", range(3))
+    monkeypatch.setattr(bench, "constrained_lengths", lambda *args: np.array([100]))  # each side: 100 tokens
+    vocab = type("Vocab", (), {"eos_id": 1})
+    free, constrained = bench.paired_ms_per_token(None, vocab, "constraint", range(3), "scratch")
     assert calls == [(None, 0), ("constraint", 0), (None, 1), ("constraint", 1), (None, 2), ("constraint", 2)]
-    assert free == pytest.approx(0.3 / 303 * 1e3) and constrained == pytest.approx(2.0)
+    assert free == pytest.approx(0.33 / 300 * 1e3) and constrained == pytest.approx(2.0)
 
 
 def test_each_turn_takes_the_fastest_configuration_and_counts_the_winners():
@@ -234,3 +241,26 @@ def test_in_turns_keeps_every_turn_of_every_side():
     costs = {"a": iter([2.0, 1.0]), "b": iter([4.0, 3.0])}
     assert bench.in_turns({n: (lambda n=n: next(costs[n])) for n in costs}, repeats=2) == {"a": [2.0, 1.0],
                                                                                           "b": [4.0, 3.0]}
+
+
+def test_a_free_batch_is_held_to_the_constrained_batchs_lengths_and_the_constrained_draws_are_untouched(tiny_onnx):
+    """The overhead is of the same tunes' lengths: free rows end where the constrained rows did (no row
+    idles to the cap), and the constrained side pays the same bookkeeping without a change to its tunes."""
+    session, vocab, config = exported_model.load_model(str(tiny_onnx))
+    step = exported_model.onnx_step(session, config)
+    scratch = AbcConstraint(vocab)
+    lengths = bench.constrained_lengths(step, vocab, 5, 4, scratch)
+    opts = sampler.SamplingOptions(num=4, seed=5, max_tokens=bench.TUNE_TOKENS)
+    fed = []  # (B,) the tokens each step reads: the draws of the step before
+
+    def spy(tokens, state):
+        fed.append(tokens[:, 0].copy())
+        return step(tokens, state)
+
+    sampler.generate_tunes(bench.held_to(spy, lengths, vocab.eos_id, True), vocab, opts)
+    drawn = np.array(fed[1:] + [np.full(4, vocab.eos_id)])  # (steps, B); the batch's last draws end it
+    assert [int(np.argmax(row == vocab.eos_id)) + 1 for row in drawn.T] == lengths.tolist()
+    assert len(set(lengths.tolist())) > 1  # rows of one batch end apart
+    constrained = dataclasses.replace(opts, constrained=True)
+    held = sampler.generate_tunes(bench.held_to(step, lengths, vocab.eos_id, False), vocab, constrained, scratch)
+    assert held == sampler.generate_tunes(step, vocab, constrained, scratch)
