@@ -64,10 +64,20 @@ class _Reader:
     ending: int = 0                               # the number of the ending being read (0: none)
     tuplet: tuple[int, Fraction] = (0, Fraction(1))  # notes left in a tuplet, and their time factor
     chord: list | None = None                     # the notes of an open [chord]
+    bar_times: list = field(default_factory=list)  # (time, full) of each bar closed, in units of L
 
 
 def sections(tune: str) -> list[Section]:
     """The tune's sections in order, by the rules in the module's docstring."""
+    return _read(tune).sections
+
+
+def bar_times(tune: str) -> list[tuple[Fraction, Fraction | None]]:
+    """(its time, a full bar's) of each bar in order, in units of L: what a judge checks its lengths by."""
+    return _read(tune).bar_times
+
+
+def _read(tune: str) -> _Reader:
     meter, unit = header_field(tune, "M"), header_field(tune, "L")
     r = _Reader(bar_units(meter, unit), meter, unit)
     for token, kind in iter_token_kinds(tune_body(tune)):
@@ -80,7 +90,7 @@ def sections(tune: str) -> list[Section]:
     _close_bar(r)
     if len(r.sections) > 1 and not r.sections[-1].bars:
         r.sections.pop()
-    return r.sections
+    return r
 
 
 def _add_time(r: _Reader, token: str, kind: str) -> None:
@@ -111,6 +121,7 @@ def _add_time(r: _Reader, token: str, kind: str) -> None:
 def _close_bar(r: _Reader) -> None:
     """Count the bar that a bar line (or the tune's end) closes, unless it is a pickup."""
     if r.time > 0:
+        r.bar_times.append((r.time, r.full))
         pickup = r.opening and r.full is not None and r.time < r.full
         _count_bars(r, 0 if pickup else 1)
         r.opening = False

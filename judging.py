@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from abc_constraint import SECTION_ENDS, AbcConstraint
-from abc_form import control_code, form_code, parse_control_code, sections
+from abc_form import bar_times, control_code, form_code, parse_control_code, sections
 from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body, without_blank_lines
 import cli
 import sampler
@@ -48,22 +48,40 @@ def abc2midi_available() -> bool:
 def check_with_abc2midi(tune: str) -> dict:
     """Run abc2midi on one tune. It exits 0 even on errors, so its output is what counts.
 
-    valid: a MIDI file is written and no "Error" line is printed (R:hornpipe aside: for_abc2midi).
-    bar_clean: valid, no "Bar N has X time units" warning (abc2midi does not warn about a pickup
-    bar or the short last bar that completes it), and the last bar closed by a bar line: abc2midi
-    checks no bar the tune stops in, so a tune cut off by --max-tokens in mid-bar would pass.
+    valid: abc2midi ends normally, writes a MIDI file and prints no "Error" line (R:hornpipe aside:
+    for_abc2midi); a crash or a run past 30 s is invalid, its reason among the messages.
+    bar_clean: valid, no "Bar N has X time units" warning, the last bar closed by a bar line (abc2midi
+    checks no bar the tune stops in), and the two bars abc2midi never checks of the right length
+    (ends_fit): the first, and the last when it is short.
     """
     with tempfile.TemporaryDirectory() as tmp:
         src, midi = Path(tmp) / "tune.abc", Path(tmp) / "tune.mid"
         tune = without_blank_lines(tune)  # as a tunebook holds it: the whole tune, judged whole
         src.write_text(for_abc2midi(tune if tune.startswith("X:") else "X:1\n" + tune))
-        result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True,
-                                errors="replace", timeout=30)  # it echoes a bad character byte by byte
+        try:
+            result = subprocess.run(["abc2midi", str(src), "-o", str(midi)], capture_output=True, text=True,
+                                    errors="replace", timeout=30)  # it echoes a bad character byte by byte
+        except subprocess.TimeoutExpired:
+            return {"valid": False, "bar_clean": False, "messages": ["abc2midi ran past 30 s"]}
         lines = (result.stdout + result.stderr).splitlines()
-        valid = midi.exists() and midi.stat().st_size > 0 and not any("Error" in line for line in lines)
+        lines += [f"abc2midi ended with exit status {result.returncode}"] * (result.returncode != 0)
+        valid = (result.returncode == 0 and midi.exists() and midi.stat().st_size > 0
+                 and not any("Error" in line for line in lines))
     bar_warnings = [line for line in lines if _BAR_WARNING.search(line)]
     closed = tune_body(tune).rstrip().endswith(("|", "|]", "::"))
-    return {"valid": valid, "bar_clean": valid and not bar_warnings and closed, "messages": lines}
+    return {"valid": valid, "bar_clean": valid and not bar_warnings and closed and ends_fit(tune), "messages": lines}
+
+
+def ends_fit(tune: str) -> bool:
+    """The bars abc2midi does not check are of the right length: the first is full, or short (a pickup)
+    with the last bar completing it; the last is full, or completes the pickup. A tune without a numeric
+    meter has no lengths to check."""
+    bars = bar_times(tune)
+    if not bars or bars[0][1] is None or bars[-1][1] is None:
+        return True
+    (first, full), (last, last_full) = bars[0], bars[-1]
+    pickup = first if first < full and len(bars) > 1 else 0
+    return first <= full and (last == last_full or (pickup > 0 and pickup + last == last_full))
 
 
 def pitch_class_histogram(tunes: list[str]) -> np.ndarray:
@@ -204,13 +222,21 @@ def type_sweep(generate_fn, opts, corpus_tunes: list[str], types=tuple(TYPE_MARK
     return rows
 
 
+def percent(share: float) -> str:
+    """A share as a whole percentage, except that only all is 100% and only none 0% (665 of 668: 99.6%)."""
+    text = f"{share:.0%}"
+    if text not in ("0%", "100%") or share in (0, 1):
+        return text
+    return f"{share:.1%}".replace("100.0%", ">99.9%").replace("0.0%", "<0.1%")
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]], shares: set[str]) -> str:
     """rows as a Markdown table: (key, heading) columns; keys in shares as percentages."""
     columns = [(key, name) for key, name in columns if key in rows[0]]
     lines = ["| " + " | ".join(name for _, name in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["yes" if row[k] is True else "no" if row[k] is False else "n/a" if row[k] is None
-                 else f"{row[k]:.0%}" if k in shares
+                 else percent(row[k]) if k in shares
                  else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]).replace("|", "\\|")
                  for k, _ in columns]  # a bar line in a cell ("C|") would end it
         lines.append("| " + " | ".join(cells) + " |")

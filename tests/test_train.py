@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,37 @@ def test_the_judge_reads_a_tune_past_a_blank_line_as_the_tunebook_keeps_it():
     head = "X:1\nL:1/8\nM:2/4\nK:D\nabcd|dcba|\n"
     assert judging.check_with_abc2midi(head + "abcd|]\n")["bar_clean"]
     assert not judging.check_with_abc2midi(head + "\nabc|abcd|]\n")["bar_clean"]
+
+
+@pytest.mark.parametrize("body, clean", [
+    ("ABc def|ABc def|ABc def|ABc d|]", False),   # a short last bar with no pickup to complete
+    ("A|ABc def|ABc def|ABc d|]", False),         # a pickup of 1 and a last bar of 4: not one bar
+    ("ABc defg|ABc def|ABc def|ABc def|]", False),  # a first bar of 7 units
+    ("A|ABc def|ABc def|ABc de|]", True), ("ABc def|ABc def|ABc def|ABc def|]", True)])
+def test_bar_clean_checks_the_first_and_last_bars_abc2midi_never_warns_about(body, clean):
+    import judging
+
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi)")
+    result = judging.check_with_abc2midi("X:1\nL:1/8\nM:6/8\nK:D\n" + body + "\n")
+    assert result["valid"] and not any("Bar" in line for line in result["messages"])  # abc2midi says nothing
+    assert result["bar_clean"] == clean
+
+
+def test_an_abc2midi_that_crashes_or_hangs_judges_the_tune_invalid(tmp_path, monkeypatch):
+    import judging
+
+    for name, script in [("crashes", "touch \"$3\"; echo x > \"$3\"; kill -SEGV $$"), ("hangs", "sleep 60")]:
+        fake = tmp_path / name / "abc2midi"
+        fake.parent.mkdir()
+        fake.write_text("#!/bin/sh\n" + script + "\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+        if name == "hangs":
+            monkeypatch.setattr(judging.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(
+                subprocess.TimeoutExpired(a[0], 30)))
+        result = judging.check_with_abc2midi("X:1\nL:1/8\nM:2/4\nK:D\nabcd|dcba|]\n")
+        assert not result["valid"] and not result["bar_clean"] and result["messages"][-1].startswith("abc2midi"), name
 
 
 def test_generation_stops_at_eos():
@@ -419,3 +451,10 @@ def test_resuming_on_tunes_with_symbols_the_run_never_saw_says_the_data_changed(
                    log=lines.append)
     assert any("symbols of the training tunes are not in" in line and "has changed" in line for line in lines)
     assert sum("has changed" in line for line in lines) == 1  # said once, on the resume
+
+
+def test_a_share_prints_as_all_or_none_only_when_it_is():
+    import judging
+
+    assert [judging.percent(x) for x in (0, 1, 665 / 668, 0.5, 0.0004, 0.99996)] == [
+        "0%", "100%", "99.6%", "50%", "<0.1%", ">99.9%"]
