@@ -2,12 +2,12 @@
 #   make train     venv + data + train the default model (~10 min on 2 cores), export it, print a tune
 #   make test      venv + the whole test suite (fixture tunes; the corpus tests skip until `make data`)
 #   make test-fast the same without the tests marked slow, for editing
-#   make generate  runs/tunes.abc through onnxruntime
+#   make generate  runs/tunes.abc (10 tunes, replaced each time) through onnxruntime, with the model there
 #   make serve     a local page at http://127.0.0.1:8000/ that writes, shows and plays tunes (no torch)
 #   make train-long  the long-run model (<= 60 min on 2 cores) in runs/long/, scored on validation and essen
 #   make bench     generation and training speed, memory, side by side (runs/bench.json)
 #   make data-large  data/large.json, ~60k tunes (training tunes in 12 keys + essen), for scale measurements
-#   make clean     removes runs/ (every model, tunebook and plot there) and the test caches
+#   make clean     removes runs/ (every model trained there, runs/long/ too, every tunebook and plot) and the test caches
 
 PYTHON := .venv/bin/python
 # make train runs as 2 processes (torchrun, gloo; on 2 cores, 1 thread each) where there are 2 cores or more: measured
@@ -50,7 +50,12 @@ runs/musicrnn.onnx: runs/best.pt export.py exported_model.py
 train: runs/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 1 --seed 1
 
-generate: runs/musicrnn.onnx
+# generate, serve and bench use the model that is there (make train makes one where there is none): a
+# changed source file or a git pull never retrains it behind the user's back
+HAVE_MODEL = @test -f runs/musicrnn.onnx -a -f runs/best.pt || $(MAKE) --no-print-directory train
+
+generate: | venv
+	$(HAVE_MODEL)
 	$(PYTHON) infer_onnx.py --model runs/musicrnn.onnx --num 10 --seed 0 --out runs/tunes.abc --overwrite
 
 runs/long/best.pt: data/train.json data/validation.json data/essen.json $(SOURCES) | venv
@@ -64,10 +69,12 @@ runs/long/musicrnn.onnx: runs/long/best.pt export.py exported_model.py
 train-long: runs/long/musicrnn.onnx
 	$(PYTHON) infer_onnx.py --model runs/long/musicrnn.onnx --num 1 --seed 1
 
-serve: runs/musicrnn.onnx
+serve: | venv
+	$(HAVE_MODEL)
 	$(PYTHON) serve.py --model runs/musicrnn.onnx
 
-bench: runs/musicrnn.onnx
+bench: | venv
+	$(HAVE_MODEL)
 	$(PYTHON) bench.py --overwrite
 
 test: venv

@@ -46,7 +46,8 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if "://" in path and p.suffix.lower() == ".abc":
         raise UserError(f"{path}: a tunebook (.abc) is read from a local file or folder; only JSON comes by URL")
     if "://" not in path and not p.exists():
-        made = " (`make data` writes the corpus there)" if p.parent.name == "data" else ""
+        made = (" (`make data-large` writes it)" if p.name == "large.json" else " (`make data` writes the corpus "
+                "there)") if p.parent.name == "data" else ""
         raise UserError(f"{path}: no such file or folder{made}")
     if "://" not in path and p.exists() and not (p.is_dir() or p.is_file() or p.is_fifo()):  # /dev/zero: endless
         raise UserError(f"{path}: a device, not a file or a folder of tunes")

@@ -918,7 +918,7 @@ def add_train_parser(sub) -> None:
                        help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience, "
                             "--device and --precision may change")
     again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
-    p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard")
+    p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard (needs pip install tensorboard)")
     p.add_argument("--procs", type=cli.int_in(1, 256), default=1,
                    help="train as this many processes of this machine (torchrun's launcher, gloo on the CPU, the "
                         "cores shared out): the same model as one process; make train gives 2 on 2 cores (default: 1)")

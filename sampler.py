@@ -346,7 +346,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--key", help='prime the header with this key, e.g. "D", "Ador" or "Bbmix" (with --meter '
                                      'alone: D); the header is then X:1, L:1/8, M: (with --meter) and K:')
     start.add_argument("--type", help=f'prime the header with this tune type (R:), e.g. "jig", "reel" or "slip jig"; '
-                                      f'one the model met in training (normalised: {", ".join(TUNE_TYPES)})')
+                                      f'one the model met in training, which a refusal lists (names are read as one of '
+                                      f'{", ".join(TUNE_TYPES)})')
     start.add_argument("--prompt", type=cli.abc_text,
                        help='start from this ABC text instead of --meter/--key/--type, e.g. '
                             '"X:1\\nL:1/8\\nM:6/8\\nK:D\\n" (\\n: a line break)')
