@@ -14,6 +14,7 @@ Holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -163,6 +164,15 @@ def _json_list(path: str) -> list:
         raise UserError(f"{path}: not an IrishMAN JSON list of records (it holds one JSON object, "
                         f"not a list of records [{{...}}, ...])")
     return list(items)
+
+
+def collection_digest(tunes: list[str], codes: list[str] | None = None) -> str:
+    """A fingerprint of the tunes (and codes) a run reads, in order: --resume compares it, so that a
+    data file changed since the run began is refused, never trained or validated on unnoticed."""
+    digest = hashlib.sha256()
+    for text in [*tunes, *(codes or [])]:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    return f"{len(tunes)} tunes, sha256 {digest.hexdigest()[:16]}"
 
 
 def write_irishman_json(path: Path, tunes: list[str], codes: list[str] | None = None, overwrite: bool = True) -> None:

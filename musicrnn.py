@@ -61,7 +61,7 @@ from abc_music import RewriteError, change_rhythm, parse_note_range, set_unit_le
 from abc_tokens import Vocabulary
 from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
 from cli import UserError
-from corpus import load_records, load_tunes
+from corpus import collection_digest, load_records, load_tunes
 from distributed import World
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
 from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_unused_flags, config_from_dict,
@@ -351,7 +351,7 @@ def save_checkpoint(path: Path, run: Run) -> None:
         "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
         "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
         "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
-        "seconds": run.seconds(), "batches_done": p.batches_done,
+        "seconds": run.seconds(), "batches_done": p.batches_done, "data": run.data,
     }
     if p.batches_done:  # an epoch cut short: --resume draws its dropout masks on from here
         ckpt["rng_state"] = p.rng_state
@@ -409,6 +409,7 @@ class Run:
     world: World                                  # this process among the training's (distributed.py)
     ddp_model: nn.Module                          # the model steps go through: DistributedDataParallel(model) or it
     bf16: bool = False                            # the step's products in bfloat16 (bf16_products)
+    data: dict = field(default_factory=dict)      # the training and validation data's digests (collection_digest)
     started: float = 0.0                          # time.time() when this session's first epoch began
 
     def seconds(self) -> float:
@@ -638,9 +639,12 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
                   Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
+    run.data = {"train_data": collection_digest(train_tunes, train_codes), "val_data": collection_digest(val_tunes)}
+    if ckpt:
+        check_same_data(ckpt.get("data", {}), run.data, cfg)
     run.ddp_model = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     run.bf16 = bf16_products(cfg.precision, device)
-    describe_run(run, val_tunes, resumed=ckpt is not None, log=log)
+    describe_run(run, val_tunes, log)
     return run
 
 
@@ -658,17 +662,23 @@ def run_settings(cfg: Config, resume: bool, overwrite: bool, given: set[str] | N
     return cfg, ckpt
 
 
-def describe_run(run: Run, val_tunes: list[str], resumed: bool, log) -> None:
+def check_same_data(then: dict, now: dict, cfg: Config) -> None:
+    """--resume reads the tunes the run began with: a file changed since would train on other tunes, and
+    its validation loss would be compared with a best from other tunes (a checkpoint without digests,
+    written before they were kept, is taken as it is)."""
+    for name, digest in now.items():
+        if then.get(name, digest) != digest:
+            raise UserError(f"--resume: {getattr(cfg, name)} holds other tunes than when the run began ({digest} now, "
+                            f"{then[name]} then): restore it, or start afresh with --overwrite")
+
+
+def describe_run(run: Run, val_tunes: list[str], log) -> None:
     """What a run trains on, where, and what its user should know before the first epoch."""
     cfg, vocab = run.cfg, run.vocab
     log(f"{len(run.train_set)} training tunes, {len(run.val_set)} validation tunes, vocabulary {len(vocab)} "
         f"({cfg.tokenizer} tokens); {distributed.describe(run.world, run.device)}, "
         f"{'bf16' if run.bf16 else 'fp32'} products")
     warn_if_validation_is_trained_on(run.train_tunes, val_tunes, log)
-    if resumed and run.train_set.unknown:  # a run's vocabulary comes from its training tunes: these are not those
-        log(f"warning: {run.train_set.unknown} symbols of the training tunes are not in "
-            f"{Path(cfg.out_dir) / 'last.pt'}'s vocabulary and are read as <unk>: {cfg.train_data} has changed "
-            f"since the run began")
     log(parameter_summary(run.model))
 
 

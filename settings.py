@@ -122,6 +122,9 @@ def check_checkpoint_fields(ckpt: dict, source: str) -> None:
     if ckpt.get("batches_done", 0) and not (getattr(rng_state, "dtype", None) is not None
                                             and str(rng_state.dtype) == "torch.uint8" and rng_state.dim() == 1):
         _refuse(source, "rng_state", type(rng_state).__name__, "torch's generator state (torch.get_rng_state())")
+    data = ckpt.get("data", {})
+    if not (isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items())):
+        _refuse(source, "data", data, "the digests of its data, as text")
     types = ckpt.get("tune_types", [])
     if not (isinstance(types, (list, tuple)) and all(isinstance(t, str) for t in types)):
         _refuse(source, "tune_types", types, "a list of tune types as text")

@@ -441,16 +441,26 @@ def test_the_last_line_names_only_the_checkpoints_that_are_there(tmp_path, fixtu
     assert "checkpoints last.pt in" in lines[-1] and not (tmp_path / "best.pt").exists()
 
 
-def test_resuming_on_tunes_with_symbols_the_run_never_saw_says_the_data_changed(tmp_path, fixture_data):
-    """The vocabulary is the checkpoint's: new symbols become <unk>, which a resumed run now says."""
-    lines, data = [], tmp_path / "train.json"
-    shutil.copy(fixture_data["train"], data)
-    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=1, train_data=str(data)), log=lines.append)
-    data.write_text(json.dumps(json.loads(data.read_text()) + [{"abc notation": "X:1\nT:Ωμ\nK:D\nABc|"}]))
-    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=2, train_data=str(data)), resume=True,
-                   log=lines.append)
-    assert any("symbols of the training tunes are not in" in line and "has changed" in line for line in lines)
-    assert sum("has changed" in line for line in lines) == 1  # said once, on the resume
+@pytest.mark.parametrize("changed", ["train_data", "val_data"])
+def test_resuming_on_data_changed_since_the_run_began_is_refused(tmp_path, fixture_data, changed):
+    """A training file changed in place would train on other tunes; a validation file, compare its loss
+    with a best from other tunes and replace best.pt on it. A checkpoint written before the digests were
+    kept resumes as it did."""
+    paths = {name: tmp_path / f"{name}.json" for name in ("train_data", "val_data")}
+    shutil.copy(fixture_data["train"], paths["train_data"])
+    shutil.copy(fixture_data["val"], paths["val_data"])
+    config = lambda epochs: tiny_config(fixture_data, tmp_path / "run", epochs=epochs,  # noqa: E731
+                                        **{name: str(path) for name, path in paths.items()})
+    musicrnn.train(config(1), log=lambda *a: None)
+    records = json.loads(paths[changed].read_text())
+    paths[changed].write_text(json.dumps(records[:-1]))  # one tune fewer, the file's name the same
+    with pytest.raises(cli.UserError, match=f"holds other tunes than when the run began .{len(records) - 1} tunes"):
+        musicrnn.train(config(2), resume=True, log=lambda *a: None)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    del ckpt["data"]  # as written before the digests were kept
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert musicrnn.train(config(2), resume=True, log=lambda *a: None)["epoch"] == 2
 
 
 def test_a_share_prints_as_all_or_none_only_when_it_is():
