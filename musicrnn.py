@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 import distributed
 import judging
@@ -541,16 +542,12 @@ def epochs_left(run: Run) -> bool:
 
 def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> tuple[dict, bool]:
     """One pass over length-grouped batches; its figures, and whether the time budget ran out."""
-    from tqdm import tqdm
-
     cfg, p, pad_id, world = run.cfg, run.progress, run.vocab.pad_id, run.world
     total_steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     lengths, scored = train_set.lengths(), train_set.scored()
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
-    if p.batches_done:  # the epoch the time budget cut goes on where it stopped, its dropout masks too
-        torch.set_rng_state(p.rng_state.cpu())
-    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, p.batches_done
+    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, resume_point(p)
     progress_bar = tqdm(batches[done:], desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                         initial=done, total=len(batches), disable=None if world.writer else True)
     for batch in progress_bar:
@@ -566,11 +563,19 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
                           tokens, world.size, run.bf16)
         sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
         progress_bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
+    p.batches_done, p.rng_state = (done, torch.get_rng_state()) if out_of_time else (0, None)
     figures = {"train_loss": world.sum(sum_loss) / max(1, sum_tokens), "tokens": sum_tokens,
                "tokens_per_s": sum_tokens / (time.time() - started), "padding": padding_fraction(lengths, batches),
                "epoch_share": done / len(batches)}  # < 1 where the time budget ended the epoch early
-    p.batches_done, p.rng_state = (done, torch.get_rng_state()) if out_of_time else (0, None)
     return figures, out_of_time
+
+
+def resume_point(p: Progress) -> int:
+    """The batch an epoch starts from: 0, or where the time budget cut it, torch's generator set back as it
+    was there, so that the dropout masks go on as they would have."""
+    if p.batches_done:
+        torch.set_rng_state(p.rng_state.cpu())
+    return p.batches_done
 
 
 def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> bool:
@@ -749,8 +754,6 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
     state carried: the same numbers in bounded memory. Under torchrun each process scores its share of every batch
     and the sums are added up: the same figures as one process.
     """
-    from tqdm import tqdm
-
     model.eval()
     world, lengths, total_nll = world or World(), dataset.lengths(), 0.0
     for batch in tqdm(length_batches(lengths, batch_size, None), desc="evaluate", leave=False,
@@ -928,7 +931,8 @@ def add_train_parser(sub) -> None:
                        help="continue OUT/last.pt as it was set up; only --epochs, --max-minutes, --patience, "
                             "--device and --precision may change")
     again.add_argument("--overwrite", action="store_true", help="start afresh, replacing the checkpoints in OUT/")
-    p.add_argument("--tensorboard", action="store_true", help="also log the curves to OUT/tensorboard (needs pip install tensorboard)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the curves to OUT/tensorboard (needs pip install tensorboard)")
     p.add_argument("--procs", type=cli.int_in(1, 256), default=1,
                    help="train as this many processes of this machine (torchrun's launcher, gloo on the CPU, the "
                         "cores shared out): the same model as one process; make train gives 2 on 2 cores (default: 1)")
