@@ -512,6 +512,11 @@ def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dic
     return results
 
 
+def json_text(results: dict) -> bytes:
+    """The results as JSON, a figure not measured (NaN: no int8 model) as null: JSON has no NaN."""
+    return json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in results.items()}, indent=2).encode()
+
+
 def server_bench(onnx_path: str, requests: int = 50) -> dict:
     """serve.py on loopback: `requests` concurrent forms of 2 constrained tunes each (6/8, D,
     a seed each), written, scored, rendered to MIDI and audio. Success share and latencies;
@@ -523,8 +528,12 @@ def server_bench(onnx_path: str, requests: int = 50) -> dict:
     if missing:
         return {"serve_requests": requests, "serve_not_measured": "; ".join(missing.values())}
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", onnx_path, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = proc.stdout.readline().split()[1] + "generate"
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving "):  # it printed its error line instead of its address
+        proc.kill()
+        raise UserError(f"serve.py did not start: {(proc.stderr.read().strip() or line.strip() or 'no output')[:200]}")
+    url = line.split()[1] + "generate"
     try:
         with ThreadPoolExecutor(max_workers=requests) as pool:  # every request in flight at once
             results = list(pool.map(lambda seed: served_in_full(url, seed), range(requests)))
@@ -713,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", help=f"the torch model (default: {DEFAULTS['checkpoint']})")
     parser.add_argument("--onnx", help=f"its fp32 export (default: {DEFAULTS['onnx']})")
-    parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}, its row reads nan if it is missing)")
+X
     parser.add_argument("--train-data", help=f"tunes to train on (default: {DEFAULTS['train_data']})")
     parser.add_argument("--val-data", help=f"tunes that the measured trainings validate on "
                                            f"(default: {DEFAULTS['val_data']})")
@@ -770,7 +779,7 @@ def bench(args) -> None:
     if args.large:
         results = large_bench(args.large, p["val_data"], str(Path(p["checkpoint"]).parent / "bench-large"))
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))
-        write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)
+        write_atomic(out, json_text(results), args.overwrite)
         return
     results = generation_bench(p["checkpoint"], p["onnx"], p["int8"]) | server_bench(p["onnx"])
     print(markdown(results), flush=True)
@@ -780,7 +789,7 @@ def bench(args) -> None:
                              results["train_flops_per_token"])
     print()
     print(training_markdown(results))
-    write_atomic(out, json.dumps(results, indent=2).encode(), args.overwrite)
+    write_atomic(out, json_text(results), args.overwrite)
     print(f"\nwritten to {out}")
 
 

@@ -265,3 +265,14 @@ def test_a_free_batch_is_held_to_the_constrained_batchs_lengths_and_the_constrai
     constrained = dataclasses.replace(opts, constrained=True)
     held = sampler.generate_tunes(bench.held_to(step, lengths, vocab.eos_id, False), vocab, constrained, scratch)
     assert held == sampler.generate_tunes(step, vocab, constrained, scratch)
+
+
+def test_a_figure_not_measured_is_written_as_json_null_and_a_server_that_fails_to_start_is_one_line(
+        tmp_path, monkeypatch):
+    import json
+
+    assert json.loads(bench.json_text({"gen_ms_per_token_ort_int8": float("nan"), "x": 1.5})) == {
+        "gen_ms_per_token_ort_int8": None, "x": 1.5}  # NaN is no JSON: a strict reader refuses the file
+    monkeypatch.setattr(bench.rendering, "missing_tools", lambda: {})
+    with pytest.raises(UserError, match="serve.py did not start: error: .*no such model"):
+        bench.server_bench(str(tmp_path / "missing.onnx"), requests=1)
