@@ -722,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", help=f"the torch model (default: {DEFAULTS['checkpoint']})")
     parser.add_argument("--onnx", help=f"its fp32 export (default: {DEFAULTS['onnx']})")
-X
+    parser.add_argument("--int8", help=f"its int8 export (default: {DEFAULTS['int8']}; where it is missing, its row "
+                                       f"reads nan and the JSON null)")
     parser.add_argument("--train-data", help=f"tunes to train on (default: {DEFAULTS['train_data']})")
     parser.add_argument("--val-data", help=f"tunes that the measured trainings validate on "
                                            f"(default: {DEFAULTS['val_data']})")
