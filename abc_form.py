@@ -33,12 +33,12 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from abc_music import bar_units, header_field, token_length, tune_body
+from abc_music import bar_units, header_field, parse_meter, token_length, tune_body
 from abc_tokens import PromptError, iter_token_kinds
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
 ENDING_NUMBER = re.compile(r"(\d+)(?:[,-]\d+)*$")  # |1 :|2 [1 [2 |1,3
-TUPLET_TIME = {2: Fraction(3, 2), 3: Fraction(2, 3), 4: Fraction(3, 4)}  # (p: p notes in the time of q
+TUPLET_Q = {2: 3, 3: 2, 4: 3, 6: 2, 8: 3}  # (p: p notes in the time of q; (5 (7 (9: 2 in compound meters, else 3
 
 
 @dataclass
@@ -95,8 +95,7 @@ def _read(tune: str) -> _Reader:
 
 def _add_time(r: _Reader, token: str, kind: str) -> None:
     if kind == "tuplet":
-        p = int(re.match(r"\((\d+)", token).group(1))
-        r.tuplet = (p, TUPLET_TIME.get(p, Fraction(1)))
+        r.tuplet = tuplet_timing(token, r.meter)
         return
     if kind == "chord_open":
         r.chord = []
@@ -116,6 +115,17 @@ def _add_time(r: _Reader, token: str, kind: str) -> None:
     left, factor = r.tuplet
     r.time += length * (factor if left else 1)
     r.tuplet = (max(0, left - 1), factor)
+
+
+def tuplet_timing(token: str, meter: str | None) -> tuple[int, Fraction]:
+    """(r, q/p) of a tuplet "(p:q:r": its next r notes (p unless given) take q/p of their time, q by the
+    standard's table where it is left out ("(3" and "(3::" alike)."""
+    p, q, r = re.fullmatch(r"\((\d+)(?::(\d*))?(?::(\d*))?", token).groups()
+    p = int(p)
+    beats = parse_meter(meter) if meter else None
+    compound = beats is not None and beats[0] % 3 == 0 and beats[0] > 3
+    q = int(q) if q else TUPLET_Q.get(p, 2 if compound else 3)
+    return (int(r) if r else p), Fraction(q, p) if p else Fraction(1)
 
 
 def _close_bar(r: _Reader) -> None:

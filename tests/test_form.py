@@ -1,5 +1,7 @@
 """abc_form: sections, bars and similarity of tunes whose form is known by hand."""
 
+from fractions import Fraction
+
 import pytest
 
 import abc_form
@@ -103,3 +105,19 @@ def test_the_code_lines_come_in_irishmans_order():
 
 def test_a_generated_code_is_taken_off_the_tune():
     assert abc_form.strip_control_code("S:1\nB:8\nX:1\nK:D\nS:1 is no code here\n") == "X:1\nK:D\nS:1 is no code here\n"
+
+
+@pytest.mark.parametrize("token, meter, timing", [
+    ("(3", "6/8", (3, Fraction(2, 3))), ("(3:2:3", "2/4", (3, Fraction(2, 3))), ("(3::", "4/4", (3, Fraction(2, 3))),
+    ("(2", "6/8", (2, Fraction(3, 2))), ("(6", "6/8", (6, Fraction(1, 3))), ("(5", "6/8", (5, Fraction(2, 5))),
+    ("(5", "4/4", (5, Fraction(3, 5))), ("(3:2:2", "4/4", (2, Fraction(2, 3))), ("(9", "9/8", (9, Fraction(2, 9)))])
+def test_a_tuplet_takes_the_time_the_standard_gives_it(token, meter, timing):
+    """(p:q:r: the next r notes (p unless given) in the time of q, q by the standard's table where left out."""
+    assert abc_form.tuplet_timing(token, meter) == timing
+
+
+def test_a_sextuplet_pickup_counts_as_the_pickup_it_sounds_like():
+    """abc2midi plays (6ABcdef in 2 units of L: a pickup, as AB| is, not a full 6/8 bar."""
+    head, rest = "X:1\nL:1/8\nM:6/8\nK:D\n", "|ABc def|ABc def|ABc def|ABc d|]\n"
+    assert [s.bars for s in abc_form.sections(head + "(6ABcdef" + rest)] == \
+        [s.bars for s in abc_form.sections(head + "AB" + rest)] == [4]
