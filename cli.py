@@ -112,7 +112,9 @@ class ReaderSafeStdout:
         except OSError as e:
             self.gone = True
             if not isinstance(e, BrokenPipeError):
-                print(f"warning: standard output: {e.strerror or e}; the command goes on without it", file=sys.stderr)
+                with contextlib.suppress(OSError):  # stderr on the same full disk: nothing left to tell
+                    print(f"warning: standard output: {e.strerror or e}; the command goes on without it",
+                          file=sys.stderr)
             with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit must not fail either
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 

@@ -168,23 +168,30 @@ def atomic_file(path: str | Path, overwrite: bool = True):
     """A binary file to write; it becomes path only when the block ends without an error.
     Errors of the caller's own code in the block pass through untouched."""
     path = _target(path) if Path(path).is_symlink() else Path(path)  # the link stays, its file is replaced
-    with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    f = os.fdopen(fd, "wb")
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # innermost first
     try:
-        yield _Writer(f, path)
         with _naming(path):
-            f.close()  # the last buffered bytes: a full disk can show here too
-            os.chmod(tmp, _mode_for(path))
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails if path exists, even if it appeared while this command ran
-    finally:
-        with contextlib.suppress(OSError):
-            f.close()
-        Path(tmp).unlink(missing_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        f = os.fdopen(fd, "wb")
+        try:
+            yield _Writer(f, path)
+            with _naming(path):
+                f.close()  # the last buffered bytes: a full disk can show here too
+                os.chmod(tmp, _mode_for(path))
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    os.link(tmp, path)  # fails if path exists, even if it appeared while this command ran
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
+            Path(tmp).unlink(missing_ok=True)
+    except BaseException:  # a write that failed leaves no folder it made behind (one holding anything else stays)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def write_atomic(path: str | Path, data: bytes, overwrite: bool = True) -> None:

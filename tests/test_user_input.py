@@ -984,3 +984,22 @@ def test_an_int8_export_that_fails_replaces_neither_model(tiny_run, tmp_path, mo
     assert one_error_line(code, err) and "the quantizer failed" in err, err
     assert [(tmp_path / name).read_bytes() for name in ("m.onnx", "m.int8.onnx")] == [b"the old model"] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
+
+
+def test_a_write_that_fails_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """--out new/sub/tunes.abc on a full disk: the folders made for it go again; one that was there stays."""
+    (tmp_path / "there").mkdir()
+    monkeypatch.setattr(safe_write._Writer, "write", lambda writer, data: (_ for _ in ()).throw(
+        safe_write.OutputError(f"{writer.path}: cannot write (No space left on device)")))
+    with pytest.raises(safe_write.OutputError, match="No space left"):
+        safe_write.write_atomic(tmp_path / "there" / "new" / "sub" / "tunes.abc", b"X:1\n")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["there"]
+
+
+def test_a_stdout_and_stderr_on_a_full_disk_still_let_the_work_finish(tiny_onnx, tmp_path):
+    out = tmp_path / "all.abc"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "infer_onnx.py", "--model", str(tiny_onnx), "--num", "2",
+                               "--max-tokens", "20", "--out", str(out)], stdout=full, stderr=full, cwd=ROOT,
+                              timeout=120)
+    assert proc.returncode == 0 and re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2"]
