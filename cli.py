@@ -198,6 +198,8 @@ def check_model_file(path: str, what: str, name: str, missing: str = "", error=U
         raise error(f"{str(path)!r} names no {what}: give one (runs/{name}, say)")
     if Path(path).is_dir():
         raise error(f"{path} is a folder: give the {what} in it ({Path(path) / name}, say)")
+    if Path(path).exists() and not Path(path).is_file():  # a pipe or a device: torch and onnxruntime read files
+        raise error(f"{path} is not a regular file (a pipe or a device): give the {what} file itself")
     if not Path(path).is_file():
         raise error(f"{path}: no such {what}{missing}")
 

@@ -1003,3 +1003,12 @@ def test_a_stdout_and_stderr_on_a_full_disk_still_let_the_work_finish(tiny_onnx,
                                "--max-tokens", "20", "--out", str(out)], stdout=full, stderr=full, cwd=ROOT,
                               timeout=120)
     assert proc.returncode == 0 and re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2"]
+
+
+def test_a_model_that_is_a_pipe_or_a_device_is_named_as_such_not_missing(tmp_path):
+    os.mkfifo(tmp_path / "model.onnx")
+    for path in (tmp_path / "model.onnx", "/dev/null"):
+        code, _, err = run_main(infer_onnx.main, "--model", path)
+        assert one_error_line(code, err) and "is not a regular file" in err and "no such" not in err, err
+    code, _, err = run_main(musicrnn.main, "evaluate", "--checkpoint", "/dev/null")
+    assert one_error_line(code, err) and "is not a regular file" in err, err
