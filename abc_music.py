@@ -614,17 +614,12 @@ def change_rhythm(abc: str, factor) -> str:
 
     M:6/8 becomes M:6/4 for a factor of 2 and M:6/16 for 1/2; M:C and M:C| count as 4/4, 2/2.
     L:, broken rhythm, tuplets, chord symbols and decorations are untouched; a tune without L: gets
-    the one it had by default, which the new meter would change (M:6/8's is 1/8, M:6/16's 1/16).
+    the one it had by default (_with_unit_written).
     Raises RewriteError where the meter cannot scale, or a hornpipe's would leave hornpipe_meter.
     """
     factor = Fraction(factor)
-    head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]
-    r_line = re.search(r"(?m)^R:(.*)$", head)
-    hornpipe = r_line is not None and swung_as_hornpipe(r_line.group(1))
-    if not re.search(r"(?m)^L:", head):
-        meter = re.search(r"(?m)^M:(.*)$", head)
-        unit = default_unit(meter.group(1) if meter else None)
-        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
+    hornpipe = swung_as_hornpipe(header_field(_header(abc), "R") or "")
+    abc = _with_unit_written(abc)
 
     def fields(token):
         if token is None:
@@ -650,17 +645,30 @@ def change_rhythm(abc: str, factor) -> str:
     return _rewrite_lengths(abc, fields)
 
 
+def _header(abc: str) -> str:
+    """The lines before K: (an L: or M: line in the body changes them from there on)."""
+    return re.split(r"(?m)^K:", abc, maxsplit=1)[0]
+
+
+def _with_unit_written(abc: str) -> str:
+    """The tune with an L: line: a header without one gets the unit it had by default, which a new
+    meter would otherwise change (M:6/8's is 1/8, M:6/16's 1/16)."""
+    head = _header(abc)
+    if re.search(r"(?m)^L:", head):
+        return abc
+    return re.sub(r"(?m)^(K:)", f"L:{default_unit(header_field(head, 'M'))}\n\\1", abc, count=1)
+
+
 def set_unit_length(abc: str, unit: str) -> str:
     """Rewrite L: and every length, grace notes' too, so that the music is identical: L:1/8 A2 ==
     L:1/16 A4 (abc2midi plays rolls and trills as runs in fractions of L, which no rewrite keeps)."""
     target = Fraction(unit)
-    head = re.split(r"(?m)^K:", abc, maxsplit=1)[0]  # an L: line in the body changes the unit from there on
+    head = _header(abc)
     header = re.search(r"(?m)^L:\s*(\d+/\d+)", head)
-    meter = re.search(r"(?m)^M:(.*)$", head)
     if header:
         current = Fraction(header.group(1))
     else:
-        current = default_unit(meter.group(1) if meter else None)
+        current = default_unit(header_field(head, "M"))
         abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
     state = {"unit": current, "inserted": header is None}
 
