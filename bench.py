@@ -237,8 +237,9 @@ def held_to(step, lengths: np.ndarray, eos_id: int, hold: bool):
     def held(tokens: np.ndarray, state):
         nonlocal t, scratch
         logits, state = step(tokens, state)                            # (B, V)
-        target = logits if hold else (scratch if scratch is not None else np.empty_like(logits))
-        scratch = target
+        if not hold and scratch is None:
+            scratch = np.empty_like(logits)
+        target = logits if hold else scratch
         target[t + 1 < lengths, eos_id] = -np.inf
         ending = t + 1 == lengths
         target[ending] = -np.inf
@@ -254,8 +255,9 @@ def paired_ms_per_token(step, vocab, constraint: AbcConstraint, seeds, scratch: 
     constrained, tune by tune, the free tune held to the constrained one's length."""
     totals = np.zeros((2, 2))  # (free, constrained) x (seconds, tokens)
     for seed in seeds:
-        lengths = constrained_lengths(step, vocab, seed, 1, scratch)  # both sides' tokens (a drawn <pad> shows in
-        for side, hold, c in ((0, True, None), (1, False, constraint)):  # no text, so the text does not count them)
+        # both sides take these steps: counted from the lengths, as a drawn <pad> shows in no text
+        lengths = constrained_lengths(step, vocab, seed, 1, scratch)
+        for side, hold, c in ((0, True, None), (1, False, constraint)):
             totals[side] += tunes_seconds(held_to(step, lengths, vocab.eos_id, hold), vocab, c, seed)[0], lengths.sum()
     free, constrained = totals[:, 0] / totals[:, 1] * 1e3
     return float(free), float(constrained)
