@@ -519,7 +519,7 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
             break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
-    if run.world.writer:
+    if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
         plots.plot_history(run.progress.history, out / "loss.png")
     there = [name for name in ("best.pt", "last.pt") if (out / name).exists()]  # a resumed folder may lack best.pt
     log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
@@ -751,8 +751,8 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
     bits/char = total negative log-likelihood in bits (every scored token: each tune's <eos>
     included, a control code's tokens left out) / characters of the tunes' text. It does not
     depend on the tokenizer. Tunes longer than `chunk` tokens are read chunk by chunk with the
-    state carried: the same numbers in bounded memory. Under torchrun each process scores its share of every batch
-    and the sums are added up: the same figures as one process.
+    state carried: the same numbers in bounded memory. Under torchrun each process scores its share
+    of every batch and the sums are added up: the same figures as one process.
     """
     model.eval()
     world, lengths, total_nll = world or World(), dataset.lengths(), 0.0
@@ -775,10 +775,11 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
 #
 # sampler.generate_tunes runs the loop: feed the last token and the state, get the logits
 # of the next token, draw it with sampler.sample_next, repeat until <eos>. sample_next is
-# where the temperature acts: the logits are divided by it (below 1 sharpens the
-# distribution, above 1 flattens it: `z = logits / temperature` in sample_next), top-k keeps the
-# k largest, and one uniform number per tune draws the token from the cumulative probabilities. The loop lives in a
-# torch-free module so that infer_onnx.py runs the very same code over onnxruntime. In short:
+# where the temperature acts: the logits are divided by it (below 1 sharpens the distribution,
+# above 1 flattens it: `z = logits / temperature` in sample_next), top-k keeps the k largest,
+# and one uniform number per tune draws the token from the cumulative probabilities. The loop
+# lives in a torch-free module so that infer_onnx.py runs the very same code over onnxruntime.
+# In short:
 #
 #     state, token = None, <eos>                            # <eos> starts a tune (the prompt is fed next)
 #     repeat:
