@@ -72,9 +72,9 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} {path} {_not_a_file(p)}; give a file name")
     if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work
         raise OutputError(f"{flag} {path} is a link to a missing {os.readlink(p)}; give another name")
-    if not folder and p.is_symlink() and _not_a_file(_target(p), system=True):  # /dev/stdout: /proc/self/fd/1
-        raise OutputError(f"{flag} {path} is a link to {_target(p)}, which {_not_a_file(_target(p), system=True)}; "
-                          f"give a file name")
+    why = _not_a_file(_target(p), system=True) if not folder and p.is_symlink() else ""  # /dev/stdout: /proc/...
+    if why:
+        raise OutputError(f"{flag} {path} is a link to {_target(p)}, which {why}; give a file name")
     if not folder and p.exists() and not overwrite:
         raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
     probe_writable(p if folder else p.parent, flag, path)

@@ -278,14 +278,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         self.body_read, self.head_only = False, False  # each request on a kept-alive connection afresh
-        return super().parse_request()
+        if not super().parse_request():
+            return False
+        self.path = self.path.split("?", 1)[0]  # a query string (a bookmark's ?ref=) chooses nothing here
+        return True
 
     def do_HEAD(self) -> None:
         self.head_only = True
         self.do_GET()
 
     def do_GET(self) -> None:
-        self.path = self.path.split("?", 1)[0]  # a query string (a bookmark's ?ref=) chooses nothing here
         if self.path in ("/", "/index.html"):
             self.send_page(HTTPStatus.OK, DEFAULTS)
         elif m := FILE_PATH.fullmatch(self.path):
@@ -299,7 +301,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
 
     def do_POST(self) -> None:
-        self.path = self.path.split("?", 1)[0]
         if self.path != "/generate":
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
             return

@@ -102,8 +102,8 @@ HISTORY_FIGURES = {"epoch", "train_loss", "val_loss"}  # what a row must hold: t
 def check_checkpoint_fields(ckpt: dict, source: str) -> None:
     """A checkpoint's progress and tune types, of the kinds and in the ranges training writes them:
     a crafted one is refused here, in one line, never deep inside a training or an export."""
-    for name in ("epoch", "step"):
-        if not (_is_int(ckpt[name]) and ckpt[name] >= 0):
+    for name in ("epoch", "step", "batches_done"):  # batches_done: only where the time budget cut an epoch
+        if not (_is_int(ckpt.get(name, 0)) and ckpt.get(name, 0) >= 0):
             _refuse(source, name, ckpt[name], "a whole number, 0 or more")
     best = ckpt["best_val_loss"]
     if not (_is_number(best) and (math.isfinite(best) or best == math.inf)):
@@ -114,10 +114,9 @@ def check_checkpoint_fields(ckpt: dict, source: str) -> None:
     history = ckpt.get("history", [])
     if not (isinstance(history, list) and all(_is_row(row) for row in history)):
         _refuse(source, "history", history, "a list of rows of numbers with " + ", ".join(sorted(HISTORY_FIGURES)))
-    for name in ("batches_done", "seconds"):
-        value = ckpt.get(name, 0)
-        if not ((_is_int(value) if name == "batches_done" else _is_number(value)) and 0 <= value < math.inf):
-            _refuse(source, name, value, "a whole number, 0 or more" if name == "batches_done" else "0 or more seconds")
+    seconds = ckpt.get("seconds", 0.0)
+    if not (_is_number(seconds) and 0 <= seconds < math.inf):
+        _refuse(source, "seconds", seconds, "0 or more seconds")
     rng_state = ckpt.get("rng_state")
     if ckpt.get("batches_done", 0) and not (getattr(rng_state, "dtype", None) is not None
                                             and str(rng_state.dtype) == "torch.uint8" and rng_state.dim() == 1):
