@@ -6,7 +6,7 @@ distributed: what musicrnn.py train needs to run as N processes under torchrun.
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 musicrnn.py train
 
 Holds launched (train --procs N: the command again, as N ranks of this machine), session (the
-with-block a training runs in) and World: this process's rank among world size processes, started
+with-block a training runs in), exit_process (how a rank leaves) and World: this process's rank among world size processes, started
 from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
 GPU; its share of a batch; the sums and broadcasts that keep the ranks in step; and the
 thread count chosen so that the processes of one machine fill its cores without
@@ -140,10 +140,7 @@ def session(device_name: str):
                        f"continues from the last checkpoint") from None
     else:
         if world.size > 1:
-            # ranks leave together: one that tears gloo down while another still works can abort at
-            # exit ("terminate called without an active exception"; measured in 3 of 28 short runs
-            # under load without this barrier, 0 of 36 with it)
-            dist.barrier()
+            dist.barrier()  # ranks leave together: one gone early breaks another's last collective
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -179,6 +176,23 @@ def end_with_launcher() -> None:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_process(code: int) -> None:
+    """sys.exit(code); a rank of several torchrun workers leaves without finalizing Python instead,
+    its output flushed. DistributedDataParallel keeps gloo's process group, and its worker threads,
+    alive after destroy_process_group (torch 2.13). A worker thread that frees a finished
+    collective's tensors while Python finalizes needs the GIL, cannot take it, and aborts the
+    rank: SIGABRT, "terminate called without an active exception", a failed run after a complete
+    one (measured: 4 of 130 of the tests' 2-process trainings beside two busy loops; see
+    pytorch/pytorch#179291)."""
+    worker = torchrun_worker()
+    if not worker or worker["WORLD_SIZE"] == 1:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            stream.flush()
+    os._exit(code)
 
 
 def threads_per_process(local_size: int, cores: int | None = None) -> int:

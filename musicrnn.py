@@ -1012,4 +1012,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())  # sys.exit(main()), made safe for torchrun's ranks
