@@ -521,6 +521,8 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
             break
     if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
         plots.plot_history(run.progress.history, out / "loss.png")
+    if writer:
+        writer.close()  # its last events reach the file: a torchrun rank leaves without Python's exit handlers
     there = [name for name in ("best.pt", "last.pt") if (out / name).exists()]  # a resumed folder may lack best.pt
     log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
         f"loss curve {out}/loss.png")

@@ -468,3 +468,33 @@ def test_a_share_prints_as_all_or_none_only_when_it_is():
 
     assert [judging.percent(x) for x in (0, 1, 665 / 668, 0.5, 0.0004, 0.99996)] == [
         "0%", "100%", "99.6%", "50%", "<0.1%", ">99.9%"]
+
+
+def test_tensorboard_gets_each_epochs_curves_and_its_writer_is_closed(tmp_path, fixture_data, monkeypatch):
+    import types
+    writers = []
+
+    class SummaryWriter:  # tensorboard is optional; this stands in for torch.utils.tensorboard's
+        def __init__(self, folder: str):
+            self.folder, self.scalars, self.closed = folder, [], False
+            writers.append(self)
+
+        def add_scalar(self, key: str, value: float, epoch: int) -> None:
+            self.scalars.append((key, epoch))
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=2), tensorboard=True)
+    [writer] = writers
+    assert writer.folder == str(tmp_path / "run" / "tensorboard") and writer.closed
+    assert {epoch for _, epoch in writer.scalars} == {1, 2} and ("val_bits_per_char", 2) in writer.scalars
+
+
+def test_tensorboard_missing_is_one_error_line(tmp_path, fixture_data, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
+    assert musicrnn.main(["train", "--train-data", fixture_data["train"], "--val-data", fixture_data["val"],
+                          "--out", str(tmp_path / "run"), "--tensorboard"]) == 2
+    assert capsys.readouterr().err == "error: --tensorboard needs the tensorboard package: pip install tensorboard\n"
+    assert not (tmp_path / "run").exists()
