@@ -7,7 +7,8 @@ serve: a local page that writes, shows and plays tunes, backed by the exported O
 
 Pick a meter, a key, a temperature and a seed, press "Write tunes". Each tune comes back as
 a score (abcm2ps SVG), a player (fluidsynth WAV, General MIDI soundfont), its ABC text, and
-downloads of .abc, .svg, .mid and .wav. Everything is made here; the page loads nothing from
+downloads of .abc, .svg, .mid and .wav, on a page with an address of its own (/tunes/<id>):
+reloading it shows the same tunes, and writes none. Everything is made here; the page loads nothing from
 elsewhere and runs no script. A missing tool costs only its part, and the page names the
 Debian package that adds it.
 
@@ -58,7 +59,7 @@ MAX_BODY = 8 * 1024         # bytes of a form: its fields are a few dozen
 MAX_DIGITS = 18             # of a size in a header: no file is larger, and int() refuses thousands of digits
 MAX_DRAIN = 16 * 1024**2    # a larger body is read (and dropped) up to here, so the client sees the 413
 RENDER_SECONDS = 20         # per tool and tune
-KEEP_REQUESTS = 64          # requests whose files are kept for the page's players and downloads
+KEEP_REQUESTS = 64          # requests whose pages and files are kept for their players and downloads
 KEEP_BYTES = 256 * 1024**2  # and at most this many bytes of them
 MAX_ACTIVE = 64             # requests in progress at once; more get 503
 METERS = ["6/8", "4/4", "C|", "2/4", "3/4", "9/8", "12/8", "C", "3/2", "2/2", "3/8"]
@@ -102,6 +103,8 @@ DEFAULTS = {"meter": "6/8", "key": "D", "temperature": "1.0", "seed": "0", "num"
 CONTENT_TYPES = {".abc": "text/vnd.abc; charset=utf-8", ".svg": "image/svg+xml", ".mid": "audio/midi",
                  ".wav": "audio/wav"}
 FILE_PATH = re.compile(r"/files/([0-9a-f]{32})/(tune[1-9]\.(?:abc|svg|mid|wav))")
+TUNES_PATH = re.compile(r"/tunes/([0-9a-f]{32})")  # a request's page of tunes, kept with its files
+TUNES_PAGE = "page.html"
 
 
 class HTTPError(Exception):
@@ -292,6 +295,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page(HTTPStatus.OK, DEFAULTS)
         elif m := FILE_PATH.fullmatch(self.path):
             self.send_file(self.server.folder / m.group(1) / m.group(2))
+        elif m := TUNES_PATH.fullmatch(self.path):
+            self.send_tunes_page(self.server.folder / m.group(1) / TUNES_PAGE)
         elif self.path == "/favicon.ico":  # asked for by every browser: there is none
             self.send_bytes(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
         elif self.path == "/generate":  # the address bar after a form was sent: the form is posted, not got
@@ -340,7 +345,12 @@ class Handler(BaseHTTPRequestHandler):
                 if made is None:
                     self.close_connection = True
                     return
-                self.send_page(HTTPStatus.OK, form, tunes=(name, made), note=note and for_the_page(note))
+                tunes_page = self.page_text(form, tunes=(name, made), note=note and for_the_page(note))
+                (folder / TUNES_PAGE).write_text(tunes_page, encoding="utf-8")
+            # the tunes get an address of their own: a reload or the back button shows them again
+            # instead of sending the form again, and the address can be kept (post, redirect, get)
+            self.send_bytes(HTTPStatus.SEE_OTHER, "text/html; charset=utf-8",
+                            f'<a href="/tunes/{name}">the tunes</a>'.encode(), {"Location": f"/tunes/{name}"})
         except HTTPError as e:
             self.send_page(e.status, form, error=str(e))
         except OSError as e:  # the server's own folder: a full disk, say
@@ -421,10 +431,22 @@ class Handler(BaseHTTPRequestHandler):
             self.send_bytes(HTTPStatus.PARTIAL_CONTENT, kind, data[first:last + 1],
                             {"Accept-Ranges": "bytes", "Content-Range": f"bytes {first}-{last}/{len(data)}"})
 
+    def send_tunes_page(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError:  # pruned (or never written): its files went with it
+            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"those tunes are gone: the server keeps the "
+                                                                 f"newest {self.server.keep_requests} requests' "
+                                                                 f"tunes; write them again")
+            return
+        self.send_bytes(HTTPStatus.OK, "text/html; charset=utf-8", data)
+
     def send_page(self, status: HTTPStatus, form: dict, tunes=None, error: str | None = None,
                   note: str | None = None) -> None:
-        html_text = page(form, tunes, error, self.server.missing, self.server.facts.tune_types, note)
-        self.send_bytes(status, "text/html; charset=utf-8", html_text.encode())
+        self.send_bytes(status, "text/html; charset=utf-8", self.page_text(form, tunes, error, note).encode())
+
+    def page_text(self, form: dict, tunes=None, error: str | None = None, note: str | None = None) -> str:
+        return page(form, tunes, error, self.server.missing, self.server.facts.tune_types, note)
 
     def send_bytes(self, status: HTTPStatus, content_type: str, data: bytes, headers: dict | None = None) -> None:
         self.send_response(status)

@@ -539,3 +539,27 @@ def test_a_busy_server_sends_the_form_back_as_it_was_filled_in(tiny_onnx, tmp_pa
     text = page.decode()
     assert status == 503 and "busy" in error_on_page(page)
     assert re.search(r'name=seed[^>]*value="?42', text) and re.search(r'value="?9/8"? selected', text), text[:3000]
+
+
+def test_the_tunes_get_an_address_of_their_own_so_a_reload_shows_them_without_writing_again(server):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/generate", form(num="2"), {"Content-Type": "application/x-www-form-urlencoded"})
+    answer = conn.getresponse()
+    answer.read()
+    assert answer.status == 303 and re.fullmatch(r"/tunes/[0-9a-f]{32}", answer.getheader("Location"))
+    pages = [request(server + answer.getheader("Location")) for _ in range(2)]  # shown, then reloaded
+    assert [(status, kind) for status, kind, _ in pages] == [(200, "text/html; charset=utf-8")] * 2
+    assert pages[0][2] == pages[1][2] and pages[0][2].count(b"<section class=tune") == 2
+    assert f"/files/{answer.getheader('Location')[7:]}/tune1.abc".encode() in pages[0][2]  # its own files
+    conn.close()
+
+
+def test_a_page_of_tunes_pruned_since_says_they_are_gone_instead_of_showing_broken_files(tiny_onnx, tmp_path):
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        tune_server.keep_requests = 1
+        first = urllib.request.urlopen(urllib.request.Request(url + "/generate", form(seed="1")), timeout=60).url
+        assert request(url + "/generate", form(seed="2"))[0] == 200  # the newest: the first is pruned
+        status, _, page = request(first)
+    assert status == 404 and error_on_page(page).startswith("those tunes are gone"), error_on_page(page)
+    assert b"<section class=tune" not in page
