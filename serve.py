@@ -212,8 +212,13 @@ class TuneServer(ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
             super().handle_error(request, client_address)
 
-    def generate_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None) -> list[str]:
+    def generate_tunes(self, opts: sampler.SamplingOptions, tune_type: str | None = None,
+                       gone=lambda: False) -> list[str] | None:
+        """The tunes; None where gone() says the client left while the request waited its turn (the
+        first of a double click, say), so that no one waits for tunes nobody will see."""
         with self.generating, user_errors_as_bad_requests():
+            if gone():
+                return None
             opts, constraint = sampler.check_against_model(opts, self.vocab, self.facts, tune_type, self.constraint)
             return sampler.generate_tunes(self.step, self.vocab, opts, constraint, self.facts)
 
@@ -338,7 +343,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             form = sent_form(body)
             opts, tune_type = sampling_options(form)
-            tunes = self.server.generate_tunes(opts, tune_type)
+            tunes = self.server.generate_tunes(opts, tune_type, gone=self.client_gone)
+            if tunes is None:
+                self.log_message("the client went away before its tunes were written")
+                self.close_connection = True
+                return
             note = sampler.form_note(opts, self.server.facts)
             with self.server.request_folder() as (name, folder):
                 made = self.render(tunes, folder)

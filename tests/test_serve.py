@@ -344,15 +344,27 @@ def test_a_request_whose_client_went_away_renders_nothing_more(tiny_onnx, tmp_pa
     real_render = serve.render_tune
     monkeypatch.setattr(serve, "render_tune", lambda abc, folder, stem, timeout: rendered.append(stem)
                         or real_render(abc, folder, stem, timeout))
+    generating, closed = threading.Event(), threading.Event()
+    real_generate = serve.sampler.generate_tunes
+
+    def generate(*args, **kwargs):  # the first request's client leaves while its tunes are written
+        if not generating.is_set():
+            generating.set()
+            closed.wait(10)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(serve.sampler, "generate_tunes", generate)
     with in_process(tiny_onnx, tmp_path) as (tune_server, url):
         body = form(num="4")
         with socket.create_connection(tune_server.server_address[:2], timeout=5) as sock:
             sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                         + body)  # and closed at once, as a closed tab closes it
+                         + body)
+            assert generating.wait(30)
+        closed.set()  # as a closed tab closes it
         status, _, page = request(url + "/generate", form(num="2"))
         assert status == 200 and page.count(b"<pre class=abc>") == 2
         log = ""
-        for _ in range(100):  # the first request's thread may come second to the generation lock
+        for _ in range(100):
             log += capfd.readouterr().err
             if "went away" in log:
                 break
@@ -563,3 +575,25 @@ def test_a_page_of_tunes_pruned_since_says_they_are_gone_instead_of_showing_brok
         status, _, page = request(first)
     assert status == 404 and error_on_page(page).startswith("those tunes are gone"), error_on_page(page)
     assert b"<section class=tune" not in page
+
+
+def test_a_request_whose_client_left_while_it_waited_its_turn_writes_no_tunes(tiny_onnx, tmp_path, monkeypatch,
+                                                                              capfd):
+    written = []
+    real_generate = serve.sampler.generate_tunes
+    monkeypatch.setattr(serve.sampler, "generate_tunes", lambda *a, **k: written.append(1) or real_generate(*a, **k))
+    with in_process(tiny_onnx, tmp_path) as (tune_server, url):
+        body = form(num="4")
+        with tune_server.generating:  # another request is generating: this one waits its turn
+            with socket.create_connection(tune_server.server_address[:2], timeout=5) as sock:
+                sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                             + body)  # and closed while it waits, as the first of a double click is
+            time.sleep(1)
+        log = ""
+        for _ in range(100):
+            log += capfd.readouterr().err
+            if "went away" in log:
+                break
+            time.sleep(0.1)
+        assert request(url + "/generate", form(num="1"))[0] == 200  # the server goes on
+    assert "the client went away before its tunes were written" in log and written == [1]
