@@ -249,6 +249,11 @@ class TuneServer(ThreadingHTTPServer):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def got_here(path: str) -> bool:
+    """A path this server answers with GET (and HEAD) only."""
+    return path in ("/", "/index.html", "/favicon.ico") or bool(FILE_PATH.fullmatch(path) or TUNES_PATH.fullmatch(path))
+
+
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
     """The one byte range a Range header asks for, as (first, last) within size; None: the whole
     file (no header, or one this server does not read: several ranges, a reversed one); False:
@@ -312,7 +317,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if self.path != "/generate":
-            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
+            if got_here(self.path):
+                self.not_allowed()
+            else:
+                self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
             return
         try:  # read before taking a slot: clients slow to send their forms hold none
             body = self.read_body()
@@ -387,6 +395,10 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def read_body(self) -> bytes:
+        if "Transfer-Encoding" in self.headers:  # chunks are not read here; beside a length, it says where
+            self.close_connection = True         # the body ends, and reading by the length would misread it
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length, without "
+                                                        "Transfer-Encoding")
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")
@@ -446,7 +458,8 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # pruned (or never written): its files went with it
             self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"those tunes are gone: the server keeps the "
                                                                  f"newest {self.server.keep_requests} requests' "
-                                                                 f"tunes; write them again")
+                                                                 f"tunes, within {self.server.keep_bytes >> 20:,} "
+                                                                 f"MB; write them again")
             return
         self.send_bytes(HTTPStatus.OK, "text/html; charset=utf-8", data)
 
