@@ -332,6 +332,13 @@ def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
     assert musicrnn.bf16_products("auto", cpu) == native
 
 
+def test_precision_auto_takes_no_emulated_bf16_on_a_gpu_without_its_units(monkeypatch):
+    # a pre-Ampere GPU (V100, T4): torch can emulate bf16 there, and says so unless asked for the units
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not musicrnn.bf16_products("auto", torch.device("cuda"))
+    assert musicrnn.bf16_products("bf16", torch.device("cuda"))  # asked for: given, emulated or not
+
+
 def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_data, monkeypatch):
     ended, lines = [], []
     end_of_epoch = musicrnn.end_of_epoch
