@@ -254,10 +254,15 @@ class LockedDropout(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                      # (B, T, C)
+    def forward(self, x: torch.Tensor, share: tuple[int, int, int] | None = None) -> torch.Tensor:  # (B, T, C)
+        """share = (rank, ranks, rows) where x holds rows rank, rank + ranks, ... of a batch of `rows`
+        split over processes (distributed.World.share): each process draws the whole batch's masks, the
+        same on every one, and keeps its own rows', so each row gets the mask one process gives it."""
         if not self.training or self.p == 0:
             return x
-        keep = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - self.p) / (1 - self.p)  # (B, 1, C)
+        rank, ranks, rows = share or (0, 1, x.size(0))
+        masks = x.new_empty(rows, 1, x.size(2)).bernoulli_(1 - self.p) / (1 - self.p)  # (rows, 1, C), alike on all
+        keep = masks[rank::ranks] if rank < rows else 1.0  # (B, 1, C); an empty share steps on a padding row
         return x * keep
 
 
@@ -289,11 +294,16 @@ class MusicRNN(nn.Module):
                     # the cell state starts out remembering and gradients flow through time
                     param.data[hidden:2 * hidden].fill_(1.0)
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
-        emb = self.dropout(self.embedding(x))          # (B, T, E)
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                share: tuple[int, int, int] | None = None):
+        """share: the rows of a batch split over processes that x holds (LockedDropout.forward)."""
+        emb = self.drop(self.embedding(x), share)      # (B, T, E)
         out, state = self.lstm(emb, state)             # (B, T, H), ((L, B, H), (L, B, H))
-        logits = self.to_logits(self.dropout(out))     # (B, T, V)
+        logits = self.to_logits(self.drop(out, share))  # (B, T, V)
         return logits, state
+
+    def drop(self, x: torch.Tensor, share: tuple[int, int, int] | None) -> torch.Tensor:
+        return self.dropout(x, share) if isinstance(self.dropout, LockedDropout) else self.dropout(x)
 
 
 def parameter_summary(model: MusicRNN) -> str:
@@ -423,23 +433,25 @@ class Run:
 
 
 def chunk_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state, pad_id: int,
-              bf16: bool = False) -> tuple[torch.Tensor, tuple]:
+              bf16: bool = False, share: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, tuple]:
     """The summed loss (nats) of one chunk x, y (B, t) of a batch, and the LSTM state after it.
     The padding mask is ignore_index: a target that is <pad> (a short tune's tail, or a control
     code's token, which is read but not scored) adds nothing to the loss or its gradient."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        logits, state = model(x, state)                                   # (B, t, V)
+        logits, state = model(x, state, share)                            # (B, t, V)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=pad_id, reduction="sum"), state
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
-               grad_clip: float, tokens: int, ranks: int = 1, bf16: bool = False, chunk: int = CHUNK) -> float:
+               grad_clip: float, tokens: int, share: tuple[int, int, int] | None = None, bf16: bool = False,
+               chunk: int = CHUNK) -> float:
     """One step of gradient descent; returns the summed loss (nats) of the rows x, y (B, T).
 
     The loss is the mean over the batch's `tokens` real tokens. Under torchrun the batch is
-    split over `ranks` processes, each holding some rows, and DistributedDataParallel averages
-    their gradients: so each sums its rows' losses, divides by the whole batch's token count
-    and multiplies by ranks. Every token then weighs the same, whichever process holds it.
+    split over processes, x holding this one's rows: share = (rank, ranks, rows of the batch).
+    DistributedDataParallel averages the processes' gradients, so each sums its rows' losses,
+    divides by the whole batch's token count and multiplies by ranks: every token then weighs
+    the same, whichever process holds it, and each row gets the dropout mask one process gives it.
 
     A batch longer than `chunk` tokens is learnt chunk by chunk: the LSTM state is carried
     into the next chunk but the gradient is not (truncated backpropagation through time), so
@@ -451,8 +463,8 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pa
     optimizer.zero_grad(set_to_none=True)
     state, total = None, 0.0
     for xc, yc in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):   # (B, <= chunk) each
-        nll, state = chunk_nll(model, xc, yc, state, pad_id, bf16)
-        (nll * ranks / tokens).backward()
+        nll, state = chunk_nll(model, xc, yc, state, pad_id, bf16, share)
+        (nll * (share[1] if share else 1) / tokens).backward()
         total += nll.item()
         state = tuple(s.detach() for s in state)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -562,7 +574,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
         loss = train_step(run.ddp_model, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
-                          tokens, world.size, run.bf16)
+                          tokens, (world.rank, world.size, len(batch)), run.bf16)
         sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
         progress_bar.set_postfix(loss=f"{loss * world.size / tokens:.3f}")
     p.batches_done, p.rng_state = (done, torch.get_rng_state()) if out_of_time else (0, None)
@@ -938,7 +950,8 @@ def add_train_parser(sub) -> None:
                    help="also log the curves to OUT/tensorboard (needs pip install tensorboard)")
     p.add_argument("--procs", type=cli.int_in(1, 256), default=1,
                    help="train as this many processes of this machine (torchrun's launcher, gloo on the CPU, the "
-                        "cores shared out): the same model as one process; make train gives 2 on 2 cores (default: 1)")
+                        "cores shared out): the same model as one process, dropout's tune masks included; make train "
+                        "gives 2 on 2 cores (default: 1)")
 
 
 def cmd_train(args) -> None:

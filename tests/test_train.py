@@ -325,6 +325,17 @@ def test_dropout_keeps_one_mask_per_tune_across_its_time_steps():
     assert torch.equal(drop.eval()(x), x)                         # evaluation and generation: none
 
 
+def test_a_batch_split_over_processes_gets_the_dropout_masks_one_process_gives_it():
+    drop, x = musicrnn.LockedDropout(0.5).train(), torch.randn(7, 5, 16)   # (B, T, C)
+    torch.manual_seed(0)
+    whole = drop(x)
+    for rank in (0, 1):  # 4 rows and 3: every rank draws the 7 rows' masks and keeps its own
+        torch.manual_seed(0)
+        assert torch.equal(drop(x[rank::2], (rank, 2, 7)), whole[rank::2])
+    padding = torch.randn(1, 5, 16)  # an empty share steps on one padding row (collate), as it is
+    assert torch.equal(drop(padding, (1, 2, 1)), padding)
+
+
 def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
     cpu = torch.device("cpu")
     assert musicrnn.bf16_products("bf16", cpu) and not musicrnn.bf16_products("fp32", cpu)
