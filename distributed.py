@@ -18,6 +18,7 @@ them by hand.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -180,7 +181,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def exit_process(code: int) -> None:
     """sys.exit(code); a rank of several torchrun workers leaves without finalizing Python instead,
-    its output flushed. DistributedDataParallel keeps gloo's process group, and its worker threads,
+    once its exit handlers have run and its output is flushed. DistributedDataParallel keeps gloo's process group, and its worker threads,
     alive after destroy_process_group (torch 2.13). A worker thread that frees a finished
     collective's tensors while Python finalizes needs the GIL, cannot take it, and aborts the
     rank: SIGABRT, "terminate called without an active exception", a failed run after a complete
@@ -189,8 +190,9 @@ def exit_process(code: int) -> None:
     worker = torchrun_worker()
     if not worker or worker["WORLD_SIZE"] == 1:
         sys.exit(code)
+    atexit._run_exitfuncs()  # what the exit handlers do still happens (matplotlib removes its temporary folder)
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or None (`>&-`): nothing to say
             stream.flush()
     os._exit(code)
 

@@ -161,18 +161,25 @@ def rank_process(tag: bytes, rank: int) -> int | None:
 
 # gloo's worker threads outlive destroy_process_group under DistributedDataParallel, and one that frees
 # a collective's tensors while Python finalizes aborts the rank (distributed.exit_process): a rank of
-# several must leave before finalizing, its output written; one process exits as usual
+# several must leave before finalizing (a module's objects never deleted), its exit handlers run and
+# its output written; one process exits as usual
 @pytest.mark.parametrize("world_size, finalized", [(2, False), (1, True)])
 def test_a_rank_of_several_leaves_without_finalizing_python_its_output_flushed(world_size, finalized):
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "RANK": "0", "WORLD_SIZE": str(world_size),
            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(world_size)}
     env.pop("PYTHONUNBUFFERED", None)  # stdout a buffered pipe, as under torchrun
-    program = ("import atexit, distributed; atexit.register(print, 'finalized'); "
+    program = ("import atexit, sys, distributed\n"
+               "class Module:\n    def __del__(self): print(' finalized', end='')\n"
+               "kept = Module(); atexit.register(print, ' exit handlers', end='')\n"
                "print('the last line', end=''); distributed.exit_process(3)")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=120)
     assert done.returncode == 3, done.stderr
-    assert done.stdout == "the last line" + ("finalized\n" if finalized else "")
+    assert done.stdout == "the last line exit handlers" + " finalized" * finalized
+    closed = subprocess.run([sys.executable, "-c", "import sys, distributed; sys.stdout = None; "
+                             "distributed.exit_process(3)"], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=120)  # a rank started with `>&-`: Python's stdout is None
+    assert (closed.returncode, closed.stderr) == (3, "")
 
 
 def test_shares_of_a_batch_are_disjoint_and_cover_it():
