@@ -180,13 +180,13 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def exit_process(code: int) -> None:
-    """sys.exit(code); a rank of several torchrun workers leaves without finalizing Python instead,
-    once its exit handlers have run and its output is flushed. DistributedDataParallel keeps gloo's process group, and its worker threads,
-    alive after destroy_process_group (torch 2.13). A worker thread that frees a finished
-    collective's tensors while Python finalizes needs the GIL, cannot take it, and aborts the
-    rank: SIGABRT, "terminate called without an active exception", a failed run after a complete
-    one (measured: 4 of 130 of the tests' 2-process trainings beside two busy loops; see
-    pytorch/pytorch#179291)."""
+    """sys.exit(code); a rank of several torchrun workers leaves without finalizing Python instead, once
+    its exit handlers have run and its output is flushed. DistributedDataParallel keeps gloo's
+    process group, and its worker threads, alive after destroy_process_group (torch 2.13). A worker
+    thread that frees a finished collective's tensors while Python finalizes needs the GIL, cannot
+    take it, and aborts the rank: SIGABRT, "terminate called without an active exception", a failed
+    run after a complete one (measured: 4 of 130 of the tests' 2-process trainings beside two busy
+    loops; see pytorch/pytorch#179291)."""
     worker = torchrun_worker()
     if not worker or worker["WORLD_SIZE"] == 1:
         sys.exit(code)

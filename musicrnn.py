@@ -87,7 +87,8 @@ class Config:
     hidden_dim: int = 384                       # LSTM state size (README: 384 beat 256 and 512 in 10 min)
     num_layers: int = 1                         # stacked LSTM layers
     dropout: float = 0.15                       # on the embedding and before the output, and between layers
-    dropout_mask: str = "tune"                  # "tune": one mask per tune for all its steps; "element": one per step
+    dropout_mask: str = "tune"                  # "tune": one mask per tune (per chunk, past CHUNK), all its steps;
+                                                # "element": one per step (between layers it is always per element)
     # optimisation
     batch_size: int = 32                        # tunes per batch, grouped by length (README: 32 beat 16)
     lr: float = 5.6e-3                          # peak learning rate of Adam (about 4e-3 x sqrt(2), for the batch of 32)
@@ -98,7 +99,8 @@ class Config:
     patience: int = 3                           # stop after this many epochs without a better val loss
     grad_clip: float = 1.0                      # max global gradient norm
     precision: str = "auto"                     # products in "bf16", "fp32" or "auto" (bf16 where the hardware has it)
-    max_minutes: float = 10.0                   # wall-clock budget of the whole run (--resume's sessions added up);
+    max_minutes: float = 10.0                   # wall-clock budget of the training, from its first epoch
+                                                # (--resume's sessions added up), checked before each batch;
                                                 # stops cleanly after it
     # run
     out_dir: str = "runs"                       # best.pt, last.pt, loss.png go here
@@ -280,7 +282,8 @@ class MusicRNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier Linear, orthogonal LSTM weights, zero biases except the forget gate's 1."""
+        """Xavier Linear; each LSTM weight matrix orthogonal as a whole, its four gates stacked (4H, .);
+        zero biases except the forget gate's 1; the embedding keeps torch's N(0, 1)."""
         nn.init.xavier_uniform_(self.to_logits.weight)
         nn.init.zeros_(self.to_logits.bias)
         hidden = self.lstm.hidden_size
@@ -364,7 +367,7 @@ def save_checkpoint(path: Path, run: Run) -> None:
         "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
         "seconds": run.seconds(), "batches_done": p.batches_done, "data": run.data,
     }
-    if p.batches_done:  # an epoch cut short: --resume draws its dropout masks on from here
+    if p.batches_done:  # an epoch cut short: --resume draws its dropout masks on from here (on the CPU)
         ckpt["rng_state"] = p.rng_state
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
@@ -586,7 +589,8 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
 
 def resume_point(p: Progress) -> int:
     """The batch an epoch starts from: 0, or where the time budget cut it, torch's generator set back as it
-    was there, so that the dropout masks go on as they would have."""
+    was there, so that the dropout masks go on as they would have. That is the CPU's generator: on a GPU,
+    whose generator is not kept, the rest of the epoch draws the masks of its first batches again."""
     if p.batches_done:
         torch.set_rng_state(p.rng_state.cpu())
     return p.batches_done
@@ -683,8 +687,8 @@ def run_settings(cfg: Config, resume: bool, overwrite: bool, given: set[str] | N
 
 def check_same_data(then: dict, now: dict, cfg: Config) -> None:
     """--resume reads the tunes the run began with: a file changed since would train on other tunes, and
-    its validation loss would be compared with a best from other tunes (a checkpoint without digests,
-    written before they were kept, is taken as it is)."""
+    its validation loss would be compared with a best from other tunes. A checkpoint without digests
+    cannot be checked, and is taken as it is."""
     for name, digest in now.items():
         if then.get(name, digest) != digest:
             raise UserError(f"--resume: {getattr(cfg, name)} holds other tunes than when the run began ({digest} now, "
@@ -787,12 +791,13 @@ def evaluate(model: MusicRNN, dataset: MusicDataset, pad_id: int, device: torch.
 # -----------------------------------------------------------------------------
 # sampling with temperature: one token per step, the LSTM state (h, c) carried along
 #
-# sampler.generate_tunes runs the loop: feed the last token and the state, get the logits
-# of the next token, draw it with sampler.sample_next, repeat until <eos>. sample_next is
-# where the temperature acts: the logits are divided by it (below 1 sharpens the distribution,
-# above 1 flattens it: `z = logits / temperature` in sample_next), top-k keeps the k largest,
-# and one uniform number per tune draws the token from the cumulative probabilities. The loop
-# lives in a torch-free module so that infer_onnx.py runs the very same code over onnxruntime.
+# sampler.generate_tunes runs the loop: feed the last token and the state, get the logits of the
+# next token, draw it with sampler.sample_next, repeat until <eos> (or opts.max_tokens: the tune is
+# cut off unfinished). sample_next is where the temperature acts: the logits are divided by it
+# (below 1 sharpens the distribution, above 1 flattens it: `z = logits / temperature` in
+# sample_next), top-k keeps the k largest, and one uniform number per tune draws the token from the
+# cumulative probabilities. The loop lives in a torch-free module so that infer_onnx.py runs the
+# very same code over onnxruntime.
 # In short:
 #
 #     state, token = None, <eos>                            # <eos> starts a tune (the prompt is fed next)
@@ -817,7 +822,8 @@ def torch_step(model: MusicRNN, device: torch.device):
 def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
              opts: sampler.SamplingOptions = sampler.SamplingOptions(),
              facts: sampler.ModelFacts = sampler.ModelFacts()) -> list[str]:
-    """opts.num tunes, each opts.prompt followed by what the model writes until <eos>."""
+    """opts.num tunes, each opts.prompt followed by what the model writes until <eos> (at most
+    opts.max_tokens tokens)."""
     return sampler.generate_tunes(torch_step(model.eval(), device), vocab, opts, facts=facts)
 
 
@@ -877,7 +883,7 @@ def rewrite_tune(tune: str, draws: tuple, low: int = 55, high: int = 108) -> tup
         try:
             tune = change_rhythm(tune, rhythm)
         except RewriteError:
-            pass  # a meter that cannot scale (M:none): the tune keeps its rhythm
+            pass  # a meter that cannot scale (M:none), or a hornpipe's that abc2midi would refuse: kept as is
     return (tune if unit is None else set_unit_length(tune, unit)), refused
 
 
@@ -898,7 +904,10 @@ def epoch_training_set(run: Run, rng: np.random.Generator, log) -> MusicDataset:
         log(f"augmentation: {sum(r is True for _, r in augmented)} of {sum(r is not None for _, r in augmented)} "
             f"transpositions refused (notes outside {cfg.transpose_range}, or a key with its accidentals "
             f"written out)")
-    return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)  # the form survives every rewrite
+    # each rewrite keeps the sections and their bars; the code's E values, read from the written notes,
+    # can differ for the rewritten text (about 1 in 400 transpositions or unit rewrites of training
+    # tunes), and each tune keeps its record's code
+    return MusicDataset([t for t, _ in augmented], run.vocab, run.train_codes)
 
 
 # -----------------------------------------------------------------------------
