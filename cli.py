@@ -79,12 +79,24 @@ def run_command(command, args) -> int:
     if terminate:
         signal.signal(signal.SIGTERM, _terminate)
     stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
+    stderr, sys.stderr = sys.stderr, sys.stderr or _devnull_on(2)
     try:
         return _errors_as_lines(command, args)
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _devnull_on(descriptor: int):
+    """A closed stderr (`2>&-`: Python has none) made devnull on its own descriptor: progress bars and
+    warnings then write nowhere instead of failing, and no file the command opens (a checkpoint, say)
+    takes the descriptor, where torch's own warnings would land in it."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd != descriptor:
+        os.dup2(fd, descriptor)
+        os.close(fd)
+    return open(descriptor, "w", closefd=False)
 
 
 class ReaderSafeStdout:

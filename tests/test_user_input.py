@@ -617,6 +617,22 @@ def test_a_closed_stdout_is_no_reader_and_the_work_goes_on(tiny_onnx, tmp_path):
     assert re.findall(r"(?m)^X:(\d+)$", out.read_text()) == ["1", "2", "3"]
 
 
+def test_a_closed_stderr_loses_no_work_and_no_file_takes_its_place(fixture_data, tmp_path):
+    """`musicrnn.py train ... 2>&-`: Python has no sys.stderr; the progress bar and warnings write nowhere,
+    the run finishes, and neither checkpoint is the descriptor that torch's warnings would write to."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "musicrnn.py", "train", "--train-data", fixture_data["train"],
+                           "--val-data", fixture_data["val"], "--hidden-dim", "16", "--embedding-dim", "8",
+                           "--epochs", "1", "--out", str(out)], stdout=subprocess.PIPE, cwd=ROOT,
+                          preexec_fn=lambda: os.close(2), timeout=300)
+    assert proc.returncode == 0 and "best val loss" in proc.stdout.decode(), proc.stdout.decode()[-500:]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    refused = subprocess.run([sys.executable, "musicrnn.py", "train", "--train-data", fixture_data["train"],
+                              "--val-data", fixture_data["val"], "--out", str(out)], stdout=subprocess.PIPE,
+                             cwd=ROOT, preexec_fn=lambda: os.close(2), timeout=300)
+    assert (refused.returncode, refused.stdout) == (2, b"")  # a user's error: its line has nowhere to go
+
+
 def test_an_out_name_too_long_to_write_is_refused_before_the_work(tiny_onnx, tmp_path):
     """A name within Linux's 255 bytes whose temporary file would pass them: refused at once, not after
     the tunes are made."""
