@@ -442,7 +442,8 @@ def chunk_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state, pad_id:
     code's token, which is read but not scored) adds nothing to the loss or its gradient."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         logits, state = model(x, state, share)                            # (B, t, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=pad_id, reduction="sum"), state
+    logits = logits.float().flatten(0, 1)                                 # (B * t, V)
+    return F.cross_entropy(logits, y.flatten(), ignore_index=pad_id, reduction="sum"), state  # <pad>: no loss
 
 
 def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pad_id: int,
