@@ -36,11 +36,10 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -65,8 +64,8 @@ from cli import UserError
 from corpus import collection_digest, load_records, load_tunes
 from distributed import World
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
-from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_unused_flags, config_from_dict,
-                      resumed_config)
+from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_same_data, check_unused_flags,
+                      config_from_dict, epochs_since_best, resumed_config, stored_config)
 
 
 @dataclass
@@ -686,14 +685,6 @@ def run_settings(cfg: Config, resume: bool, overwrite: bool, given: set[str] | N
     return cfg, ckpt
 
 
-def check_same_data(then: dict, now: dict, cfg: Config) -> None:
-    """--resume reads the tunes the run began with: a file changed since would train on other tunes, and
-    its validation loss would be compared with a best from other tunes. A checkpoint without digests
-    cannot be checked, and is taken as it is."""
-    for name, digest in now.items():
-        if then.get(name, digest) != digest:
-            raise UserError(f"--resume: {getattr(cfg, name)} holds other tunes than when the run began ({digest} now, "
-                            f"{then[name]} then): restore it, or start afresh with --overwrite")
 
 
 def describe_run(run: Run, val_tunes: list[str], log) -> None:
@@ -727,21 +718,8 @@ def restore(run: Run, ckpt: dict, log) -> None:
         f"{p.seconds / 60:.1f} of --max-minutes {run.cfg.max_minutes:g} spent)")
 
 
-def epochs_since_best(history: list[dict]) -> int:
-    """The epochs since the validation loss last improved, read back from a run's history (a row of an
-    epoch the time budget cut short may improve it, but counts no epoch)."""
-    best, stale = math.inf, 0
-    for row in history:
-        whole = row.get("epoch_share", 1.0) == 1.0
-        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + whole)
-    return stale
 
 
-def stored_config(cfg: Config) -> dict:
-    """The settings as a checkpoint keeps them: local data paths made absolute, so that --resume
-    finds the data from any folder (a URL stays as typed)."""
-    local = [name for name in ("train_data", "val_data") if "://" not in getattr(cfg, name)]
-    return asdict(cfg) | {name: os.path.abspath(getattr(cfg, name)) for name in local}
 
 
 def seed_everything(seed: int) -> None:

@@ -8,14 +8,16 @@ Holds:
 - config_from_dict: a checkpoint's stored settings back as a checked config;
 - check_checkpoint_fields: a checkpoint's progress and tune types, of the kinds training writes;
 - RESUME_MAY_CHANGE, resumed_config: which settings a --resume may change; the others would
-  make it another run, and are refused when they differ.
+  make it another run, and are refused when they differ;
+- stored_config, epochs_since_best, check_same_data: what a checkpoint keeps of a run's settings,
+  and what --resume reads back from it (the early-stopping count, the data's digests).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from typing import NoReturn
 
 import cli
@@ -185,3 +187,30 @@ def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):
     if cfg.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {cfg.epochs}: {source} has already done {ckpt['epoch']} epochs")
     return cfg
+
+
+def check_same_data(then: dict, now: dict, cfg) -> None:
+    """--resume reads the tunes the run began with: a file changed since would train on other tunes, and
+    its validation loss would be compared with a best from other tunes. A checkpoint without digests
+    cannot be checked, and is taken as it is."""
+    for name, digest in now.items():
+        if then.get(name, digest) != digest:
+            raise UserError(f"--resume: {getattr(cfg, name)} holds other tunes than when the run began ({digest} now, "
+                            f"{then[name]} then): restore it, or start afresh with --overwrite")
+
+
+def epochs_since_best(history: list[dict]) -> int:
+    """The epochs since the validation loss last improved, read back from a run's history (a row of an
+    epoch the time budget cut short may improve it, but counts no epoch)."""
+    best, stale = math.inf, 0
+    for row in history:
+        whole = row.get("epoch_share", 1.0) == 1.0
+        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + whole)
+    return stale
+
+
+def stored_config(cfg) -> dict:
+    """The settings as a checkpoint keeps them: local data paths made absolute, so that --resume
+    finds the data from any folder (a URL stays as typed)."""
+    local = [name for name in ("train_data", "val_data") if "://" not in getattr(cfg, name)]
+    return asdict(cfg) | {name: os.path.abspath(getattr(cfg, name)) for name in local}

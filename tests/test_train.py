@@ -18,6 +18,7 @@ import abc_tokens
 import checkpoint_files
 import cli
 import sampler
+import settings
 import musicrnn
 import rendering
 from conftest import ROOT, tiny_config
@@ -71,8 +72,8 @@ def test_early_stopping(tmp_path, fixture_data):
 
 def test_the_epochs_since_the_best_are_read_back_from_the_history():
     rows = [{"val_loss": v} for v in (3.0, 2.5, 2.6, 2.5, 2.4, 2.7, 2.45)]
-    assert musicrnn.epochs_since_best(rows) == 2 and musicrnn.epochs_since_best(rows[:5]) == 0
-    assert musicrnn.epochs_since_best(rows[:4]) == 2 and musicrnn.epochs_since_best([]) == 0  # 2.5 again: no gain
+    assert settings.epochs_since_best(rows) == 2 and settings.epochs_since_best(rows[:5]) == 0
+    assert settings.epochs_since_best(rows[:4]) == 2 and settings.epochs_since_best([]) == 0  # 2.5 again: no gain
 
 
 def test_evaluate_json(tiny_run, fixture_data):
