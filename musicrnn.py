@@ -519,11 +519,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
 
 def train_loop(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
-    writer = tensorboard_writer(out) if tensorboard and run.world.writer else None
     run.started = time.time()
     if not epochs_left(run):  # a resumed run that is done
         log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
             f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
+    with tensorboard_writer(out) if tensorboard and run.world.writer else contextlib.nullcontext() as writer:
+        train_epochs(run, writer, log)  # the writer closed however they end: its last events reach the file
+    if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
+        plots.plot_history(run.progress.history, out / "loss.png")
+    there = [name for name in ("best.pt", "last.pt") if (out / name).exists()]  # a resumed folder may lack best.pt
+    log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
+        f"loss curve {out}/loss.png")
+    return run.progress.history[-1] if run.progress.history else {}
+
+
+def train_epochs(run: Run, writer, log) -> None:
+    """Epochs until --epochs, early stopping or the time budget ends the run."""
     while epochs_left(run):
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
@@ -534,14 +545,6 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
             break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
-    if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
-        plots.plot_history(run.progress.history, out / "loss.png")
-    if writer:
-        writer.close()  # its last events reach the file: a torchrun rank leaves without Python's exit handlers
-    there = [name for name in ("best.pt", "last.pt") if (out / name).exists()]  # a resumed folder may lack best.pt
-    log(f"best val loss {run.progress.best_val:.4f}, checkpoints {' and '.join(there) or 'none'} in {out}/, "
-        f"loss curve {out}/loss.png")
-    return run.progress.history[-1] if run.progress.history else {}
 
 
 def budget_spent(run: Run) -> str:

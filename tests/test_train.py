@@ -504,11 +504,27 @@ def test_tensorboard_gets_each_epochs_curves_and_its_writer_is_closed(tmp_path, 
         def close(self) -> None:
             self.closed = True
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error) -> None:
+            self.close()
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
     musicrnn.train(tiny_config(fixture_data, tmp_path / "run", epochs=2), tensorboard=True)
     [writer] = writers
     assert writer.folder == str(tmp_path / "run" / "tensorboard") and writer.closed
     assert {epoch for _, epoch in writer.scalars} == {1, 2} and ("val_bits_per_char", 2) in writer.scalars
+    end_of_epoch = musicrnn.end_of_epoch
+
+    def interrupted_after_one(*args):  # Ctrl-C once the first epoch is logged
+        end_of_epoch(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(musicrnn, "end_of_epoch", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        musicrnn.train(tiny_config(fixture_data, tmp_path / "cut", epochs=2), tensorboard=True)
+    assert writers[1].closed and {epoch for _, epoch in writers[1].scalars} == {1}
 
 
 def test_tensorboard_missing_is_one_error_line(tmp_path, fixture_data, monkeypatch, capsys):
