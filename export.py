@@ -7,7 +7,7 @@ export: turn a musicrnn checkpoint into a step-wise ONNX model for infer_onnx.py
 The graph is one generation step: tokens (B, 1) int64 and h0, c0 (layers, B, hidden)
 go in; logits (B, V) and h1, c1 come out. The batch is dynamic. The vocabulary and the
 model config travel in the file's metadata_props, so the .onnx file is all a runtime
-needs. After writing it, onnxruntime is checked against torch on a random batch.
+needs. Before --out is written, onnxruntime's step is checked against torch's on a random batch.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import exported_model
 import musicrnn
 from abc_tokens import SPECIALS, Vocabulary
 from cli import UserError
-from safe_write import check_output, deferred_interrupt, write_atomic
+from safe_write import atomic_file, check_output, deferred_interrupt, write_atomic
 from sampler import sample_next
 
 OPSET = 18           # pinned: the LSTM op and everything else here are stable at 18
@@ -121,8 +121,9 @@ def quantize_int8(fp32: Path, out: Path, overwrite: bool = True) -> None:
     """Dynamic int8 quantization of the weights, LSTM included.
 
     quant_pre_process first: without its shape inference quantize_dynamic leaves the
-    LSTM in fp32. reduce_range=True: these CPUs have AVX2 but no VNNI, where full-range
-    int8 saturates and the argmax agreed only 68-81% of the time.
+    LSTM in fp32. reduce_range=True (7-bit weights, which no int8 kernel saturates): without it
+    the argmax agreed with fp32's only 68-81% of the time on this project's host (96.6% with it,
+    README), whose CPU has VNNI; why full range loses that much there was not found.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -204,12 +205,12 @@ def export(args: argparse.Namespace) -> None:
                             f"{diff}); nothing written")
         if diff > PARITY_TOLERANCE:
             raise UserError(f"onnxruntime differs from torch by {diff:.2e} > {PARITY_TOLERANCE}; nothing written")
-        if int8:  # made before either is written: a failure or Ctrl-C never leaves a new model beside an old int8
+        if int8:  # made before either is written
             quantize_int8(candidate, Path(tmp) / int8.name)
-        with deferred_interrupt():
-            write_atomic(out, candidate.read_bytes(), args.overwrite)
-            if int8:
-                write_atomic(int8, (Path(tmp) / int8.name).read_bytes(), args.overwrite)
+        made = [(out, candidate)] + ([(int8, Path(tmp) / int8.name)] if int8 else [])
+        with deferred_interrupt(), contextlib.ExitStack() as files:  # both written in full before either is
+            for path, source in made:                                  # renamed into place (a full disk: neither)
+                files.enter_context(atomic_file(path, args.overwrite)).write(source.read_bytes())
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {OPSET}); "
           f"max |onnxruntime - torch| = {diff:.2e}")
     if int8:

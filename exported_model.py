@@ -12,6 +12,7 @@ Holds:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -57,7 +58,8 @@ def _session(path: str, threads: int | None) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        model = Path(path).read_bytes()  # not the name: onnxruntime opens no name that is not UTF-8
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
         raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
 
@@ -75,11 +77,12 @@ def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dic
                 isinstance(types, list) and all(isinstance(name, str) for name in types)):
             raise TypeError("control is not true or false, or tune_types not a list of names")  # "no" reads as true
         config["tune_types"] = types
-    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested deep
+    # RecursionError: JSON nested deep; OverflowError: Infinity (which json reads) made an int
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError, OverflowError) as e:
         raise ModelError(f"{path}: damaged musicrnn metadata ({type(e).__name__}: {first_line(e, 80)})") from None
     if not (1 <= config["hidden_dim"] <= 65536 and 1 <= config["num_layers"] <= 64):
-        raise ModelError(f"{path}: damaged musicrnn metadata (hidden_dim {config['hidden_dim']}, "
-                         f"num_layers {config['num_layers']})")
+        raise ModelError(f"{path}: damaged musicrnn metadata (hidden_dim {config['hidden_dim']:.6g}, "
+                         f"num_layers {config['num_layers']:.6g})")
     return vocab, config
 
 

@@ -8,7 +8,7 @@ Holds:
   it creates nothing, so a command refused later leaves no folder behind;
 - check_run_files: the same for every file a training writes in its folder;
 - atomic_file, write_atomic: write beside the target, then rename (or, without --overwrite,
-  hard-link) it into place, so a crash never leaves half a file and a file that appeared
+  hard-link) it into place, its bytes on disk first, so a crash never leaves half a file and a file that appeared
   meanwhile is never replaced; a new file gets the usual mode (umask), a replaced one keeps its own;
 - folder_lock: an advisory lock that one training holds on its run folder;
 - removed_if_failed: a folder a command creates is removed again if the command fails before
@@ -35,7 +35,7 @@ class OutputError(UserError):
     """An output that would destroy something, or cannot be written."""
 
 
-NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the temporary name adds, ".x.12345678.tmp")
+NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the temporary name adds, "..12345678.tmp", and 2 spare)
 
 
 def _same_file(a: Path, b: str | Path) -> bool:
@@ -48,7 +48,7 @@ def _same_file(a: Path, b: str | Path) -> bool:
     b = Path(b)
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve); the checks after say so
         return False
 
 
@@ -177,7 +177,9 @@ def atomic_file(path: str | Path, overwrite: bool = True):
         try:
             yield _Writer(f, path)
             with _naming(path):
-                f.close()  # the last buffered bytes: a full disk can show here too
+                f.flush()  # the last buffered bytes: a full disk can show here too
+                os.fsync(f.fileno())  # on disk before the rename: a power cut leaves the old file or the new one
+                f.close()
                 os.chmod(tmp, _mode_for(path))
                 if overwrite:
                     os.replace(tmp, path)

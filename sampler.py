@@ -41,10 +41,10 @@ from safe_write import atomic_file, check_output
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    num: int = 1                    # tunes, written as one batch
+    num: int = 1                    # tunes (generate_tunes writes them as one batch; run_generation in BATCHes)
     temperature: float = 1.0        # divides the logits: below 1 safer, above 1 wilder
-    top_k: int | None = None        # draw among the k most likely tokens only (None: all)
-    seed: int | tuple = 0           # seeds the numpy generator: the same seed, the same tunes
+    top_k: int | None = None        # draw among the k most likely tokens only, ties with the k-th kept (None: all)
+    seed: int | tuple = 0           # seeds each tune's numpy generator (seed, i): the same seed, the same tunes
     max_tokens: int = 1000          # tokens per tune at most
     constrained: bool = False       # mask every token that would break the tune (abc_constraint)
     max_bars: int = 32              # with constrained: end the tune cleanly after this many bars

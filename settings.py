@@ -57,6 +57,8 @@ def check_config(cfg, source: str) -> None:
             raise UserError(f"{source}: --{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     if not all(isinstance(getattr(cfg, n), str) for n in ("train_data", "val_data", "transpose_range", "out_dir")):
         raise UserError(f"{source}: data paths, --out and --transpose-range must be text")
+    if not isinstance(cfg.control, bool):  # "no" would read as true, and the export would refuse its own file
+        raise UserError(f"{source}: --control must be true or false, not {cfg.control!r}")
     check_note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
     if parameter_count(cfg, vocab_size=1000) > MAX_PARAMETERS:
         raise UserError(f"{source}: a model of --hidden-dim {cfg.hidden_dim} x --num-layers {cfg.num_layers} has more "

@@ -1,6 +1,8 @@
 """The step-wise ONNX export: parity with torch, the same tunes, and a runtime without torch."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -111,8 +113,15 @@ def test_bad_models_and_flags_get_one_line_and_exit_2(exported, tmp_path):
                 prop.value = value or json.dumps({**json.loads(prop.value), "control": "no"})
         edited[name] = tmp_path / f"{name}.onnx"
         onnx.save(proto, str(edited[name]))
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "musicrnn.config":  # Infinity: a number json reads, and no int
+            prop.value = json.dumps({**json.loads(prop.value), "hidden_dim": float("inf")})
+    edited["infinite"] = tmp_path / "infinite.onnx"
+    onnx.save(proto, str(edited["infinite"]))
     cases = [
         (["--model", str(edited["control"])], "damaged musicrnn metadata"),
+        (["--model", str(edited["infinite"])], "damaged musicrnn metadata (OverflowError"),
         (["--model", str(edited["types"])], "damaged musicrnn metadata"),
         (["--model", str(tmp_path / "missing.onnx")], "no such model"),
         (["--model", str(corrupt)], "not a readable ONNX model"),
@@ -126,6 +135,14 @@ def test_bad_models_and_flags_get_one_line_and_exit_2(exported, tmp_path):
         result = run_without_torch(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_model_whose_name_is_not_utf8_loads_as_any_other(exported, tmp_path):
+    *_, path = exported
+    odd = tmp_path / os.fsdecode(b"model-\xff.onnx")  # a Latin-1 name, on a UTF-8 system
+    shutil.copy(path, odd)
+    result = run_without_torch("--model", str(odd), "--num", "1", "--max-tokens", "5")
+    assert result.returncode == 0 and result.stdout.startswith("X:1"), result.stderr
 
 
 def test_int8_quantizes_the_lstm_and_stays_close(exported, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 import corpus
 import export
+import infer_onnx
 import judging
 import musicrnn
 import sampler
@@ -220,6 +221,59 @@ def test_an_export_that_fails_its_parity_check_replaces_nothing(tiny_run, tmp_pa
     assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     code, out, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "new.onnx")
     assert code == 2 and not (tmp_path / "new.onnx").exists()
+
+
+def test_an_int8_export_that_fails_to_write_either_file_replaces_neither(tiny_run, tmp_path, monkeypatch):
+    """The model and its int8 are both written in full before either takes its name: a full disk on
+    the second leaves the old pair, not a new model beside an old int8."""
+    import safe_write
+
+    out, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    out.write_bytes(b"old model")
+    int8.write_bytes(b"old int8")
+    real_write = safe_write._Writer.write
+
+    def full_disk_on_int8(writer, data):
+        if writer.path == int8:  # the export's own temporary files are written as before
+            raise OSError(28, "No space left on device")
+        real_write(writer, data)
+
+    monkeypatch.setattr(safe_write._Writer, "write", full_disk_on_int8)
+    code, out_text, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", out, "--int8",
+                                   "--overwrite")
+    assert one_error_line(code, err) and "No space left on device" in err, err
+    assert (out.read_bytes(), int8.read_bytes()) == (b"old model", b"old int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]  # no temporary file left
+
+
+def test_a_checkpoint_whose_control_is_not_true_or_false_is_refused(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "control": "no"}}, tmp_path / "crafted.pt")
+    for main, args in [(musicrnn.main, ["generate", "--checkpoint", tmp_path / "crafted.pt", "--num", "1"]),
+                       (export.main, ["--checkpoint", tmp_path / "crafted.pt", "--out", tmp_path / "m.onnx"])]:
+        code, out, err = run_main(main, *args)  # "no" read as true: generate wrote for a form, export refused its file
+        assert one_error_line(code, err) and "--control must be true or false, not 'no'" in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_output_in_a_symlink_loop_is_one_error_line(tiny_onnx, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for args in (["--out", tmp_path / "a"], ["--out", tmp_path / "a" / "tunes.abc"]):
+        code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "1", "--max-tokens", "5", *args)
+        assert one_error_line(code, err) and out == "", err
+
+
+def test_a_written_file_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    import safe_write
+
+    calls = []
+    for name in ("fsync", "replace", "link"):
+        real = getattr(safe_write.os, name)
+        monkeypatch.setattr(safe_write.os, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    safe_write.write_atomic(tmp_path / "new.abc", b"X:1\n", overwrite=False)
+    safe_write.write_atomic(tmp_path / "new.abc", b"X:2\n", overwrite=True)
+    assert calls == ["fsync", "link", "fsync", "replace"] and (tmp_path / "new.abc").read_bytes() == b"X:2\n"
 
 
 # --- failed starts leave no folder behind
