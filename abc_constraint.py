@@ -599,8 +599,17 @@ class AbcConstraint:
         return mask, penalty
 
     def _reserve(self, s: TuneState) -> int:
-        """Tokens kept to finish the tune: a form's owed bars too, so that max_tokens never cuts one off."""
-        owed = sum(s.form[s.section:]) - s.section_bars if s.form else 0
+        """Tokens kept to finish the tune: a form's owed bars too, so that max_tokens never cuts one off.
+        A second ending writes its section's last bars again: in a first ending they are owed twice,
+        and where a first ending may still begin, the bars it would repeat are kept for (once
+        the tune must end, none begins)."""
+        if not s.form:
+            return self.END_RESERVE
+        owed = sum(s.form[s.section:]) - s.section_bars
+        if s.section < len(s.form) and s.ending == 1:
+            owed += s.form[s.section] - s.common_bars
+        elif s.section < len(s.form) and s.ending == 0 and (s.repeat_open or not s.section_ends):
+            owed += s.form[s.section] - s.section_bars
         return self.END_RESERVE + self.OWED_BAR_TOKENS * owed
 
     def _at_bar_cap(self, s: TuneState) -> bool:
