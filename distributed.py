@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,6 +178,7 @@ def end_with_launcher() -> None:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+FAILED_RANK_WAIT = 5.0  # seconds a failed rank other than 0 waits before it leaves (torchrun ends it sooner)
 
 
 def exit_process(code: int) -> None:
@@ -190,6 +192,8 @@ def exit_process(code: int) -> None:
     worker = torchrun_worker()
     if not worker or worker["WORLD_SIZE"] == 1:
         sys.exit(code)
+    if code and worker["RANK"]:  # rank 0 says why a training failed (cli.error_line), and torchrun stops every
+        time.sleep(FAILED_RANK_WAIT)  # rank once one has failed: the others leave after it, not before it spoke
     atexit._run_exitfuncs()  # what the exit handlers do still happens (matplotlib removes its temporary folder)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or None (`>&-`): nothing to say

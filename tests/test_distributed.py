@@ -182,6 +182,22 @@ def test_a_rank_of_several_leaves_without_finalizing_python_its_output_flushed(w
     assert (closed.returncode, closed.stderr) == (3, "")
 
 
+@pytest.mark.parametrize("rank, code, waits", [(1, 2, True), (0, 2, False), (1, 0, False)])
+def test_a_failed_rank_other_than_0_leaves_after_rank_0_has_said_why(rank, code, waits, monkeypatch):
+    """Every rank meets a user's error at once, and rank 0 alone prints it; torchrun stops the others
+    when the first rank fails, so rank 1 leaving first cut rank 0 off before its line (2 of 8 runs of
+    the --device cuda test beside two busy loops)."""
+    for name, value in [("TORCHELASTIC_RUN_ID", "test"), ("RANK", str(rank)), ("WORLD_SIZE", "2"),
+                        ("LOCAL_RANK", str(rank)), ("LOCAL_WORLD_SIZE", "2")]:
+        monkeypatch.setenv(name, value)
+    events = []
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    monkeypatch.setattr(distributed.atexit, "_run_exitfuncs", lambda: events.append("exit handlers"))
+    monkeypatch.setattr(distributed.os, "_exit", lambda status: events.append(("exit", status)))
+    distributed.exit_process(code)
+    assert events == [("sleep", distributed.FAILED_RANK_WAIT)] * waits + ["exit handlers", ("exit", code)]
+
+
 def test_shares_of_a_batch_are_disjoint_and_cover_it():
     batch = np.arange(11)
     shares = [distributed.World(rank, 3).share(batch) for rank in range(3)]
