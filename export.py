@@ -194,6 +194,8 @@ def export(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: give a file name ending in .onnx")
     int8_path = out.with_suffix(".int8.onnx")
     int8 = check_output(int8_path, "--int8", args.overwrite, inputs=[args.checkpoint]) if args.int8 else None
+    if int8 and out.resolve() == int8.resolve():  # a link between them: one model would replace the other
+        raise UserError(f"--out {args.out} and its int8 model {int8} are one file (a link); choose another name")
     ckpt = musicrnn.load_checkpoint(args.checkpoint)
     model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:  # checked before it becomes --out: a failed export replaces nothing

@@ -246,6 +246,16 @@ def test_an_int8_export_that_fails_to_write_either_file_replaces_neither(tiny_ru
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]  # no temporary file left
 
 
+def test_an_out_whose_int8_is_the_same_file_is_refused(tiny_run, tmp_path):
+    """m.onnx a link to m.int8.onnx: with --overwrite the int8 model silently replaced the fp32 one."""
+    (tmp_path / "m.int8.onnx").write_bytes(b"old int8")
+    (tmp_path / "m.onnx").symlink_to(tmp_path / "m.int8.onnx")
+    code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx",
+                            "--int8", "--overwrite")
+    assert one_error_line(code, err) and "are one file (a link)" in err, err
+    assert (tmp_path / "m.int8.onnx").read_bytes() == b"old int8"
+
+
 def test_a_checkpoint_whose_control_is_not_true_or_false_is_refused(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "control": "no"}}, tmp_path / "crafted.pt")
