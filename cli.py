@@ -89,9 +89,9 @@ def run_command(command, args) -> int:
 
 
 def _devnull_on(descriptor: int):
-    """A closed stderr (`2>&-`: Python has none) made devnull on its own descriptor: progress bars and
-    warnings then write nowhere instead of failing, and no file the command opens (a checkpoint, say)
-    takes the descriptor, where torch's own warnings would land in it."""
+    """A closed stdout or stderr (`>&-`, `2>&-`: Python has none) made devnull on its own descriptor:
+    what is printed, progress bars and warnings then go nowhere instead of failing, and no file the
+    command opens (a checkpoint, say) takes the descriptor, where torch's own output would land in it."""
     fd = os.open(os.devnull, os.O_WRONLY)
     if fd != descriptor:
         os.dup2(fd, descriptor)
@@ -106,8 +106,8 @@ class ReaderSafeStdout:
 
     def __init__(self, stream):
         self.stream, self.gone = stream, stream is None
-        if stream is None:  # a closed stdout (`>&-`): Python has none; devnull takes its descriptor, so that
-            self.stream = open(os.devnull, "w")  # no file the command opens later becomes its stdout
+        if stream is None:  # a closed stdout (`>&-`): Python has none
+            self.stream = _devnull_on(1)
 
     def write(self, text: str) -> int:
         self._try(self.stream.write, text)
