@@ -606,10 +606,12 @@ class AbcConstraint:
         if not s.form:
             return self.END_RESERVE
         owed = sum(s.form[s.section:]) - s.section_bars
-        if s.section < len(s.form) and s.ending == 1:
-            owed += s.form[s.section] - s.common_bars
-        elif s.section < len(s.form) and s.ending == 0 and (s.repeat_open or not s.section_ends):
-            owed += s.form[s.section] - s.section_bars
+        if s.section < len(s.form):  # the bars a second ending would write again
+            target = s.form[s.section]
+            if s.ending == 1:
+                owed += target - s.common_bars
+            elif s.ending == 0 and (s.repeat_open or not s.section_ends):
+                owed += target - s.section_bars
         return self.END_RESERVE + self.OWED_BAR_TOKENS * owed
 
     def _at_bar_cap(self, s: TuneState) -> bool:

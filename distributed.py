@@ -6,11 +6,12 @@ distributed: what musicrnn.py train needs to run as N processes under torchrun.
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 musicrnn.py train
 
 Holds launched (train --procs N: the command again, as N ranks of this machine), session (the
-with-block a training runs in), exit_process (how a rank leaves) and World: this process's rank among world size processes, started
-from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on
-GPU; its share of a batch; the sums and broadcasts that keep the ranks in step; and the
-thread count chosen so that the processes of one machine fill its cores without
-oversubscribing them. Without torchrun, World() is one process and every call is a no-op.
+with-block a training runs in), exit_process (how a rank leaves) and World: this process's rank
+among world size processes, started from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on GPU; its share of a batch; the sums and broadcasts
+that keep the ranks in step; and the thread count chosen so that the processes of one machine fill
+its cores without oversubscribing them. Without torchrun, World() is one process and every call is a
+no-op.
 
 The gradients themselves are averaged by DistributedDataParallel; nothing here all-reduces
 them by hand.

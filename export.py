@@ -35,7 +35,7 @@ import exported_model
 import musicrnn
 from abc_tokens import SPECIALS, Vocabulary
 from cli import UserError
-from safe_write import atomic_file, check_output, deferred_interrupt, write_atomic
+from safe_write import atomic_file, check_output, deferred_interrupt, same_file, write_atomic
 from sampler import sample_next
 
 OPSET = 18           # pinned: the LSTM op and everything else here are stable at 18
@@ -194,7 +194,7 @@ def export(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: give a file name ending in .onnx")
     int8_path = out.with_suffix(".int8.onnx")
     int8 = check_output(int8_path, "--int8", args.overwrite, inputs=[args.checkpoint]) if args.int8 else None
-    if int8 and out.resolve() == int8.resolve():  # a link between them: one model would replace the other
+    if int8 and same_file(out, int8):  # a link between them: one model would replace the other
         raise UserError(f"--out {args.out} and its int8 model {int8} are one file (a link); choose another name")
     ckpt = musicrnn.load_checkpoint(args.checkpoint)
     model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, args.checkpoint)

@@ -7,6 +7,7 @@ Holds:
   command, an existing file (without --overwrite), a folder, or a place that cannot be written;
   it creates nothing, so a command refused later leaves no folder behind;
 - check_run_files: the same for every file a training writes in its folder;
+- same_file: whether two paths (links followed, a file:// URL read) name one file;
 - atomic_file, write_atomic: write beside the target, then rename (or, without --overwrite,
   hard-link) it into place, its bytes on disk first, so a crash never leaves half a file and a file that appeared
   meanwhile is never replaced; a new file gets the usual mode (umask), a replaced one keeps its own;
@@ -38,7 +39,7 @@ class OutputError(UserError):
 NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the temporary name adds, "..12345678.tmp", and 2 spare)
 
 
-def _same_file(a: Path, b: str | Path) -> bool:
+def same_file(a: Path, b: str | Path) -> bool:
     """Whether a and the input b are one file; b may be a file:// URL, which names a local file
     too (a remote URL names none)."""
     if str(b).startswith("file://"):
@@ -64,7 +65,7 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
         raise OutputError(f"{flag} {shown(p.name)}: a name of more than {NAME_LIMIT} bytes cannot be written "
                           f"here; give a shorter one")
     for source in inputs:
-        if source and _same_file(p, source):
+        if source and same_file(p, source):
             raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")
     if folder and p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
@@ -118,7 +119,7 @@ def check_run_files(folder: Path, names: tuple[str, ...], replace: bool, inputs=
     none of them exists yet."""
     for name in names:
         for source in inputs:
-            if _same_file(folder / name, source):
+            if same_file(folder / name, source):
                 raise OutputError(f"{folder / name}, which this training writes, is also what it reads ({source}): "
                                   f"choose another --out")
         if _not_a_file(folder / name):
