@@ -343,6 +343,24 @@ def test_a_client_that_goes_away_mid_request_leaves_no_traceback(tiny_onnx, tmp_
     assert "Traceback" not in capfd.readouterr().err
 
 
+def send_form(address: tuple, body: bytes) -> socket.socket:
+    """A connection that has sent this form to /generate, as a browser does; the caller closes it."""
+    sock = socket.create_connection(address[:2], timeout=5)
+    sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def server_log_until(capfd, words: str) -> str:
+    """The server's log (stderr) read until it holds these words, or for 10 s."""
+    log = ""
+    for _ in range(100):
+        log += capfd.readouterr().err
+        if words in log:
+            break
+        time.sleep(0.1)
+    return log
+
+
 def test_a_request_whose_client_went_away_renders_nothing_more(tiny_onnx, tmp_path, monkeypatch, capfd):
     rendered = []
     real_render = serve.render_tune
@@ -359,20 +377,12 @@ def test_a_request_whose_client_went_away_renders_nothing_more(tiny_onnx, tmp_pa
 
     monkeypatch.setattr(serve.sampler, "generate_tunes", generate)
     with in_process(tiny_onnx, tmp_path) as (tune_server, url):
-        body = form(num="4")
-        with socket.create_connection(tune_server.server_address[:2], timeout=5) as sock:
-            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                         + body)
+        with send_form(tune_server.server_address, form(num="4")):
             assert generating.wait(30)
         closed.set()  # as a closed tab closes it
         status, _, page = request(url + "/generate", form(num="2"))
         assert status == 200 and page.count(b"<pre class=abc>") == 2
-        log = ""
-        for _ in range(100):
-            log += capfd.readouterr().err
-            if "went away" in log:
-                break
-            time.sleep(0.1)
+        log = server_log_until(capfd, "went away")
     assert "the client went away: 0 of 4 tunes rendered" in log
     assert rendered == ["tune1", "tune2"]  # the second request's two; none of the first's four
 
@@ -588,17 +598,9 @@ def test_a_request_whose_client_left_while_it_waited_its_turn_writes_no_tunes(ti
     real_generate = serve.sampler.generate_tunes
     monkeypatch.setattr(serve.sampler, "generate_tunes", lambda *a, **k: written.append(1) or real_generate(*a, **k))
     with in_process(tiny_onnx, tmp_path) as (tune_server, url):
-        body = form(num="4")
         with tune_server.generating:  # another request is generating: this one waits its turn
-            with socket.create_connection(tune_server.server_address[:2], timeout=5) as sock:
-                sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                             + body)  # and closed while it waits, as the first of a double click is
-            time.sleep(1)
-        log = ""
-        for _ in range(100):
-            log += capfd.readouterr().err
-            if "went away" in log:
-                break
-            time.sleep(0.1)
+            send_form(tune_server.server_address, form(num="4")).close()  # and closed while it waits, as the
+            time.sleep(1)                                                  # first of a double click is
+        log = server_log_until(capfd, "went away")
         assert request(url + "/generate", form(num="1"))[0] == 200  # the server goes on
     assert "the client went away before its tunes were written" in log and written == [1]
