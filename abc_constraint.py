@@ -32,7 +32,8 @@ import numpy as np
 
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
 from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, hornpipe_meter, note_shape,
-                       parse_meter, pitch_spelling, playable_key, playable_meter, playable_unit, swung_as_hornpipe,
+                       parse_meter, pitch_spelling, playable_key, playable_meter, playable_tempo, playable_unit,
+                       swung_as_hornpipe,
                        written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
@@ -61,10 +62,12 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
      for mode in ("", "m", "min", "maj", "dor", "mix", "Dor", "Mix", "aeo", "phr", "lyd")
      if playable_key(root + mode)],  # not Abphr, C#lyd: more than 7 sharps or flats
 ]
-HEADER_ORDER = "XRLMK"
+HEADER_ORDER = "XRLMK"  # the order the model writes them in; a prompt may give R:, L:, M: in any order, once each
+INFO_FIELDS = "TCOASZNHGDFBQ"  # title, composer, ..., tempo: a prompt's header may hold them between X: and K:
 HORNPIPE_METERS = tuple(line for line in HEADER_LINES[3] if hornpipe_meter(line[2:]))  # M:2/4, M:4/4, M:C
 PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
-            "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix")}  # a prompt's header lines, as abc2midi reads them
+            "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix"),
+            "Q": (playable_tempo, "a tempo like Q:1/4=120")}  # a prompt's header lines, as abc2midi reads them
 OPTIONAL_FIELDS = "R"
 BODY = len(HEADER_ORDER)  # the phase after the header
 HEADER_TOKENS = sum(max(map(len, lines)) + 1 for lines in HEADER_LINES)  # the longest header the constraint writes
@@ -171,6 +174,7 @@ class TuneState:
     phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
     code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
+    given: frozenset = frozenset() # the header's R:, L:, M: lines that came (a prompt's in any order, each once)
     hornpipe: bool = False         # abc2midi reads the header's R: line as a hornpipe, which limits its M: line
     swing: int = 0                 # and then swings pairs of notes of these ticks (an eighth in 4/4, a 16th in 2/4)
     swung_tuplet: bool = False     # under it, the last note was a tuplet's of that length: abc2midi pairs the next
@@ -360,7 +364,7 @@ class AbcConstraint:
         tables = self._line_tables(state) if state.phase < BODY else []
         if state.pending and tables and not any(state.pending in table.prefixes for table, _ in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
-                              f"{state.pending!r} (end the line, or give X:, L:, M:, K: in order)")
+                              f"{state.pending!r} (end the line: the model writes only X:, R:, L:, M: and K: lines)")
         return state
 
     def _idle_space(self, state: TuneState, after: str) -> bool:
@@ -464,23 +468,23 @@ class AbcConstraint:
 
     @staticmethod
     def _header_line(state: TuneState, line: str) -> None:
+        """A header line joins the tune. The model writes X:, R:, L:, M:, K: in that order (the masks);
+        a prompt, as tunebooks write headers, may also give R:, L:, M: in any order and info lines."""
         letter, value = line[:1], line[2:]
-        if line[1:2] != ":" or letter not in HEADER_ORDER or HEADER_ORDER.index(letter) < state.phase:
-            late = f" after {HEADER_ORDER[state.phase - 1]}:" if line[1:2] == ":" and letter in HEADER_ORDER else ""
-            raise PromptError(f"--constrained: the header must be X:, R: (optional), L:, M:, K: in order, "
-                              f"not {line!r}{late}")
-        playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
+        _check_header_place(state, line)
+        playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X:, R: and the info lines are text
         if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
-        if letter == "M" and state.hornpipe and not hornpipe_meter(value):
-            raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
-                              f"not {line!r}")
         if letter == "L":
             state.unit = value
         elif letter == "M":
             state.meter = value
+        state.given |= {letter} & set("RLM")
         state.hornpipe = state.hornpipe or (letter == "R" and swung_as_hornpipe(value))
-        state.phase = HEADER_ORDER.index(letter) + 1
+        if state.hornpipe and state.meter is not None and not hornpipe_meter(state.meter):
+            raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
+                              f"not 'M:{state.meter}'")
+        state.phase = max(state.phase, HEADER_ORDER.index(letter) + 1 if letter in HEADER_ORDER else 1)
         if letter == "K":
             if state.meter is None:
                 raise PromptError("--constrained: the header needs an M: line before K:")
@@ -953,6 +957,20 @@ class AbcConstraint:
         return bars
 
 
+def _check_header_place(s: TuneState, line: str) -> None:
+    """Refuses a header line the automaton does not read, a second X:, R:, L: or M:, and an X: after
+    another line (which starts another tune in ABC)."""
+    letter = line[:1]
+    if line[1:2] != ":" or letter not in HEADER_ORDER + INFO_FIELDS:
+        info = ", ".join(f + ":" for f in INFO_FIELDS)
+        raise PromptError(f"--constrained: the header is X:, then R:, L:, M: (in any order) and info lines ({info}), "
+                          f"then K:; not {line!r}")
+    if letter == "X" and s.phase > 0:
+        raise PromptError(f"--constrained: X: comes first in a header, not {line!r} after another line")
+    if letter in s.given:
+        raise PromptError(f"--constrained: the header gives {letter}: twice, the second {line!r}")
+
+
 def _accompany(s: TuneState, prompt: str) -> None:
     """After a chord symbol: abc2midi's accompaniment plays in eighth notes, and one that begins in
     the last bar of a tune with a pickup outlasts it unless that bar is whole eighths ("Sustained
@@ -966,8 +984,8 @@ def _accompany(s: TuneState, prompt: str) -> None:
 
 UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and what it reads instead
     (re.compile(r"\[[A-Za-z]:"), "an inline field like [K:G] or [M:3/4]: it keeps the header's key, meter and unit"),
-    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, T:, ...): it reads the header X:, R:, L:, "
-                                    "M:, K:, then music"),
+    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, T:, ...): it reads header lines up to K:, "
+                                    "then music"),
     (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),

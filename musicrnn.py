@@ -813,18 +813,18 @@ def generate(model: MusicRNN, vocab: Vocabulary, device: torch.device,
 # constrained sampling: SamplingOptions(constrained=True)
 #
 # Before each draw, the sampler adds a mask to every tune's logits: 0 for the tokens that
-# keep the tune valid, -inf for the others, so they are never drawn and the rest keep their
-# relative probabilities (sampler.generate_tunes builds the constraint; sampler.mask_illegal adds
+# keep the tune valid, -inf for the others, so they are never drawn and the rest keep their relative
+# probabilities (sampler.generate_tunes builds the constraint; sampler.mask_illegal adds
 # constraint.penalty(tune, tokens_left) to each row's logits before sample_next draws, and
-# constraint.advance(tune, token) follows the token drawn). abc_constraint.AbcConstraint follows
-# the ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: in that order;
-# bars that are exactly full (broken rhythm, triplets, chords, ties and pickups counted); chords
-# and grace groups closed; an end only after 4 full bars, 16 notes and a section end; the end
-# within max_bars bars and max_tokens tokens (when it must end, the bars left take the longest
-# notes that fit, and the next section end closes the tune, 4 bars or not). Asked for a form
-# (--form, --sections/--bars: opts.form), it holds exactly that many sections of exactly those
-# bars, counted as abc_form counts them, and ends after the last. It never replaces the model's
-# choice, it only removes the illegal ones.
+# constraint.advance(tune, token) follows the token drawn). abc_constraint.AbcConstraint follows the
+# ABC as it is written and guarantees: a header X:, R: (optional), L:, M:, K: (a prompt may give R:,
+# L:, M: in any order, and info lines like T:); bars that are exactly full (broken rhythm, triplets,
+# chords, ties and pickups counted); chords and grace groups closed; an end only after 4 full bars,
+# 16 notes and a section end; the end within max_bars bars and max_tokens tokens (when it must end,
+# the bars left take the longest notes that fit, and the next section end closes the tune, 4 bars or
+# not). Asked for a form (--form, --sections/--bars: opts.form), it holds exactly that many sections
+# of exactly those bars, counted as abc_form counts them, and ends after the last. It never replaces
+# the model's choice, it only removes the illegal ones.
 
 
 # -----------------------------------------------------------------------------
