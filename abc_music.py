@@ -673,27 +673,12 @@ def set_unit_length(abc: str, unit: str) -> str:
     """Rewrite L: and every length, grace notes' too, so that the music is identical: L:1/8 A2 ==
     L:1/16 A4 (abc2midi plays rolls and trills as runs in fractions of L, which no rewrite keeps)."""
     target = Fraction(unit)
-    head = _header(abc)
-    header = re.search(r"(?m)^L:\s*(\d+/\d+)", head)
-    if header:
-        current = Fraction(header.group(1))
-    else:
-        current = default_unit(header_field(head, "M"))
-        abc = re.sub(r"(?m)^(K:)", f"L:{unit}\n\\1", abc, count=1)
-    state = {"unit": current, "inserted": header is None}
 
-    def fields(token):
-        if token is None:
-            return current / target
-        inline = token.startswith("[")
-        body = token.strip("[]")
+    def fields(token):  # the header has an L: line (_with_unit_written), met before the body's lengths
+        body = token.strip("[]") if token is not None else ""
         if not body.startswith("L:"):
             return None
-        if state["inserted"] and not inline:
-            state["inserted"] = False
-            return None  # the L: line we inserted
-        state["unit"] = Fraction(body[2:].strip())
         text = f"L:{unit}"
-        return (f"[{text}]" if inline else text), state["unit"] / target
+        return (f"[{text}]" if token.startswith("[") else text), Fraction(body[2:].strip()) / target
 
-    return _rewrite_lengths(abc, fields)
+    return _rewrite_lengths(_with_unit_written(abc), fields)

@@ -117,6 +117,15 @@ def test_a_unit_length_line_in_the_body_is_read_where_it_stands(tmp_path, header
         assert midi_notes(rewritten, tmp_path)[0] == midi_notes(tune, tmp_path)[0], rewritten
 
 
+def test_a_header_unit_spelled_without_a_denominator_is_rewritten_once():
+    """L:1 (a whole note) is L:1/1 to the arithmetic of lengths (readable_lengths reads both): the rewrite
+    replaces that line as it does L:1/1, never adds a second."""
+    body = "M:4/4\nK:C\nC/8D/8E/8F/8 G/4A/4 B/2|\n"
+    rewritten = abc_music.set_unit_length("X:1\nL:1\n" + body, "1/16")
+    assert rewritten == abc_music.set_unit_length("X:1\nL:1/1\n" + body, "1/16") == "X:1\nL:1/16\n" + body.replace(
+        "C/8D/8E/8F/8 G/4A/4 B/2", "C2D2E2F2 G4A4 B8")
+
+
 @needs_abcmidi
 @pytest.mark.parametrize("key", ["G clef=bass", "Gm clef=bass", "G middle=d", "G minor", "Ador clef=treble"])
 def test_a_key_with_a_clef_or_a_middle_moves_and_keeps_them(tmp_path, key):
