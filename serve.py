@@ -249,11 +249,6 @@ class TuneServer(ThreadingHTTPServer):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def got_here(path: str) -> bool:
-    """A path this server answers with GET (and HEAD) only."""
-    return path in ("/", "/index.html", "/favicon.ico") or bool(FILE_PATH.fullmatch(path) or TUNES_PATH.fullmatch(path))
-
-
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
     """The one byte range a Range header asks for, as (first, last) within size; None: the whole
     file (no header, or one this server does not read: several ranges, a reversed one); False:
@@ -300,27 +295,34 @@ class Handler(BaseHTTPRequestHandler):
         self.head_only = True
         self.do_GET()
 
-    def do_GET(self) -> None:
+    def get_answer(self):
+        """What a GET (or HEAD) of this path sends, as a call; None where this server has no such page."""
         if self.path in ("/", "/index.html"):
-            self.send_page(HTTPStatus.OK, DEFAULTS)
-        elif m := FILE_PATH.fullmatch(self.path):
-            self.send_file(self.server.folder / m.group(1) / m.group(2))
-        elif m := TUNES_PATH.fullmatch(self.path):
-            self.send_tunes_page(self.server.folder / m.group(1) / TUNES_PAGE)
-        elif self.path == "/favicon.ico":  # asked for by every browser: there is none
-            self.send_bytes(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
+            return lambda: self.send_page(HTTPStatus.OK, DEFAULTS)
+        if m := FILE_PATH.fullmatch(self.path):
+            return lambda: self.send_file(self.server.folder / m.group(1) / m.group(2))
+        if m := TUNES_PATH.fullmatch(self.path):
+            return lambda: self.send_tunes_page(self.server.folder / m.group(1) / TUNES_PAGE)
+        if self.path == "/favicon.ico":  # asked for by every browser: there is none
+            return lambda: self.send_bytes(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
+        return None
+
+    def do_GET(self) -> None:
+        answer = self.get_answer()
+        if answer is not None:
+            answer()
         elif self.path == "/generate":  # the address bar after a form was sent: the form is posted, not got
             self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error="/generate answers the form: "
                                                                            "write the tunes from the page")
         else:
-            self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
+            self.no_such_page()
 
     def do_POST(self) -> None:
         if self.path != "/generate":
-            if got_here(self.path):
+            if self.get_answer() is not None:  # a page to get, not to post to
                 self.not_allowed()
             else:
-                self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
+                self.no_such_page()
             return
         try:  # read before taking a slot: clients slow to send their forms hold none
             body = self.read_body()
@@ -334,6 +336,9 @@ class Handler(BaseHTTPRequestHandler):
             self.generate(body)
         finally:
             self.server.active.release()
+
+    def no_such_page(self) -> None:
+        self.send_page(HTTPStatus.NOT_FOUND, DEFAULTS, error=f"no such page: {self.path[:80]}")
 
     def not_allowed(self) -> None:
         self.send_page(HTTPStatus.METHOD_NOT_ALLOWED, DEFAULTS, error=f"{self.command} is not a way to use this page")
