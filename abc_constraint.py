@@ -63,7 +63,7 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
      if playable_key(root + mode)],  # not Abphr, C#lyd: more than 7 sharps or flats
 ]
 HEADER_ORDER = "XRLMK"  # the order the model writes them in; a prompt may give R:, L:, M: in any order, once each
-INFO_FIELDS = "TCOASZNHGDFBQ"  # title, composer, ..., tempo: a prompt's header may hold them between X: and K:
+TEMPO_FIELD = "Q"  # a prompt's header may also give a tempo (its info lines, T: and the like, the model never reads)
 HORNPIPE_METERS = tuple(line for line in HEADER_LINES[3] if hornpipe_meter(line[2:]))  # M:2/4, M:4/4, M:C
 PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
             "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix"),
@@ -469,10 +469,10 @@ class AbcConstraint:
     @staticmethod
     def _header_line(state: TuneState, line: str) -> None:
         """A header line joins the tune. The model writes X:, R:, L:, M:, K: in that order (the masks);
-        a prompt, as tunebooks write headers, may also give R:, L:, M: in any order and info lines."""
+        a prompt, as tunebooks write headers, may give R:, L:, M: in any order, and Q:."""
         letter, value = line[:1], line[2:]
         _check_header_place(state, line)
-        playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X:, R: and the info lines are text
+        playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
         if not playable(value):
             raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
         if letter == "L":
@@ -484,7 +484,7 @@ class AbcConstraint:
         if state.hornpipe and state.meter is not None and not hornpipe_meter(state.meter):
             raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
                               f"not 'M:{state.meter}'")
-        state.phase = max(state.phase, HEADER_ORDER.index(letter) + 1 if letter in HEADER_ORDER else 1)
+        state.phase = max(state.phase, HEADER_ORDER.index(letter) + 1 if letter in HEADER_ORDER else 1)  # Q: after X:
         if letter == "K":
             if state.meter is None:
                 raise PromptError("--constrained: the header needs an M: line before K:")
@@ -961,10 +961,9 @@ def _check_header_place(s: TuneState, line: str) -> None:
     """Refuses a header line the automaton does not read, a second X:, R:, L: or M:, and an X: after
     another line (which starts another tune in ABC)."""
     letter = line[:1]
-    if line[1:2] != ":" or letter not in HEADER_ORDER + INFO_FIELDS:
-        info = ", ".join(f + ":" for f in INFO_FIELDS)
-        raise PromptError(f"--constrained: the header is X:, then R:, L:, M: (in any order) and info lines ({info}), "
-                          f"then K:; not {line!r}")
+    if line[1:2] != ":" or letter not in HEADER_ORDER + TEMPO_FIELD:
+        raise PromptError(f"--constrained reads a header of X:, then R:, L:, M:, Q: in any order, then K: (and info "
+                          f"lines like T:, which the model does not read), not {line!r}")
     if letter == "X" and s.phase > 0:
         raise PromptError(f"--constrained: X: comes first in a header, not {line!r} after another line")
     if letter in s.given:

@@ -7,7 +7,8 @@ Holds:
 - tokenize_abc, tokenize_abc_kinds, iter_token_kinds: the lossless ABC tokenizer ("".join(tokens) == text),
   tokenize_chars: one token per character, TOKENIZERS: both by name;
 - PAD, EOS, UNK, SPECIALS and Vocabulary: the id of every token, the special tokens first;
-- PromptError, header_prompt, encode_prompt: the text a tune starts from, as ids.
+- PromptError, header_prompt, without_info_lines, encode_prompt: the text a tune starts from, as
+  the model reads it, as ids.
 
 It imports only the standard library (and cli's error class), so infer_onnx.py (onnxruntime, no
 torch) and musicrnn.py (training with torch) encode and decode with the same code.
@@ -181,6 +182,25 @@ def header_prompt(meter: str | None = None, key: str | None = None, prompt: str 
         lines.append(f"M:{meter.strip()}")
     lines.append(f"K:{key.strip() if key is not None else 'D'}")
     return "\n".join(lines) + "\n"
+
+
+INFO_FIELDS = "TCOASZNHGDFB"  # title, composer, origin, area, source, transcription, notes, history, group,
+# discography, file, book: text about a tune, not music; and comment lines (%, not %% directives)
+_ABOUT_LINE = re.compile(rf"(?:[{INFO_FIELDS}]:(?![|:])|%(?!%))[^\n]*\n?")
+
+
+def without_info_lines(prompt: str) -> str:
+    """The prompt as the model reads it: its header (the lines before K:) without info lines (T:, C:,
+    S:, ...) and comment lines, which no training tune has and which change nothing it writes. The
+    tune keeps them (the sampler writes the prompt as typed). A prompt may not end inside one: the
+    model would go on writing the line without having read it."""
+    k = re.search(r"(?m)^K:", prompt)
+    head = prompt[:k.start()] if k else prompt
+    lines = head.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n") and _ABOUT_LINE.fullmatch(lines[-1]):
+        raise PromptError(f"the prompt ends inside its line {lines[-1]!r}, which the model does not read "
+                          f"(it leaves out a header's info and comment lines): end the line")
+    return "".join(line for line in lines if not _ABOUT_LINE.fullmatch(line)) + prompt[len(head):]
 
 
 def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:

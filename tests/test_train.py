@@ -175,6 +175,25 @@ def test_generation_stops_at_eos():
     assert sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=4, prompt="AB")) == ["AB"] * 4
 
 
+def test_the_model_reads_a_prompt_without_its_info_lines_and_the_tune_keeps_them():
+    """T:, S:, % lines are text about a tune that no training tune has (and that the vocabulary may not
+    spell: W, %): the model reads the header without them, the tune is the prompt as typed."""
+    vocab = abc_tokens.Vocabulary.build(["X:1\nL:1/8\nM:6/8\nK:D\nABc|"], "char")
+    prompt = "X:1\nT:Wind % that\n% Nottingham Music Database\nS:Mick\nL:1/8\nM:6/8\nK:D\nAB"
+    read = []
+
+    def step(tokens, state):  # records what it reads; then ends the tune
+        read.append(int(tokens[0, 0]))
+        logits = np.full((len(tokens), len(vocab)), -30.0, dtype=np.float32)
+        logits[:, vocab.eos_id] = 30.0
+        return logits, state
+
+    assert sampler.generate_tunes(step, vocab, sampler.SamplingOptions(prompt=prompt)) == [prompt]
+    assert vocab.decode(read) == "X:1\nL:1/8\nM:6/8\nK:D\nAB"
+    with pytest.raises(abc_tokens.PromptError, match="ends inside its line 'T:The Ba'"):
+        sampler.generate_tunes(step, vocab, sampler.SamplingOptions(prompt="X:1\nT:The Ba"))
+
+
 def test_tune_i_is_the_same_whatever_num_and_the_batch_it_falls_in():
     vocab = abc_tokens.Vocabulary.build(["ABCDEFG|"], "char")
     table = np.random.default_rng(0).normal(size=(len(vocab), len(vocab))).astype(np.float32)  # (V, V)
