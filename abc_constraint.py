@@ -65,9 +65,11 @@ HEADER_LINES = [  # the header the constraint writes: X, R (optional), L, M, K i
 HEADER_ORDER = "XRLMK"  # the order the model writes them in; a prompt may give R:, L:, M: in any order, once each
 TEMPO_FIELD = "Q"  # a prompt's header may also give a tempo (its info lines, T: and the like, the model never reads)
 HORNPIPE_METERS = tuple(line for line in HEADER_LINES[3] if hornpipe_meter(line[2:]))  # M:2/4, M:4/4, M:C
-PLAYABLE = {"L": (playable_unit, "a unit length like L:1/8"), "M": (playable_meter, "a meter like M:6/8, M:C or M:C|"),
-            "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix"),
-            "Q": (playable_tempo, "a tempo like Q:1/4=120")}  # a prompt's header lines, as abc2midi reads them
+PLAYABLE = {  # a prompt's header lines, as abc2midi plays them (L:1/7, M:3/3, Q:1/3=90 it does not)
+    "L": (playable_unit, "a unit length 1/N, N a power of two, like L:1/8"),
+    "M": (playable_meter, "a meter like M:6/8, M:C or M:C|, its beat a power of two"),
+    "K": (playable_key, "a key like K:D, K:Ador or K:Bbmix, with nothing after its mode"),
+    "Q": (playable_tempo, "a tempo like Q:1/4=120 or Q:120")}
 OPTIONAL_FIELDS = "R"
 BODY = len(HEADER_ORDER)  # the phase after the header
 HEADER_TOKENS = sum(max(map(len, lines)) + 1 for lines in HEADER_LINES)  # the longest header the constraint writes
@@ -342,30 +344,58 @@ class AbcConstraint:
             state.code_bars = self.max_bars if max_tokens is None else most_bars(max_tokens, self.max_bars, code=True)
         shown = 0  # where the user's text begins: a refusal never quotes the code the model reads before it
         while i < len(prompt):
-            ch, shown = prompt[i], i + 1 if state.phase == CODE else shown
-            if state.phase == BODY and ch == '"':
-                self._end_token_before_chord_symbol(state, prompt[shown:i])
-                i = self._skip_chord_symbol(prompt, i)
-                _accompany(state, prompt[shown:i])
-                continue  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
+            shown = i + 1 if state.phase == CODE else shown
+            if state.phase == BODY:
+                i = self._read_body(state, prompt, i, shown)
+                continue
+            if prompt[i] not in self.char_ids:
+                raise PromptError(f"--constrained: the prompt has {prompt[i]!r}, which the model cannot write")
+            self._advance_header(state, prompt[i])
             i += 1
-            if state.phase == BODY and ch == " " and self._idle_space(state, prompt[i:]):
-                continue  # the automaton reads the tune as if it were not there: the prompt stays as typed
-            if ch not in self.char_ids:
-                raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write"
-                                  + (_unsupported(prompt, i - 1) if state.phase == BODY else ""))
-            if state.phase < BODY:
-                self._advance_header(state, ch)
-            elif not self.mask(state, 10**6)[self.char_ids[ch]]:
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(prompt[shown:i])}"
-                                  + (self._why_refused(state, ch) or _unsupported(prompt, i - 1)))
-            else:
-                self.advance(state, self.char_ids[ch])
         tables = self._line_tables(state) if state.phase < BODY else []
         if state.pending and tables and not any(state.pending in table.prefixes for table, _ in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line: the model writes only X:, R:, L:, M: and K: lines)")
         return state
+
+    def _read_body(self, state: TuneState, prompt: str, i: int, shown: int) -> int:
+        """Reads the prompt's body at prompt[i] (the user's text from prompt[shown]): a chord symbol, what
+        changes nothing (_idle), or a character; returns where the next read begins."""
+        if prompt[i] == '"':
+            self._end_token_before_chord_symbol(state, prompt[shown:i])
+            end = self._skip_chord_symbol(prompt, i)
+            _accompany(state, prompt[shown:end])
+            return end  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
+        idle = self._idle(state, prompt, i)
+        if idle:
+            return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
+        if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)
+            self._read_char(state, "|", prompt[shown:i], prompt, i)
+        self._read_char(state, prompt[i], prompt[shown:i + 1], prompt, i)
+        return i + 1
+
+    def _read_char(self, state: TuneState, ch: str, quoted: str, prompt: str, at: int) -> None:
+        """One character of the body, refused unless the rules allow it (quoted: the prompt up to it)."""
+        if ch not in self.char_ids:
+            raise PromptError(f"--constrained: the prompt has {ch!r}, which the model cannot write"
+                              + _unsupported(prompt, at))
+        if not self.mask(state, 10**6)[self.char_ids[ch]]:
+            raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(quoted)}"
+                              + (self._why_refused(state, ch) or _unsupported(prompt, at)))
+        self.advance(state, self.char_ids[ch])
+
+    def _idle(self, state: TuneState, prompt: str, i: int) -> int:
+        """How many characters at prompt[i] change nothing: a space that _idle_space finds idle, or a bar
+        line | or [| with nothing but spaces and line breaks since the last bar line or the body's start
+        (a line that begins with the bar line the one before ends with: abc2midi reads no bar between)."""
+        if prompt[i] == " ":
+            return int(self._idle_space(state, prompt[i + 1:]))
+        bar = "[|" if prompt.startswith("[|", i) else "|" if prompt[i] == "|" else ""
+        if not bar or prompt[i + len(bar):i + len(bar) + 1] in tuple("|:]123456789"):  # a longer bar line
+            return 0
+        inside = state.chord or state.grace or state.tuplet_left or state.tie_pitch >= 0 or state.need_note
+        between_bars = state.pending in ("", " ", "\n") and state.bar == 0 and not inside and not state.final
+        return len(bar) if between_bars else 0
 
     def _idle_space(self, state: TuneState, after: str) -> bool:
         """A space in a prompt's body that changes nothing: one before a line break, or after another
@@ -474,7 +504,7 @@ class AbcConstraint:
         _check_header_place(state, line)
         playable, what = PLAYABLE.get(letter, (lambda value: True, ""))  # X: and R: are any text
         if not playable(value):
-            raise PromptError(f"--constrained: {line!r} is not {what} that abc2midi plays as written")
+            raise PromptError(f"--constrained reads {what}, not {line!r}")
         if letter == "L":
             state.unit = value
         elif letter == "M":
@@ -569,7 +599,7 @@ class AbcConstraint:
         elif s.bar == s.full:
             s.full_bars += 1
         elif s.first_bar:
-            s.pickup = s.bar
+            s.pickup = s.bar if bar == "|" else 0  # D|: leaves the pickup outside the repeat: the bars are full
         elif bar == ":|":
             s.short_next = s.pickup  # the short bar is completed by the next section's pickup
         else:
@@ -673,6 +703,9 @@ class AbcConstraint:
         if s.form and bars:
             return (f" (section {s.section + 1} of the form has {s.form[s.section]} bars: "
                     f"the bar line here is {' or '.join(bars)})")
+        if s.pickup and token in ("|1", ":|2"):
+            return (" (a tune whose last bar completes its pickup has no first and second endings here; a pickup "
+                    "before the first |:, as in D|:GAG, is played once, and its tune may have them)")
         if s.pickup and bars == ["|"]:
             return (f" (after a pickup of {_units(s.pickup)}, a section ends on a bar of "
                     f"{_units(s.full - s.pickup)}, which completes it)")
@@ -933,8 +966,9 @@ class AbcConstraint:
             return ["|:"] if start and not s.repeat_open and (not must_end or s.short_next) else []
         if s.short_next:  # the pickup that completes the previous section's short bar
             return ["|"] if s.bar == s.short_next else []
-        if s.first_bar and s.bar < s.full:  # the tune's pickup
-            return ["|"] if s.bar % max(s.accompanied, 1) == 0 else []
+        if s.first_bar and s.bar < s.full:  # the tune's pickup; before |: it is played once, and no bar completes it
+            opening = ["|:"] if not s.repeat_open and not must_end else []
+            return ["|"] + opening if s.bar % max(s.accompanied, 1) == 0 else opening
         full = s.bar == s.full
         bars = ["|"] if full and not (must_end and not s.pickup) else []
         if s.pickup:
@@ -987,18 +1021,33 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
                                     "then music"),
     (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
+    (re.compile(r":\|:"), "a :|: , which abc2midi does not read as a repeat's end and a new start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
     (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
     (re.compile(r"\([^3]|\)"), "a slur, or a tuplet other than (3: it leaves slurs out, which abc2midi mis-times"),
     (re.compile(r"H|!fermata!|!staccato!|\.(?=[A-Ga-gz^_=\[])"), "a fermata or a staccato: it leaves them out, "
                                                                   "which abc2midi plays longer or shorter"),
+    (re.compile(r"![^!\n]*!|\+[^+\n]*\+|[LMOPS](?=[\^_=A-Ga-g\[])"),
+     "a decoration it does not write: it reads ~, T, u, v, !trill! and !accent!"),
+    (re.compile(r"\{/"), "an acciaccatura {/g}: it reads grace notes as {g}"),
+    (re.compile(r"\{[^}\n]*[\d/][^}\n]*\}"), "a grace note with a length: it reads grace notes of one unit, {g}"),
+    (re.compile(r"(?:\^\^|__)[A-Ga-g]"), "a double sharp or flat: it reads one accidental a note"),
+    (re.compile(r"[A-Ga-g](?:,,|'')"), "a note below C, or above b': it reads the three octaves between"),
+    (re.compile(r"[A-Ga-gz][,']*(?!(?:3/2|3/|//|/4|/2|/|2|3|4|6|8)(?![\d/]))[\d/]+"),
+     "a length it does not write: it reads 1/4, 1/2, 3/2, 1, 2, 3, 4, 6 and 8 units of L"),
+    (re.compile(r"\\$", re.M), "a line continuation \\: it reads each line as written"),
+    (re.compile(r"y"), "a spacer y: it reads none"),
+    (re.compile(r"\(3 "), "a space after (3: it reads (3 straight before its first note"),
+    (re.compile(r"\][<>]"), "broken rhythm after a chord: it reads > and < between notes"),
+    (re.compile(r"-[\^_=]?[A-Ga-g][,']*[\d/]*-"), "a note that ends a tie and starts another: abc2midi miscounts "
+                                                  "A-A-A, so it reads ties of two notes"),
 ]
 
 
 def _unsupported(prompt: str, at: int) -> str:
     """ " (...)" naming the construct of UNSUPPORTED that the character at `at` belongs to, if any."""
     for pattern, what in UNSUPPORTED:
-        if any(m.start() <= at < m.end() for m in pattern.finditer(prompt, max(0, at - 3), at + 4)):
+        if any(m.start() <= at < m.end() for m in pattern.finditer(prompt, max(0, at - 12), at + 12)):  # !fermata!
             return f" ({what})"
     return ""
 

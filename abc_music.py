@@ -86,14 +86,17 @@ def playable_meter(value: str) -> bool:
     return parsed is not None and power_of_two(parsed[1])
 
 
-TEMPO = re.compile(r"[ \t]*(?:(\d{1,4})/(\d{1,4})[ \t]*=[ \t]*)?(\d{1,4})[ \t]*")  # Q:1/4=120, Q:120
+_LABEL = r'(?:"[^"\n]*"[ \t]*)?'
+TEMPO = re.compile(rf"[ \t]*{_LABEL}(?:(?:(\d{{1,4}})/(\d{{1,4}})[ \t]*=[ \t]*)?(\d{{1,4}})[ \t]*)?{_LABEL}")  # Q:"Allegro" 1/4=120
 
 
 def playable_tempo(value: str) -> bool:
     """A Q: line abc2midi reads: beats a minute, of a note 1/N with N a power of two (Q:1/3=90 and
-    Q:1/4=0 it reports as errors)."""
+    Q:1/4=0 it reports as errors), a label in quotes before or after it, or the label alone."""
     m = TEMPO.fullmatch(value)
-    return m is not None and int(m[3]) > 0 and (m[1] is None or (int(m[1]) > 0 and power_of_two(int(m[2]))))
+    if m is None or not value.strip():
+        return False
+    return m[3] is None or (int(m[3]) > 0 and (m[1] is None or (int(m[1]) > 0 and power_of_two(int(m[2])))))
 
 
 def default_unit(meter: str | None) -> Fraction:

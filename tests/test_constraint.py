@@ -557,6 +557,34 @@ THESESSION = "X: 1\nT: The Kesh\nR: jig\nM: 6/8\nL: 1/8\nK: Gmaj\n|:G3 GAB|"  # 
 NOTTINGHAM_HEADER = "X: 1\nT:A and A's Waltz\n% Nottingham Music Database\nS:Mick Peat\nM:3/4\nL:1/4\nK:G\n"
 
 
+SIX_EIGHT_G = "X:1\nL:1/8\nM:6/8\nK:G\n"
+
+
+@pytest.mark.parametrize("body, read_as", [
+    ("|GAG GAB|ABA ABd|", "GAG GAB|ABA ABd|"), ("[|GAG GAB|", "GAG GAB|"), ("| GAG GAB|", "GAG GAB|"),
+    ("GAG GAB|ABA ABd|\n|GAG GAB|", "GAG GAB|ABA ABd|\nGAG GAB|"), ("|:GAG GAB:|\n|ABA ABd|", "|:GAG GAB:|\nABA ABd|"),
+    ("GAG GAB||:ABA ABd:|", "GAG GAB|||:ABA ABd:|"),
+])
+def test_bar_lines_as_tunebooks_write_them_are_read(constraint, body, read_as):
+    """A bar line with no bar before it (the body's first, or one that begins a line after a bar line)
+    changes nothing, and ||: is || then |:, as abc2midi reads them; :|: abc2midi reads as neither (it
+    warns "Assuming repeat" at the next :|), so it is refused, with the reason."""
+    assert constraint.start(SIX_EIGHT_G + body) == constraint.start(SIX_EIGHT_G + read_as)
+    with pytest.raises(PromptError, match="write :: or :"):
+        constraint.start(SIX_EIGHT_G + "|:GAG GAB:|:ABA")
+    assert not accepts(constraint, "GAG GAB|GA|", SIX_EIGHT_G) and not accepts(constraint, "GAG GAB|GA\n|", SIX_EIGHT_G)
+
+
+def test_a_pickup_before_the_first_repeat_opens_a_tune_whose_bars_are_full(constraint):
+    """D|:GAG GAB|...:| (thesession.org's commonest opening): the pickup is played once, outside the
+    repeat, so nothing completes it; the sections end on full bars, and endings are allowed."""
+    state = constraint.start(SIX_EIGHT_G + "D|:GAG GAB|ABA ABd:|\n")  # the line break commits the :|
+    assert state.pickup == 0 and not state.repeat_open and state.full_bars == 2
+    assert accepts(constraint, "D|:GAG GAB|1 ABA ABd:|2 ABA AB2||", SIX_EIGHT_G)
+    assert not accepts(constraint, "D|:GAG GAB|ABA AB:|", SIX_EIGHT_G)  # a short bar: the pickup is not repeated
+    assert not accepts(constraint, "|:D|:GAG", SIX_EIGHT_G)  # one repeat open at a time
+
+
 def test_a_prompt_header_as_tunebooks_write_it_is_read():
     """R:, L:, M: in any order and a tempo; the info lines (T:, C:, S:, ...) the model and the automaton
     do not read (abc_tokens.without_info_lines)."""
@@ -578,7 +606,18 @@ def test_a_prompt_header_the_automaton_cannot_read_is_refused_with_its_reason(pr
         AbcConstraint(HEADERS_VOCAB).start(prompt)
 
 
-@pytest.mark.parametrize("prompt", [THESESSION, NOTTINGHAM_HEADER + '"G"B|"G"dB "D7"A|"G"G2 "C"E|'])
+@pytest.mark.parametrize("tempo, ok", [("1/4=120", True), ("120", True), ('"Allegro" 1/4=120', True), ('"Allegro"', True),
+                                       ('3/8=100 "Lively"', True), ("1/3=90", False), ("1/4=0", False)])
+def test_a_tempo_is_read_as_abc2midi_reads_it(tempo, ok):
+    assert abc_music.playable_tempo(tempo) == ok
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi)")
+    assert judging.check_with_abc2midi(f"X:1\nQ:{tempo}\nL:1/8\nM:6/8\nK:G\nGAB GAB|GAB GAB|]\n")["valid"] == ok
+
+
+@pytest.mark.parametrize("prompt", [THESESSION, NOTTINGHAM_HEADER + '"G"B|"G"dB "D7"A|"G"G2 "C"E|',
+                                    SIX_EIGHT_G + "|GAG GAB|ABA ABd|\n|GAG GAB||:", SIX_EIGHT_G + "D|:GAG GAB|",
+                                    "X:1\nL:1/4\nM:3/4\nK:G\nD|:\"G\"GBd|"])
 def test_prompts_with_tunebook_headers_continue_into_valid_bar_clean_tunes(prompt):
     rng = np.random.default_rng(0)
 
@@ -680,6 +719,14 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
     ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa a2f-|f", "a tie across a bar line"),
     ("A|(dfa) agf|", "a slur"), ("A|Hdfa agf|", "a fermata or a staccato"), ("A|.dfa agf|", "a fermata"),
+    ("A|dfa !fermata!agf|", "a fermata"), ("A|dfa !mordent!agf|", "a decoration it does not write"),
+    ("A|dfa Pagf|", "a decoration it does not write"), ("A|dfa {/g}agf|", "an acciaccatura"),
+    ("A|dfa {g2}agf|", "a grace note with a length"), ("A|dfa ^^gf|", "a double sharp"),
+    ("A|dfa c''gf|", "a note below"),
+    ("A|d5 f|", "a length it does not write"), ("A|d3/4fa agf|", "a length it does not write"),
+    ("A|dfa agf|\\\nd", "a line continuation"), ("A|dfa yagf|", "a spacer"), ("A|(3 dfa agf|", "a space after (3"),
+    ("A|[df]>[ce] agf|", "broken rhythm after a chord"), ("A|d-d-d agf|", "ties of two notes"),
+    ("dfa agf|d3 d2d:|:", "write :: or :||:"), ("A|dfa agf|1", "no first and second endings"),
 ])
 def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, says):
     with pytest.raises(PromptError, match=re.escape(says)):
