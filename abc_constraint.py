@@ -33,8 +33,7 @@ import numpy as np
 from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_section, next_code_field
 from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, hornpipe_meter, note_shape,
                        parse_meter, pitch_spelling, playable_key, playable_meter, playable_tempo, playable_unit,
-                       swung_as_hornpipe,
-                       written_unit)
+                       swung_as_hornpipe, written_unit)
 from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
@@ -176,7 +175,7 @@ class TuneState:
     phase: int = 0                 # CODE, then 0..4: the header line being written (X, R, L, M, K); BODY
     code: tuple = ()               # the control code's lines so far ("S:2", "B:8", ...), in phase CODE
     code_bars: int = 0             # in phase CODE: the most bars the code may name (max_bars, or what the tokens hold)
-    given: frozenset = frozenset() # the header's R:, L:, M: lines that came (a prompt's in any order, each once)
+    given: frozenset = frozenset()  # the header's R:, L:, M: lines so far (a prompt's in any order, each once)
     hornpipe: bool = False         # abc2midi reads the header's R: line as a hornpipe, which limits its M: line
     swing: int = 0                 # and then swings pairs of notes of these ticks (an eighth in 4/4, a 16th in 2/4)
     swung_tuplet: bool = False     # under it, the last note was a tuplet's of that length: abc2midi pairs the next
@@ -514,7 +513,8 @@ class AbcConstraint:
         if state.hornpipe and state.meter is not None and not hornpipe_meter(state.meter):
             raise PromptError(f"--constrained: abc2midi plays R:hornpipe only in {', '.join(HORNPIPE_METERS)}, "
                               f"not 'M:{state.meter}'")
-        state.phase = max(state.phase, HEADER_ORDER.index(letter) + 1 if letter in HEADER_ORDER else 1)  # Q: after X:
+        after = HEADER_ORDER.index(letter) + 1 if letter in HEADER_ORDER else 1  # after Q:, the model's R: or L:
+        state.phase = max(state.phase, after)  # the model writes on from the furthest line a prompt gave
         if letter == "K":
             if state.meter is None:
                 raise PromptError("--constrained: the header needs an M: line before K:")
@@ -1021,7 +1021,7 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
                                     "then music"),
     (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
-    (re.compile(r":\|:"), "a :|: , which abc2midi does not read as a repeat's end and a new start: write :: or :||:"),
+    (re.compile(r":\|:"), "a :|:, which abc2midi reads as neither a repeat's end nor a start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
     (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
     (re.compile(r"\([^3]|\)"), "a slur, or a tuplet other than (3: it leaves slurs out, which abc2midi mis-times"),
