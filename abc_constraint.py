@@ -212,6 +212,7 @@ class TuneState:
     need_note: bool = False        # after a decoration or a grace group
     graced: int = 0                # grace notes (a roll: one) before the note to come: it must outlast them (L/4 each)
     accompanied: int = 0           # chord symbols in the prompt: ticks of an eighth note, which a pickup is made of
+    slurs: int = 0                 # in a prompt: a slur opened and not yet closed (the model writes none)
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
@@ -351,6 +352,8 @@ class AbcConstraint:
                 raise PromptError(f"--constrained: the prompt has {prompt[i]!r}, which the model cannot write")
             self._advance_header(state, prompt[i])
             i += 1
+        if state.slurs:
+            raise PromptError("--constrained: the prompt ends inside a slur: close it with ) (the model writes none)")
         tables = self._line_tables(state) if state.phase < BODY else []
         if state.pending and tables and not any(state.pending in table.prefixes for table, _ in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
@@ -361,15 +364,21 @@ class AbcConstraint:
         """Reads the prompt's body at prompt[i] (the user's text from prompt[shown]): a chord symbol, what
         changes nothing (_idle), or a character; returns where the next read begins."""
         if prompt[i] == '"':
-            self._end_token_before_chord_symbol(state, prompt[shown:i])
+            self._end_token_before(state, "a chord symbol", prompt[shown:i])
             end = self._skip_chord_symbol(prompt, i)
             _accompany(state, prompt[shown:end])
             return end  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
+        if prompt[i] == ")" or (prompt[i] == "(" and not prompt[i + 1:i + 2].isdigit()):  # (3 is a tuplet
+            self._read_slur(state, prompt[i], prompt[shown:i])
+            return i + 1
         idle = self._idle(state, prompt, i)
         if idle:
             return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
         if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)
             self._read_char(state, "|", prompt[shown:i], prompt, i)
+        if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
+            self._read_char(state, "|", prompt[shown:i + 2], prompt, i)
+            return i + 2
         self._read_char(state, prompt[i], prompt[shown:i + 1], prompt, i)
         return i + 1
 
@@ -380,7 +389,7 @@ class AbcConstraint:
                               + _unsupported(prompt, at))
         if not self.mask(state, 10**6)[self.char_ids[ch]]:
             raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(quoted)}"
-                              + (self._why_refused(state, ch) or _unsupported(prompt, at)))
+                              + self._why_refused(state, ch, prompt, at))
         self.advance(state, self.char_ids[ch])
 
     def _idle(self, state: TuneState, prompt: str, i: int) -> int:
@@ -392,6 +401,9 @@ class AbcConstraint:
         bar = "[|" if prompt.startswith("[|", i) else "|" if prompt[i] == "|" else ""
         if not bar or prompt[i + len(bar):i + len(bar) + 1] in tuple("|:]123456789"):  # a longer bar line
             return 0
+        starts = state.pending + bar not in self.body.prefixes  # not the end of a :| being written
+        if bar == "|" and starts and state.bar and re.match(r"[ \n]*\|:", prompt[i + 1:]):
+            return 1  # a line ending in | before one that begins |: (the |: closes the bar)
         inside = state.chord or state.grace or state.tuplet_left or state.tie_pitch >= 0 or state.need_note
         between_bars = state.pending in ("", " ", "\n") and state.bar == 0 and not inside and not state.final
         return len(bar) if between_bars else 0
@@ -405,22 +417,35 @@ class AbcConstraint:
             return True
         return state.pending.strip(" ") == "" and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]
 
-    def _end_token_before_chord_symbol(self, state: TuneState, before: str) -> None:
-        """A chord symbol ends the token being written, which must then be complete (d"G"2 would split
-        a note: abc2midi reads "2" alone), and it may not sit between a decoration and its note
-        (~"G"d: abc2midi finds no note after the ~)."""
+    def _end_token_before(self, state: TuneState, what: str, before: str) -> None:
+        """A chord symbol or a slur's mark (what) ends the token being written, which must then be
+        complete (d"G"2 would split a note: abc2midi reads "2" alone), and it may not sit between a
+        decoration and its note (~"G"d, ~(d: abc2midi finds no note after the ~)."""
         pending = state.pending
         if self._unfinished(state, self._legal_cached(state, state.pending_must_end)[1]):
-            raise PromptError(f"--constrained: a chord symbol cannot split {pending!r} at {before!r}")
+            raise PromptError(f"--constrained: {what} cannot split {pending!r} at {before!r}")
         decorated = (state.need_note and state.last == DECORATION) or self.info.get(pending, (None,))[0] == DECORATION
         if decorated:
-            raise PromptError(f"--constrained: a chord symbol goes before the decoration, not after it, at {before!r}")
+            raise PromptError(f"--constrained: {what} goes before the decoration, not after it, at {before!r}")
         if pending:
             self._commit(state, pending)
             state.pending, state.pending_must_end = "", False
         if state.chord or state.grace:  # abcm2ps: "Not a note", "Bad character in grace note sequence"
-            raise PromptError(f"--constrained: a chord symbol goes before a [chord] or {{grace notes}}, not inside "
+            raise PromptError(f"--constrained: {what} goes before a [chord] or {{grace notes}}, not inside "
                               f"a {'chord' if state.chord else 'grace group'}, at {before!r}")
+
+    def _read_slur(self, state: TuneState, mark: str, before: str) -> None:
+        """A slur's ( or ): phrasing, which takes no time (abc2midi plays the notes the same), so the
+        automaton steps over it. One slur at a time ("Slur within slur"), and none between grace notes
+        and their note; a slur the prompt opens, it closes (start): the model writes none."""
+        self._end_token_before(state, "a slur", before)
+        if state.need_note:
+            raise PromptError(f"--constrained: a slur goes before the grace notes, not after them, at {before!r}")
+        if mark == "(" and state.slurs:
+            raise PromptError(f"--constrained: a slur within a slur (abc2midi warns of it), at {before + mark!r}")
+        if mark == ")" and not state.slurs:
+            raise PromptError(f"--constrained: a ) that closes no slur, at {before + mark!r}")
+        state.slurs += 1 if mark == "(" else -1
 
     @staticmethod
     def _skip_chord_symbol(prompt: str, i: int) -> int:
@@ -659,20 +684,38 @@ class AbcConstraint:
             return ""
         return f" (it has {s.full_bars + closing} full bars; --max-bars is {self.max_bars})"
 
-    def _why_refused(self, s: TuneState, ch: str) -> str:
-        """Why the prompt's next character breaks the constraints, where the bar's time or the form
-        says so: " (...)"; "" where the reason is the syntax the rules allow, which the quote shows."""
+    def _why_refused(self, s: TuneState, ch: str, prompt: str, at: int) -> str:
+        """Why the prompt's next character (prompt[at]) breaks the constraints: " (...)". First the bar's
+        time or the form; then the pasted-ABC construct it belongs to (UNSUPPORTED); then what is open
+        there; "" where the quote alone shows why (a token no rule knows)."""
+        refused = self._refused_token(s, ch)
+        if refused is None:
+            return _unsupported(prompt, at)
+        token, after = refused
+        inside = _why_not_inside(after, token)
+        in_time = self._why_not_in_time(after, token, s.pending_must_end) if inside is None else ""
+        where = self._why_not_this_bar_line(after, token, s.pending_must_end) if inside is None else ""
+        return in_time or _unsupported(prompt, at) or inside or where
+
+    def _refused_token(self, s: TuneState, ch: str) -> tuple[str, TuneState] | None:
+        """(the token ch is refused in, the state it would begin in): ch grows the pending token, or the
+        pending token ends and ch begins the next; None outside the body, or in a token no rule knows."""
         if s.phase != BODY:
-            return ""
+            return None
         token, after = s.pending + ch, s
         if token not in self.body.prefixes and s.pending:
             if s.pending not in self.info:
-                return ""  # a token no rule knows: the quote shows it
+                return None
             token = s.pending  # the token being written ends here, and may not ...
             if not self._unfinished(s, self._legal(s, s.pending_must_end)):
                 after = _copy(s)  # ... or it may, and ch, which begins the next one, may not
                 self._commit(after, s.pending)
                 token, after.pending = ch, ""
+        return token, after
+
+    def _why_not_in_time(self, after: TuneState, token: str, must_end: bool) -> str:
+        """_why_refused where the bar cap, the tune's end, a partner note's length, the bar or the form
+        is the reason."""
         cap = self._cap_reason(after)
         if cap:
             return cap
@@ -680,9 +723,7 @@ class AbcConstraint:
             return " (the tune's last bar is closed: only its end may follow)"
         if after.broken_len and token[0] in NOTE_STARTS:
             return f" (after > or <, the partner note is {_units(after.broken_len)} long, as the note before)"
-        if after.chord or after.grace or after.tuplet_left or after.tie_pitch >= 0:
-            return ""
-        return self._why_not_in_bar(after, token, s.pending_must_end)
+        return self._why_not_in_bar(after, token, must_end)
 
     def _why_not_in_bar(self, s: TuneState, token: str, must_end: bool) -> str:
         """_why_refused for a token outside chords, grace groups, tuplets and ties: the bar's time,
@@ -690,8 +731,15 @@ class AbcConstraint:
         target = self._bar_target(s, must_end)
         kind = _bar_kind(s, target)
         left = target - s.bar
-        if token[0] in NOTE_STARTS and token in self.body.prefixes and left <= 0:
+        if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:  # a tie: UNSUPPORTED says
             return f" (the bar{kind} is full, at {_units(target)})"
+        if token in (">", "<") and s.last == NOTE and 0 < left < s.last_note:
+            return (f" (after > or <, the partner note is as long as the note before, {_units(s.last_note)}: "
+                    f"the bar{kind} has room for {_units(left)})")
+        paired = _swung_second(s, s.bar - s.last_note) if token in (">", "<") else _swung_second(s, s.bar)
+        if token[:1] in ("(", "~", "{", ">", "<") and paired:
+            return (" (under R:hornpipe abc2midi swings the note here as the second of a pair: it takes no "
+                    "tuplet, roll, grace notes or broken rhythm of the tune's own)")
         if self.info.get(token, (None, 0))[1] > left and self.info[token][0] in (NOTE, REST):
             return f" (the bar{kind} has room for {_units(left)} more, of its {_units(target)})"
         if token[0] not in "|:":
@@ -710,6 +758,16 @@ class AbcConstraint:
             return (f" (after a pickup of {_units(s.pickup)}, a section ends on a bar of "
                     f"{_units(s.full - s.pickup)}, which completes it)")
         return ""
+
+    def _why_not_this_bar_line(self, s: TuneState, token: str, must_end: bool) -> str:
+        """_why_refused for a bar line with no bar before it, or one that may not close a pickup."""
+        if token[0] not in "|:" or not (s.bar == 0 or (s.first_bar and s.bar < self._bar_target(s, must_end))):
+            return ""
+        legal = self._legal(s, must_end)
+        bars = " or ".join(bar for bar in BAR_LINES if bar in self.at and legal[self.at[bar]])
+        if s.bar == 0:
+            return f" (no bar comes before this bar line{': here only ' + bars if bars else ''})"
+        return f" (a pickup of {_units(s.bar)} closes with {bars})" if bars else ""
 
     def _near_bar_cap(self, s: TuneState) -> bool:
         """The bar being written is the last that max_bars allows (a form ends by its own count)."""
@@ -991,6 +1049,32 @@ class AbcConstraint:
         return bars
 
 
+def _why_not_inside(s: TuneState, token: str) -> str | None:
+    """_why_refused inside what is open (a tie, grace notes, a partner note, a tuplet, a decorated or
+    graced note) or for a broken rhythm the note before does not take: " (...)"; "" in a chord (the
+    quote shows why); None outside them all."""
+    if s.tie_pitch >= 0:
+        return (" (a tie joins two notes of one pitch, in one bar)" if token[0] in NOTE_STARTS
+                else " (after a tie's -, its second note follows straight)")
+    if s.grace:
+        return " (grace notes are plain notes of one unit of L, at most 4: {g}, {gfg})"
+    if s.broken_len and token[0] not in NOTE_STARTS:  # a note: its length is the reason (_why_not_in_time)
+        return " (> and < stand straight between their two notes)"
+    if s.tuplet_left:
+        return " ((3 is followed straight by three plain notes or rests of one length, in the bar)"
+    if s.need_note:
+        return (" (a decoration is followed straight by its note, never a chord)" if s.last == DECORATION
+                else " (grace notes are followed straight by their note, which takes no decoration)")
+    if s.chord:
+        return ""
+    if token in (">", "<") and s.last != NOTE:
+        return " (> and < stand straight between their two notes)"
+    if token in (">", "<") and not _undotted(s.last_note):
+        return (" (broken rhythm follows a plain undotted note: not a tuplet's, a partner's, or one with a "
+                "decoration, grace notes or a tie, which abc2midi and abcm2ps misread)")
+    return None
+
+
 def _check_header_place(s: TuneState, line: str) -> None:
     """Refuses a header line the automaton does not read, a second X:, R:, L: or M:, and an X: after
     another line (which starts another tune in ABC)."""
@@ -1024,10 +1108,10 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r":\|:"), "a :|:, which abc2midi reads as neither a repeat's end nor a start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
     (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
-    (re.compile(r"\([^3]|\)"), "a slur, or a tuplet other than (3: it leaves slurs out, which abc2midi mis-times"),
+    (re.compile(r"\((?!3)\d"), "a tuplet other than (3: it reads (3 alone"),
     (re.compile(r"H|!fermata!|!staccato!|\.(?=[A-Ga-gz^_=\[])"), "a fermata or a staccato: it leaves them out, "
                                                                   "which abc2midi plays longer or shorter"),
-    (re.compile(r"![^!\n]*!|\+[^+\n]*\+|[LMOPS](?=[\^_=A-Ga-g\[])"),
+    (re.compile(r"![^!\n]*!|\+[^+\n]*\+|[LMOPS](?!:)"),
      "a decoration it does not write: it reads ~, T, u, v, !trill! and !accent!"),
     (re.compile(r"\{/"), "an acciaccatura {/g}: it reads grace notes as {g}"),
     (re.compile(r"\{[^}\n]*[\d/][^}\n]*\}"), "a grace note with a length: it reads grace notes of one unit, {g}"),
@@ -1037,6 +1121,8 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
      "a length it does not write: it reads 1/4, 1/2, 3/2, 1, 2, 3, 4, 6 and 8 units of L"),
     (re.compile(r"\\$", re.M), "a line continuation \\: it reads each line as written"),
     (re.compile(r"y"), "a spacer y: it reads none"),
+    (re.compile(r"[h-tw]|[IJKNQRUVWY](?!:)"), "a letter that is no note, rest or decoration it reads"),
+    (re.compile(r"\[\|\]"), "an invisible bar [|]: abc2midi reads it as a chord"),
     (re.compile(r"\(3 "), "a space after (3: it reads (3 straight before its first note"),
     (re.compile(r"\][<>]"), "broken rhythm after a chord: it reads > and < between notes"),
     (re.compile(r"-[\^_=]?[A-Ga-g][,']*[\d/]*-"), "a note that ends a tie and starts another: abc2midi miscounts "

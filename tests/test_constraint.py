@@ -561,9 +561,10 @@ SIX_EIGHT_G = "X:1\nL:1/8\nM:6/8\nK:G\n"
 
 
 @pytest.mark.parametrize("body, read_as", [
-    ("|GAG GAB|ABA ABd|", "GAG GAB|ABA ABd|"), ("[|GAG GAB|", "GAG GAB|"), ("| GAG GAB|", "GAG GAB|"),
+    ("|GAG GAB|ABA ABd|", "GAG GAB|ABA ABd|"), ("G[|GAG GAB|", "G|GAG GAB|"), ("GAG GAB[|ABA", "GAG GAB|ABA"),
+    ("[|GAG GAB|", "GAG GAB|"), ("| GAG GAB|", "GAG GAB|"),
     ("GAG GAB|ABA ABd|\n|GAG GAB|", "GAG GAB|ABA ABd|\nGAG GAB|"), ("|:GAG GAB:|\n|ABA ABd|", "|:GAG GAB:|\nABA ABd|"),
-    ("GAG GAB||:ABA ABd:|", "GAG GAB|||:ABA ABd:|"),
+    ("GAG GAB||:ABA ABd:|", "GAG GAB|||:ABA ABd:|"), ("GAG GAB|\n|:ABA ABd:|", "GAG GAB\n|:ABA ABd:|"),
 ])
 def test_bar_lines_as_tunebooks_write_them_are_read(constraint, body, read_as):
     """A bar line with no bar before it (the body's first, or one that begins a line after a bar line)
@@ -573,6 +574,26 @@ def test_bar_lines_as_tunebooks_write_them_are_read(constraint, body, read_as):
     with pytest.raises(PromptError, match="write :: or :"):
         constraint.start(SIX_EIGHT_G + "|:GAG GAB:|:ABA")
     assert not accepts(constraint, "GAG GAB|GA|", SIX_EIGHT_G) and not accepts(constraint, "GAG GAB|GA\n|", SIX_EIGHT_G)
+
+
+@pytest.mark.parametrize("body, read_as", [
+    ("A|(dfa) agf|", "A|dfa agf|"), ("A|d(fa agf)|", "A|dfa agf|"), ("A|({e}d2c) B2A|", "A|{e}d2c B2A|"),
+    ("A|(d2-d) (f>e)f|", "A|d2-d f>ef|"), ("A|(3(dfa) (3d(fa) a2|", "A|(3dfa (3dfa a2|"),
+])
+def test_slurs_in_a_prompt_take_no_time(constraint, body, read_as):
+    """A slur is phrasing: abc2midi plays the notes the same (294 of 300 corpus tunes gave identical MIDI
+    without theirs; the other 6 had a decoration before a ( or a slur within a slur, both refused)."""
+    assert constraint.start(SIX_EIGHT + body) == constraint.start(SIX_EIGHT + read_as)
+
+
+@pytest.mark.parametrize("body, says", [
+    ("A|(df(a ag)f)|", "a slur within a slur"), ("A|dfa) agf|", "closes no slur"),
+    ("A|~(dfa) agf|", "before the decoration"), ("A|{g}(dfa) agf|", "before the grace notes"),
+    ("A|(dfa agf|", "ends inside a slur"), ("A|[d(f]a)", "inside a chord"), ("A|^(dfa) agf|", "cannot split"),
+])
+def test_a_slur_abc2midi_would_misread_or_the_model_cannot_close_is_refused(body, says):
+    with pytest.raises(PromptError, match=says):
+        AbcConstraint(VOCAB).start(SIX_EIGHT + body)
 
 
 def test_a_pickup_before_the_first_repeat_opens_a_tune_whose_bars_are_full(constraint):
@@ -606,7 +627,8 @@ def test_a_prompt_header_the_automaton_cannot_read_is_refused_with_its_reason(pr
         AbcConstraint(HEADERS_VOCAB).start(prompt)
 
 
-@pytest.mark.parametrize("tempo, ok", [("1/4=120", True), ("120", True), ('"Allegro" 1/4=120', True), ('"Allegro"', True),
+@pytest.mark.parametrize("tempo, ok", [("1/4=120", True), ("120", True), ('"Allegro" 1/4=120', True),
+                                       ('"Allegro"', True),
                                        ('3/8=100 "Lively"', True), ("1/3=90", False), ("1/4=0", False)])
 def test_a_tempo_is_read_as_abc2midi_reads_it(tempo, ok):
     assert abc_music.playable_tempo(tempo) == ok
@@ -617,7 +639,8 @@ def test_a_tempo_is_read_as_abc2midi_reads_it(tempo, ok):
 
 @pytest.mark.parametrize("prompt", [THESESSION, NOTTINGHAM_HEADER + '"G"B|"G"dB "D7"A|"G"G2 "C"E|',
                                     SIX_EIGHT_G + "|GAG GAB|ABA ABd|\n|GAG GAB||:", SIX_EIGHT_G + "D|:GAG GAB|",
-                                    "X:1\nL:1/4\nM:3/4\nK:G\nD|:\"G\"GBd|"])
+                                    "X:1\nL:1/4\nM:3/4\nK:G\nD|:\"G\"GBd|",
+                                    SIX_EIGHT_G + "D|:(GAG) G(AB)|(3(ABA) ABd B|"])
 def test_prompts_with_tunebook_headers_continue_into_valid_bar_clean_tunes(prompt):
     rng = np.random.default_rng(0)
 
@@ -718,7 +741,7 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
     ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
     ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa a2f-|f", "a tie across a bar line"),
-    ("A|(dfa) agf|", "a slur"), ("A|Hdfa agf|", "a fermata or a staccato"), ("A|.dfa agf|", "a fermata"),
+    ("A|(2df agf|", "a tuplet other than (3"), ("A|Hdfa agf|", "a fermata or a staccato"), ("A|.dfa agf|", "a fermata"),
     ("A|dfa !fermata!agf|", "a fermata"), ("A|dfa !mordent!agf|", "a decoration it does not write"),
     ("A|dfa Pagf|", "a decoration it does not write"), ("A|dfa {/g}agf|", "an acciaccatura"),
     ("A|dfa {g2}agf|", "a grace note with a length"), ("A|dfa ^^gf|", "a double sharp"),
@@ -729,6 +752,25 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     ("dfa agf|d3 d2d:|:", "write :: or :||:"), ("A|dfa agf|1", "no first and second endings"),
 ])
 def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, says):
+    with pytest.raises(PromptError, match=re.escape(says)):
+        AbcConstraint(VOCAB).start(SIX_EIGHT + body)
+
+
+@pytest.mark.parametrize("body, says", [
+    ("A|d-e", "a tie joins two notes of one pitch"), ("A|d2- d", "its second note follows straight"),
+    ("A|Td>e", "broken rhythm follows a plain undotted note"), ("A|{e}d>c", "broken rhythm follows a plain"),
+    ("A|d3>e", "broken rhythm follows a plain undotted note"), ("A|kdfa", "a letter that is no note"),
+    ("A|u(3dfa", "a decoration is followed straight by its note"), ("A|v[df]", "never a chord"),
+    ("A|{f}ud", "grace notes are followed straight by their note"), ("A|{vc}d", "grace notes are plain notes"),
+    ("A|(3d>fa", "(3 is followed straight by three plain notes"), ("A|d> f", "> and < stand straight between"),
+    ("A|d2 [|]", "an invisible bar"), ("dc|]", "a pickup of 2 units of L closes with | or |:"),
+    ("|]dfa", "no bar comes before this bar line"),
+    ("A|dfa g2>", "the partner note is as long as the note before, 2 units of L: the bar has room for 1 unit"),
+    ("A|d2f a2 >", "> and < stand straight"), ("A|dfa agf z6 k", "the bar is full"),
+])
+def test_a_refusal_inside_what_is_open_says_what_may_come(body, says):
+    """The constructs of corpus openings that were refused without a reason (a tune's first 1, 2 or 4 bars,
+    654 of 11,038 refusals at d190c91)."""
     with pytest.raises(PromptError, match=re.escape(says)):
         AbcConstraint(VOCAB).start(SIX_EIGHT + body)
 
