@@ -327,6 +327,9 @@ class AbcConstraint:
         self.state_numbers: dict[tuple, int] = {}  # a committed state's state_key -> its number
         self.numbering = 0                         # counts the times the numbers were forgotten
         self.extending = {p: self._extending(p) for p in self.body.prefixes}  # at start-up, with the table
+        # a prompt's staccato (.A) takes no time in abc2midi but fails broken rhythm as a decoration does:
+        # the automaton reads it as one of the decorations it writes that has no rule of its own
+        self.staccato = next((d for d in ("v", "u", "T") if d in char_ids and d in self.at), None)
 
     # --- state ------------------------------------------------------------------
 
@@ -376,6 +379,10 @@ class AbcConstraint:
             return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
         if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)
             self._read_char(state, "|", prompt[shown:i], prompt, i)
+        staccato = next((mark for mark in (".", "!staccato!") if prompt.startswith(mark, i)), "")
+        if staccato and re.match(r"[\^_=A-Ga-g]", prompt[i + len(staccato):]) and self.staccato:
+            self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
+            return i + len(staccato)  # read as the decorations the model writes: no time, no broken rhythm
         if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
             self._read_char(state, "|", prompt[shown:i + 2], prompt, i)
             return i + 2
@@ -1109,8 +1116,8 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
     (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
     (re.compile(r"\((?!3)\d"), "a tuplet other than (3: it reads (3 alone"),
-    (re.compile(r"H|!fermata!|!staccato!|\.(?=[A-Ga-gz^_=\[])"), "a fermata or a staccato: it leaves them out, "
-                                                                  "which abc2midi plays longer or shorter"),
+    (re.compile(r"H|!fermata!"), "a fermata: abc2midi plays the note longer, past its bar"),
+    (re.compile(r"\.(?=[z\[])|!staccato!(?=[z\[])"), "a staccato on a rest or a chord: it reads one on a note"),
     (re.compile(r"![^!\n]*!|\+[^+\n]*\+|[LMOPS](?!:)"),
      "a decoration it does not write: it reads ~, T, u, v, !trill! and !accent!"),
     (re.compile(r"\{/"), "an acciaccatura {/g}: it reads grace notes as {g}"),

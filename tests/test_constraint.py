@@ -586,6 +586,15 @@ def test_slurs_in_a_prompt_take_no_time(constraint, body, read_as):
     assert constraint.start(SIX_EIGHT + body) == constraint.start(SIX_EIGHT + read_as)
 
 
+def test_a_staccato_in_a_prompt_is_read_as_the_decorations_it_writes(constraint):
+    """A staccato takes no time in abc2midi (the note sounds shorter, the bar keeps its length), but
+    fails broken rhythm as a decoration does ("Cannot apply broken rhythm"): so it is read as one."""
+    assert constraint.start(SIX_EIGHT + "A|.d.f.a !staccato!a2f|") == constraint.start(SIX_EIGHT + "A|vdvfva va2f|")
+    for body in ("A|.d>f agf|", "A|d>.f agf|", "A|.[df]a agf|"):
+        with pytest.raises(PromptError):
+            constraint.start(SIX_EIGHT + body)
+
+
 @pytest.mark.parametrize("body, says", [
     ("A|(df(a ag)f)|", "a slur within a slur"), ("A|dfa) agf|", "closes no slur"),
     ("A|~(dfa) agf|", "before the decoration"), ("A|{g}(dfa) agf|", "before the grace notes"),
@@ -638,6 +647,7 @@ def test_a_tempo_is_read_as_abc2midi_reads_it(tempo, ok):
 
 
 @pytest.mark.parametrize("prompt", [THESESSION, NOTTINGHAM_HEADER + '"G"B|"G"dB "D7"A|"G"G2 "C"E|',
+                                    SIX_EIGHT_G + "|:.G.A.G G.A.B|",
                                     SIX_EIGHT_G + "|GAG GAB|ABA ABd|\n|GAG GAB||:", SIX_EIGHT_G + "D|:GAG GAB|",
                                     "X:1\nL:1/4\nM:3/4\nK:G\nD|:\"G\"GBd|",
                                     SIX_EIGHT_G + "D|:(GAG) G(AB)|(3(ABA) ABd B|"])
@@ -741,8 +751,8 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
     ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
     ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa a2f-|f", "a tie across a bar line"),
-    ("A|(2df agf|", "a tuplet other than (3"), ("A|Hdfa agf|", "a fermata or a staccato"), ("A|.dfa agf|", "a fermata"),
-    ("A|dfa !fermata!agf|", "a fermata"), ("A|dfa !mordent!agf|", "a decoration it does not write"),
+    ("A|(2df agf|", "a tuplet other than (3"), ("A|Hdfa agf|", "a fermata"), ("A|dfa !fermata!agf|", "a fermata"),
+    ("A|dfa !mordent!agf|", "a decoration it does not write"), ("A|.z3 agf|", "a staccato on a rest"),
     ("A|dfa Pagf|", "a decoration it does not write"), ("A|dfa {/g}agf|", "an acciaccatura"),
     ("A|dfa {g2}agf|", "a grace note with a length"), ("A|dfa ^^gf|", "a double sharp"),
     ("A|dfa c''gf|", "a note below"),
