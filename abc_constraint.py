@@ -375,6 +375,8 @@ class AbcConstraint:
             self._read_slur(state, prompt[i], prompt[shown:i])
             return i + 1
         idle = self._idle(state, prompt, i)
+        if idle and prompt[i] in "[|" and state.bar == 0:  # abc2midi counts a bar after a bar line, a pickup's
+            state.first_bar = False  # too ("Bar 0 has 5 time units ... in repeat"): the first bar is then full
         if idle:
             return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
         if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)
