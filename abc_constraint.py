@@ -327,8 +327,7 @@ class AbcConstraint:
         self.state_numbers: dict[tuple, int] = {}  # a committed state's state_key -> its number
         self.numbering = 0                         # counts the times the numbers were forgotten
         self.extending = {p: self._extending(p) for p in self.body.prefixes}  # at start-up, with the table
-        # a prompt's staccato (.A) takes no time in abc2midi but fails broken rhythm as a decoration does:
-        # the automaton reads it as one of the decorations it writes that has no rule of its own
+        # a prompt's staccato (.A): no time in abc2midi, no broken rhythm either; read as a plain decoration
         self.staccato = next((d for d in ("v", "u", "T") if d in char_ids and d in self.at), None)
 
     # --- state ------------------------------------------------------------------
@@ -742,13 +741,9 @@ class AbcConstraint:
         left = target - s.bar
         if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:  # a tie: UNSUPPORTED says
             return f" (the bar{kind} is full, at {_units(target)})"
-        if token in (">", "<") and s.last == NOTE and 0 < left < s.last_note:
-            return (f" (after > or <, the partner note is as long as the note before, {_units(s.last_note)}: "
-                    f"the bar{kind} has room for {_units(left)})")
-        paired = _swung_second(s, s.bar - s.last_note) if token in (">", "<") else _swung_second(s, s.bar)
-        if token[:1] in ("(", "~", "{", ">", "<") and paired:
-            return (" (under R:hornpipe abc2midi swings the note here as the second of a pair: it takes no "
-                    "tuplet, roll, grace notes or broken rhythm of the tune's own)")
+        marks = _why_no_mark_here(s, token, left, kind)
+        if marks:
+            return marks
         if self.info.get(token, (None, 0))[1] > left and self.info[token][0] in (NOTE, REST):
             return f" (the bar{kind} has room for {_units(left)} more, of its {_units(target)})"
         if token[0] not in "|:":
@@ -1056,6 +1051,19 @@ class AbcConstraint:
             if not s.repeat_open and s.ending != 1:
                 bars += ["||", "|]"]
         return bars
+
+
+def _why_no_mark_here(s: TuneState, token: str, left: int, kind: str) -> str:
+    """_why_not_in_bar for broken rhythm whose partner note would not fit, and for the marks abc2midi's
+    hornpipe swing forbids on the second note of a pair."""
+    if token in (">", "<") and s.last == NOTE and 0 < left < s.last_note:
+        return (f" (after > or <, the partner note is as long as the note before, {_units(s.last_note)}: "
+                f"the bar{kind} has room for {_units(left)})")
+    paired = _swung_second(s, s.bar - s.last_note) if token in (">", "<") else _swung_second(s, s.bar)
+    if token[:1] in ("(", "~", "{", ">", "<") and paired:
+        return (" (under R:hornpipe abc2midi swings the note here as the second of a pair: it takes no "
+                "tuplet, roll, grace notes or broken rhythm of the tune's own)")
+    return ""
 
 
 def _why_not_inside(s: TuneState, token: str) -> str | None:
