@@ -382,6 +382,9 @@ class AbcConstraint:
             self._read_char(state, "|", prompt[shown:i], prompt, i)
         staccato = next((mark for mark in (".", "!staccato!") if prompt.startswith(mark, i)), "")
         if staccato and re.match(r"[\^_=A-Ga-g]", prompt[i + len(staccato):]) and self.staccato:
+            if re.match(r"[\^_=]?[A-Ga-g][,']*[\d/]*-", prompt[i + len(staccato):]):
+                raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(prompt[shown:i + 1])}"
+                                  f" (a staccato note starts no tie: abc2midi finds no note before its -)")
             self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
             return i + len(staccato)  # read as the decorations the model writes: no time, no broken rhythm
         if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
@@ -410,8 +413,9 @@ class AbcConstraint:
         if not bar or prompt[i + len(bar):i + len(bar) + 1] in tuple("|:]123456789"):  # a longer bar line
             return 0
         starts = state.pending + bar not in self.body.prefixes  # not the end of a :| being written
-        if bar == "|" and starts and state.bar and re.match(r"[ \n]*\|:", prompt[i + 1:]):
-            return 1  # a line ending in | before one that begins |: (the |: closes the bar)
+        before_repeat = re.match(r"\|[ \n]*(?=\|:)", prompt[i:])
+        if bar == "|" and starts and state.bar and before_repeat:
+            return before_repeat.end()  # a line ending in | before one that begins |: (the |: closes the bar)
         inside = state.chord or state.grace or state.tuplet_left or state.tie_pitch >= 0 or state.need_note
         between_bars = state.pending in ("", " ", "\n") and state.bar == 0 and not inside and not state.final
         return len(bar) if between_bars else 0
@@ -765,6 +769,8 @@ class AbcConstraint:
 
     def _why_not_this_bar_line(self, s: TuneState, token: str, must_end: bool) -> str:
         """_why_refused for a bar line with no bar before it, or one that may not close a pickup."""
+        if s.repeat_open and (token in ("|:", "::") or (token in ("||", "|]") and s.bar)):
+            return " (a repeat is open: :| closes it first)"
         if token[0] not in "|:" or not (s.bar == 0 or (s.first_bar and s.bar < self._bar_target(s, must_end))):
             return ""
         legal = self._legal(s, must_end)
@@ -1086,6 +1092,8 @@ def _why_not_inside(s: TuneState, token: str) -> str | None:
         return ""
     if token in (">", "<") and s.last != NOTE:
         return " (> and < stand straight between their two notes)"
+    if token in (" ", "\n") and s.last == -1:
+        return " (the body begins with its music)"
     if token in (">", "<") and not _undotted(s.last_note):
         return (" (broken rhythm follows a plain undotted note: not a tuplet's, a partner's, or one with a "
                 "decoration, grace notes or a tie, which abc2midi and abcm2ps misread)")
@@ -1128,6 +1136,7 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r"\((?!3)\d"), "a tuplet other than (3: it reads (3 alone"),
     (re.compile(r"H|!fermata!"), "a fermata: abc2midi plays the note longer, past its bar"),
     (re.compile(r"\.(?=[z\[])|!staccato!(?=[z\[])"), "a staccato on a rest or a chord: it reads one on a note"),
+    (re.compile(r"\.(?![\^_=A-Ga-g])"), "a staccato not straight before its note: it reads .A"),
     (re.compile(r"![^!\n]*!|\+[^+\n]*\+|[LMOPS](?!:)"),
      "a decoration it does not write: it reads ~, T, u, v, !trill! and !accent!"),
     (re.compile(r"\{/"), "an acciaccatura {/g}: it reads grace notes as {g}"),

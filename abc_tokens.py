@@ -196,7 +196,7 @@ def without_info_lines(prompt: str) -> str:
     model would go on writing the line without having read it."""
     k = re.search(r"(?m)^K:", prompt)
     head = prompt[:k.start()] if k else prompt
-    lines = head.splitlines(keepends=True)
+    lines = [line for line in re.split(r"(?<=\n)", head) if line]  # lines as ABC ends them: \n alone
     if lines and not lines[-1].endswith("\n") and _ABOUT_LINE.fullmatch(lines[-1]):
         raise PromptError(f"the prompt ends inside its line {lines[-1]!r}, which the model does not read "
                           f"(it leaves out a header's info and comment lines): end the line")

@@ -565,6 +565,7 @@ SIX_EIGHT_G = "X:1\nL:1/8\nM:6/8\nK:G\n"
     ("[|GAG GAB|A", "GAG GAB|A"), ("| GAG GAB|A", "GAG GAB|A"),
     ("GAG GAB|ABA ABd|\n|GAG GAB|", "GAG GAB|ABA ABd|\nGAG GAB|"), ("|:GAG GAB:|\n|ABA ABd|", "|:GAG GAB:|\nABA ABd|"),
     ("GAG GAB||:ABA ABd:|", "GAG GAB|||:ABA ABd:|"), ("GAG GAB|\n|:ABA ABd:|", "GAG GAB\n|:ABA ABd:|"),
+    ("GAG GAB |\n|:ABA ABd:|", "GAG GAB |:ABA ABd:|"),
 ])
 def test_bar_lines_as_tunebooks_write_them_are_read(constraint, body, read_as):
     """A bar line with no bar before it (the body's first, or one that begins a line after a bar line)
@@ -812,6 +813,9 @@ def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, s
     ("|]dfa", "no bar comes before this bar line"),
     ("A|dfa g2>", "the partner note is as long as the note before, 2 units of L: the bar has room for 1 unit"),
     ("A|d2f a2 >", "> and < stand straight"), ("A|dfa agf z6 k", "the bar is full"),
+    ("|:dfa agf|\n|:d", "a repeat is open"), ("|:dfa agf|dfa agf|]", "a repeat is open"),
+    ("|\n|dfa", "the body begins with its music"), ("A|.(3dfa", "a staccato not straight before its note"),
+    ("A|.d-d", "a staccato note starts no tie"),
 ])
 def test_a_refusal_inside_what_is_open_says_what_may_come(body, says):
     """The constructs of corpus openings that were refused without a reason (a tune's first 1, 2 or 4 bars,

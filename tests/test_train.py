@@ -190,6 +190,9 @@ def test_the_model_reads_a_prompt_without_its_info_lines_and_the_tune_keeps_them
 
     assert sampler.generate_tunes(step, vocab, sampler.SamplingOptions(prompt=prompt)) == [prompt]
     assert vocab.decode(read) == "X:1\nL:1/8\nM:6/8\nK:D\nAB"
+    read.clear()  # a line is what ends in \n, as abc2midi reads it: a form feed is part of the title
+    sampler.generate_tunes(step, vocab, sampler.SamplingOptions(prompt="X:1\nT:a\x0cL:1/4\nM:6/8\nK:D\nAB"))
+    assert vocab.decode(read) == "X:1\nM:6/8\nK:D\nAB"
     with pytest.raises(abc_tokens.PromptError, match="ends inside its line 'T:The Ba'"):
         sampler.generate_tunes(step, vocab, sampler.SamplingOptions(prompt="X:1\nT:The Ba"))
 
