@@ -34,7 +34,7 @@ from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_se
 from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, hornpipe_meter, note_shape,
                        parse_meter, pitch_spelling, playable_key, playable_meter, playable_tempo, playable_unit,
                        swung_as_hornpipe, written_unit)
-from abc_tokens import SPECIALS, PromptError, Vocabulary
+from abc_tokens import LENGTH, PITCH, SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
 GRANULE = TICKS // 4  # every duration is a multiple of L/4, so any bar can be filled exactly
@@ -252,6 +252,12 @@ class TuneState:
         pending = self.pending if exact else note_shape(self.pending)
         return pending, self.pending_must_end, self.last_pitch if self.pending == "-" else None
 
+    def mid_group(self) -> bool:
+        """Something begun that the next notes must finish: a chord, grace notes, a tuplet, a broken
+        rhythm's partner, a tie, or a decoration's note."""
+        return bool(self.chord or self.grace or self.tuplet_left or self.broken_len or self.tie_pitch >= 0
+                    or self.need_note)
+
     def can_end(self, must_end: bool) -> bool:
         """At a section's end, nothing open; then either the form is complete, or (with no
         form asked for) the tune is long enough (may_end_tune)."""
@@ -382,7 +388,7 @@ class AbcConstraint:
             self._read_char(state, "|", prompt[shown:i], prompt, i)
         staccato = next((mark for mark in (".", "!staccato!") if prompt.startswith(mark, i)), "")
         if staccato and re.match(r"[\^_=A-Ga-g]", prompt[i + len(staccato):]) and self.staccato:
-            if re.match(r"[\^_=]?[A-Ga-g][,']*[\d/]*-", prompt[i + len(staccato):]):
+            if re.match(PITCH + LENGTH + "-", prompt[i + len(staccato):]):
                 raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(prompt[shown:i + 1])}"
                                   f" (a staccato note starts no tie: abc2midi finds no note before its -)")
             self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
@@ -416,8 +422,7 @@ class AbcConstraint:
         before_repeat = re.match(r"\|[ \n]*(?=\|:)", prompt[i:])
         if bar == "|" and starts and state.bar and before_repeat:
             return before_repeat.end()  # a line ending in | before one that begins |: (the |: closes the bar)
-        inside = state.chord or state.grace or state.tuplet_left or state.tie_pitch >= 0 or state.need_note
-        between_bars = state.pending in ("", " ", "\n") and state.bar == 0 and not inside and not state.final
+        between_bars = state.pending in ("", " ", "\n") and state.bar == 0 and not state.mid_group() and not state.final
         return len(bar) if between_bars else 0
 
     def _idle_space(self, state: TuneState, after: str) -> bool:
@@ -705,9 +710,10 @@ class AbcConstraint:
             return _unsupported(prompt, at)
         token, after = refused
         inside = _why_not_inside(after, token)
-        in_time = self._why_not_in_time(after, token, s.pending_must_end) if inside is None else ""
-        where = self._why_not_this_bar_line(after, token, s.pending_must_end) if inside is None else ""
-        return in_time or _unsupported(prompt, at) or inside or where
+        if inside is not None:
+            return _unsupported(prompt, at) or inside
+        return (self._why_not_in_time(after, token, s.pending_must_end) or _unsupported(prompt, at)
+                or self._why_not_this_bar_line(after, token, s.pending_must_end))
 
     def _refused_token(self, s: TuneState, ch: str) -> tuple[str, TuneState] | None:
         """(the token ch is refused in, the state it would begin in): ch grows the pending token, or the
@@ -1019,8 +1025,7 @@ class AbcConstraint:
         if s.form and s.section < len(s.form):  # its last bar is known from its start: short after a pickup
             last = s.section_bars + 1 == s.form[s.section]
             return s.full - s.pickup if last and s.pickup else s.full
-        inside = s.chord or s.grace or s.tuplet_left or s.broken_len or s.tie_pitch >= 0 or s.need_note
-        if must_end and s.pickup and s.bar <= s.full - s.pickup and not inside:
+        if must_end and s.pickup and s.bar <= s.full - s.pickup and not s.mid_group():
             return s.full - s.pickup  # (not in mid-chord: what was begun under the old target finishes)
         return s.full
 
