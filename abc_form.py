@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from abc_music import bar_units, header_field, parse_meter, token_length, tune_body
-from abc_tokens import PromptError, iter_token_kinds
+from abc_tokens import PromptError, iter_token_kinds, music_only
 
 SECTION_END = re.compile(r":\||::|\|\||\|\]")     # bar lines that end a section
 ENDING_NUMBER = re.compile(r"(\d+)(?:[,-]\d+)*$")  # |1 :|2 [1 [2 |1,3
@@ -78,6 +78,7 @@ def bar_times(tune: str) -> list[tuple[Fraction, Fraction | None]]:
 
 
 def _read(tune: str) -> _Reader:
+    tune = music_only(tune)  # a prompt's comments and info lines, kept in the tune, are no bars
     meter, unit = header_field(tune, "M"), header_field(tune, "L")
     r = _Reader(bar_units(meter, unit), meter, unit)
     for token, kind in iter_token_kinds(tune_body(tune)):

@@ -7,7 +7,7 @@ Holds:
 - tokenize_abc, tokenize_abc_kinds, iter_token_kinds: the lossless ABC tokenizer ("".join(tokens) == text),
   tokenize_chars: one token per character, TOKENIZERS: both by name;
 - PAD, EOS, UNK, SPECIALS and Vocabulary: the id of every token, the special tokens first;
-- PromptError, header_prompt, without_info_lines, encode_prompt: the text a tune starts from, as
+- PromptError, header_prompt, music_only, prompt_as_read, encode_prompt: the text a tune starts from, as
   the model reads it, as ids.
 
 It imports only the standard library (and cli's error class), so infer_onnx.py (onnxruntime, no
@@ -184,23 +184,44 @@ def header_prompt(meter: str | None = None, key: str | None = None, prompt: str 
     return "\n".join(lines) + "\n"
 
 
-INFO_FIELDS = "TCOASZNHGDFB"  # title, composer, origin, area, source, transcription, notes, history, group,
-# discography, file, book: text about a tune, not music; and comment lines (%, not %% directives)
-_ABOUT_LINE = re.compile(rf"(?:[{INFO_FIELDS}]:(?![|:])|%(?!%))[^\n]*\n?")
+INFO_FIELDS = "TCOASZNHGDFBW"  # title, composer, origin, area, source, transcription, notes, history, group,
+# discography, file, book, words: text about a tune, not music
+BODY_INFO_FIELDS = "TW"  # those abc2midi also takes in a tune's body (the others there are an error to it)
+_INFO_LINE = {fields: re.compile(rf"[{fields}]:(?![|:])") for fields in (INFO_FIELDS, BODY_INFO_FIELDS)}  # not
+# "A:|", a line's lone note before a bar line
+_COMMENT = re.compile(r"[ \t]*%.*")  # to the line's end; a line that begins %% is a directive
 
 
-def without_info_lines(prompt: str) -> str:
-    """The prompt as the model reads it: its header (the lines before K:) without info lines (T:, C:,
-    S:, ...) and comment lines, which no training tune has and which change nothing it writes. The
-    tune keeps them (the sampler writes the prompt as typed). A prompt may not end inside one: the
-    model would go on writing the line without having read it."""
-    k = re.search(r"(?m)^K:", prompt)
-    head = prompt[:k.start()] if k else prompt
-    lines = [line for line in re.split(r"(?<=\n)", head) if line]  # lines as ABC ends them: \n alone
-    if lines and not lines[-1].endswith("\n") and _ABOUT_LINE.fullmatch(lines[-1]):
-        raise PromptError(f"the prompt ends inside its line {lines[-1]!r}, which the model does not read "
-                          f"(it leaves out a header's info and comment lines): end the line")
-    return "".join(line for line in lines if not _ABOUT_LINE.fullmatch(line)) + prompt[len(head):]
+def music_only(abc: str) -> str:
+    """ABC as the model and the judges read it: without info lines (T:, C:, S:, ...) and comments (% to
+    the line's end), which no training tune has (the corpus builder drops them) and which change nothing
+    abc2midi plays."""
+    lines, fields = [], INFO_FIELDS
+    for line in re.split(r"(?<=\n)", abc):  # lines as ABC ends them: \n alone
+        lines.append(_line_as_read(line, _INFO_LINE[fields]))
+        fields = BODY_INFO_FIELDS if line.startswith("K:") else fields
+    return "".join(lines)
+
+
+def _line_as_read(line: str, info_line: re.Pattern) -> str:
+    """One line as the model reads it: "" for an info line or a comment alone, else without its comment."""
+    if line.startswith("%%") or "%" not in line and not info_line.match(line):
+        return line  # music, a field the model reads, or a directive (%%MIDI ...) left for the vocabulary to refuse
+    music = _COMMENT.sub("", line)
+    return "" if info_line.match(line) or not music.strip() else music
+
+
+def prompt_as_read(prompt: str) -> str:
+    """The prompt as the model reads it (music_only); the tune keeps it as typed (the sampler writes
+    the prompt). A prompt may not end inside an info line or a comment: the model would go on writing
+    it without having read it."""
+    read = music_only(prompt)
+    last = prompt[prompt.rfind("\n") + 1:]
+    if last and not read.endswith(last):
+        what = "comment" if "%" in last else "line"
+        raise PromptError(f"the prompt ends inside its {what} {last!r}, which the model does not read "
+                          f"(it leaves out info lines and comments): end the line")
+    return read
 
 
 def encode_prompt(vocab: Vocabulary, text: str) -> list[int]:

@@ -29,7 +29,7 @@ from abc_form import bar_times, control_code, form_code, parse_control_code, sec
 from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body, without_blank_lines
 import cli
 import sampler
-from abc_tokens import header_prompt
+from abc_tokens import header_prompt, music_only
 from cli import UserError
 from corpus import load_tunes
 from rendering import for_abc2midi
@@ -68,7 +68,7 @@ def check_with_abc2midi(tune: str) -> dict:
         valid = (result.returncode == 0 and midi.exists() and midi.stat().st_size > 0
                  and not any("Error" in line for line in lines))
     bar_warnings = [line for line in lines if _BAR_WARNING.search(line)]
-    closed = tune_body(tune).rstrip().endswith(("|", "|]", "::"))
+    closed = tune_body(music_only(tune)).rstrip().endswith(("|", "|]", "::"))  # a comment after the last bar too
     return {"valid": valid, "bar_clean": valid and not bar_warnings and closed and ends_fit(tune), "messages": lines}
 
 

@@ -33,7 +33,7 @@ import cli
 from abc_constraint import HEADER_TOKENS, TOKENS_PER_BAR, AbcConstraint, form_tokens
 from abc_form import DEFAULT_SIMILARITY, MAX_BARS, MAX_SECTIONS, form_code, parse_control_code
 from abc_music import BLANK_LINE, TUNE_TYPES, playable_key, playable_meter, tune_type, without_blank_lines
-from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt, without_info_lines
+from abc_tokens import PromptError, Vocabulary, encode_prompt, header_prompt, prompt_as_read
 from cli import UserError
 from rendering import check_render, render_tunebook
 from safe_write import atomic_file, check_output
@@ -69,10 +69,10 @@ CONTROL_FORM = form_code([8, 8])  # the corpus's commonest form (AABB, 8 bars ea
 
 def model_prompt(opts: SamplingOptions, facts: ModelFacts) -> tuple[str, tuple[int, ...]]:
     """What the model (and the constraint) reads before it writes, and the form the constraint is told
-    of: the prompt without its info lines (without_info_lines); a model trained with codes reads the
+    of: the prompt without its info lines and comments (prompt_as_read); a model trained with codes reads the
     code before it (CONTROL_FORM when none is asked for: training never asks it to write one), and
     the constraint reads the form there."""
-    prompt = without_info_lines(opts.prompt)
+    prompt = prompt_as_read(opts.prompt)
     if facts.control_codes:
         return (opts.form or CONTROL_FORM) + prompt, ()
     return prompt, form_bars(opts.form)

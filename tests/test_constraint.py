@@ -642,7 +642,7 @@ def test_any_prompt_the_automaton_accepts_continues_into_a_bar_clean_tune():
     for _ in range(8000):
         prompt = heads[pieces.integers(4)] + "".join(pieces.choice(PROMPT_PIECES, pieces.integers(1, 30)))
         try:
-            constraint.start(abc_tokens.without_info_lines(prompt))
+            constraint.start(abc_tokens.prompt_as_read(prompt))
             accepted.append(prompt)
         except PromptError:
             pass
@@ -659,13 +659,33 @@ def test_any_prompt_the_automaton_accepts_continues_into_a_bar_clean_tune():
 
 def test_a_prompt_header_as_tunebooks_write_it_is_read():
     """R:, L:, M: in any order and a tempo; the info lines (T:, C:, S:, ...) the model and the automaton
-    do not read (abc_tokens.without_info_lines)."""
+    do not read (abc_tokens.prompt_as_read)."""
     constraint = AbcConstraint(HEADERS_VOCAB)
     canonical = "X: 1\nR: jig\nL: 1/8\nM: 6/8\nK: Gmaj\n|:G3 GAB|"
-    assert constraint.start(abc_tokens.without_info_lines(THESESSION)) == constraint.start(canonical)
+    assert constraint.start(abc_tokens.prompt_as_read(THESESSION)) == constraint.start(canonical)
     header = "X:1\nT:Drowsy Maggie\nC:Trad.\nZ:me\nQ:1/4=180\nL:1/8\nR:reel\nM:C|\nK:Edor\n"
-    assert constraint.start(abc_tokens.without_info_lines(header) + "E2BE dEBE|") == \
+    assert constraint.start(abc_tokens.prompt_as_read(header) + "E2BE dEBE|") == \
         constraint.start("X:1\nR:reel\nL:1/8\nM:C|\nK:Edor\nE2BE dEBE|")
+
+
+def test_a_prompt_with_comments_and_info_lines_in_its_body_continues_bar_clean():
+    """Comments (at a line's end, a line alone, indented) and an info line in the body are read as
+    nothing, as the corpus builder drops them from training tunes; the tune keeps them as typed. A
+    %% directive is left for the vocabulary to refuse."""
+    body = "T:Part one\n|:G3 GAB| % the turn\n% a line alone\n  % indented\nAGE"
+    assert abc_tokens.prompt_as_read(SIX_EIGHT_G + body) == SIX_EIGHT_G + "|:G3 GAB|\nAGE"
+    assert abc_tokens.prompt_as_read(SIX_EIGHT_G + "%%MIDI program 1\nAGE") == SIX_EIGHT_G + "%%MIDI program 1\nAGE"
+    assert_continues_bar_clean(SIX_EIGHT_G + body)
+    if judging.abc2midi_available():  # the judge reads the tune as abc2midi does: "a4" and ":|" are a comment
+        assert judging.check_with_abc2midi(SIX_EIGHT_G + "G3 GAB|\n% a4 :|\nAGE D3|]\n% a4")["bar_clean"]
+
+
+@pytest.mark.parametrize("prompt", [SIX_EIGHT_G + "|:G3 GAB| % the tu", SIX_EIGHT_G + "G3 GAB|\n% alone",
+                                    SIX_EIGHT_G + "G3 GAB|\nT:Part tw"])
+def test_a_prompt_that_ends_inside_a_comment_or_an_info_line_is_refused(prompt):
+    """The model would go on writing the comment or the line without having read it."""
+    with pytest.raises(PromptError, match="the prompt ends inside its (comment|line) .*: end the line"):
+        abc_tokens.prompt_as_read(prompt)
 
 
 @pytest.mark.parametrize("prompt, says", [

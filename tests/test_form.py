@@ -45,6 +45,7 @@ def test_the_control_code_is_irishmans_text_form():
     (f"A|{A}:|\n|:e|{B}:|", [4, 4]),                         # pickups open both sections
     (f"{A}|[M:9/8] DFA dFA dFA|]", [5]),                     # a meter change mid-tune
     (f"{A}||\n|| z|{B}||", [4, 4]),                           # a double bar repeated on the next line
+    (f"{A}| % a|b|c\n% d|e:|\nT:Part two\n{B}|]", [8]),        # comments and a title line are no bars
 ])
 def test_sections_follow_the_documented_rules(body, form):
     assert [s.bars for s in abc_form.sections(tune(body))] == form

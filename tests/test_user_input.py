@@ -684,15 +684,16 @@ def test_a_prompt_typed_with_backslash_n_or_pasted_with_crlf_keeps_its_header(ti
 
 def test_a_tune_pasted_from_a_tunebook_with_its_title_and_comment_lines_is_continued(tiny_onnx):
     """The Nottingham Music Database's header: a title the model cannot spell (W), a % comment line;
-    free and constrained, the tune keeps them as typed."""
-    prompt = "X: 1\nT:Wind % x\n% Nottingham Music Database\nS:Trad\nM:6/8\nL:1/8\nK:D\n"
+    comments in the body, at a line's end and alone; free and constrained, the tune keeps them as typed."""
+    prompt = "X: 1\nT:Wind % x\n% Nottingham Music Database\nS:Trad\nM:6/8\nL:1/8\nK:D\nDFA dAF| % A\n% part A\n"
     for extra in ([], ["--constrained"]):
         code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt, "--max-tokens", "200",
                                   *extra)
         assert code == 0, err
         assert out.startswith(prompt.replace("X: 1", "X:1")), out
-    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", "X:1\nT:Wind")
-    assert one_error_line(code, err) and "end the line" in err
+    for unfinished in ("X:1\nT:Wind", "X:1\nM:6/8\nK:D\nDFA % the"):
+        code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", unfinished)
+        assert one_error_line(code, err) and "end the line" in err
 
 
 # --- 17. --render
