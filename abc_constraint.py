@@ -375,13 +375,15 @@ class AbcConstraint:
             self._end_token_before(state, "a chord symbol", prompt[shown:i])
             end = self._skip_chord_symbol(prompt, i)
             _accompany(state, prompt[shown:end])
+            state.memo = None  # a field of the state's key changed: its number goes with it
             return end  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
         if prompt[i] == ")" or (prompt[i] == "(" and not prompt[i + 1:i + 2].isdigit()):  # (3 is a tuplet
             self._read_slur(state, prompt[i], prompt[shown:i])
             return i + 1
         idle = self._idle(state, prompt, i)
         if idle and prompt[i] in "[|" and state.bar == 0:  # abc2midi counts a bar after a bar line, a pickup's
-            state.first_bar = False  # too ("Bar 0 has 5 time units ... in repeat"): the first bar is then full
+            state.first_bar, state.memo = False, None  # too ("Bar 0 has 5 time units ... in repeat"): the first
+            # bar is then full (and the state's number goes with its key)
         if idle:
             return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
         if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)

@@ -329,6 +329,8 @@ def test_a_vocabulary_without_bar_lines_is_refused():
     ("X:1\nR:hornpipe\nL:1/8\nM:C\nK:D\n", (), False), ("X:1\nR:hornpipe\nL:1/16\nM:2/4\nK:D\n", (), False),
     ("X:1\nL:1/8\nM:6/8\nK:D\n", (4, 2, 3), False),   # a requested form
     ("", (), True),                                       # a control code, then the form it names
+    ('X:1\nL:1/4\nM:3/4\nK:G\n"Am7"|', (), False),        # a chord symbol, then an idle bar line
+    ('X:1\nL:1/8\nM:6/8\nK:D\n"D"', (), False),            # a chord symbol, the model's to go on from
 ])
 @pytest.mark.parametrize("max_bars", [5, 12])  # 5: most tunes reach the cap, whose bar lines end the tune
 @pytest.mark.slow
