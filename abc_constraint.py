@@ -34,7 +34,7 @@ from abc_form import CODE_LINES, ENDING_NUMBER, MAX_LEVEL, MAX_SECTIONS, ends_se
 from abc_music import (ABC2MIDI_CHORD_TYPES, CHORD_SYMBOL, TUNE_TYPES, bar_units, hornpipe_meter, note_shape,
                        parse_meter, pitch_spelling, playable_key, playable_meter, playable_tempo, playable_unit,
                        swung_as_hornpipe, written_unit)
-from abc_tokens import LENGTH, PITCH, SPECIALS, PromptError, Vocabulary
+from abc_tokens import SPECIALS, PromptError, Vocabulary
 
 TICKS = 48            # ticks per unit note length L: L/4 and triplets of it are whole numbers
 GRANULE = TICKS // 4  # every duration is a multiple of L/4, so any bar can be filled exactly
@@ -199,6 +199,8 @@ class TuneState:
     last: int = -1                 # kind of the last committed token (-1: none yet)
     last_bar: str = ""             # the last bar line
     last_note: int = 0             # ticks of the last plain note, for broken rhythm (0: none)
+    last_graced: int = 0           # grace notes (a roll: one) that note took: halved by <, it must outlast them
+    last_decorated: bool = False   # that note had a decoration or grace notes: no tie across a bar line from it
     tuplet_left: int = 0           # notes still to come in a (3
     tuplet_len: int = 0            # their length, set by the first
     broken_len: int = 0            # after > or <: the partner note has this length
@@ -213,6 +215,8 @@ class TuneState:
     graced: int = 0                # grace notes (a roll: one) before the note to come: it must outlast them (L/4 each)
     accompanied: int = 0           # chord symbols in the prompt: ticks of an eighth note, which a pickup is made of
     slurs: int = 0                 # in a prompt: a slur opened and not yet closed (the model writes none)
+    staccato_next: bool = False    # in a prompt: the note to come is staccato (.A), read as a decoration
+    last_staccato: bool = False    # the last note was: abc2midi finds no note before its tie, and dots it for no > or <
     final: bool = False            # a short last bar was closed: only the end may follow
     ended: bool = False            # <eos> was written
     must_end: bool = False         # the last mask asked the tune to end (bar cap or token budget)
@@ -227,6 +231,7 @@ class TuneState:
         tie = self.tie_pitch >= 0
         return (self.phase, self.full, self.bar, self.first_bar, self.pickup, self.section_ends > 0,
                 self.repeat_open, self.ending, self.last, self.last_bar in SECTION_ENDS, self.last_note,
+                (self.last_graced, self.last_decorated) if self.last_note else (), self.staccato_next,
                 self.tuplet_left, self.tuplet_len, self.broken_len, self.chord, self.chord_len, self.grace, self.graced,
                 (self.last_pitch, self.tie_pitch) if tie else self.last_pitch >= 0, self.short_next,
                 self.line_letter, self.need_note, self.final, self.accompanied, min(max(self.full_bars, 2), 4),
@@ -333,7 +338,7 @@ class AbcConstraint:
         self.state_numbers: dict[tuple, int] = {}  # a committed state's state_key -> its number
         self.numbering = 0                         # counts the times the numbers were forgotten
         self.extending = {p: self._extending(p) for p in self.body.prefixes}  # at start-up, with the table
-        # a prompt's staccato (.A): no time in abc2midi, no broken rhythm either; read as a plain decoration
+        # a prompt's staccato (.A): no time in abc2midi; read as a decoration (staccato_next)
         self.staccato = next((d for d in ("v", "u", "T") if d in char_ids and d in self.at), None)
 
     # --- state ------------------------------------------------------------------
@@ -390,11 +395,9 @@ class AbcConstraint:
             self._read_char(state, "|", prompt[shown:i], prompt, i)
         staccato = next((mark for mark in (".", "!staccato!") if prompt.startswith(mark, i)), "")
         if staccato and re.match(r"[\^_=A-Ga-g]", prompt[i + len(staccato):]) and self.staccato:
-            if re.match(PITCH + LENGTH + "-", prompt[i + len(staccato):]):
-                raise PromptError(f"--constrained: the prompt breaks the constraints at {_quote(prompt[shown:i + 1])}"
-                                  f" (a staccato note starts no tie: abc2midi finds no note before its -)")
             self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
-            return i + len(staccato)  # read as the decorations the model writes: no time, no broken rhythm
+            state.staccato_next, state.memo = True, None  # read as a decoration the model writes: no time
+            return i + len(staccato)
         if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
             self._read_char(state, "|", prompt[shown:i + 2], prompt, i)
             return i + 2
@@ -443,7 +446,8 @@ class AbcConstraint:
         pending = state.pending
         if self._unfinished(state, self._legal_cached(state, state.pending_must_end)[1]):
             raise PromptError(f"--constrained: {what} cannot split {pending!r} at {before!r}")
-        decorated = (state.need_note and state.last == DECORATION) or self.info.get(pending, (None,))[0] == DECORATION
+        decorated = (state.need_note and state.last == DECORATION and not pending) \
+            or self.info.get(pending, (None,))[0] == DECORATION  # (~d) is fine: its note is complete
         if decorated:
             raise PromptError(f"--constrained: {what} goes before the decoration, not after it, at {before!r}")
         if pending:
@@ -596,19 +600,19 @@ class AbcConstraint:
         else:
             s.bar += ticks
             s.swung_tuplet = s.swung_tuplet and kind == REST  # abc2midi pairs notes across rests
-            # no broken rhythm after a rest, a partner, a decorated or a tied note (abc2midi
-            # fails on ~A>B and miscounts A-A>B)
+            # no broken rhythm after a rest, a partner or a tied note (abc2midi miscounts A-A>B)
             tied = s.tie_pitch >= 0
-            s.last_note = 0 if (s.broken_len or kind == REST or s.need_note or tied) else ticks
+            s.last_note = 0 if (s.broken_len or kind == REST or tied or s.staccato_next) else ticks
+            s.last_graced, s.last_decorated = s.graced, s.need_note
             s.broken_len = 0
         # a note may start a tie unless it ends one (abc2midi miscounts A-A-A)
         outside = not (s.grace or s.chord)
-        plain = kind == NOTE and outside and s.tie_pitch < 0
+        plain = kind == NOTE and outside and s.tie_pitch < 0 and not s.staccato_next
         s.last_pitch = int(self.pitch[self.at[text]]) if plain else -1
         s.tie_pitch = -1 if outside else s.tie_pitch
         s.notes += kind == NOTE and not (s.grace or s.chord)
         s.graced = s.graced if s.grace else 0  # the host note took them
-        s.need_note = False
+        s.need_note, s.last_staccato, s.staccato_next = False, s.staccato_next, False
 
     @staticmethod
     def _commit_mark(s: TuneState, kind: int, ticks: int, text: str) -> None:
@@ -751,8 +755,12 @@ class AbcConstraint:
         target = self._bar_target(s, must_end)
         kind = _bar_kind(s, target)
         left = target - s.bar
-        if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:  # a tie: UNSUPPORTED says
+        if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:
             return f" (the bar{kind} is full, at {_units(target)})"
+        if token == "-" and left <= 0:  # _tie_fits
+            return (" (a tie across a bar line starts from a plain note: no decoration, grace notes, tuplet or broken "
+                    "rhythm; abc2midi miscounts the bar of a trilled one)" if not s.last_note or s.last_decorated else
+                    f" (the bar{kind} is full, and a tie crosses only a plain | after which the tune goes on)")
         marks = _why_no_mark_here(s, token, left, kind)
         if marks:
             return marks
@@ -966,8 +974,12 @@ class AbcConstraint:
             return legal
         # finishing the bar in few tokens (must_end): no ornaments, the longest notes that fit
         notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
-        if s.tie_pitch >= 0:  # A2-A: the same pitch, within the bar
-            return notes & (self.pitch == s.tie_pitch)
+        if s.tie_pitch >= 0:  # A2-A: the same pitch, in this bar or across a plain bar line (A2-|A2, A2-|\nA2)
+            legal = notes & (self.pitch == s.tie_pitch)
+            self._put(legal, "|", rem == 0)  # allowed when the - was (_tie_fits): a tie begun finishes
+            self._put(legal, " ", s.last == BAR)
+            self._put(legal, "\n", s.last == BAR)
+            return legal
         if s.swung_tuplet and _swung_second(s, s.bar):  # abc2midi would swing it with the tuplet's last note
             notes, sounds = notes & (self.ticks != s.swing), sounds & ~(self.is_note & (self.ticks == s.swing))
         if s.need_note:
@@ -977,10 +989,24 @@ class AbcConstraint:
             return legal
         legal = sounds.copy()
         self._put_marks(legal, s, rem, must_end)
-        must_end = must_end or self._closing_last_bar(s)
-        for bar in self._bar_lines(s, must_end and not s.form):  # a form decides the bar lines itself
-            self._put(legal, bar, not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar))
+        closing = must_end or self._closing_last_bar(s)
+        bars = [bar for bar in self._bar_lines(s, closing and not s.form)  # a form decides the bar lines itself
+                if not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar)]
+        for bar in bars:
+            self._put(legal, bar, True)
+        self._put(legal, "-", self._tie_fits(s, rem, must_end, bars))
         return legal
+
+    def _tie_fits(self, s: TuneState, rem: int, must_end: bool, bars: list[str]) -> bool:
+        """A tie after a note: its second note in this bar, or (the bar full) after a plain | that the bar
+        cap does not make the last (the tie would carry the tune a bar past it). Across the bar line only
+        from a plain note: not a tuplet's or a partner (last_note), nor a decorated or graced one (abc2midi
+        splits a trill or a roll and miscounts the bar, measured). Not when the tune must end: begun in the
+        bar that must end it, a tie would carry it to a full bar."""
+        if not (s.last == NOTE and s.last_pitch >= 0) or must_end:
+            return False
+        plain = s.last_note > 0 and not s.last_decorated
+        return rem > 0 or (plain and "|" in bars and not self._near_bar_cap(s))
 
     def _fitting(self, rem: int, longest: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N,) the notes, and the notes and rests, that fit in rem ticks (longest: only the longest
@@ -1011,9 +1037,8 @@ class AbcConstraint:
         if s.last == NOTE and _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
             paired = s.last_note == s.swing and _swung_second(s, s.bar - s.last_note)
             self._put(legal, ">", rem >= s.last_note and not paired)  # room for the partner note, of the same length
-            self._put(legal, "<", rem >= s.last_note and not paired)
-        self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0 and rem > 0 and not must_end)  # a tie is
-        # "inside" (_bar_target): begun in the bar that must end the tune, it would carry it to a full bar
+            halved_outlasts_graces = s.last_note // 2 > s.last_graced * GRANULE  # ("Grace sequence exceeds host note")
+            self._put(legal, "<", rem >= s.last_note and not paired and halved_outlasts_graces)
         self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
         # after a line's lone letter and a space, a line break is the way on where only :| may close the bar
         self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE) or s.line_letter)
@@ -1084,8 +1109,10 @@ def _why_not_inside(s: TuneState, token: str) -> str | None:
     graced note) or for a broken rhythm the note before does not take: " (...)"; "" in a chord (the
     quote shows why); None outside them all."""
     if s.tie_pitch >= 0:
-        return (" (a tie joins two notes of one pitch, in one bar)" if token[0] in NOTE_STARTS
-                else " (after a tie's -, its second note follows straight)")
+        if token[0] in NOTE_STARTS:
+            return " (a tie joins two notes of one pitch: in one bar, or across a plain | that closes a full one)"
+        return (" (a tie crosses a plain | alone, one that closes a full bar)" if token[0] in "|:[" else
+                " (after a tie's -, its second note follows straight, or a plain | and then it)")
     if s.grace:
         return " (grace notes are plain notes of one unit of L, at most 4: {g}, {gfg})"
     if s.broken_len and token[0] not in NOTE_STARTS:  # a note: its length is the reason (_why_not_in_time)
@@ -1101,9 +1128,14 @@ def _why_not_inside(s: TuneState, token: str) -> str | None:
         return " (> and < stand straight between their two notes)"
     if token in (" ", "\n") and s.last == -1:
         return " (the body begins with its music)"
+    if token[0] in "-<>" and s.last == NOTE and s.last_staccato:
+        return (" (a staccato note starts no tie or broken rhythm: abc2midi finds no note before its -, and "
+                "cannot apply > or <)")
     if token in (">", "<") and not _undotted(s.last_note):
-        return (" (broken rhythm follows a plain undotted note: not a tuplet's, a partner's, or one with a "
-                "decoration, grace notes or a tie, which abc2midi and abcm2ps misread)")
+        return (" (broken rhythm follows an undotted note: not a tuplet's, a partner's or a tied one, which "
+                "abc2midi and abcm2ps misread)")
+    if token == "<" and s.last_note // 2 <= s.last_graced * GRANULE:
+        return " (< halves a note, which must still outlast its grace notes or roll, a quarter of L each)"
     return None
 
 
@@ -1139,7 +1171,6 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
     (re.compile(r":\|:"), "a :|:, which abc2midi reads as neither a repeat's end nor a start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
-    (re.compile(r"-[ ]*\|"), "a tie across a bar line: it keeps a tie within its bar"),
     (re.compile(r"\((?!3)\d"), "a tuplet other than (3: it reads (3 alone"),
     (re.compile(r"H|!fermata!"), "a fermata: abc2midi plays the note longer, past its bar"),
     (re.compile(r"\.(?=[z\[])|!staccato!(?=[z\[])"), "a staccato on a rest or a chord: it reads one on a note"),

@@ -292,6 +292,7 @@ def test_500_tunes_from_random_logits_are_valid_abc_with_full_bars(tmp_path):
     assert all(len(row) < 800 for row in ids)  # each ended with <eos> before the budget
     assert all(t.rstrip().endswith((":|", "||", "|]")) for t in tunes)
     assert all(set(row).isdisjoint({VOCAB.pad_id, VOCAB.unk_id}) for row in ids)
+    assert sum("-|" in t for t in tunes) > 50  # ties across bar lines are among what abc2midi judges
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
     results = [judging.check_with_abc2midi(t) for t in tunes]
@@ -591,6 +592,7 @@ def test_bar_lines_as_tunebooks_write_them_are_read(constraint, body, read_as):
 @pytest.mark.parametrize("body, read_as", [
     ("A|(dfa) agf|", "A|dfa agf|"), ("A|d(fa agf)|", "A|dfa agf|"), ("A|({e}d2c) B2A|", "A|{e}d2c B2A|"),
     ("A|(d2-d) (f>e)f|", "A|d2-d f>ef|"), ("A|(3(dfa) (3d(fa) a2|", "A|(3dfa (3dfa a2|"),
+    ("A|(~d)e f3 f|", "A|~de f3 f|"),
 ])
 def test_slurs_in_a_prompt_take_no_time(constraint, body, read_as):
     """A slur is phrasing: abc2midi plays the notes the same (294 of 300 corpus tunes gave identical MIDI
@@ -599,8 +601,8 @@ def test_slurs_in_a_prompt_take_no_time(constraint, body, read_as):
 
 
 def test_a_staccato_in_a_prompt_is_read_as_the_decorations_it_writes(constraint):
-    """A staccato takes no time in abc2midi (the note sounds shorter, the bar keeps its length), but
-    fails broken rhythm as a decoration does ("Cannot apply broken rhythm"): so it is read as one."""
+    """A staccato takes no time in abc2midi (the note sounds shorter, the bar keeps its length): it is read
+    as a decoration, whose note takes no tie or broken rhythm ("Cannot apply broken rhythm")."""
     assert constraint.start(SIX_EIGHT + "A|.d.f.a !staccato!a2f|") == constraint.start(SIX_EIGHT + "A|vdvfva va2f|")
     for body in ("A|.d>f agf|", "A|d>.f agf|", "A|.[df]a agf|"):
         with pytest.raises(PromptError):
@@ -668,6 +670,28 @@ def test_a_prompt_header_as_tunebooks_write_it_is_read():
     header = "X:1\nT:Drowsy Maggie\nC:Trad.\nZ:me\nQ:1/4=180\nL:1/8\nR:reel\nM:C|\nK:Edor\n"
     assert constraint.start(abc_tokens.prompt_as_read(header) + "E2BE dEBE|") == \
         constraint.start("X:1\nR:reel\nL:1/8\nM:C|\nK:Edor\nE2BE dEBE|")
+
+
+@pytest.mark.parametrize("opening", ["A|{g}d>ef Td>cB|", "A|~d2<e2 {g}f>e|", "A|ud<e v^f>e dc|TA2>B2 c2|",
+                                     "A|{gag}d2<e2 f2|"])
+def test_broken_rhythm_after_a_decorated_or_graced_note_continues_bar_clean(opening):
+    """As the corpus writes it (749 times in 305 of the 4,176 training tunes): abc2midi dots a decorated
+    or graced note as any other, and halved by <, a note must still outlast its grace notes (measured)."""
+    assert_continues_bar_clean(SIX_EIGHT_G + opening)
+
+
+@pytest.mark.parametrize("staccato", [".d>e", ".d)<e", "!staccato!d>e"])
+def test_a_staccato_note_takes_no_broken_rhythm(staccato):
+    """abc2midi: "Cannot apply broken rhythm" on a staccato note, which the automaton reads as a decoration."""
+    with pytest.raises(PromptError, match="a staccato note starts no tie or broken rhythm"):
+        AbcConstraint(VOCAB).start(SIX_EIGHT_G + "A|(" * staccato.count(")") + staccato)
+
+
+@pytest.mark.parametrize("opening", ["A|dfa a2f-|f2e d3|", "A|dfa a2f-| f2e", "A|dfa a2f-|\nf2e"])
+def test_a_tie_across_a_plain_bar_line_continues_bar_clean(opening):
+    """A2-|A2: abc2midi counts each note in its own bar (measured), when the tied note is plain; the
+    tie's second note may follow the bar line after a space or a line break."""
+    assert_continues_bar_clean(SIX_EIGHT_G + opening)
 
 
 def test_a_prompt_with_comments_and_info_lines_in_its_body_continues_bar_clean():
@@ -804,7 +828,7 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
 @pytest.mark.parametrize("body, says", [
     ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
     ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
-    ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa a2f-|f", "a tie across a bar line"),
+    ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa aTf2-|f", "a tie across a bar line starts from a plain note"),
     ("A|(2df agf|", "a tuplet other than (3"), ("A|Hdfa agf|", "a fermata"), ("A|dfa !fermata!agf|", "a fermata"),
     ("A|dfa !mordent!agf|", "a decoration it does not write"), ("A|.z3 agf|", "a staccato on a rest"),
     ("A|dfa Pagf|", "a decoration it does not write"), ("A|dfa {/g}agf|", "an acciaccatura"),
@@ -822,8 +846,8 @@ def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, s
 
 @pytest.mark.parametrize("body, says", [
     ("A|d-e", "a tie joins two notes of one pitch"), ("A|d2- d", "its second note follows straight"),
-    ("A|Td>e", "broken rhythm follows a plain undotted note"), ("A|{e}d>c", "broken rhythm follows a plain"),
-    ("A|d3>e", "broken rhythm follows a plain undotted note"), ("A|kdfa", "a letter that is no note"),
+    ("A|{ef}d<c", "< halves a note, which must still outlast its grace notes"),
+    ("A|d3>e", "broken rhythm follows an undotted note"), ("A|kdfa", "a letter that is no note"),
     ("A|u(3dfa", "a decoration is followed straight by its note"), ("A|v[df]", "never a chord"),
     ("A|{f}ud", "grace notes are followed straight by their note"), ("A|{vc}d", "grace notes are plain notes"),
     ("A|(3d>fa", "(3 is followed straight by three plain notes"), ("A|d> f", "> and < stand straight between"),
