@@ -368,7 +368,7 @@ class AbcConstraint:
         if state.slurs:
             raise PromptError("--constrained: the prompt ends inside a slur: close it with ) (the model writes none)")
         tables = self._line_tables(state) if state.phase < BODY else []
-        if state.pending and tables and not any(state.pending in table.prefixes for table, _ in tables):
+        if state.pending and tables and not any(_as_written(state.pending) in table.prefixes for table, _ in tables):
             raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
                               f"{state.pending!r} (end the line: the model writes only X:, R:, L:, M: and K: lines)")
         return state
@@ -837,12 +837,12 @@ class AbcConstraint:
         return value
 
     def _header_mask(self, s: TuneState) -> np.ndarray:
-        mask = np.zeros(len(self.vocab), dtype=bool)
+        mask, pending = np.zeros(len(self.vocab), dtype=bool), _as_written(s.pending)
         for table, whole in self._line_tables(s):
-            mask[table.children(s.pending)[0]] = True
-            if s.pending in table.index:
+            mask[table.children(pending)[0]] = True
+            if pending in table.index:
                 mask[self.char_ids["\n"]] = True
-            if not s.pending:
+            if not pending:
                 mask[self.whole_ids[whole]] = True
         return mask
 
@@ -1165,7 +1165,7 @@ def _accompany(s: TuneState, prompt: str) -> None:
 
 UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and what it reads instead
     (re.compile(r"\[[A-Za-z]:"), "an inline field like [K:G] or [M:3/4]: it keeps the header's key, meter and unit"),
-    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, T:, ...): it reads header lines up to K:, "
+    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, P:, ...): it reads header lines up to K:, "
                                     "then music"),
     (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
@@ -1192,6 +1192,12 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r"-[\^_=]?[A-Ga-g][,']*[\d/]*-"), "a note that ends a tie and starts another: abc2midi miscounts "
                                                   "A-A-A, so it reads ties of two notes"),
 ]
+
+
+def _as_written(line: str) -> str:
+    """A prompt's header line as the model writes it, for the model to go on from: "K: Edor" -> "K:Edor"
+    (thesession.org writes a space after the colon; abc2midi reads both)."""
+    return re.sub(r"^([A-Za-z]):[ \t]+", r"\1:", line)
 
 
 def _unsupported(prompt: str, at: int) -> str:

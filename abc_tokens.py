@@ -189,13 +189,13 @@ INFO_FIELDS = "TCOASZNHGDFBW"  # title, composer, origin, area, source, transcri
 BODY_INFO_FIELDS = "TW"  # those abc2midi also takes in a tune's body (the others there are an error to it)
 _INFO_LINE = {fields: re.compile(rf"[{fields}]:(?![|:])") for fields in (INFO_FIELDS, BODY_INFO_FIELDS)}  # not
 # "A:|", a line's lone note before a bar line
-_COMMENT = re.compile(r"[ \t]*%.*")  # to the line's end; a line that begins %% is a directive
+_COMMENT = re.compile(r"[ \t]*%.*")  # to the line's end; a %% line too, a directive to what plays the tune
 
 
 def music_only(abc: str) -> str:
-    """ABC as the model and the judges read it: without info lines (T:, C:, S:, ...) and comments (% to
-    the line's end), which no training tune has (the corpus builder drops them) and which change nothing
-    abc2midi plays."""
+    """ABC as the model and the judges read it: without info lines (T:, C:, S:, ...), comments (% to the
+    line's end) and directives (%%MIDI ...), which no training tune has (the corpus builder drops them)
+    and which change no bar abc2midi counts."""
     lines, fields = [], INFO_FIELDS
     for line in re.split(r"(?<=\n)", abc):  # lines as ABC ends them: \n alone
         lines.append(_line_as_read(line, _INFO_LINE[fields]))
@@ -205,8 +205,8 @@ def music_only(abc: str) -> str:
 
 def _line_as_read(line: str, info_line: re.Pattern) -> str:
     """One line as the model reads it: "" for an info line or a comment alone, else without its comment."""
-    if line.startswith("%%") or "%" not in line and not info_line.match(line):
-        return line  # music, a field the model reads, or a directive (%%MIDI ...) left for the vocabulary to refuse
+    if "%" not in line and not info_line.match(line):
+        return line  # music, or a field the model reads
     music = _COMMENT.sub("", line)
     return "" if info_line.match(line) or not music.strip() else music
 
