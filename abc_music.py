@@ -556,6 +556,10 @@ def parse_note_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+NOTE_RANGE = "G,..c'''"  # what a transposition may reach by default: a fiddle's lowest G to a flute's top c
+LOWEST, HIGHEST = parse_note_range(NOTE_RANGE)  # MIDI 55, 108
+
+
 @dataclass
 class _KeyChange:
     """Where a transposition stands: both keys' signatures, the letter steps between their
@@ -595,12 +599,12 @@ class _KeyChange:
         return _spell(pitch, self.steps, self.semitones, self.signature_out, self.bar_out)
 
 
-def transpose_tune(abc: str, semitones: int, low: int = 55, high: int = 108) -> str:
+def transpose_tune(abc: str, semitones: int, low: int = LOWEST, high: int = HIGHEST) -> str:
     """Transpose a whole tune chromatically: key, inline keys, notes, chords, chord symbols.
 
     Notes move to the letters of the new key (C -> D in a whole step), with only the
     accidentals the new key and bar need. Raises RewriteError when a note would leave
-    [low, high] (MIDI; default G, to c''', 55..108).
+    [low, high] (MIDI; default NOTE_RANGE).
     """
     if semitones == 0:
         _check_range(abc, 0, low, high)

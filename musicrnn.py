@@ -57,7 +57,8 @@ import judging
 import plots
 import sampler
 from abc_form import control_code
-from abc_music import RewriteError, change_rhythm, parse_note_range, set_unit_length, transpose_tune, tune_types
+from abc_music import (HIGHEST, LOWEST, NOTE_RANGE, RewriteError, change_rhythm, parse_note_range, set_unit_length,
+                       transpose_tune, tune_types)
 from abc_tokens import Vocabulary
 from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
 from cli import UserError
@@ -65,7 +66,7 @@ from corpus import collection_digest, load_records, load_tunes
 from distributed import World
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
 from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_same_data, check_unused_flags,
-                      config_from_dict, epochs_since_best, resumed_config, stored_config)
+                      config_from_dict, epochs_since_best, resumed_config, stale_after, stored_config)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Config:
     augment_key: float = 0.3                    # share (0..1) of training tunes drawn a random key (-5..+6) each epoch
     augment_rhythm: float = 0.0                 # share (0..1) with every length doubled or halved (M: scaled)
     augment_unit: float = 0.3                   # share (0..1) drawn a random unit length (L:1/8, 1/16 or 1/4)
-    transpose_range: str = "G,..c'''"           # --augment-key refuses shifts that leave this range
+    transpose_range: str = NOTE_RANGE           # --augment-key refuses shifts that leave this range
     # model
     embedding_dim: int = 128                    # size of a token's embedding
     hidden_dim: int = 384                       # LSTM state size (README: 384 beat 256 and 512 in 10 min)
@@ -615,10 +616,9 @@ def end_of_epoch(run: Run, figures: dict, out_of_time: bool, writer, log) -> boo
         for key in ("train_loss", "val_loss", "val_bits_per_char", "tokens_per_s"):
             writer.add_scalar(key, row[key], row["epoch"])
     improved = run.world.from_writer(val["loss"] < p.best_val)  # decided once, for every process
-    if improved:
-        p.best_val, p.stale = val["loss"], 0
-    elif not out_of_time:
-        p.stale += 1
+    p.stale = stale_after(p.stale, improved, whole=not out_of_time)
+    p.best_val = val["loss"] if improved else p.best_val
+    if not (improved or out_of_time):
         p.lr_scale *= 0.5  # only the plateau schedule reads it
     if run.world.writer:
         write_checkpoints(run, improved)
@@ -850,7 +850,7 @@ def augmentation_draws(rng: np.random.Generator, key_share: float, unit_share: f
     return shift, rhythm, unit
 
 
-def rewrite_tune(tune: str, draws: tuple, low: int = 55, high: int = 108) -> tuple[str, bool | None]:
+def rewrite_tune(tune: str, draws: tuple, low: int = LOWEST, high: int = HIGHEST) -> tuple[str, bool | None]:
     """The tune with augmentation_draws' choices applied, for training (never validation); and
     whether its transposition was refused (a note outside [low, high], or a key that writes out its
     accidentals: it then keeps its key; None: no transposition was drawn)."""

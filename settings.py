@@ -9,7 +9,7 @@ Holds:
 - check_checkpoint_fields: a checkpoint's progress and tune types, of the kinds training writes;
 - RESUME_MAY_CHANGE, resumed_config: which settings a --resume may change; the others would
   make it another run, and are refused when they differ;
-- stored_config, epochs_since_best, check_same_data: what a checkpoint keeps of a run's settings,
+- stored_config, stale_after, epochs_since_best, check_same_data: what a checkpoint keeps of a run's settings,
   and what --resume reads back from it (the early-stopping count, the data's digests).
 """
 
@@ -201,13 +201,18 @@ def check_same_data(then: dict, now: dict, cfg) -> None:
                             f"{then[name]} then): restore it, or start afresh with --overwrite")
 
 
-def epochs_since_best(history: list[dict]) -> int:
-    """The epochs since the validation loss last improved, read back from a run's history (a row of an
+def stale_after(stale: int, improved: bool, whole: bool) -> int:
+    """Early stopping's count after one more validation: the epochs since the loss last improved (an
     epoch the time budget cut short may improve it, but counts no epoch)."""
+    return 0 if improved else stale + whole
+
+
+def epochs_since_best(history: list[dict]) -> int:
+    """stale_after, read back from a run's history."""
     best, stale = math.inf, 0
     for row in history:
-        whole = row.get("epoch_share", 1.0) == 1.0
-        best, stale = (row["val_loss"], 0) if row["val_loss"] < best else (best, stale + whole)
+        stale = stale_after(stale, row["val_loss"] < best, row.get("epoch_share", 1.0) == 1.0)
+        best = min(best, row["val_loss"])
     return stale
 
 
