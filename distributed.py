@@ -8,7 +8,7 @@ distributed: what musicrnn.py train needs to run as N processes under torchrun.
 Holds launched (train --procs N: the command again, as N ranks of this machine), session (the
 with-block a training runs in), exit_process (how a rank leaves) and World: this process's rank
 among world size processes, started from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on GPU; its share of a batch; the sums and broadcasts
+LOCAL_WORLD_SIZE), with gloo on CPU and NCCL on GPU; its share of a batch (rank_rows); the sums and broadcasts
 that keep the ranks in step; and the thread count chosen so that the processes of one machine fill
 its cores without oversubscribing them. Without torchrun, World() is one process and every call is a
 no-op.
@@ -76,6 +76,12 @@ def launched(procs: int, command: list[str]) -> bool:
     return True
 
 
+def rank_rows(batch, rank: int, size: int):
+    """Rank's rows of a global batch split over size processes: every size-th, from its rank. Rows are
+    sorted by length within a batch, so the shares' lengths are alike."""
+    return batch[rank::size]
+
+
 @dataclass
 class World:
     rank: int = 0          # this process, 0..size-1; rank 0 alone writes checkpoints, logs and plots
@@ -88,9 +94,8 @@ class World:
         return self.rank == 0
 
     def share(self, batch: np.ndarray) -> np.ndarray:
-        """This rank's rows of a global batch: every size-th, from its rank. Rows are sorted
-        by length within a batch, so the shares' lengths are alike."""
-        return batch[self.rank::self.size]
+        """This rank's rows of a global batch (rank_rows)."""
+        return rank_rows(batch, self.rank, self.size)
 
     def sum(self, value: float) -> float:
         """value summed over the ranks (in float64: the same digits as one process)."""

@@ -63,7 +63,7 @@ from abc_tokens import Vocabulary
 from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
 from cli import UserError
 from corpus import collection_digest, load_records, load_tunes
-from distributed import World
+from distributed import World, rank_rows
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
 from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_same_data, check_unused_flags,
                       config_from_dict, epochs_since_best, resumed_config, stale_after, stored_config)
@@ -264,7 +264,7 @@ class LockedDropout(nn.Module):
             return x
         rank, ranks, rows = share or (0, 1, x.size(0))
         masks = x.new_empty(rows, 1, x.size(2)).bernoulli_(1 - self.p) / (1 - self.p)  # (rows, 1, C), alike on all
-        keep = masks[rank::ranks] if rank < rows else 1.0  # (B, 1, C); an empty share steps on a padding row
+        keep = rank_rows(masks, rank, ranks) if rank < rows else 1.0  # (B, 1, C); an empty share: a padding row
         return x * keep
 
 
