@@ -971,11 +971,17 @@ def cmd_evaluate(args) -> None:
 def cmd_generate(args) -> None:
     def load():
         device = pick_device(args.device)
-        ckpt = load_checkpoint(args.checkpoint, device)
-        model, cfg, vocab = model_from_checkpoint(ckpt, args.checkpoint)
-        return torch_step(model.to(device).eval(), device), vocab, model_facts(ckpt, cfg)
+        model, vocab, facts = sampling_model(args.checkpoint, device)
+        return torch_step(model, device), vocab, facts
 
     sampler.run_generation(load, args, args.checkpoint)
+
+
+def sampling_model(checkpoint: str, device: torch.device) -> tuple[MusicRNN, Vocabulary, sampler.ModelFacts]:
+    """A checkpoint ready to sample from: its model, in eval mode on device; its vocabulary and facts."""
+    ckpt = load_checkpoint(checkpoint, device)
+    model, cfg, vocab = model_from_checkpoint(ckpt, checkpoint)
+    return model.to(device).eval(), vocab, model_facts(ckpt, cfg)
 
 
 def cmd_stats(args) -> None:
@@ -1000,9 +1006,7 @@ def cmd_judge(args) -> None:
 
 def torch_generator(checkpoint: str):
     device = torch.device("cpu")
-    ckpt = load_checkpoint(checkpoint, device)
-    model, cfg, vocab = model_from_checkpoint(ckpt, checkpoint)
-    facts = model_facts(ckpt, cfg)
+    model, vocab, facts = sampling_model(checkpoint, device)
     return (lambda opts: generate(model, vocab, device, opts, facts)), facts
 
 
