@@ -72,6 +72,7 @@ PLAYABLE = {  # a prompt's header lines, as abc2midi plays them (L:1/7, M:3/3, Q
 OPTIONAL_FIELDS = "R"
 BODY = len(HEADER_ORDER)  # the phase after the header
 HEADER_TOKENS = sum(max(map(len, lines)) + 1 for lines in HEADER_LINES)  # the longest header the constraint writes
+MOST_CACHED = 200_000  # states numbered, or masks cached, before they are forgotten: memory stays bounded
 TOKENS_PER_BAR = 24  # the token budget a requested bar needs at least (a 6/8 bar is ~10 characters, ornaments aside)
 
 
@@ -811,7 +812,7 @@ class AbcConstraint:
             key = s.state_key(must_end) + (self._near_bar_cap(s),)  # a token committed may reach the cap
             number = self.state_numbers.get(key)
             if number is None:
-                if len(self.state_numbers) > 200_000:  # forget them all, and every mask cached by them
+                if len(self.state_numbers) > MOST_CACHED:  # forget them all, and every mask cached by them
                     self.state_numbers.clear()
                     self.cache.clear()
                     self.numbering += 1
@@ -831,7 +832,7 @@ class AbcConstraint:
             return build()
         value = self.cache.get(key)
         if value is None:
-            if len(self.cache) > 200_000:
+            if len(self.cache) > MOST_CACHED:
                 self.cache.clear()
             value = self.cache[key] = build()
         return value

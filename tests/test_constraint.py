@@ -443,7 +443,7 @@ def assert_continues_bar_clean(prompt: str) -> None:
 
 def test_a_form_is_held_whole_at_the_smallest_budget_the_command_line_allows():
     """Eight sections of 4 bars of 12/8 in sixteenths: the bars it still owes are kept tokens for, so the
-    budget never cuts the form off (before, 15 of 20 tunes of a trained model were cut off here)."""
+    budget never cuts the form off (without that reserve, most tunes of a trained model stop mid-form here)."""
     form, prompt = (4,) * 8, "X:1\nL:1/16\nM:12/8\nK:D\n"
     tokens = abc_constraint.form_tokens(sum(form)) - len(prompt)
     tunes = random_logits_tunes(AbcConstraint(VOCAB), prompt, form, num=6, seed=2, tokens=tokens)
@@ -509,8 +509,8 @@ def test_endings_count_as_abc_form_counts_them(constraint):
 @pytest.mark.parametrize("prompt", ["X:1\nL:1/16\nM:C|\nK:D\n|:ABcd efga gfed cBAG|1",  # a first ending begun
                                     "X:1\nL:1/16\nM:C|\nK:D\n|:ABcd efga gfed cBAG|"])  # one may begin
 def test_a_second_ending_is_kept_tokens_for_at_the_smallest_budget(prompt):
-    """A second ending writes its section's last bars again: a first ending that began with tokens for
-    the form once left the tune cut off mid-bar (3 of 4 seeds of a trained model, 32 bars in L:1/16)."""
+    """A second ending writes its section's last bars again, so a first ending is begun only with tokens
+    kept for those bars too: a tune is never cut off mid-bar (32 bars in L:1/16, the tightest budget)."""
     form = (32,)
     tokens = abc_constraint.form_tokens(sum(form)) - len(prompt)
     tunes = [t for seed in range(4) for t in random_logits_tunes(AbcConstraint(VOCAB), prompt, form, num=4,
@@ -866,8 +866,7 @@ def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, s
     ("A|.d-d", "a staccato note starts no tie"),
 ])
 def test_a_refusal_inside_what_is_open_says_what_may_come(body, says):
-    """The constructs of corpus openings that were refused without a reason (a tune's first 1, 2 or 4 bars,
-    654 of 11,038 refusals at d190c91)."""
+    """Constructs of corpus openings (a tune's first 1, 2 or 4 bars): each refusal names what may come."""
     with pytest.raises(PromptError, match=re.escape(says)):
         AbcConstraint(VOCAB).start(SIX_EIGHT + body)
 
