@@ -48,7 +48,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 REPEATS = 5        # turns of each side of a ratio; its median turn ratio counts
 STEP_REPEATS = 11  # turns for generation, whose steps take microseconds and so meet the most noise
-PROCESS_REPEATS = 5  # turns of the training processes: at 3, one pair's 1-process figures were 26% apart
+PROCESS_REPEATS = 5  # turns of the training processes: at 3, a pair's 1-process figures can be 26% apart
 
 
 def in_turns(sides: dict, repeats: int = REPEATS) -> dict[str, list[float]]:
@@ -263,7 +263,7 @@ def paired_ms_per_token(step, vocab, constraint: AbcConstraint, seeds, scratch: 
     return float(free), float(constrained)
 
 
-BATCH_TURNS = 15  # a batch of 32 takes a third of a second: at 7 turns, one run's two figures were 13% apart
+BATCH_TURNS = 15  # a batch of 32 takes a third of a second: at 7 turns, a run's two figures can be 13% apart
 
 
 def constrained_batch(step, vocab, batch: int = 32, first_seed: int = 10_000) -> dict:

@@ -87,7 +87,7 @@ def _metadata(path: str, session: ort.InferenceSession) -> tuple[Vocabulary, dic
 
 
 def model_facts(config: dict) -> ModelFacts:
-    """From the metadata: control codes or not (files exported before them have none), tune types."""
+    """From the metadata: control codes or not (none where the file has no "control" key), tune types."""
     return ModelFacts(bool(config.get("control", False)), tuple(config["tune_types"]))
 
 

@@ -701,7 +701,7 @@ def describe_run(run: Run, val_tunes: list[str], log) -> None:
 
 
 def warn_if_validation_is_trained_on(train_tunes: list[str], val_tunes: list[str], log) -> None:
-    """Allowed (overfitting one tune is a sanity check), never silent: it is no longer a held-out measure."""
+    """Allowed (overfitting one tune is a sanity check), never silent: validation is then not a held-out measure."""
     known = set(train_tunes)
     shared = sum(tune in known for tune in val_tunes)
     if shared:

@@ -36,8 +36,8 @@ FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and o
 }
 FLAG_CHOICES = {"tokenizer": list(TOKENIZERS), "schedule": ["cosine", "plateau"], "device": ["auto", "cpu", "cuda"],
                 "precision": ["auto", "bf16", "fp32"], "dropout_mask": ["tune", "element"]}
-BEFORE_ADDED = {"dropout_mask": "element"}  # settings added since checkpoints were first written: the value
-#                                          that does what the code before them did, for a checkpoint without them
+BEFORE_ADDED = {"dropout_mask": "element"}  # settings a checkpoint may lack: the value a checkpoint
+#                                          without the key was trained with
 MAX_PARAMETERS = 100_000_000  # a model this project's CPUs can train; Adam keeps 3 more copies
 
 
@@ -90,8 +90,8 @@ def check_note_range(text: str) -> None:
 
 
 def config_from_dict(config_class, values: dict, source: str = "checkpoint"):
-    """The config a checkpoint stored, checked; keys that this version no longer has are dropped, and
-    those it added since (BEFORE_ADDED) take the value that reproduces the code before them."""
+    """The config a checkpoint stored, checked; keys that config_class does not have are dropped, and
+    those a checkpoint may lack (BEFORE_ADDED) take the value a checkpoint without them was trained with."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: its config is not a table of settings")
     known = {f.name for f in fields(config_class)}

@@ -76,8 +76,8 @@ def test_transposition_moves_every_pitch_by_the_shift(fixture_tunes, tmp_path, s
                                         ("d>e=fe dcA^F | ^F4 f4 |", "e>f=gf edB^G")])
 def test_an_accidental_holds_for_its_letter_in_every_octave_as_abc2midi_plays_it(tmp_path, body, in_a):
     """abc2midi carries a bar's accidental to the letter's other octaves (^C c: C# c#), the standard to
-    that octave alone: a transposition wrote the accidental only where its own reading needed it, and
-    abc2midi played 25 corpus tunes a semitone off somewhere."""
+    that octave alone: a transposition writes an accidental wherever either reading needs one; written
+    only where its own reading needs it, abc2midi would play 25 corpus tunes a semitone off somewhere."""
     tune = f"X:1\nL:1/8\nM:4/4\nK:G\n{body}\n"
     for shift in (2, -5):
         moved = abc_music.transpose_tune(tune, shift, 0, 127)
@@ -99,7 +99,7 @@ def test_there_and_back_gives_the_same_midi(fixture_tunes, tmp_path, shift):
 def test_unit_length_rewrite_keeps_the_music_identical(fixture_tunes, tmp_path, unit):
     """abc2midi plays rolls and trills as runs of notes in fractions of L, so those are left out of
     the comparison (~ !trill! removed from both); a grace group's notes are lengths of L and are
-    rewritten with the rest (they were not: {c}B4 -> {c}B8 halved the grace). All else must match."""
+    rewritten with the rest (L:1/8 -> L:1/16: {c}B4 -> {c2}B8; {c}B8 would halve the grace). All else must match."""
     for tune in fixture_tunes:
         rewritten = abc_music.set_unit_length(tune, unit)
         assert f"L:{unit}" in rewritten and rewritten.count("~") == tune.count("~")
@@ -256,7 +256,8 @@ def test_augment_tune_applies_each_change_with_its_share(fixture_tunes):
 @needs_abcmidi
 @pytest.mark.parametrize("shift", [13, 24, -13, -30])
 def test_a_shift_of_more_than_an_octave_moves_every_pitch_by_it(tmp_path, shift):
-    """transpose_key searched letter steps within an octave: 13 semitones raised a bare KeyError."""
+    """transpose_key takes the key of the shift within an octave, the rest as whole octaves: a search of
+    letter steps within one octave alone finds no key for 13 semitones (a bare KeyError)."""
     tune = "X:1\nL:1/8\nM:4/4\nK:G\nABcd ^c=fed|\n"
     moved = abc_music.transpose_tune(tune, shift, low=0, high=127)
     assert [p for *_, p in midi_notes(moved, tmp_path)[0]] == [p + shift for *_, p in midi_notes(tune, tmp_path)[0]]
@@ -265,7 +266,8 @@ def test_a_shift_of_more_than_an_octave_moves_every_pitch_by_it(tmp_path, shift)
 @needs_abcmidi
 @pytest.mark.parametrize("header, factor", [("X:1\nM:6/8\nK:G\n", Fraction(1, 2)), ("X:1\nM:2/4\nK:G\n", 2)])
 def test_a_rhythm_change_keeps_the_default_unit_of_a_tune_without_l(tmp_path, header, factor):
-    """M:6/8 -> M:6/16 would change the default L: from 1/8 to 1/16: every bar broke."""
+    """M:6/8 -> M:6/16 would change the default L: from 1/8 to 1/16, halving every note a second time so that
+    no bar is full: the rewrite writes the old default out as an L: line."""
     tune = header + ("GAB cde|d3 B3|\n" if "6/8" in header else "GABc defg|a4 g4|\n")  # full bars: 6/8, 8/16
     changed = abc_music.change_rhythm(tune, factor)
     before, after = midi_notes(tune, tmp_path), midi_notes(changed, tmp_path)
@@ -274,6 +276,7 @@ def test_a_rhythm_change_keeps_the_default_unit_of_a_tune_without_l(tmp_path, he
 
 
 def test_chord_symbols_with_a_lowercase_bass_or_in_parentheses_move_with_the_tune():
-    """CHORD_SYMBOL reads "G/b" and "(D7)" as chords, the transposition did not: they stayed in D."""
+    """CHORD_SYMBOL reads "G/b" and "(D7)" as chords, and the transposition moves them: read as text, they
+    would stay in D."""
     moved = abc_music.transpose_tune('X:1\nL:1/8\nM:4/4\nK:D\n"G/b"d2 "Am/c"c2 "(D7)"d2 "F#m7/A"f2|\n', 2)
     assert '"A/C#"e2 "Bm/D"d2 "(E7)"e2 "G#m7/B"g2|' in moved

@@ -198,7 +198,8 @@ def test_compare_reads_two_runs_and_refuses_what_is_not_one(tmp_path):
 
 @pytest.mark.parametrize("value", ["fast", None, [1], 0.0, -2.0, float("nan"), True, 10**400])  # 10**400: no float
 def test_compare_refuses_a_ratio_no_run_writes_and_a_run_compared_with_itself(tmp_path, value):
-    """A ratio of 0 divided by zero, a string met '>' (tracebacks); NaN and -2 read as agreeing."""
+    """A ratio no run writes is one error line: 0 would divide by zero, a string meet '>' (tracebacks), and
+    NaN and -2 read as agreeing."""
     import json
     first, second = tmp_path / "1.json", tmp_path / "2.json"
     first.write_text(json.dumps(bench_results()))

@@ -94,7 +94,7 @@ def test_a_control_model_writes_the_form_asked_for_without_its_code(control_onnx
 
 def test_a_control_model_without_a_form_reads_the_commonest_one(control_onnx):
     """Training reads each code but never scores it, so such a model cannot write one: asked for none,
-    it reads 8 + 8 bars (it wrote codes of 1-bar sections, then 1-bar tunes, on its own)."""
+    it reads 8 + 8 bars (left to write a code itself, it would write 1-bar sections, then 1-bar tunes)."""
     session, vocab, config = exported_model.load_model(str(control_onnx))
     step, facts = exported_model.onnx_step(session, config), exported_model.model_facts(config)
     tunes = sampler.generate_tunes(step, vocab, sampler.SamplingOptions(num=4, seed=1, constrained=True), facts=facts)
@@ -183,8 +183,9 @@ def test_abc2midi_judges_a_hornpipe_as_written(tmp_path):
 
 
 def test_the_judge_reads_abc2midi_echoing_a_character_byte_by_byte():
-    """abc2midi echoes an unknown character's bytes one at a time, which is no UTF-8 (a sweep at T = 1.5
-    wrote one and ended in a UnicodeDecodeError traceback)."""
+    """abc2midi echoes an unknown character's bytes one at a time, which is no UTF-8: the judge reads its
+    messages all the same (a model at T = 1.5 writes such characters, and a UnicodeDecodeError traceback
+    would end the sweep)."""
 
     if not judging.abc2midi_available():
         pytest.skip("abc2midi not installed (apt-get install abcmidi)")

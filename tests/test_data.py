@@ -193,7 +193,8 @@ def test_a_tunebook_with_a_byte_order_mark_keeps_its_first_tune(tmp_path):
 
 
 def test_a_tune_whose_lengths_read_as_none_is_skipped_and_counted(tmp_path, capsys):
-    """L:1/0, A/0 and an empty [L:] divide by zero or read as no number: every length computation crashed."""
+    """L:1/0, A/0 and an empty [L:] divide by zero or read as no number: such a tune is skipped and
+    counted, as every length computation on it would raise."""
     good = "X:1\nL:1/8\nM:4/4\nK:D\nabcd efga|\n"
     bad = ["X:1\nL:1/8\nM:4/4\nK:D\nA/0 B|\n", "X:1\nL:1/0\nM:4/4\nK:D\nAB|\n", "X:1\nL:1/8\nM:4/4\nK:D\nA[L:]B|\n"]
     path = tmp_path / "lengths.json"
@@ -350,8 +351,9 @@ def test_make_data_recipes_replace_their_own_targets():
 
 
 def test_a_control_code_that_is_not_one_is_read_as_none_and_counted(tmp_path, capsys):
-    """ "garbage" as a code was trained on before each tune; the corpus's own codes, S:11 and B:48
-    among them (past what a request may ask for), are codes."""
+    """A code that is not one ("garbage", a section missing) is read as none, or the model would train on
+    it before each tune; the corpus's own codes, S:11 and B:48 among them (past what a request may ask
+    for), are codes."""
     tune = "X:1\nL:1/8\nM:6/8\nK:D\nABc def|\n"
     path = tmp_path / "codes.json"
     path.write_text(json.dumps([{"control code": "garbage", "abc notation": tune},

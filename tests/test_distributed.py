@@ -128,7 +128,8 @@ def test_ctrl_c_under_procs_is_one_line_and_exit_130_then_resume_goes_on(tmp_pat
 
 @pytest.mark.slow
 def test_ranks_end_with_their_launcher_even_one_killed_outright_and_resume_goes_on(tmp_path, fixture_tunes):
-    """SIGKILL of `train --procs 2` let its two ranks train on to the end, holding the run's lock."""
+    """SIGKILL of `train --procs 2` ends its two ranks too, or they would train on to the end, holding the
+    run's lock; --resume then goes on from the last checkpoint."""
     args, out = drill_run(tmp_path, fixture_tunes)
     tag = f"MUSICRNN_DRILL={os.getpid()}-{time.time()}"
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
@@ -185,8 +186,8 @@ def test_a_rank_of_several_leaves_without_finalizing_python_its_output_flushed(w
 @pytest.mark.parametrize("rank, code, waits", [(1, 2, True), (0, 2, False), (1, 0, False)])
 def test_a_failed_rank_other_than_0_leaves_after_rank_0_has_said_why(rank, code, waits, monkeypatch):
     """Every rank meets a user's error at once, and rank 0 alone prints it; torchrun stops the others
-    when the first rank fails, so rank 1 leaving first cut rank 0 off before its line (2 of 8 runs of
-    the --device cuda test beside two busy loops)."""
+    when the first rank fails, so rank 1 waits first: leaving at once, it would cut rank 0 off before its
+    line (measured without the wait: 2 of 8 runs of the --device cuda test beside two busy loops)."""
     for name, value in [("TORCHELASTIC_RUN_ID", "test"), ("RANK", str(rank)), ("WORLD_SIZE", "2"),
                         ("LOCAL_RANK", str(rank)), ("LOCAL_WORLD_SIZE", "2")]:
         monkeypatch.setenv(name, value)

@@ -67,8 +67,8 @@ def test_dataset_shift_and_padding_are_ignored_by_the_loss():
 
 
 def test_a_tune_far_longer_than_a_chunk_is_batched_alone_not_padded_with_others():
-    """20 short tunes and one of 3 million tokens: batched together, 21 x 3 million padded tokens
-    (1.5 GB of indices, 21 rows through the LSTM for every chunk) where 3 million were needed."""
+    """20 short tunes and one of 3 million tokens: batched together, they would be 21 x 3 million padded
+    tokens (1.5 GB of indices, 21 rows through the LSTM for every chunk) where 3 million are needed."""
     lengths = np.array([300] * 20 + [3_000_000] + [300] * 20)
     batches = musicrnn.length_batches(lengths, 32, None)
     assert sorted(len(b) for b in batches) == [1, 8, 32] and [20] in [list(b) for b in batches]

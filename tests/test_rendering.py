@@ -43,7 +43,7 @@ def untouched(folder: Path, planted: dict[str, str]) -> bool:
 
 
 def test_only_the_names_of_this_tunebooks_tunes_would_be_replaced(tmp_path):
-    # set1.abc's first tune renders to set1-1.*, set.abc's tune 11 to set-11.*: without the "-" both were set11.*
+    # set1.abc's first tune renders to set1-1.*, set.abc's tune 11 to set-11.*: without the "-" both would be set11.*
     plant(tmp_path, "set1-1.mid", "set1-1.wav", "set-2.svg", "set-02.svg", "set-0.mid", "set-1.mid.bak", "set.mid",
           "set-11.wav", "set11.mid")
     path = tmp_path / "set.abc"
@@ -96,9 +96,9 @@ def test_any_tunebook_name_gets_its_midi_audio_and_scores(tmp_path, stem):
 @needs["abcm2ps"]
 @needs["abc2midi"]
 def test_a_tune_a_tool_fails_on_costs_only_that_tune_its_file_and_its_old_one_goes(tmp_path):
-    """abcm2ps aborts on a 640-bar tune ("Output buffer overflow"): rendered as one book, no tune got a
-    score. Tune by tune, the short tune still does; with overwrite, the old score under the long
-    tune's name, which this render does not make anew, is removed (it showed another tune)."""
+    """abcm2ps aborts on a 640-bar tune ("Output buffer overflow"): rendered as one book, no tune would get
+    a score. Tune by tune, the short tune gets one; with overwrite, the old score under the long
+    tune's name, which this render does not make anew, is removed (it shows another tune)."""
     long = "X:1\nM:4/4\nL:1/4\nK:C\n" + "\n".join(["CDEF|GABc|" * 8] * 40) + "|]\n"
     path = tmp_path / "set.abc"
     path.write_text(long + "\n" + TUNE.format(n=2), encoding="utf-8")
@@ -139,7 +139,8 @@ def test_the_command_line_with_overwrite_deletes_nothing_it_does_not_write(tiny_
 
 
 def test_a_render_into_a_folder_out_makes_is_not_refused(tiny_onnx, tmp_path):
-    """--out makes its folder; --render refused it as missing ("No such file or directory")."""
+    """--out makes its folder, and --render writes into it: it must not refuse the folder as missing ("No such
+    file or directory")."""
     out = tmp_path / "new" / "sub" / "set.abc"
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "1", "--max-tokens", "20", "--render",
                             "--out", out)
@@ -149,7 +150,7 @@ def test_a_render_into_a_folder_out_makes_is_not_refused(tiny_onnx, tmp_path):
 @needs["abc2midi"]
 def test_the_summary_names_the_tunes_a_tool_made_no_file_for(tmp_path):
     """K:cm: abc2midi refuses the tune ("First K: field must specify key signature"); the count alone
-    (MIDI: 1 file) did not say which of the two tunes had none."""
+    (MIDI: 1 file) would not say which of the two tunes has none, so the summary names it."""
     path = tmp_path / "u.abc"
     path.write_text("X:1\nL:1/8\nM:6/8\nK:cm\nABc def|\n\n" + TUNE.format(n=2), encoding="utf-8")
     lines = rendering.render_tunebook(path)

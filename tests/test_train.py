@@ -417,7 +417,7 @@ def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fi
 def test_checkpoints_with_settings_this_version_dropped_still_load_and_resume(tmp_path, fixture_data):
     quiet = lambda *a: None  # noqa: E731
     musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=quiet)
-    for name in ("best.pt", "last.pt"):  # as written before --augment became two shares
+    for name in ("best.pt", "last.pt"):  # a boolean augment: a key Config lacks
         ckpt = torch.load(tmp_path / name, weights_only=True)
         ckpt["config"]["augment"] = False
         torch.save(ckpt, tmp_path / name)
@@ -431,7 +431,7 @@ def test_a_checkpoint_from_before_dropout_masks_per_tune_resumes_with_its_per_st
     musicrnn.train(tiny_config(fixture_data, tmp_path, epochs=1), log=quiet)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["config"]["dropout_mask"] == "tune"
-    del ckpt["config"]["dropout_mask"]                            # as written before the setting existed
+    del ckpt["config"]["dropout_mask"]                            # without the key: element masks
     _, cfg, _ = musicrnn.model_from_checkpoint(ckpt)
     assert cfg.dropout_mask == "element"
 
@@ -485,8 +485,8 @@ def test_the_last_line_names_only_the_checkpoints_that_are_there(tmp_path, fixtu
 @pytest.mark.parametrize("changed", ["train_data", "val_data"])
 def test_resuming_on_data_changed_since_the_run_began_is_refused(tmp_path, fixture_data, changed):
     """A training file changed in place would train on other tunes; a validation file, compare its loss
-    with a best from other tunes and replace best.pt on it. A checkpoint written before the digests were
-    kept resumes as it did."""
+    with a best from other tunes and replace best.pt on it. A checkpoint without the data's digests
+    cannot be checked, and resumes."""
     paths = {name: tmp_path / f"{name}.json" for name in ("train_data", "val_data")}
     shutil.copy(fixture_data["train"], paths["train_data"])
     shutil.copy(fixture_data["val"], paths["val_data"])
@@ -499,7 +499,7 @@ def test_resuming_on_data_changed_since_the_run_began_is_refused(tmp_path, fixtu
         musicrnn.train(config(2), resume=True, log=lambda *a: None)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1
-    del ckpt["data"]  # as written before the digests were kept
+    del ckpt["data"]  # a checkpoint without the digests
     torch.save(ckpt, tmp_path / "run" / "last.pt")
     assert musicrnn.train(config(2), resume=True, log=lambda *a: None)["epoch"] == 2
 

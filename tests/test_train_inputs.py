@@ -165,7 +165,7 @@ def test_crafted_checkpoint_fields_are_one_line_naming_the_field(field, value, t
 @pytest.mark.parametrize("change", [{"betas": (5.0, -1.0)}, {"eps": -1.0}, {"betas": "x"},
                                     {"weight_decay": float("nan")}])
 def test_crafted_optimizer_settings_are_one_line_not_a_run_that_diverges(change, tiny_run, tmp_path):
-    """Adam with betas of 5 resumed without a word, and trained on to NaN."""
+    """Refused in one line: Adam with betas of 5 would resume without a word, and train on to NaN."""
     ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
     ckpt["optimizer"]["param_groups"][0].update(change)
     torch.save(ckpt, tmp_path / "last.pt")
@@ -247,7 +247,8 @@ def test_an_int8_export_that_fails_to_write_either_file_replaces_neither(tiny_ru
 
 
 def test_an_out_whose_int8_is_the_same_file_is_refused(tiny_run, tmp_path):
-    """m.onnx a link to m.int8.onnx: with --overwrite the int8 model silently replaced the fp32 one."""
+    """m.onnx a link to m.int8.onnx is refused: with --overwrite the int8 model would silently replace the
+    fp32 one."""
     (tmp_path / "m.int8.onnx").write_bytes(b"old int8")
     (tmp_path / "m.onnx").symlink_to(tmp_path / "m.int8.onnx")
     code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx",
@@ -261,7 +262,7 @@ def test_a_checkpoint_whose_control_is_not_true_or_false_is_refused(tiny_run, tm
     torch.save({**ckpt, "config": {**ckpt["config"], "control": "no"}}, tmp_path / "crafted.pt")
     for main, args in [(musicrnn.main, ["generate", "--checkpoint", tmp_path / "crafted.pt", "--num", "1"]),
                        (export.main, ["--checkpoint", tmp_path / "crafted.pt", "--out", tmp_path / "m.onnx"])]:
-        code, out, err = run_main(main, *args)  # "no" read as true: generate wrote for a form, export refused its file
+        code, out, err = run_main(main, *args)  # "no" as true: generate would write for a form, export refuse its file
         assert one_error_line(code, err) and "--control must be true or false, not 'no'" in err, err
     assert not (tmp_path / "m.onnx").exists()
 

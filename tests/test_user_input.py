@@ -127,8 +127,8 @@ def test_a_second_training_into_a_locked_folder_names_the_holder(tmp_path, fixtu
 
 def test_a_refused_start_leaves_the_folder_it_made_to_the_training_that_took_it(tmp_path):
     """A --procs 2 rank makes --out and waits for its peer; a 1-process training takes the folder's lock
-    meanwhile; the rank is refused, and its clean-up removed the folder, the other's lock in it, so a
-    third training was let in beside the second."""
+    meanwhile; the rank is refused, and its clean-up leaves the folder and the other's lock in it:
+    removing them would let a third training in beside the second."""
     out, theirs = tmp_path / "run", safe_write.folder_lock(tmp_path / "run")
     with pytest.raises(safe_write.OutputError, match="in use by another training"):
         with safe_write.removed_if_failed(out):
@@ -146,8 +146,8 @@ def test_a_refused_start_leaves_the_folder_it_made_to_the_training_that_took_it(
 
 
 def test_ctrl_c_while_the_checkpoints_are_written_waits_for_both(tmp_path, fixture_data, monkeypatch):
-    """Ctrl-C between best.pt and last.pt left a best.pt alone (--resume: no last.pt) or, under
-    --overwrite, a new best.pt beside the old run's last.pt, which --resume then continued."""
+    """Ctrl-C between best.pt and last.pt waits for both, or it would leave a best.pt alone (--resume: no
+    last.pt) or, under --overwrite, a new best.pt beside the old run's last.pt, which --resume would continue."""
     save = musicrnn.save_checkpoint
 
     def save_then_interrupt(path, run):
@@ -581,7 +581,7 @@ def test_an_out_that_names_no_file_is_one_line(out, tiny_onnx, tmp_path, monkeyp
                                            ("X:1\\nL:1/8\\nM:6/8\\nK:D\\nA|\\n\\n", []),
                                            ("X:1\\nL:1/8\\nM:6/8\\nK:D\\nA|\\n\\n", ["--constrained"])])
 def test_a_prompt_with_a_blank_line_is_one_line(prompt, flags, tiny_onnx):
-    """A blank line ends a tune in a tunebook: the tune printed could not keep it (one at the end too)."""
+    """A blank line ends a tune in a tunebook: the tune printed cannot keep it (one at the end too)."""
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt, *flags)
     assert one_error_line(code, err) and "blank line" in err, err
 
@@ -808,7 +808,7 @@ def test_blank_lines_before_a_prompt_carry_nothing(tiny_onnx):
 @pytest.mark.parametrize("main, flag", [(infer_onnx.main, "--model"), (musicrnn.main, "--checkpoint"),
                                         (musicrnn.main, "forms --onnx")])
 def test_an_empty_model_name_is_named_as_none_not_as_a_folder(main, flag):
-    """--onnx '' too: it was taken for no --onnx, and the command ran the torch checkpoint instead."""
+    """--onnx '' too: taken for no --onnx, it would have the command run the torch checkpoint instead."""
     args = [*(["generate"] if flag == "--checkpoint" else []), *flag.split(), ""] if main is musicrnn.main \
         else [flag, ""]
     code, _, err = run_main(main, *args)
@@ -957,8 +957,8 @@ def test_a_refused_training_into_a_folder_that_was_there_leaves_no_lock(tmp_path
 
 
 def test_kill_ends_a_command_through_its_clean_up_like_ctrl_c(tmp_path, capsys):
-    """SIGTERM's default action killed infer_onnx.py mid-render: a scratch folder of half-made audio
-    and a tunebook's temporary file were left behind."""
+    """SIGTERM's default action would kill infer_onnx.py mid-render, leaving a scratch folder of half-made
+    audio and a tunebook's temporary file behind: kill goes through the clean-up, exit 143."""
     def writing(args):
         with safe_write.atomic_file(tmp_path / "tunes.abc") as f:
             f.write(b"X:1\n")
@@ -983,7 +983,8 @@ def test_kill_while_a_pair_of_checkpoints_is_written_waits_for_both(tmp_path, ca
 
 
 def test_a_whole_number_of_thousands_of_digits_is_too_large_not_not_a_number():
-    """int() reads no more than 4,300 digits: past them, such a --seed was "not a whole number"."""
+    """int() reads no more than 4,300 digits: past them, such a --seed is too large; int()'s ValueError
+    would call it "not a whole number"."""
     with pytest.raises(argparse.ArgumentTypeError, match="has 4,400 digits, far past"):
         cli.int_in(0, 2**32 - 1)("9" * 4400)
     with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
@@ -991,7 +992,7 @@ def test_a_whole_number_of_thousands_of_digits_is_too_large_not_not_a_number():
 
 
 def test_a_prompts_own_tune_number_is_kept_and_counted_on_from(tiny_onnx):
-    """X:42 in the prompt came out as X:1, X:2: the tunebook numbered its tunes from 1."""
+    """X:42 in the prompt stays X:42, and the next tune is X:43: numbered from 1, they would be X:1, X:2."""
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--num", "2", "--max-tokens", "20",
                               "--prompt", "X:42\nL:1/8\nM:6/8\nK:D\n")
     assert code == 0 and out.startswith("X:42\nL:1/8\nM:6/8\nK:D\n"), (out, err)
