@@ -365,7 +365,7 @@ def save_checkpoint(path: Path, run: Run) -> None:
         "config": stored_config(run.cfg), "vocab": run.vocab.to_dict(),
         "epoch": p.epoch, "step": p.step, "best_val_loss": p.best_val,
         "history": p.history, "lr_scale": p.lr_scale, "tune_types": list(tune_types(run.train_tunes)),
-        "seconds": run.seconds(), "batches_done": p.batches_done, "data": run.data,
+        "seconds": run.seconds(), "batches_done": p.batches_done, "data": run.data_digests,
     }
     if p.batches_done:  # an epoch cut short: --resume draws its dropout masks on from here (on the CPU)
         ckpt["rng_state"] = p.rng_state
@@ -423,14 +423,14 @@ class Run:
     world: World                                  # this process among the training's (distributed.py)
     ddp_model: nn.Module                          # the model steps go through: DistributedDataParallel(model) or it
     bf16: bool = False                            # the step's products in bfloat16 (bf16_products)
-    data: dict = field(default_factory=dict)      # the training and validation data's digests (collection_digest)
+    data_digests: dict = field(default_factory=dict)  # the training and validation data's (collection_digest)
     started: float = 0.0                          # time.time() when this session's first epoch began
 
     def seconds(self) -> float:
         """Training time so far, the earlier sessions' included."""
         return self.progress.seconds + time.time() - self.started
 
-    def time_used(self) -> float:
+    def budget_used(self) -> float:
         """The share of --max-minutes spent so far."""
         return self.seconds() / (self.cfg.max_minutes * 60)
 
@@ -476,10 +476,10 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, pa
     return total
 
 
-def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, time_used: float = 0.0) -> float:
+def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, budget_used: float = 0.0) -> float:
     """Cosine: linear warm-up, then cosine decay to 5% of the peak. Plateau: peak x lr_scale.
 
-    The cosine follows the steps, or the time budget (time_used = its fraction spent) when the
+    The cosine follows the steps, or the time budget (budget_used = its fraction spent) when the
     run is behind it: on a slower machine the rate still anneals before --max-minutes stops the
     run. Steps and time are both counted from the start, warm-up included, so a run that keeps
     ahead of its budget depends on the seed alone, never on the clock.
@@ -488,7 +488,7 @@ def learning_rate(cfg: Config, step: int, total_steps: int, lr_scale: float, tim
         return cfg.lr * lr_scale
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    done = max(step / total_steps, time_used)  # share of the run behind us: by steps, or by the clock if slower
+    done = max(step / total_steps, budget_used)  # share of the run behind us: by steps, or by the clock if slower
     warmup = cfg.warmup_steps / total_steps
     progress = min(1.0, max(0.0, (done - warmup) / max(1e-9, 1.0 - warmup)))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
@@ -521,7 +521,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, tensorboar
 def train_loop(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     run.started = time.time()
-    if not epochs_left(run):  # a resumed run that is done
+    if not has_epochs_left(run):  # a resumed run that is done
         log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
             f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
     with tensorboard_writer(out) if tensorboard and run.world.writer else contextlib.nullcontext() as writer:
@@ -536,19 +536,19 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
 
 def train_epochs(run: Run, writer, log) -> None:
     """Epochs until --epochs, early stopping or the time budget ends the run."""
-    while epochs_left(run):
+    while has_epochs_left(run):
         rng = np.random.default_rng(run.cfg.seed + run.progress.epoch)  # per-epoch seeds: --resume replays
         torch.manual_seed(run.cfg.seed + run.progress.epoch)
         train_set = epoch_training_set(run, rng, log)
         figures, out_of_time = train_epoch(run, train_set, rng)
         if out_of_time and not figures["tokens"]:  # spent before this epoch's first step: no epoch to record
-            log(budget_spent(run))
+            log(budget_spent_line(run))
             break
         if end_of_epoch(run, figures, out_of_time, writer, log) or out_of_time:
             break
 
 
-def budget_spent(run: Run) -> str:
+def budget_spent_line(run: Run) -> str:
     """The line for a run whose time budget ran out between two steps: how far it got, how to go on."""
     p = run.progress
     cut = f" and {p.batches_done} batches of epoch {p.epoch + 1}" * bool(p.batches_done)
@@ -556,7 +556,7 @@ def budget_spent(run: Run) -> str:
             f"{run.cfg.max_minutes:g}, the run's sessions added up): --resume with more to go on")
 
 
-def epochs_left(run: Run) -> bool:
+def has_epochs_left(run: Run) -> bool:
     """Neither --epochs nor early stopping (--patience, a resumed run's too) has ended the run."""
     return run.progress.epoch < run.cfg.epochs and run.progress.stale < run.cfg.patience
 
@@ -568,18 +568,18 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     lengths, scored = train_set.lengths(), train_set.scored()
     batches = length_batches(lengths, cfg.batch_size, rng)                # the same on every process
     run.model.train()
-    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, resume_point(p)
+    started, sum_loss, sum_tokens, out_of_time, done = time.time(), 0.0, 0, False, restore_epoch_position(p)
     progress_bar = tqdm(batches[done:], desc=f"epoch {p.epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                         initial=done, total=len(batches), disable=None if world.writer else True)
     for batch in progress_bar:
-        time_used = world.from_writer(run.time_used())                    # one clock for every process
-        if time_used > 1 and (p.step or sum_tokens):  # a run's first epoch takes one step at least: a model to save
+        budget_used = world.from_writer(run.budget_used())                # one clock for every process
+        if budget_used > 1 and (p.step or sum_tokens):  # a run's first epoch takes one step at least: a model to save
             out_of_time = True
             break
         x, y = collate([train_set[i] for i in world.share(batch)], pad_id, int(lengths[batch].max()))  # (B / ranks, T)
         tokens = int(scored[batch].sum())                                  # scored tokens of the whole batch
         for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, time_used)
+            group["lr"] = learning_rate(cfg, p.step, total_steps, p.lr_scale, budget_used)
         loss = train_step(run.ddp_model, run.optimizer, x.to(run.device), y.to(run.device), pad_id, cfg.grad_clip,
                           tokens, (world.rank, world.size, len(batch)), run.bf16)
         sum_loss, sum_tokens, p.step, done = sum_loss + loss, sum_tokens + tokens, p.step + 1, done + 1
@@ -591,7 +591,7 @@ def train_epoch(run: Run, train_set: MusicDataset, rng: np.random.Generator) -> 
     return figures, out_of_time
 
 
-def resume_point(p: Progress) -> int:
+def restore_epoch_position(p: Progress) -> int:
     """The batch an epoch starts from: 0, or where the time budget cut it, torch's generator set back as it
     was there, so that the dropout masks go on as they would have. That is the CPU's generator: on a GPU,
     whose generator is not kept, the rest of the epoch draws the masks of its first batches again."""
@@ -665,9 +665,10 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
                   Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
-    run.data = {"train_data": collection_digest(train_tunes, train_codes), "val_data": collection_digest(val_tunes)}
+    run.data_digests = {"train_data": collection_digest(train_tunes, train_codes),
+                        "val_data": collection_digest(val_tunes)}
     if ckpt:
-        check_same_data(ckpt.get("data", {}), run.data, cfg)
+        check_same_data(ckpt.get("data", {}), run.data_digests, cfg)
     run.ddp_model = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     run.bf16 = bf16_products(cfg.precision, device)
     describe_run(run, val_tunes, log)

@@ -377,7 +377,7 @@ def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_dat
     ended, lines = [], []
     end_of_epoch = musicrnn.end_of_epoch
     monkeypatch.setattr(musicrnn, "end_of_epoch", lambda *args: ended.append(1) or end_of_epoch(*args))
-    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 2.0 if ended else 0.0)  # spent once epoch 1 ends
+    monkeypatch.setattr(musicrnn.Run, "budget_used", lambda run: 2.0 if ended else 0.0)  # spent once epoch 1 ends
     musicrnn.train(tiny_config(fixture_data, tmp_path), log=lambda *a: lines.append(" ".join(map(str, a))))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and len(ended) == 1
@@ -387,14 +387,14 @@ def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_dat
 def test_cosine_anneals_by_the_time_budget_when_that_runs_out_first():
     cfg = musicrnn.Config(lr=1e-2, warmup_steps=0, max_minutes=10)
     assert musicrnn.learning_rate(cfg, 10, 1000, 1.0) > 0.99e-2         # early in the steps, no time used
-    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=0.5) == pytest.approx(0.525e-2)
-    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, time_used=1.0) == pytest.approx(0.05e-2)
-    assert musicrnn.learning_rate(cfg, 1000, 1000, 1.0, time_used=0.1) == pytest.approx(0.05e-2)
+    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, budget_used=0.5) == pytest.approx(0.525e-2)
+    assert musicrnn.learning_rate(cfg, 10, 1000, 1.0, budget_used=1.0) == pytest.approx(0.05e-2)
+    assert musicrnn.learning_rate(cfg, 1000, 1000, 1.0, budget_used=0.1) == pytest.approx(0.05e-2)
     warm = musicrnn.Config(lr=1e-2, warmup_steps=100, max_minutes=10)
     # just after warm-up, a run ahead of its budget follows its steps alone: the clock cannot move it
-    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, time_used=0.05) == 1e-2
-    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, time_used=0.0) == 1e-2
-    assert musicrnn.learning_rate(warm, 550, 1000, 1.0, time_used=0.3) == pytest.approx(0.525e-2)
+    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, budget_used=0.05) == 1e-2
+    assert musicrnn.learning_rate(warm, 100, 1000, 1.0, budget_used=0.0) == 1e-2
+    assert musicrnn.learning_rate(warm, 550, 1000, 1.0, budget_used=0.3) == pytest.approx(0.525e-2)
 
 
 def test_training_with_augmentation_is_seeded_and_checks_its_shares(tmp_path, fixture_data):
@@ -453,16 +453,16 @@ def test_an_epoch_the_time_budget_cut_short_goes_on_where_it_stopped_when_resume
     draws their dropout masks on. The log, the row and --resume say how far it got."""
     config = lambda out: tiny_config(fixture_data, out, batch_size=2, epochs=2, dropout=0.3)  # noqa: E731
     batches = math.ceil(len(json.loads(Path(fixture_data["train"]).read_text())) / 2)  # batches of 2 tunes
-    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 0.0)  # the learning rate follows the steps alone
+    monkeypatch.setattr(musicrnn.Run, "budget_used", lambda run: 0.0)  # the learning rate follows the steps alone
     musicrnn.train(config(tmp_path / "straight"), log=lambda *a: None)
     calls, lines = [], []
-    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: calls.append(1) or (2.0 if len(calls) > 2 else 0.0))
+    monkeypatch.setattr(musicrnn.Run, "budget_used", lambda run: calls.append(1) or (2.0 if len(calls) > 2 else 0.0))
     musicrnn.train(config(tmp_path / "cut"), log=lines.append)
     cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (cut["epoch"], cut["batches_done"], cut["step"]) == (0, 2, 2) and cut["seconds"] > 0
     assert len(cut["history"]) == 1 and cut["history"][0]["epoch_share"] == pytest.approx(2 / batches)
     assert f"(time budget reached {2 / batches:.0%} into the epoch)" in lines[-2]
-    monkeypatch.setattr(musicrnn.Run, "time_used", lambda run: 0.0)
+    monkeypatch.setattr(musicrnn.Run, "budget_used", lambda run: 0.0)
     musicrnn.train(config(tmp_path / "cut"), resume=True, log=lines.append)
     assert any("after epoch 0, and 2 batches of epoch 1, where the time budget cut it" in line for line in lines)
     straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "cut"))
