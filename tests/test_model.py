@@ -47,7 +47,7 @@ def test_stepwise_logits_equal_the_full_sequence_forward():
     assert not torch.allclose(stateless, full, atol=1e-3)
 
 
-def test_dataset_shift_and_padding_are_ignored_by_the_loss():
+def test_dataset_shifts_each_tune_by_one_and_pads_the_short_ones():
     vocab = abc_tokens.Vocabulary.build(["ABC|", "AB|"], "char")
     ds = musicrnn.MusicDataset(["ABC|", "AB|"], vocab)
     x, y = ds[0]
@@ -55,15 +55,21 @@ def test_dataset_shift_and_padding_are_ignored_by_the_loss():
     assert x[1:].tolist() == y[:-1].tolist()                 # y is x shifted by one
     assert vocab.decode(y) == "ABC|"
     xb, yb = musicrnn.collate([ds[0], ds[1]], vocab.pad_id)  # (2, 5)
-    assert xb.shape == (2, 5) and yb[1, -1] == vocab.pad_id
-    torch.manual_seed(0)
-    model = musicrnn.MusicRNN(len(vocab), 8, 16)
-    logits, _ = model(xb)
-    loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=vocab.pad_id)
-    shorter, _ = model(xb[1:, :4])
-    loss_no_pad_row = F.cross_entropy(shorter.flatten(0, 1), yb[1:, :4].flatten(), reduction="sum")
-    loss_first_row = F.cross_entropy(logits[0], yb[0], reduction="sum")
-    assert torch.isclose(loss, (loss_no_pad_row + loss_first_row) / 9, atol=1e-6)
+    assert xb.shape == (2, 5) and yb[1, -1] == vocab.pad_id and (yb != vocab.pad_id).sum() == 9
+
+
+def test_chunk_nll_sums_the_loss_of_the_real_targets_and_ignores_padding():
+    pad, y = 0, torch.tensor([[3, 1, 2], [2, 4, 0]])  # (B, t): the second tune's last target is padding
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))  # (B, t, V)
+
+    def nll(logits):  # chunk_nll with a model that outputs these logits (its input, unread: y)
+        return musicrnn.chunk_nll(lambda x, state, share: (logits, state), y, y, None, pad)[0]
+
+    real = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]  # -log softmax at each real target, summed
+    assert torch.isclose(nll(logits), sum(torch.logsumexp(logits[b, t], 0) - logits[b, t, y[b, t]] for b, t in real))
+    noisy = logits.clone()
+    noisy[1, 2] = torch.tensor([-50.0, 80.0, 0.0, 30.0, -9.0])  # anything at the padded position
+    assert torch.equal(nll(noisy), nll(logits))
 
 
 def test_a_tune_far_longer_than_a_chunk_is_batched_alone_not_padded_with_others():
@@ -92,7 +98,14 @@ def test_evaluate_bits_per_char_counts_every_token_and_character(fixture_tunes):
     metrics = musicrnn.evaluate(model, ds, vocab.pad_id, torch.device("cpu"), batch_size=3)
     assert metrics["chars"] == sum(map(len, fixture_tunes))
     assert metrics["tokens"] == sum(len(vocab.encode(t)) + 1 for t in fixture_tunes)
-    assert np.isclose(metrics["bits_per_char"], metrics["loss"] * metrics["tokens"] / np.log(2) / metrics["chars"])
-    assert np.isclose(metrics["perplexity"], np.exp(metrics["loss"]))
+    nats = 0.0  # each tune alone, unpadded: read <eos> tune, scored on tune <eos>
+    with torch.no_grad():
+        for tune in fixture_tunes:
+            ids = torch.tensor([vocab.eos_id, *vocab.encode(tune), vocab.eos_id])
+            logits, _ = model.eval()(ids[None, :-1])
+            nats += F.cross_entropy(logits[0], ids[1:], reduction="sum").item()
+    assert np.isclose(metrics["loss"], nats / metrics["tokens"])
+    assert np.isclose(metrics["bits_per_char"], nats / np.log(2) / sum(map(len, fixture_tunes)))
+    assert np.isclose(metrics["perplexity"], np.exp(nats / metrics["tokens"]))
     # an untrained model is close to uniform over the vocabulary
     assert abs(metrics["loss"] - np.log(len(vocab))) < 0.5

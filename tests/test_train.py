@@ -359,18 +359,23 @@ def test_a_batch_split_over_processes_gets_the_dropout_masks_one_process_gives_i
     assert torch.equal(drop(padding, (1, 2, 1)), padding)
 
 
-def test_precision_auto_asks_for_bf16_only_where_the_hardware_has_it():
+@pytest.mark.parametrize("amx, avx512_bf16, auto", [(False, False, False), (True, False, True),
+                                                    (False, True, True), (True, True, True)])
+def test_precision_auto_asks_for_bf16_only_where_the_cpu_has_its_units(amx, avx512_bf16, auto, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cpu = torch.device("cpu")
-    assert musicrnn.bf16_products("bf16", cpu) and not musicrnn.bf16_products("fp32", cpu)
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert musicrnn.bf16_products("auto", cpu) == native
+    assert musicrnn.bf16_products("auto", cpu) is auto
+    assert musicrnn.bf16_products("bf16", cpu) is True and musicrnn.bf16_products("fp32", cpu) is False
 
 
-def test_precision_auto_takes_no_emulated_bf16_on_a_gpu_without_its_units(monkeypatch):
-    # a pre-Ampere GPU (V100, T4): torch can emulate bf16 there, and says so unless asked for the units
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert not musicrnn.bf16_products("auto", torch.device("cuda"))
-    assert musicrnn.bf16_products("bf16", torch.device("cuda"))  # asked for: given, emulated or not
+@pytest.mark.parametrize("units, auto", [(True, True), (False, False)])  # Ampere on; V100, T4 emulate only
+def test_precision_auto_takes_no_emulated_bf16_on_a_gpu_without_its_units(units, auto, monkeypatch):
+    # torch can emulate bf16 on a pre-Ampere GPU, and says so unless asked for the units
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: units or including_emulation)
+    cuda = torch.device("cuda")
+    assert musicrnn.bf16_products("auto", cuda) is auto
+    assert musicrnn.bf16_products("bf16", cuda) is True and musicrnn.bf16_products("fp32", cuda) is False
 
 
 def test_a_budget_spent_between_epochs_logs_no_empty_epoch(tmp_path, fixture_data, monkeypatch):

@@ -185,9 +185,12 @@ def test_tune_types_that_are_not_a_list_are_one_line_in_export_and_types(tiny_ru
     assert one_error_line(code, err) and "tune_types" in err, err
 
 
-def test_the_checkpoints_training_writes_pass_the_checks(tiny_run):
+def test_the_checkpoints_training_writes_pass_the_checks_and_load_the_trained_model(tiny_run):
     for name in ("best.pt", "last.pt"):
-        musicrnn.load_checkpoint(str(tiny_run / name))
+        ckpt = musicrnn.load_checkpoint(str(tiny_run / name))
+        model, cfg, vocab = musicrnn.model_from_checkpoint(ckpt, name)  # refuses non-finite weights
+        assert (cfg.hidden_dim, cfg.embedding_dim) == (32, 16) and model.to_logits.out_features == len(vocab)
+        assert all(torch.equal(model.state_dict()[k], w) for k, w in ckpt["model"].items())
 
 
 # --- export: non-finite weights
