@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -443,8 +444,7 @@ def process_bench(checkpoint: str, onnx_path: str, train_data: str, val_data: st
 
     ort_s, ort_mb = run("infer_onnx.py", "--model", onnx_path, "--num", "1", "--max-tokens", "300")
     torch_s, torch_mb = run("musicrnn.py", "generate", "--checkpoint", checkpoint, "--num", "1", "--max-tokens", "300")
-    _, train_mb = run("musicrnn.py", "train", "--train-data", train_data, "--val-data", val_data, "--epochs", "1",
-                      "--out", str(Path(checkpoint).parent / "bench-train"), "--overwrite")
+    train_mb = max(train_processes(1, train_data, val_data)[1])
     return {"startup_s_infer_onnx": ort_s, "startup_s_generate_torch": torch_s,
             "peak_mb_infer_onnx": ort_mb, "peak_mb_generate_torch": torch_mb, "peak_mb_train": train_mb}
 
@@ -462,27 +462,29 @@ def measured_run(command: list[str]):
     return done
 
 
-def train_processes(procs: int, train_data: str, val_data: str, out: str, *flags: str) -> tuple[float, list[float]]:
+def train_processes(procs: int, train_data: str, val_data: str, *flags: str) -> tuple[float, list[float]]:
     """musicrnn.py train, one epoch, in `procs` processes (torchrun when more than one, gloo, the
-    cores shared): useful tokens/s of the epoch, and each process's peak resident MB."""
+    cores shared), its checkpoints in a temporary folder: useful tokens/s of the epoch, and each
+    process's peak resident MB."""
     import re
 
-    train = [sys.executable, "-c", _PEAK, "musicrnn.py", "train", "--train-data", train_data, "--val-data", val_data,
-             "--epochs", "1", "--out", out, "--overwrite", *flags]
-    if procs > 1:
-        train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                 "--no-python", *train]
-    done = measured_run(train)
+    with tempfile.TemporaryDirectory(prefix="musicrnn-bench.") as out:  # never a folder of the user's runs
+        train = [sys.executable, "-c", _PEAK, "musicrnn.py", "train", "--train-data", train_data, "--val-data",
+                 val_data, "--epochs", "1", "--out", out, *flags]
+        if procs > 1:
+            train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                     "--no-python", *train]
+        done = measured_run(train)
     tokens_per_s = float(re.search(r"\| ([\d,]+) tok/s", done.stdout).group(1).replace(",", ""))
     return tokens_per_s, [int(kb) / 1024 for kb in re.findall(r"PEAK_KB (\d+)", done.stderr)]
 
 
-def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int) -> dict:
+def scaling_bench(train_data: str, val_data: str, flops_per_token: int) -> dict:
     """1 process (all cores) against 2 under torchrun (the cores shared; make train's way), the
     same global batch (the default's), one epoch of 1,000 tunes each, and the GEMM ceiling, in turns: the
     FLOP utilisation of each is measured against a ceiling taken beside it."""
     def seconds_per_token(procs: int) -> float:
-        return 1 / train_processes(procs, train_data, val_data, out, "--limit", "1000")[0]
+        return 1 / train_processes(procs, train_data, val_data, "--limit", "1000")[0]
 
     dtype = product_dtype(musicrnn.Config())  # train_processes passes no --precision
     gemm = "GEMM ceiling beside them"
@@ -499,7 +501,7 @@ def scaling_bench(train_data: str, val_data: str, out: str, flops_per_token: int
             "train_flop_utilisation_2_processes": turn_utilisation(flops_per_token, costs["2 processes"], costs[gemm])}
 
 
-def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dict:
+def large_bench(data: str, val_data: str, minutes: float = 2.0) -> dict:
     """The scale measurements on data/large.json (make data-large): load and tokenize, the token
     arrays' size, and `minutes` of training in 1 and in 2 processes (tokens/s, peak MB per process)."""
     start = time.perf_counter()
@@ -509,7 +511,7 @@ def large_bench(data: str, val_data: str, out: str, minutes: float = 2.0) -> dic
                "large_load_tokenize_s": time.perf_counter() - start,
                "large_token_arrays_mb": sum(s.nbytes for s in dataset.sequences) / 2**20}
     for procs in (1, 2):
-        speed, peaks = train_processes(procs, data, val_data, out, "--max-minutes", str(minutes))
+        speed, peaks = train_processes(procs, data, val_data, "--max-minutes", str(minutes))
         results[f"large_tokens_per_s_{procs}"], results[f"large_peak_mb_per_process_{procs}"] = speed, max(peaks)
     return results
 
@@ -780,7 +782,7 @@ def bench(args) -> None:
     inputs = [args.large, p["val_data"]] if args.large else [p[name] for name in DEFAULTS]
     out = check_output(OUT if args.out is None else args.out, "--out", args.overwrite, inputs=inputs)
     if args.large:
-        results = large_bench(args.large, p["val_data"], str(Path(p["checkpoint"]).parent / "bench-large"))
+        results = large_bench(args.large, p["val_data"])
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))
         write_atomic(out, json_text(results), args.overwrite)
         return
@@ -788,8 +790,7 @@ def bench(args) -> None:
     print(markdown(results), flush=True)
     results |= training_bench(p["checkpoint"], p["train_data"])
     results |= process_bench(p["checkpoint"], p["onnx"], p["train_data"], p["val_data"])
-    results |= scaling_bench(p["train_data"], p["val_data"], str(Path(p["checkpoint"]).parent / "bench-train"),
-                             results["train_flops_per_token"])
+    results |= scaling_bench(p["train_data"], p["val_data"], results["train_flops_per_token"])
     print()
     print(training_markdown(results))
     write_atomic(out, json_text(results), args.overwrite)

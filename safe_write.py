@@ -39,14 +39,23 @@ class OutputError(UserError):
 NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the temporary name adds, "..12345678.tmp", and 2 spare)
 
 
+READ_IN_FOLDERS = (".abc", ".json")  # the files a folder of tunes is read for (corpus.load_records), any case
+
+
 def same_file(a: Path, b: str | Path) -> bool:
-    """Whether a and the input b are one file; b may be a file:// URL, which names a local file
-    too (a remote URL names none)."""
-    if str(b).startswith("file://"):
+    """Whether a is the input b, or one of the files an input folder b is read for; b may be a file:// URL
+    (in any case, as the readers take it), which names a local file too (a remote URL names none)."""
+    if str(b).lower().startswith("file://"):
         b = urllib.parse.unquote(urllib.parse.urlparse(str(b)).path)
     elif "://" in str(b):
         return False
     b = Path(b)
+    if b.is_dir() and not a.is_dir():
+        return any(_one_file(a, f) for f in b.rglob("*") if f.suffix.lower() in READ_IN_FOLDERS and f.is_file())
+    return _one_file(a, b)
+
+
+def _one_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve); the checks after say so

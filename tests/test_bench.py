@@ -5,6 +5,7 @@ import dataclasses
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,26 @@ def test_a_figure_not_measured_is_written_as_json_null_and_a_server_that_fails_t
     monkeypatch.setattr(bench.rendering, "missing_tools", lambda: {})
     with pytest.raises(UserError, match="serve.py did not start: error: .*no such model"):
         bench.server_bench(str(tmp_path / "missing.onnx"), requests=1)
+
+
+
+def test_the_timed_trainings_write_into_folders_of_their_own_and_leave_the_users_runs(tmp_path, monkeypatch):
+    """The bench's trainings (peak memory, processes, the large corpus) write checkpoints: each into a
+    temporary folder, removed after, never beside the model measured, where a run of the user's may be."""
+    users_run = tmp_path / "bench-train"
+    users_run.mkdir()
+    (users_run / "best.pt").write_bytes(b"the user's")
+    outs = []
+
+    def measured_run(command):
+        if "train" in command:
+            outs.append(Path(command[command.index("--out") + 1]))
+            assert outs[-1].is_dir() and not any(outs[-1].iterdir()) and "--overwrite" not in command
+        return type("Done", (), {"stderr": "PEAK_KB 1024", "stdout": "| 1,000 tok/s"})()
+
+    monkeypatch.setattr(bench, "measured_run", measured_run)
+    monkeypatch.setattr(bench, "gemm_seconds", lambda dtype: 1.0)
+    bench.process_bench(str(tmp_path / "best.pt"), "m.onnx", "t.json", "v.json")
+    bench.scaling_bench("t.json", "v.json", 1)
+    assert len(outs) == 1 + 2 * bench.PROCESS_REPEATS and not any(out.exists() for out in outs)
+    assert all(tmp_path not in out.parents for out in outs) and (users_run / "best.pt").read_bytes() == b"the user's"

@@ -384,12 +384,28 @@ def test_crafted_onnx_files_are_one_line(tiny_onnx, tmp_path):
         assert one_error_line(code, err) and ("musicrnn" in err or "is a folder" in err), (name, err)
 
 
-def test_an_input_given_as_a_file_url_is_never_replaced(fixture_data, tmp_path):
+@pytest.mark.parametrize("scheme", ["file", "FILE", "File"])  # the readers take a scheme in any case
+def test_an_input_given_as_a_file_url_is_never_replaced(fixture_data, tmp_path, scheme):
     data = tmp_path / "tunes.png"
     shutil.copy(fixture_data["train"], data)
     before = data.read_bytes()
-    code, _, err = run_main(musicrnn.main, "stats", "--data", f"file://{data}", "--plot", data, "--overwrite")
+    code, _, err = run_main(musicrnn.main, "stats", "--data", f"{scheme}://{data}", "--plot", data, "--overwrite")
     assert one_error_line(code, err) and "is also what this command reads" in err and data.read_bytes() == before
+
+
+def test_a_file_an_input_folder_is_read_for_is_never_replaced(fixture_data, copies, tmp_path):
+    """A folder of tunes is read for its .abc and .json files, a link among them included: none is an --out."""
+    folder = tmp_path / "tunes"
+    folder.mkdir()
+    shutil.copy(fixture_data["train"], folder / "a.json")
+    (folder / "b.json").symlink_to(tmp_path / "elsewhere.json")
+    shutil.copy(fixture_data["train"], tmp_path / "elsewhere.json")
+    before = {p: p.read_bytes() for p in (folder / "a.json", tmp_path / "elsewhere.json")}
+    for out in (folder / "a.json", tmp_path / "elsewhere.json"):
+        code, _, err = run_main(musicrnn.main, "sweep", "--checkpoint", copies["copy.pt"], "--train-data", folder,
+                                "--out", out, "--overwrite")
+        assert one_error_line(code, err) and "is also what this command reads" in err, err
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_a_run_started_with_relative_data_paths_resumes_from_any_folder(fixture_data, tmp_path, monkeypatch):
