@@ -750,8 +750,9 @@ def input_paths(args) -> dict[str, str]:
         raise UserError(f"--large reads no --{sorted(given & set(NOT_READ_BY_LARGE))[0].replace('_', '-')}: leave it out")
     paths = {name: getattr(args, name) or default for name, default in DEFAULTS.items()}
     read = ["val_data"] if args.large else [name for name in DEFAULTS if name != "int8" or name in given]
-    for name in read:
-        if not Path(paths[name]).is_file():
+    for name in read:  # tunes may also be a folder or a URL, which their reader checks
+        tunes = name.endswith("_data") and (Path(paths[name]).is_dir() or "://" in paths[name])
+        if not (tunes or Path(paths[name]).is_file()):
             raise UserError(f"{paths[name]}: no such file" + ("" if name in given else " (make train and make data "
                                                                                       "write the defaults)"))
     for name in read:  # and what is in them, which a measurement minutes in would find

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UserError, torchrun_worker
+from cli import Terminated, UserError, torchrun_worker
 
 
 class PeerLost(UserError):
@@ -71,8 +71,8 @@ def launched(procs: int, command: list[str]) -> bool:
         torchrun.main(["--standalone", f"--nproc_per_node={procs}", *command])
     except ChildFailedError as e:
         sys.exit(2 if e.get_first_failure()[1].exitcode == 2 else 1)
-    except SignalException:  # Ctrl-C (or a kill) reached the launcher, which stopped the ranks
-        raise KeyboardInterrupt from None
+    except SignalException as e:  # Ctrl-C or a kill reached the launcher, which stopped the ranks
+        raise (Terminated if e.sigval == signal.SIGTERM else KeyboardInterrupt) from None
     return True
 
 

@@ -131,14 +131,17 @@ def test_an_out_that_is_one_of_its_inputs_is_refused_even_with_overwrite(fixture
     ([], "data/validation.json: no such file (make train and make data write the defaults)"),
     (["--large", "LARGE", "--onnx", "x.onnx"], "--large reads no --onnx"),
     (["--train-data", "OBJECT"], "one JSON object"),                     # there, but no tunes in it
+    (["--train-data", "FOLDER"], "no tunes found (a folder is read for"),  # a folder is read, as train reads it
     (["--int8", "OBJECT"], "not a readable ONNX model"),
 ], ids=repr)
 def test_a_missing_or_ignored_input_is_one_line_before_any_measuring(flags, says, fixture_data, tiny_run, tiny_onnx,
                                                                      tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where no default input exists
     (tmp_path / "object.json").write_text('{"abc notation": "X:1"}')
-    flags = [str(fixture_data["train"]) if f == "LARGE" else str(tmp_path / "object.json") if f == "OBJECT" else f
-             for f in flags]
+    (tmp_path / "folder").mkdir()
+    named = {"LARGE": str(fixture_data["train"]), "OBJECT": str(tmp_path / "object.json"),
+             "FOLDER": str(tmp_path / "folder")}
+    flags = [named.get(f, f) for f in flags]
     val = [] if flags == [] else ["--val-data", str(fixture_data["val"])]
     train = [] if "--train-data" in flags else ["--train-data", str(fixture_data["train"])]
     code, out, err = run_main(bench.main, "--checkpoint", str(tiny_run / "best.pt"), "--onnx", str(tiny_onnx),

@@ -112,16 +112,21 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_finishes(tmp_path,
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_procs_is_one_line_and_exit_130_then_resume_goes_on(tmp_path, fixture_tunes):
+@pytest.mark.parametrize("how, code, line", [("ctrl-c", 130, "interrupted"), ("kill", 143, "terminated")])
+def test_ctrl_c_or_kill_under_procs_is_one_line_then_resume_goes_on(tmp_path, fixture_tunes, how, code, line):
+    """As one process: Ctrl-C is "interrupted" and 130, `kill PID` (SIGTERM) "terminated" and 143."""
     args, out = drill_run(tmp_path, fixture_tunes)
     args = [sys.executable, *args, "--procs", "2"]
     job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                            start_new_session=True)  # a group of its own, as a terminal's foreground job
     into_second_epoch(job, out)
     assert job.poll() is None, "the job ended before the drill could interrupt it"
-    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends: the launcher and both ranks
+    if how == "ctrl-c":
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends: the launcher and both ranks
+    else:
+        os.kill(job.pid, signal.SIGTERM)  # the launcher alone, which stops the ranks
     _, err = job.communicate(timeout=120)
-    assert job.returncode == 130 and err.strip().splitlines() == ["interrupted"], err[-3000:]
+    assert job.returncode == code and err.strip().splitlines() == [line], err[-3000:]
     done = run(args + ["--resume"])
     assert done.returncode == 0 and "resuming" in done.stdout, done.stderr[-3000:]
 
