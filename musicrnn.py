@@ -689,8 +689,6 @@ def run_settings(cfg: Config, resume: bool, overwrite: bool, given: set[str] | N
     return cfg, ckpt
 
 
-
-
 def describe_run(run: Run, val_tunes: list[str], log) -> None:
     """What a run trains on, where, and what its user should know before the first epoch."""
     cfg, vocab = run.cfg, run.vocab
@@ -720,10 +718,6 @@ def restore(run: Run, ckpt: dict, log) -> None:
     cut = f", and {p.batches_done} batches of epoch {p.epoch + 1}, where the time budget cut it" * bool(p.batches_done)
     log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {p.epoch}{cut} (best val loss {p.best_val:.4f}, "
         f"{p.seconds / 60:.1f} of --max-minutes {run.cfg.max_minutes:g} spent)")
-
-
-
-
 
 
 def seed_everything(seed: int) -> None:
