@@ -1166,7 +1166,7 @@ def _accompany(s: TuneState, prompt: str) -> None:
 
 UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and what it reads instead
     (re.compile(r"\[[A-Za-z]:"), "an inline field like [K:G] or [M:3/4]: it keeps the header's key, meter and unit"),
-    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, P:, ...): it reads header lines up to K:, "
+    (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, N:, ...): it reads header lines up to K:, "
                                     "then music"),
     (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),

@@ -186,7 +186,8 @@ def header_prompt(meter: str | None = None, key: str | None = None, prompt: str 
 
 INFO_FIELDS = "TCOASZNHGDFBW"  # title, composer, origin, area, source, transcription, notes, history, group,
 # discography, file, book, words: text about a tune, not music
-BODY_INFO_FIELDS = "TW"  # those abc2midi also takes in a tune's body (the others there are an error to it)
+BODY_INFO_FIELDS = "TWP"  # those abc2midi also takes in a tune's body (the others there are an error to it);
+# P:, a part's label, changes nothing it plays without a P: line in the header (which --constrained refuses)
 _INFO_LINE = {fields: re.compile(rf"[{fields}]:(?![|:])") for fields in (INFO_FIELDS, BODY_INFO_FIELDS)}  # not
 # "A:|", a line's lone note before a bar line
 _COMMENT = re.compile(r"[ \t]*%.*")  # to the line's end; a %% line too, a directive to what plays the tune

@@ -695,10 +695,10 @@ def test_a_tie_across_a_plain_bar_line_continues_bar_clean(opening):
 
 
 def test_a_prompt_with_comments_and_info_lines_in_its_body_continues_bar_clean():
-    """Comments (at a line's end, a line alone, indented), directives (%%MIDI) and an info line in the body
-    are read as nothing, as the corpus builder drops them from training tunes; the tune keeps them as
-    typed (abc2midi plays the directives)."""
-    body = "T:Part one\n%%MIDI program 73\n|:G3 GAB| % the turn\n% a line alone\n  % indented\nAGE"
+    """Comments (at a line's end, a line alone, indented), directives (%%MIDI), a title and a part's label
+    (P:A, as the Nottingham Music Database writes it) in the body are read as nothing, as the corpus
+    builder drops them from training tunes; the tune keeps them as typed (abc2midi plays the directives)."""
+    body = "T:Part one\nP:A\n%%MIDI program 73\n|:G3 GAB| % the turn\n% a line alone\n  % indented\nAGE"
     assert abc_tokens.prompt_as_read(SIX_EIGHT_G + body) == SIX_EIGHT_G + "|:G3 GAB|\nAGE"
     assert_continues_bar_clean(SIX_EIGHT_G + body)
     if judging.abc2midi_available():  # the judge reads the tune as abc2midi does: "a4" and ":|" are a comment
