@@ -184,8 +184,12 @@ def first_line(e: Exception, limit: int = 160) -> str:
 def error_line(message: str, every_rank: bool = False) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
     Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
+    if sys.stderr is None:  # closed (2>&-): print would write the line to stdout, which may be the user's file
+        return 2
     if every_rank or (torchrun_worker() or {"RANK": 0})["RANK"] == 0:
-        print("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        with contextlib.suppress(OSError):  # a full stderr (2>/dev/full): the exit code still says it
+            print("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"),
+                  file=sys.stderr, flush=True)
     return 2
 
 

@@ -736,6 +736,16 @@ def test_render_without_out_is_one_line(tiny_onnx):
     assert one_error_line(code, err) and "give --out too" in err
 
 
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_an_error_with_stderr_closed_or_full_is_exit_2_and_never_lands_in_stdout(stderr):
+    """2>&- or 2>/dev/full: the error line has nowhere to go, and must not go to stdout, which may be the
+    file the user asked for (print with no stderr writes to stdout)."""
+    with open(os.devnull if stderr == "closed" else "/dev/full", "w") as sink:
+        done = subprocess.run([sys.executable, "infer_onnx.py", "--num", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=sink, text=True, preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
+    assert done.returncode == 2 and done.stdout == ""
+
+
 def test_overwrite_without_out_is_one_line(tiny_onnx):
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--overwrite", "--max-tokens", "5")
     assert one_error_line(code, err) and "without --out nothing is written" in err and out == ""
