@@ -276,7 +276,13 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     if facts.control_codes and not opts.form:  # the form it reads must fit the budget as an asked one does
         check_form_budget(CONTROL_FORM, opts.max_tokens, "the form this model reads when none is asked for, ")
     constraint = constraint or AbcConstraint(vocab, opts.max_bars, coded=facts.control_codes)
-    constraint.start(prompt, form)
+    try:
+        constraint.start(prompt, form)
+    except PromptError as e:
+        if prompt_as_read(opts.prompt) == opts.prompt:
+            raise
+        raise PromptError(f"{e} (it quotes the prompt as the model reads it: without its info lines, comments "
+                          f"and directives)") from None
     return opts, constraint
 
 

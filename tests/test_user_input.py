@@ -704,6 +704,9 @@ def test_a_tune_pasted_from_a_tunebook_with_its_title_and_comment_lines_is_conti
                                   *extra)
         assert code == 0, err
         assert out.startswith(prompt.replace("X: 1", "X:1")), out
+    code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--constrained", "--prompt",
+                            "X:1\nT:Wind\nM:6/8\nL:1/8\nK:D\nDFA dAF|DF|")  # its quote lacks the T: line: it says so
+    assert one_error_line(code, err) and "the bar has 2 units" in err and "as the model reads it" in err, err
     for unfinished in ("X:1\nT:Wind", "X:1\nM:6/8\nK:D\nDFA % the"):
         code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", unfinished)
         assert one_error_line(code, err) and "end the line" in err
