@@ -770,7 +770,10 @@ class AbcConstraint:
         if token[0] not in "|:":
             return ""
         if 0 < s.bar != target and not s.first_bar:
-            return f" (the bar{kind} has {_units(s.bar)} of its {_units(target)})"
+            led = not s.last_bar  # the body began with a bar line (_read_body): abc2midi counts the bar after it
+            return f" (the bar{kind} has {_units(s.bar)} of its {_units(target)}" + (
+                "; after a bar line at the body's start, abc2midi counts the first bar as a whole one, never a "
+                "pickup)" if led else ")")
         legal = self._legal(s, must_end)
         bars = [bar for bar in BAR_LINES if bar in self.at and legal[self.at[bar]]]
         if s.form and bars:

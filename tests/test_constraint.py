@@ -859,6 +859,7 @@ def test_pasted_abc_the_constraint_does_not_read_is_named_in_the_refusal(body, s
     ("A|(3d>fa", "(3 is followed straight by three plain notes"), ("A|d> f", "> and < stand straight between"),
     ("A|d2 [|]", "an invisible bar"), ("dc|]", "a pickup of 2 units of L closes with | or |:"),
     ("|]dfa", "no bar comes before this bar line"),
+    ("|A|dfa", "after a bar line at the body's start, abc2midi counts the first bar as a whole one"),
     ("A|dfa g2>", "the partner note is as long as the note before, 2 units of L: the bar has room for 1 unit"),
     ("A|d2f a2 >", "> and < stand straight"), ("A|dfa agf z6 k", "the bar is full"),
     ("|:dfa agf|\n|:d", "a repeat is open"), ("|:dfa agf|dfa agf|]", "a repeat is open"),
