@@ -432,11 +432,12 @@ class AbcConstraint:
         return len(bar) if between_bars else 0
 
     def _idle_space(self, state: TuneState, after: str) -> bool:
-        """A space in a prompt's body that changes nothing: one before a line break, or after another
-        space (pasted ABC has both; the rules write neither, but abc2midi and abcm2ps read them as none).
-        A space at the prompt's end is not idle: it ends the token before it, which the model may not go on."""
+        """A space in a prompt's body that changes nothing: one before a line break, after another space, or
+        after a tie's - (pasted ABC has them; the rules write none, but abc2midi and abcm2ps read them as
+        none: D4- D ties). Elsewhere a space at the prompt's end is not idle: it ends the token before it,
+        which the model may not go on."""
         line, newline, _ = after.partition("\n")
-        if newline and not line.strip(" "):
+        if (newline and not line.strip(" ")) or state.pending == "-":
             return True
         return state.pending.strip(" ") == "" and not self.mask(state, 10**6)[self.char_ids.get(" ", 0)]
 
@@ -1115,7 +1116,7 @@ def _why_not_inside(s: TuneState, token: str) -> str | None:
     if s.tie_pitch >= 0:
         if token[0] in NOTE_STARTS:
             return " (a tie joins two notes of one pitch: in one bar, or across a plain | that closes a full one)"
-        return (" (a tie crosses a plain | alone, one that closes a full bar)" if token[0] in "|:[" else
+        return (" (a tie crosses a plain | alone, one that closes a full bar)" if token[0] in "|:" else
                 " (after a tie's -, its second note follows straight, or a plain | and then it)")
     if s.grace:
         return " (grace notes are plain notes of one unit of L, at most 4: {g}, {gfg})"
