@@ -44,15 +44,24 @@ class UserError(Exception):
 
 
 def quiet_interrupt_while_loading(module_name: str) -> None:
-    """In a script run as a command (module_name "__main__"), before its heavy imports: Ctrl-C while
-    torch loads (2-3 s) ends as it does once run_command runs, in one line and exit 130, not in a
-    traceback from inside the import. A Ctrl-C the shell has told the command to ignore stays ignored."""
-    if module_name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    """In a script run as a command (module_name "__main__"), before its heavy imports: Ctrl-C or `kill`
+    while torch loads (2-3 s) ends as it does once run_command runs, in one line ("interrupted", 130;
+    "terminated", 143), not in a traceback from inside the import, or silently. A signal the shell has
+    told the command to ignore stays ignored; a torchrun rank's SIGTERM is its launcher's to handle."""
+    if module_name != "__main__":
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_loading)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and torchrun_worker() is None:
+        signal.signal(signal.SIGTERM, _terminated_while_loading)
 
 
 def _interrupted_while_loading(signum, frame) -> None:
     os._exit(_interrupted())
+
+
+def _terminated_while_loading(signum, frame) -> None:
+    os._exit(_terminated())
 
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -73,6 +82,8 @@ def run_command(command, args) -> int:
     a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _terminated_while_loading:  # and kill ends through the clean-up below
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # `kill` ends the command as Ctrl-C does, through its clean-up (the default would leave half-written
     # files); not a torchrun rank's, whose launcher stops it and may find it inside a collective
     terminate = torchrun_worker() is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -144,8 +155,7 @@ def _errors_as_lines(command, args) -> int:
     except MemoryError:
         return error_line("out of memory: ask for less (fewer or shorter tunes, a smaller model)")
     except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
+        return _terminated()
     except KeyboardInterrupt:
         return _interrupted()
     except Exception as e:  # a library that turned Ctrl-C into its own error (torch.export, while it imports)
@@ -161,8 +171,20 @@ def _terminate(signum, frame) -> None:
 
 def _interrupted() -> int:
     if torchrun_worker() is None:  # under torchrun the launcher says it, once
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
     return 130
+
+
+def _terminated() -> int:
+    _say("terminated")
+    return 143
+
+
+def _say(line: str) -> None:
+    """line on stderr; nowhere when stderr is closed (2>&-: print would write to stdout) or full."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(line, file=sys.stderr, flush=True)
 
 
 def _caused_by_interrupt(e: BaseException | None) -> bool:
@@ -184,12 +206,8 @@ def first_line(e: Exception, limit: int = 160) -> str:
 def error_line(message: str, every_rank: bool = False) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
     Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
-    if sys.stderr is None:  # closed (2>&-): print would write the line to stdout, which may be the user's file
-        return 2
     if every_rank or (torchrun_worker() or {"RANK": 0})["RANK"] == 0:
-        with contextlib.suppress(OSError):  # a full stderr (2>/dev/full): the exit code still says it
-            print("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"),
-                  file=sys.stderr, flush=True)
+        _say("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"))
     return 2
 
 
