@@ -58,6 +58,15 @@ def check_finite(model: nn.Module, path: str) -> None:
                         f"use a checkpoint of a training that did not diverge")
 
 
+def real_weights(state: dict) -> dict:
+    """A state dict whose tensors are real numbers, as every weight of ours is; a crafted one (complex,
+    integer) raises TypeError, which checkpoint_mismatch words, where loading would cast it with a warning."""
+    odd = [name for name, t in state.items() if not (torch.is_tensor(t) and t.is_floating_point())]
+    if odd:
+        raise TypeError(f"weights that are not real numbers: {', '.join(odd[:3])}")
+    return state
+
+
 @contextlib.contextmanager
 def checkpoint_mismatch(path: str):
     """A checkpoint whose parts do not fit musicrnn's model or optimizer: one line, no traceback."""

@@ -60,7 +60,7 @@ from abc_form import control_code
 from abc_music import (HIGHEST, LOWEST, NOTE_RANGE, RewriteError, change_rhythm, parse_note_range, set_unit_length,
                        transpose_tune, tune_types)
 from abc_tokens import Vocabulary
-from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint
+from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint, real_weights
 from cli import UserError
 from corpus import collection_digest, load_records, load_tunes
 from distributed import World, rank_rows
@@ -384,7 +384,7 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> tuple[MusicRN
     with checkpoint_mismatch(path):
         vocab = Vocabulary.from_dict(ckpt["vocab"])
         model = build_model(cfg, len(vocab))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(real_weights(ckpt["model"]))
     check_finite(model, path)
     return model.eval(), cfg, vocab
 
@@ -709,7 +709,7 @@ def warn_if_validation_is_trained_on(train_tunes: list[str], val_tunes: list[str
 
 
 def restore(run: Run, ckpt: dict, log) -> None:
-    run.model.load_state_dict(ckpt["model"])
+    run.model.load_state_dict(real_weights(ckpt["model"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     history = list(ckpt.get("history", []))
     run.progress = p = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history,

@@ -207,6 +207,19 @@ def test_an_export_of_nan_weights_is_refused_in_one_line(tiny_run, tmp_path):
     assert one_error_line(code, err) and "not finite" in err and out == ""  # not {"loss": NaN, ...}, no JSON
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_weights_that_are_not_real_numbers_are_one_line_never_a_cast(dtype, tiny_run, tmp_path):
+    """A crafted checkpoint: loading would cast its weights to float32 (with a warning of torch's for
+    complex ones) and generate from what is left."""
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt["model"]["to_logits.weight"] = ckpt["model"]["to_logits.weight"].to(dtype)
+    torch.save(ckpt, tmp_path / "odd.pt")
+    for args in (["generate", "--checkpoint", tmp_path / "odd.pt", "--num", "1", "--max-tokens", "5"],
+                 ["evaluate", "--checkpoint", tmp_path / "odd.pt", "--json"]):
+        code, out, err = run_main(musicrnn.main, *args)
+        assert one_error_line(code, err) and "not real numbers: to_logits.weight" in err and out == "", err
+
+
 def test_non_finite_outputs_fail_the_parity_check(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "parity", lambda *a, **k: float("nan"))
     code, _, err = run_main(export.main, "--checkpoint", tiny_run / "best.pt", "--out", tmp_path / "m.onnx")
