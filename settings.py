@@ -59,7 +59,7 @@ def check_config(cfg, source: str) -> None:
         raise UserError(f"{source}: data paths, --out and --transpose-range must be text")
     if not isinstance(cfg.control, bool):  # "no" would read as true, and the export would refuse its own file
         raise UserError(f"{source}: --control must be true or false, not {cfg.control!r}")
-    check_note_range(cfg.transpose_range)  # refuse a bad --transpose-range before training
+    check_note_range(cfg.transpose_range, source)  # refuse a bad --transpose-range before training
     if parameter_count(cfg, vocab_size=1000) > MAX_PARAMETERS:
         raise UserError(f"{source}: a model of --hidden-dim {cfg.hidden_dim} x --num-layers {cfg.num_layers} has more "
                         f"than {MAX_PARAMETERS:,} parameters, more than a CPU trains in reasonable time")
@@ -79,14 +79,15 @@ def check_unused_flags(cfg, given: set[str] | None) -> None:
         raise UserError("--dropout-mask chooses how --dropout draws its masks, and --dropout is 0 here")
 
 
-def check_note_range(text: str) -> None:
-    """A --transpose-range that reads as two notes, the lower one first."""
+def check_note_range(text: str, source: str) -> None:
+    """A --transpose-range that reads as two notes, the lower one first (source: where the setting came from)."""
     try:
         low, high = parse_note_range(text)
     except ValueError as e:
-        raise UserError(f"--transpose-range {e}") from None
+        raise UserError(f"{source}: --transpose-range {e}") from None
     if low > high:
-        raise UserError(f"--transpose-range {text}: its first note is above its second; give the lower one first")
+        raise UserError(f"{source}: --transpose-range {text}: its first note is above its second; give the lower one "
+                        f"first")
 
 
 def config_from_dict(config_class, values: dict, source: str = "checkpoint"):

@@ -162,6 +162,15 @@ def test_crafted_checkpoint_fields_are_one_line_naming_the_field(field, value, t
     assert "epoch " not in out
 
 
+def test_a_crafted_setting_in_a_checkpoint_names_the_checkpoint(tiny_run, tmp_path):
+    """The user typed no --transpose-range: the refusal says whose setting it is."""
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    ckpt["config"]["transpose_range"] = "zz"
+    torch.save(ckpt, tmp_path / "odd.pt")
+    code, _, err = run_main(musicrnn.main, "generate", "--checkpoint", tmp_path / "odd.pt", "--max-tokens", "5")
+    assert one_error_line(code, err) and f"{tmp_path / 'odd.pt'}: --transpose-range wants two ABC notes" in err, err
+
+
 @pytest.mark.parametrize("change", [{"betas": (5.0, -1.0)}, {"eps": -1.0}, {"betas": "x"},
                                     {"weight_decay": float("nan")}])
 def test_crafted_optimizer_settings_are_one_line_not_a_run_that_diverges(change, tiny_run, tmp_path):
