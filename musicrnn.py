@@ -941,8 +941,10 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args) -> None:
-    if distributed.launched(args.procs, [__file__, *args.argv]):  # this very command again, as --procs ranks
-        return
+    out = Path(Config.out_dir if args.out_dir is None else args.out_dir)
+    with removed_if_failed(out):  # ranks stopped before a checkpoint leave no folder: none cleans up for them
+        if distributed.launched(args.procs, [__file__, *args.argv]):  # this very command again, as --procs ranks
+            return
     given = {f.name for f in fields(Config) if getattr(args, f.name) is not None}
     train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite,
           tensorboard=args.tensorboard, given=given)

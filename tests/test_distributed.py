@@ -132,6 +132,22 @@ def test_ctrl_c_or_kill_under_procs_is_one_line_then_resume_goes_on(tmp_path, fi
 
 
 @pytest.mark.slow
+def test_procs_killed_before_a_checkpoint_leave_no_folder(tmp_path, fixture_tunes):
+    """As one process: the new --out folder, holding only the run's lock, goes with the run."""
+    args, out = drill_run(tmp_path, fixture_tunes)
+    job = subprocess.Popen([sys.executable, *args, "--procs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    assert job.poll() is None and not (out / "last.pt").exists(), "the drill came too late"
+    os.kill(job.pid, signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143 and err.strip().splitlines() == ["terminated"], err[-3000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_ranks_end_with_their_launcher_even_one_killed_outright_and_resume_goes_on(tmp_path, fixture_tunes):
     """SIGKILL of `train --procs 2` ends its two ranks too, or they would train on to the end, holding the
     run's lock; --resume then goes on from the last checkpoint."""
