@@ -1177,6 +1177,7 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r":\|:"), "a :|:, which abc2midi reads as neither a repeat's end nor a start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),
     (re.compile(r"\((?!3)\d"), "a tuplet other than (3: it reads (3 alone"),
+    (re.compile(r"\(\d:"), "a tuplet written (p:q:r: it reads (3 alone, three notes in the time of two"),
     (re.compile(r"H|!fermata!"), "a fermata: abc2midi plays the note longer, past its bar"),
     (re.compile(r"\.(?=[z\[])|!staccato!(?=[z\[])"), "a staccato on a rest or a chord: it reads one on a note"),
     (re.compile(r"\.(?![\^_=A-Ga-g])"), "a staccato not straight before its note: it reads .A"),

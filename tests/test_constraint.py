@@ -842,7 +842,7 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
     ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
     ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa aTf2-|f", "a tie across a bar line starts from a plain note"),
-    ("A|(2df agf|", "a tuplet other than (3"), ("A|Hdfa agf|", "a fermata"), ("A|dfa !fermata!agf|", "a fermata"),
+    ("A|(2df agf|", "a tuplet other than (3"), ("A|(3:2:3dfa agf|", "a tuplet written (p:q:r"), ("A|Hdfa agf|", "a fermata"), ("A|dfa !fermata!agf|", "a fermata"),
     ("A|dfa !mordent!agf|", "a decoration it does not write"), ("A|.z3 agf|", "a staccato on a rest"),
     ("A|dfa Pagf|", "a decoration it does not write"), ("A|dfa {/g}agf|", "an acciaccatura"),
     ("A|dfa {g2}agf|", "a grace note with a length"), ("A|dfa ^^gf|", "a double sharp"),
