@@ -258,6 +258,15 @@ class TuneState:
         pending = self.pending if exact else note_shape(self.pending)
         return pending, self.pending_must_end, self.last_pitch if self.pending == "-" else None
 
+    def amend(self, **fields) -> None:
+        """A prompt's reading changes fields of the key outside a commit: the number memoised goes too."""
+        self.__dict__.update(fields, memo=None)
+
+    def ties_across(self) -> bool:
+        """The last note may start a tie across a bar line: a plain one, not a tuplet's or a partner (last_note),
+        nor decorated or graced (abc2midi splits a trill or a roll and miscounts the bar, measured)."""
+        return self.last_note > 0 and not self.last_decorated
+
     def mid_group(self) -> bool:
         """Something begun that the next notes must finish: a chord, grace notes, a tuplet, a broken
         rhythm's partner, a tie, or a decoration's note."""
@@ -381,15 +390,13 @@ class AbcConstraint:
             self._end_token_before(state, "a chord symbol", prompt[shown:i])
             end = self._skip_chord_symbol(prompt, i)
             _accompany(state, prompt[shown:end])
-            state.memo = None  # a field of the state's key changed: its number goes with it
             return end  # a space after it that the rules take nowhere ("D" A2B at a line's start): _idle_space
         if prompt[i] == ")" or (prompt[i] == "(" and not prompt[i + 1:i + 2].isdigit()):  # (3 is a tuplet
             self._read_slur(state, prompt[i], prompt[shown:i])
             return i + 1
         idle = self._idle(state, prompt, i)
         if idle and prompt[i] in "[|" and state.bar == 0:  # abc2midi counts a bar after a bar line, a pickup's
-            state.first_bar, state.memo = False, None  # too ("Bar 0 has 5 time units ... in repeat"): the first
-            # bar is then full (and the state's number goes with its key)
+            state.amend(first_bar=False)  # too ("Bar 0 has 5 time units ... in repeat"): the first bar is then full
         if idle:
             return i + idle  # the automaton reads the tune as if it were not there: the prompt stays as typed
         if prompt[i] == ":" and state.pending == "||":  # ||: is || then |: (abc2midi reads :|: as neither)
@@ -397,7 +404,7 @@ class AbcConstraint:
         staccato = next((mark for mark in (".", "!staccato!") if prompt.startswith(mark, i)), "")
         if staccato and re.match(r"[\^_=A-Ga-g]", prompt[i + len(staccato):]) and self.staccato:
             self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
-            state.staccato_next, state.memo = True, None  # read as a decoration the model writes: no time
+            state.amend(staccato_next=True)  # read as a decoration the model writes: no time
             return i + len(staccato)
         if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
             self._read_char(state, "|", prompt[shown:i + 2], prompt, i)
@@ -761,7 +768,7 @@ class AbcConstraint:
             return f" (the bar{kind} is full, at {_units(target)})"
         if token == "-" and left <= 0:  # _tie_fits
             return (" (a tie across a bar line starts from a plain note: no decoration, grace notes, tuplet or broken "
-                    "rhythm; abc2midi miscounts the bar of a trilled one)" if not s.last_note or s.last_decorated else
+                    "rhythm; abc2midi miscounts the bar of a trilled one)" if not s.ties_across() else
                     f" (the bar{kind} is full, and a tie crosses only a plain | after which the tune goes on)")
         marks = _why_no_mark_here(s, token, left, kind)
         if marks:
@@ -1004,14 +1011,12 @@ class AbcConstraint:
 
     def _tie_fits(self, s: TuneState, rem: int, must_end: bool, bars: list[str]) -> bool:
         """A tie after a note: its second note in this bar, or (the bar full) after a plain | that the bar
-        cap does not make the last (the tie would carry the tune a bar past it). Across the bar line only
-        from a plain note: not a tuplet's or a partner (last_note), nor a decorated or graced one (abc2midi
-        splits a trill or a roll and miscounts the bar, measured). Not when the tune must end: begun in the
-        bar that must end it, a tie would carry it to a full bar."""
+        cap does not make the last (the tie would carry the tune a bar past it), from a note that
+        TuneState.ties_across. Not when the tune must end: begun in the bar that must end it, a tie would
+        carry it to a full bar."""
         if not (s.last == NOTE and s.last_pitch >= 0) or must_end:
             return False
-        plain = s.last_note > 0 and not s.last_decorated
-        return rem > 0 or (plain and "|" in bars and not self._near_bar_cap(s))
+        return rem > 0 or (s.ties_across() and "|" in bars and not self._near_bar_cap(s))
 
     def _fitting(self, rem: int, longest: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N,) the notes, and the notes and rests, that fit in rem ticks (longest: only the longest
@@ -1162,7 +1167,7 @@ def _accompany(s: TuneState, prompt: str) -> None:
     the last bar of a tune with a pickup outlasts it unless that bar is whole eighths ("Sustained
     notes beyond end of track", measured in every meter): so the pickup, which the last bar completes,
     is made of whole eighths."""
-    s.accompanied = s.full // int(bar_units(s.meter, "1/8"))
+    s.amend(accompanied=s.full // int(bar_units(s.meter, "1/8")))
     if s.pickup % s.accompanied:
         raise PromptError(f"--constrained: with chord symbols, a pickup must be whole eighth notes (abc2midi's "
                           f"accompaniment outlasts a shorter last bar), at {prompt!r}")
