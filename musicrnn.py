@@ -942,9 +942,10 @@ def add_train_parser(sub) -> None:
 
 def cmd_train(args) -> None:
     out = Path(Config.out_dir if args.out_dir is None else args.out_dir)
-    with removed_if_failed(out):  # ranks stopped before a checkpoint leave no folder: none cleans up for them
-        if distributed.launched(args.procs, [__file__, *args.argv]):  # this very command again, as --procs ranks
-            return
+    with removed_if_failed(out):  # ranks stopped before a checkpoint clean up nothing: the launcher does
+        launched = distributed.launched(args.procs, [__file__, *args.argv])  # this very command again, as ranks
+    if launched:
+        return
     given = {f.name for f in fields(Config) if getattr(args, f.name) is not None}
     train(cli.dataclass_from_args(Config, args), resume=args.resume, overwrite=args.overwrite,
           tensorboard=args.tensorboard, given=given)
