@@ -64,6 +64,20 @@ def _terminated_while_loading(signum, frame) -> None:
     os._exit(_terminated())
 
 
+def _interrupted_while_exiting(signum, frame) -> None:
+    _interrupted()
+    _exit_interrupted(signum, frame)
+
+
+def _exit_interrupted(signum, frame) -> None:
+    """Leaves now, skipping the exit handlers left (torch's and threading's would print a traceback from
+    the KeyboardInterrupt), once what the command printed is out."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or None (`>&-`)
+            stream.flush()
+    os._exit(130)
+
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -80,7 +94,8 @@ def torchrun_worker() -> dict[str, int] | None:
 def run_command(command, args) -> int:
     """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
     a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
+    a_command_process = signal.getsignal(signal.SIGINT) is _interrupted_while_loading
+    if a_command_process:  # loaded: Ctrl-C is KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is _terminated_while_loading:  # and kill ends through the clean-up below
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -91,12 +106,16 @@ def run_command(command, args) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
     stderr, sys.stderr = sys.stderr, sys.stderr or _devnull_on(2)
+    code = 1
     try:
-        return _errors_as_lines(command, args)
+        code = _errors_as_lines(command, args)
+        return code
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if a_command_process:  # the work is done: Ctrl-C while Python exits ends it there, in one line
+            signal.signal(signal.SIGINT, _interrupted_while_exiting if code != 130 else _exit_interrupted)
 
 
 def _devnull_on(descriptor: int):

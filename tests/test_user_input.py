@@ -200,6 +200,32 @@ def test_ctrl_c_or_kill_while_numpy_and_onnxruntime_load_is_one_line(script, sen
     assert proc.returncode == code and proc.stderr == line + "\n", proc.stderr[-2000:]
 
 
+INTERRUPT_AT_EXIT = """
+import atexit, os, runpy, signal, sys, time
+def ctrl_c_while_exiting():  # registered first, so it runs last of the exit handlers
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+atexit.register(ctrl_c_while_exiting)
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("command", ["infer_onnx", "stats"])
+def test_ctrl_c_while_a_finished_command_exits_is_one_line_and_keeps_its_output(command, tiny_onnx, fixture_data):
+    """Ctrl-C (one, or the second of two) while Python runs its exit handlers, after the command has
+    done its work: "interrupted" and 130 at once, never a traceback from inside torch's or threading's
+    handlers, and what the command printed is all on stdout."""
+    argv = (["infer_onnx.py", "--model", str(tiny_onnx), "--num", "3", "--seed", "0"] if command == "infer_onnx"
+            else ["musicrnn.py", "stats", "--data", str(fixture_data["train"])])
+    whole = subprocess.run([sys.executable, *argv], capture_output=True, cwd=ROOT, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_EXIT.format(argv=argv)], capture_output=True,
+                          cwd=ROOT, text=True, timeout=120)
+    assert whole.returncode == 0 and whole.stdout.strip(), whole.stderr[-2000:]
+    assert (proc.returncode, proc.stderr) == (130, "interrupted\n"), proc.stderr[-2000:]
+    assert proc.stdout == whole.stdout
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
