@@ -24,7 +24,7 @@ from pathlib import Path
 from abc_form import is_control_code
 from abc_music import header_field, read_tunebook, readable_lengths
 from cli import UserError, first_line
-from safe_write import READ_IN_FOLDERS, write_atomic
+from safe_write import folder_files, write_atomic
 
 
 def load_tunes(path: str) -> list[str]:
@@ -53,8 +53,7 @@ def load_records(path: str) -> list[tuple[str, str]]:
     if "://" not in path and p.exists() and not (p.is_dir() or p.is_file() or p.is_fifo()):  # /dev/zero: endless
         raise UserError(f"{path}: a device, not a file or a folder of tunes")
     folder = p.is_dir()
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in READ_IN_FOLDERS and f.is_file()) \
-        if folder else [path]  # B.ABC and X.JSON too, as when named alone
+    files = folder_files(p) if folder else [path]
     records, why = [], []
     for file in files:
         found, skipped = read_file(str(file))

@@ -7,6 +7,7 @@ Holds:
   command, an existing file (without --overwrite), a folder, or a place that cannot be written;
   it creates nothing, so a command refused later leaves no folder behind;
 - check_run_files: the same for every file a training writes in its folder;
+- folder_files: the files a folder of tunes is read for, an unreadable subfolder an error;
 - same_file: whether two paths (links followed, a file:// URL read) name one file;
 - atomic_file, write_atomic: write beside the target, then rename (or, without --overwrite,
   hard-link) it into place, its bytes on disk first, so a crash never leaves half a file and a file that appeared
@@ -42,6 +43,16 @@ NAME_LIMIT = 255 - 16  # bytes of a file name (Linux's 255, less what the tempor
 READ_IN_FOLDERS = (".abc", ".json")  # the files a folder of tunes is read for (corpus.load_records), any case
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """The tunebooks and JSON files in a folder and its subfolders (B.ABC and X.JSON too, as when named
+    alone); a subfolder that cannot be read is an error, not a silent gap in the data."""
+    def unreadable(e: OSError):
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror})")
+
+    found = (Path(root, name) for root, _, names in os.walk(folder, onerror=unreadable) for name in names)
+    return sorted(f for f in found if f.suffix.lower() in READ_IN_FOLDERS and f.is_file())
+
+
 def same_file(a: Path, b: str | Path) -> bool:
     """Whether a is the input b, or one of the files an input folder b is read for; b may be a file:// URL
     (in any case, as the readers take it), which names a local file too (a remote URL names none)."""
@@ -51,7 +62,7 @@ def same_file(a: Path, b: str | Path) -> bool:
         return False
     b = Path(b)
     if b.is_dir() and not a.is_dir():
-        return any(_one_file(a, f) for f in b.rglob("*") if f.suffix.lower() in READ_IN_FOLDERS and f.is_file())
+        return any(_one_file(a, f) for f in folder_files(b))
     return _one_file(a, b)
 
 

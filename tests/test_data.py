@@ -71,6 +71,31 @@ def test_a_folder_is_read_for_its_json_files_too(tmp_path, fixture_tunes, capsys
         corpus.load_tunes(str(tmp_path / "empty"))
 
 
+def test_a_subfolder_that_cannot_be_read_is_one_line_not_a_gap_in_the_data(tmp_path, fixture_tunes, monkeypatch):
+    """A folder of tunes with a subfolder the user may not list: an error that names it, where the
+    tunes beside it were read alone (or "no tunes found" said where it held them all)."""
+    corpus.write_irishman_json(tmp_path / "a.json", fixture_tunes[:3])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    corpus.write_irishman_json(locked / "b.json", fixture_tunes[3:])
+    if os.geteuid() == 0:  # root lists any folder: the operating system's answer for another user, given
+        scandir = os.scandir
+
+        def refused(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return scandir(path)
+        monkeypatch.setattr(os, "scandir", refused)
+    else:
+        locked.chmod(0)
+    try:
+        code, _, err = run_main(musicrnn.main, "stats", "--data", tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert one_error_line(code, err), err
+    assert err == f"error: {locked}: cannot read this folder (Permission denied)\n"
+
+
 @pytest.mark.parametrize("script", ["build_corpus.py", "build_large.py"])
 def test_the_data_builders_run_as_files_from_any_folder(script, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "data" / script), "--help"], capture_output=True, text=True,
