@@ -765,7 +765,8 @@ class AbcConstraint:
         kind = _bar_kind(s, target)
         left = target - s.bar
         if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:
-            return f" (the bar{kind} is full, at {_units(target)})"
+            unended = "; a line break does not end a bar: write | before it" if s.last == NEWLINE else ""
+            return f" (the bar{kind} is full, at {_units(target)}{unended})"
         if token == "-" and left <= 0:  # _tie_fits
             return (" (a tie across a bar line starts from a plain note: no decoration, grace notes, tuplet or broken "
                     "rhythm; abc2midi miscounts the bar of a trilled one)" if not s.ties_across() else

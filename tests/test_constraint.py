@@ -221,6 +221,7 @@ SIX_EIGHT = "X:1\nL:1/8\nM:6/8\nK:D\n"
 
 @pytest.mark.parametrize("body, form, says", [
     ("d2e f3 g", (), "(the bar is full, at 6 units of L)"),
+    ("d2e f3\ng", (), "(the bar is full, at 6 units of L; a line break does not end a bar: write | before it)"),
     ("d2e f3|d2e f4", (), "(the bar has room for 3 units of L more, of its 6 units of L)"),
     ("d2e f3|d2e f|", (), "(the bar has 4 units of L of its 6 units of L)"),
     ("d2|d2e f3|d2e f3:", (), "after a pickup of 2 units of L, a section ends on a bar of 4 units of L"),
