@@ -28,6 +28,7 @@ from abc_constraint import SECTION_ENDS, AbcConstraint
 from abc_form import bar_times, control_code, form_code, parse_control_code, sections
 from abc_music import header_field, note_tokens, pitch_class, pitch_spelling, tune_body, without_blank_lines
 import cli
+import plots
 import sampler
 from abc_tokens import header_prompt, music_only
 from cli import UserError
@@ -263,12 +264,13 @@ def type_table(rows: list[dict]) -> str:
 def add_commands(sub, command) -> None:
     """The three judging commands on musicrnn.py's subparsers; command(sub, name, what) makes one."""
     sweep_parser = judging_parser(sub, command, "sweep", "judge generated tunes per temperature, free and "
-                                                         "--constrained (abc2midi)")
+                                                         "--constrained (abc2midi)", outputs="--out and --plot")
     sweep_parser.add_argument("--train-data", default="data/train.json",
                               help="the training tunes, for pitch classes and copying (default: data/train.json)")
     sweep_parser.add_argument("--max-tokens", type=cli.int_in(AbcConstraint.END_RESERVE, 100_000), default=1000,
                               help=f"tokens per tune at most (default 1000; at least {AbcConstraint.END_RESERVE}, "
                                    f"which the constrained rows keep to finish a tune)")
+    sweep_parser.add_argument("--plot", help="also draw the table against the temperature to this .png file")
     sweep_parser.add_argument("--temperatures", type=sampler.TEMPERATURE, nargs="+", default=[0.5, 0.8, 1.0, 1.2],
                               help="one row pair (free, constrained) per temperature, each 0.01-100 "
                                    "(default: 0.5 0.8 1.0 1.2)")
@@ -285,7 +287,7 @@ def add_commands(sub, command) -> None:
                        help="the corpus whose typed tunes set the reference shares (default: data/train.json)")
 
 
-def judging_parser(sub, command, name: str, what: str):
+def judging_parser(sub, command, name: str, what: str, outputs: str = "--out"):
     """A judging command, with the flags they all share: the model, how many tunes, the seed, the output."""
     p = command(sub, name, what)
     model = p.add_mutually_exclusive_group()  # one model: a --checkpoint beside --onnx would go unread
@@ -294,7 +296,7 @@ def judging_parser(sub, command, name: str, what: str):
     p.add_argument("--num", type=cli.int_in(1, 10_000), default=50, help="tunes per row of the table, 1-10000 (default 50)")
     p.add_argument("--seed", type=sampler.SEED, default=0, help="seeds the draws of every row (default 0)")
     p.add_argument("--out", default=f"runs/{name}.json", help=f"the table as JSON (default: runs/{name}.json)")
-    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help=f"let {outputs} replace existing files")
     return p
 
 
@@ -306,6 +308,8 @@ def run_command(args, torch_generator) -> None:
     corpus = load_tunes(inputs[0]) if inputs else []              # refused before the model loads
     model = args.checkpoint if args.onnx is None else args.onnx  # --onnx '' is a model named wrong, not none
     out = check_output(args.out, "--out", args.overwrite, inputs=[model, *inputs])
+    plot = plots.checked_plot_path(args.plot, args.overwrite, [model, *inputs, out]) \
+        if getattr(args, "plot", None) is not None else None  # sweep's alone
     judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),
                     "types": (judge_types, type_table)}[args.command]
     generate_fn, facts = torch_generator(model) if args.onnx is None else onnx_generator(model)
@@ -313,6 +317,9 @@ def run_command(args, torch_generator) -> None:
     print(table(rows))
     write_atomic(out, json.dumps(rows, indent=2).encode(), args.overwrite)
     print(f"written to {out}")
+    if plot:
+        plots.plot_sweep(rows, plot, args.overwrite)
+        print(f"plot written to {plot}")
 
 
 def judge_sweep(args, corpus: list[str], generate_fn, facts) -> list[dict]:

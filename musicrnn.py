@@ -983,13 +983,9 @@ def sampling_model(checkpoint: str, device: torch.device) -> tuple[MusicRNN, Voc
 
 
 def cmd_stats(args) -> None:
-    if args.plot is not None and not args.plot.strip():
-        raise UserError("--plot '' names no file; give a file name ending in .png")
     if args.overwrite and not args.plot:
         raise UserError("--overwrite replaces an existing --plot; without --plot, stats writes no file")
-    if args.plot and Path(args.plot).suffix.lower() != ".png":
-        raise UserError(f"--plot {args.plot}: give a file name ending in .png")
-    plot = check_output(args.plot, "--plot", args.overwrite, inputs=[args.data]) if args.plot else None
+    plot = plots.checked_plot_path(args.plot, args.overwrite, [args.data]) if args.plot is not None else None
     stats = plots.corpus_stats(load_tunes(args.data))
     print(plots.stats_text(stats))
     if plot:

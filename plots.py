@@ -5,7 +5,9 @@ Holds:
 - corpus_stats: tunes, characters, tune lengths, the most frequent ABC tokens, tune types and forms;
 - stats_text: those figures as `musicrnn.py stats` prints them;
 - plot_stats: the length histogram and the token counts;
-- plot_history: the training and validation loss per epoch (runs/loss.png).
+- plot_history: the training and validation loss per epoch (runs/loss.png);
+- plot_sweep: what the temperature does to the tunes, free and --constrained (`sweep --plot`);
+- checked_plot_path: a --plot file name, checked before any work as every output is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from abc_form import sections
 from abc_music import header_field
 from abc_tokens import tokenize_abc
-from safe_write import write_atomic
+from cli import UserError
+from safe_write import check_output, write_atomic
 
 
 def corpus_stats(tunes: list[str]) -> dict:
@@ -71,6 +74,44 @@ def plot_stats(stats: dict, path: Path, overwrite: bool = True) -> None:
     ax2.set(title="The 20 most frequent ABC tokens", ylabel="count")
     fig.tight_layout()
     save_figure(fig, path, overwrite)
+
+
+SWEEP_PANELS = [  # (title, [(row key, label)], y axis): one panel each, a line per key and side
+    ("abc2midi's verdict", [("valid", "valid"), ("bar_clean", "bar-clean")], "share of tunes"),
+    ("novelty", [("distinct_4grams", "distinct 4-grams"), ("copies_first_8_bars", "copies 8 bars")], "share"),
+    ("against the corpus", [("pitch_class_distance", "pitch-class distance")], "distance"),
+]
+
+
+def plot_sweep(rows: list[dict], path: Path, overwrite: bool = False) -> None:
+    """sweep's rows against the temperature: free draws solid, --constrained dashed; a figure abc2midi
+    could not judge (None) is left out."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 3.8))
+    for ax, (title, series, ylabel) in zip(axes, SWEEP_PANELS):
+        for i, (key, label) in enumerate(series):
+            for constrained, style in ((False, "o-"), (True, "s--")):
+                points = [(r["temperature"], r[key]) for r in rows if r["constrained"] == constrained
+                          and r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}",
+                            label=f"{label}, {'constrained' if constrained else 'free'}")
+        ax.set(title=title, xlabel="temperature", ylabel=ylabel)
+        if ylabel.startswith("share"):  # a line at 100% stays inside the frame
+            ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, overwrite)
+
+
+def checked_plot_path(plot: str, overwrite: bool, inputs: list) -> Path:
+    """--plot's file: a .png name, not an input, not an existing file unless overwrite (check_output)."""
+    if not plot.strip():
+        raise UserError("--plot '' names no file; give a file name ending in .png")
+    if Path(plot).suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: give a file name ending in .png")
+    return check_output(plot, "--plot", overwrite, inputs=inputs)
 
 
 def pyplot():

@@ -15,6 +15,7 @@ import export
 import infer_onnx
 import judging
 import musicrnn
+import plots
 import sampler
 from abc_music import transpose_tune
 from conftest import one_error_line, run_main, tiny_config
@@ -404,6 +405,37 @@ def test_sweep_refuses_a_temperature_given_twice(tiny_onnx, fixture_data, tmp_pa
     code, _, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--temperatures", "1", "0.5", "1.0",
                             "--train-data", fixture_data["train"], "--out", str(tmp_path / "s.json"))
     assert one_error_line(code, err) and "gives 1 more than once" in err and not (tmp_path / "s.json").exists(), err
+
+
+def test_sweep_draws_its_table_against_the_temperature(tiny_onnx, fixture_data, tmp_path, monkeypatch):
+    """sweep --plot: one panel per group of figures, a line per figure and side (free, constrained)
+    through the temperatures asked for, written as a PNG beside the JSON."""
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, overwrite: drawn.append(fig) or
+                        Path(path).write_bytes(b"\x89PNG"))
+    code, out, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--temperatures", "0.5", "1",
+                              "--num", "2", "--max-tokens", "120", "--train-data", fixture_data["train"],
+                              "--out", tmp_path / "s.json", "--plot", tmp_path / "s.png")
+    assert code == 0 and f"plot written to {tmp_path / 's.png'}" in out, err
+    rows = json.loads((tmp_path / "s.json").read_text())
+    lines = {line.get_label(): list(zip(*line.get_data())) for ax in drawn[0].axes for line in ax.get_lines()}
+    for key, label in [("valid", "valid"), ("distinct_4grams", "distinct 4-grams"),
+                       ("pitch_class_distance", "pitch-class distance")]:
+        for side, constrained in (("free", False), ("constrained", True)):
+            points = [(r["temperature"], r[key]) for r in rows if r["constrained"] == constrained and r[key] is not None]
+            assert lines.get(f"{label}, {side}", []) == points, (key, side)  # what abc2midi could not judge: no point
+    if judging.abc2midi_available():  # without it no row is judged, and the verdict panel stays empty
+        assert lines["valid, constrained"] == [(0.5, 1.0), (1.0, 1.0)]  # the constrained rows are all valid
+    assert [ax.get_title() for ax in drawn[0].axes] == ["abc2midi's verdict", "novelty", "against the corpus"]
+
+
+@pytest.mark.parametrize("plot, message", [("s.txt", "ending in .png"), ("", "names no file"),
+                                           ("exists.png", "pass --overwrite")])
+def test_sweep_refuses_a_plot_it_cannot_write_before_any_work(plot, message, tiny_onnx, fixture_data, tmp_path):
+    (tmp_path / "exists.png").write_bytes(b"precious")
+    code, out, err = run_main(musicrnn.main, "sweep", "--onnx", str(tiny_onnx), "--train-data", fixture_data["train"],
+                              "--out", tmp_path / "s.json", "--plot", str(tmp_path / plot) if plot else "")
+    assert one_error_line(code, err) and message in err and "temperature" not in out, err
 
 
 def test_an_export_without_int8_names_the_older_int8_it_leaves(tiny_run, tmp_path):

@@ -53,6 +53,9 @@ def writers(c, out) -> list:
         (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", out,
                          "--temperatures", "1", "--num", "1", "--max-tokens", "120"]),  # its constrained rows' least
         (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", out]),
+        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--plot", out,
+                         "--out", Path(c["copy.pt"]).with_name("sweep.json"), "--temperatures", "1", "--num", "1",
+                         "--max-tokens", "120"]),
         (musicrnn.main, ["forms", "--checkpoint", c["copy.pt"], "--num", "1", "--out", out]),
         (musicrnn.main, ["types", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--num", "1",
                          "--out", out]),
