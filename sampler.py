@@ -321,11 +321,12 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num", type=cli.int_in(1, 10**6), default=1,
                        help=f"how many tunes to write; they are made {BATCH} at a time and printed as each "
                             f"batch is done (default 1)")
-    group.add_argument("--temperature", type=TEMPERATURE, default=1.0,
+    group.add_argument("--temperature", type=TEMPERATURE, default=None,  # None: not typed (see --top-k 1)
                        help="divides the logits before the draw: below 1 safer and more repetitive, above 1 "
                             "wilder (0.01 to 100, default 1.0)")
     group.add_argument("--top-k", type=cli.positive_int, default=None,
-                       help="draw only among the k most likely tokens (default: all of them)")
+                       help="draw only among the k most likely tokens; 1: always the most likely, with no "
+                            "temperature (default: all of them)")
     group.add_argument("--seed", type=SEED, default=0, help="seeds the draws: the same seed gives the same tunes, "
                                                             "tune N the same whatever --num (float32 rounding aside: "
                                                             "README) (0 to 2^32-1, default 0)")
@@ -374,7 +375,11 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     check_start_flags(args)
     form = requested_form(args)
     check_budget(args, form)
-    return SamplingOptions(num=args.num, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+    if args.top_k == 1 and args.temperature is not None:  # scaling the logits cannot change which is largest
+        raise UserError("--temperature does nothing with --top-k 1, which always takes the most likely token: "
+                        "give one or the other")
+    temperature = SamplingOptions.temperature if args.temperature is None else args.temperature
+    return SamplingOptions(num=args.num, temperature=temperature, top_k=args.top_k, seed=args.seed,
                            max_tokens=args.max_tokens, constrained=args.constrained,
                            max_bars=SamplingOptions.max_bars if args.max_bars is None else args.max_bars,
                            prompt=header_prompt(args.meter, args.key, args.prompt), form=form)

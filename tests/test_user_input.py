@@ -599,6 +599,8 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
 @pytest.mark.parametrize("flags, message", [
     (["--constrained", "--max-tokens", "5"], "--max-tokens 5 is too few for --constrained"),  # no room to finish
     (["--max-bars", "5"], "add --constrained"),                                              # nothing would cap
+    (["--top-k", "1", "--temperature", "0.8"], "--temperature does nothing with --top-k 1"),  # greedy: nothing drawn
+    (["--temperature", "1", "--top-k", "1"], "--temperature does nothing with --top-k 1"),    # the default, typed
     (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"], "not both"),
     (["--meter", "6/8", "--key", "Dog"], "not a key"), (["--meter", "6/8", "--key", "D\nK:G"], "not a key"),
     (["--meter", "6/8", "--key", "A#"], "not a key"),                                         # 10 sharps
@@ -611,6 +613,13 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
 def test_a_request_the_tunes_could_not_honour_is_one_line(flags, message, tiny_onnx):
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, *flags)
     assert one_error_line(code, err) and message in err, err
+
+
+def test_top_k_1_alone_writes_the_most_likely_tune_whatever_the_seed(tiny_onnx):
+    """Greedy decoding: the temperature untyped, no draw decides anything, so every seed gives one tune."""
+    tunes = {run_main(infer_onnx.main, "--model", tiny_onnx, "--top-k", "1", "--seed", seed, "--max-tokens", "80")[1]
+             for seed in ("0", "1", "2")}
+    assert len(tunes) == 1 and next(iter(tunes)).startswith("X:1")
 
 
 def test_bars_for_one_section_ask_for_one_number_only(tiny_onnx):
