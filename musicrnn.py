@@ -26,7 +26,7 @@ The lesson keeps their call sites.
     python musicrnn.py generate --checkpoint runs/best.pt --num 5 --meter 6/8 --key D --constrained
     python musicrnn.py generate --constrained --type jig --sections 2 --bars 8   # a jig, two parts of 8 bars
     python musicrnn.py train --control --out runs/control   # learn p(tune | form) from the control codes
-    python musicrnn.py sweep --onnx runs/musicrnn.onnx  # validity per temperature, with abc2midi
+    python musicrnn.py sweep --onnx runs/musicrnn.onnx --plot runs/sweep.png  # validity per temperature (abc2midi)
 """
 
 from __future__ import annotations
