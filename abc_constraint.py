@@ -406,6 +406,10 @@ class AbcConstraint:
             self._read_char(state, self.staccato, prompt[shown:i + len(staccato)], prompt, i)
             state.amend(staccato_next=True)  # read as a decoration the model writes: no time
             return i + len(staccato)
+        ending = prompt[i:i + 2] if re.fullmatch(r"\[\d", prompt[i:i + 2]) else ""
+        if ending and state.pending.endswith("|") and state.pending + ending[1] in self.body.prefixes:  # |[1: |1
+            self._read_char(state, ending[1], prompt[shown:i + 2], prompt, i)
+            return i + 2
         if prompt.startswith("[|", i) and prompt[i + 2:i + 3] != "]":  # [| is a bar line, [|] an invisible one
             self._read_char(state, "|", prompt[shown:i + 2], prompt, i)
             return i + 2
@@ -1178,7 +1182,7 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r"\[[A-Za-z]:"), "an inline field like [K:G] or [M:3/4]: it keeps the header's key, meter and unit"),
     (re.compile(r"(?m)^[A-Za-z]:"), "a field line in the body (w:, V:, N:, ...): it reads header lines up to K:, "
                                     "then music"),
-    (re.compile(r"\[\d"), "an ending written [1: it reads |1 and :|2"),
+    (re.compile(r"\[\d"), "an ending written [1 apart from its bar line: it reads |1 and :|2, or |[1 and :|[2"),
     (re.compile(r"[xZ]"), "a rest written x or Z: it reads z"),
     (re.compile(r":\|:"), "a :|:, which abc2midi reads as neither a repeat's end nor a start: write :: or :||:"),
     (re.compile(r">>|<<"), "a doubled broken rhythm: it reads one > or <"),

@@ -839,9 +839,25 @@ def test_spaces_pasted_abc_has_at_a_line_end_or_twice_are_read_as_none(constrain
     assert constraint.start(SIX_EIGHT + "GAG A ").pending == " "  # at the end: A is finished, not A2
 
 
+def test_an_ending_written_with_a_bracket_after_its_bar_line_is_read_as_that_bar_line_and_number():
+    """|[1 and :|[2, as many tunebooks write endings, are |1 and :|2 to abc2midi (the same MIDI, measured):
+    a prompt with them is read as with those, kept as typed, and continued into bar-clean tunes."""
+    plain = "|:dfa gdB|dfa gdB|1 agf e3:|2 agf d3|"
+    bracketed = plain.replace("|1", "|[1").replace(":|2", ":|[2")
+    constraint = AbcConstraint(VOCAB)
+    assert constraint.start(SIX_EIGHT + bracketed) == constraint.start(SIX_EIGHT + plain)
+    tunes = [VOCAB.decode(row) for row in random_tunes(VOCAB, 10, seed=4, prompt=SIX_EIGHT + bracketed)]
+    assert all(t.startswith(SIX_EIGHT + bracketed) for t in tunes)
+    with pytest.raises(PromptError, match="an ending written"):  # after a note, [2 is no length: A[2 is not A2
+        constraint.start(SIX_EIGHT + "|:dfa gdB|dfa gd[2")
+    if not judging.abc2midi_available():
+        pytest.skip("abc2midi not installed (apt-get install abcmidi): the automaton's own checks passed")
+    assert all(judging.check_with_abc2midi(t)["bar_clean"] for t in tunes)
+
+
 @pytest.mark.parametrize("body, says", [
     ("A|dfa [K:G]gdB|", "an inline field"), ("A|dfa gdB|\nw: la la", "a field line in the body"),
-    ("A|dfa gdB|[1 agf e3:|", "an ending written [1"), ("A|dfa gdB|x6|", "a rest written x or Z"),
+    ("A|dfa gdB|\n[1 agf e3:|", "an ending written [1 apart from its bar line"), ("A|dfa gdB|x6|", "a rest written x or Z"),
     ("A|d>>f agf|", "a doubled broken rhythm"), ("A|dfa aTf2-|f", "a tie across a bar line starts from a plain note"),
     ("A|(2df agf|", "a tuplet other than (3"),
     ("A|(3:2:3dfa agf|", "a tuplet written (p:q:r"), ("A|Hdfa agf|", "a fermata"), ("A|dfa !fermata!agf|", "a fermata"),
