@@ -51,22 +51,20 @@ def quiet_interrupt_while_loading(module_name: str) -> None:
     if module_name != "__main__":
         return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted_while_loading)
+        signal.signal(signal.SIGINT, _interrupted_now)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and torchrun_worker() is None:
         signal.signal(signal.SIGTERM, _terminated_while_loading)
 
 
-def _interrupted_while_loading(signum, frame) -> None:
-    os._exit(_interrupted())
+def _interrupted_now(signum, frame) -> None:
+    """Ctrl-C outside the command's work (torch still loading, or Python exiting after it): one line, then
+    out at once (_exit_interrupted)."""
+    _interrupted()
+    _exit_interrupted(signum, frame)
 
 
 def _terminated_while_loading(signum, frame) -> None:
     os._exit(_terminated())
-
-
-def _interrupted_while_exiting(signum, frame) -> None:
-    _interrupted()
-    _exit_interrupted(signum, frame)
 
 
 def _exit_interrupted(signum, frame) -> None:
@@ -94,7 +92,7 @@ def torchrun_worker() -> dict[str, int] | None:
 def run_command(command, args) -> int:
     """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
     a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
-    a_command_process = signal.getsignal(signal.SIGINT) is _interrupted_while_loading
+    a_command_process = signal.getsignal(signal.SIGINT) is _interrupted_now
     if a_command_process:  # loaded: Ctrl-C is KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is _terminated_while_loading:  # and kill ends through the clean-up below
@@ -115,7 +113,7 @@ def run_command(command, args) -> int:
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if a_command_process:  # the work is done: Ctrl-C while Python exits ends it there, in one line
-            signal.signal(signal.SIGINT, _interrupted_while_exiting if code != 130 else _exit_interrupted)
+            signal.signal(signal.SIGINT, _interrupted_now if code != 130 else _exit_interrupted)
 
 
 def _devnull_on(descriptor: int):
