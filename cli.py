@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import sys
+import time
 import tokenize
 from pathlib import Path
 
@@ -57,8 +58,7 @@ def quiet_interrupt_while_loading(module_name: str) -> None:
 
 
 def _interrupted_now(signum, frame) -> None:
-    """Ctrl-C outside the command's work (torch still loading, or Python exiting after it): one line, then
-    out at once (_exit_interrupted)."""
+    """Ctrl-C while torch loads: one line, then out at once (_exit_interrupted)."""
     _interrupted()
     _exit_interrupted(signum, frame)
 
@@ -68,8 +68,8 @@ def _terminated_while_loading(signum, frame) -> None:
 
 
 def _exit_interrupted(signum, frame) -> None:
-    """Leaves now, skipping the exit handlers left (torch's and threading's would print a traceback from
-    the KeyboardInterrupt), once what the command printed is out."""
+    """Leaves now, skipping the clean-up and exit handlers left (a KeyboardInterrupt raised inside them would
+    end in a traceback), once what the command printed is out."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or None (`>&-`)
             stream.flush()
@@ -89,12 +89,50 @@ def torchrun_worker() -> dict[str, int] | None:
     return {name: int(env[name]) for name in TORCHRUN_VARIABLES}
 
 
+class CtrlC:
+    """Ctrl-C in a command's process, once it has loaded. While the command works, the first raises
+    KeyboardInterrupt where it is, so that it cleans up and says "interrupted" (130). A second within
+    SAME_PRESS seconds is the same request, which is being honoured: ignored, since a KeyboardInterrupt
+    raised inside the clean-up would end in a traceback and leave it half done. One later than that (the
+    clean-up stuck, or the first swallowed by a library), or one outside the work (Python exiting after
+    it): out at once, with "interrupted" said once (_exit_interrupted)."""
+
+    SAME_PRESS = 1.0  # seconds: a double press by hand is 0.1-0.3 s apart
+
+    def __init__(self):
+        self.working, self.first, self.said = False, None, False
+
+    def __call__(self, signum, frame) -> None:
+        if self.working and self.first is None:
+            self.first = time.monotonic()
+            raise KeyboardInterrupt
+        if self.first is not None and time.monotonic() - self.first < self.SAME_PRESS:
+            return
+        self.say()
+        _exit_interrupted(signum, frame)
+
+    def run(self, command, args) -> None:
+        """command(args): the work during which Ctrl-C raises KeyboardInterrupt."""
+        self.working = True
+        try:
+            command(args)
+        finally:
+            self.working = False
+
+    def say(self) -> int:
+        if not self.said:
+            self.said = True
+            _interrupted()
+        return 130
+
+
 def run_command(command, args) -> int:
     """command(args), with what a user can cause shown as one `error:` line (exit 2); its stdout
-    a ReaderSafeStdout, so that `| head` ends the printing, never the work."""
-    a_command_process = signal.getsignal(signal.SIGINT) is _interrupted_now
-    if a_command_process:  # loaded: Ctrl-C is KeyboardInterrupt again
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    a ReaderSafeStdout, so that `| head` ends the printing, never the work. In a command's process
+    (quiet_interrupt_while_loading) Ctrl-C is CtrlC's from here to the process's end."""
+    ctrl_c = CtrlC()
+    if signal.getsignal(signal.SIGINT) is _interrupted_now:
+        signal.signal(signal.SIGINT, ctrl_c)
     if signal.getsignal(signal.SIGTERM) is _terminated_while_loading:  # and kill ends through the clean-up below
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # `kill` ends the command as Ctrl-C does, through its clean-up (the default would leave half-written
@@ -104,16 +142,12 @@ def run_command(command, args) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     stdout, sys.stdout = sys.stdout, ReaderSafeStdout(sys.stdout)
     stderr, sys.stderr = sys.stderr, sys.stderr or _devnull_on(2)
-    code = 1
     try:
-        code = _errors_as_lines(command, args)
-        return code
+        return _errors_as_lines(command, args, ctrl_c)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if a_command_process:  # the work is done: Ctrl-C while Python exits ends it there, in one line
-            signal.signal(signal.SIGINT, _interrupted_now if code != 130 else _exit_interrupted)
 
 
 def _devnull_on(descriptor: int):
@@ -162,9 +196,9 @@ class ReaderSafeStdout:
         return getattr(self.stream, name)
 
 
-def _errors_as_lines(command, args) -> int:
+def _errors_as_lines(command, args, ctrl_c: CtrlC) -> int:
     try:
-        command(args)
+        ctrl_c.run(command, args)
     except UserError as e:
         return error_line(str(e), every_rank=e.every_rank)
     except OSError as e:  # a file the user named: full disk, no permission, ...
@@ -174,10 +208,10 @@ def _errors_as_lines(command, args) -> int:
     except Terminated:
         return _terminated()
     except KeyboardInterrupt:
-        return _interrupted()
+        return ctrl_c.say()
     except Exception as e:  # a library that turned Ctrl-C into its own error (torch.export, while it imports)
         if _caused_by_interrupt(e):
-            return _interrupted()
+            return ctrl_c.say()
         raise
     return 0
 

@@ -30,7 +30,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from cli import Terminated, UserError, shown
+from cli import UserError, shown
 
 
 class OutputError(UserError):
@@ -269,8 +269,8 @@ def deferred_interrupt():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:
-        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
+    if received:  # now, through the handler it was kept from (cli.CtrlC, or what raises Terminated)
+        previous[received[0]](received[0], None)
 
 
 @contextlib.contextmanager

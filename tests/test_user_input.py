@@ -229,6 +229,37 @@ def test_ctrl_c_while_a_finished_command_exits_is_one_line_and_keeps_its_output(
     assert proc.stdout == whole.stdout
 
 
+INTERRUPT_TWICE = """
+import os, runpy, signal, sys, threading, time
+import cli, sampler
+draw, say = sampler.sample_next, cli._say
+def first_press(*args, **kwargs):  # Ctrl-C in the work: at the first token drawn
+    sampler.sample_next = draw
+    os.kill(os.getpid(), signal.SIGINT)
+    return draw(*args, **kwargs)
+def second_press(line):  # and again {after} s later, while the command cleans up (here: says "interrupted")
+    say(line)
+    threading.Timer({after}, os.kill, (os.getpid(), signal.SIGINT)).start()
+    time.sleep({after} + 2)
+    print("clean-up finished", file=sys.stderr)
+sampler.sample_next, cli._say = first_press, second_press
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("after, finished", [(0.2, True), (1.5, False)])
+def test_a_second_ctrl_c_is_the_same_request_or_if_late_ends_it_at_once(after, finished, tiny_onnx):
+    """A second Ctrl-C while the first is honoured: within a second (a double press), ignored, so the
+    clean-up finishes; later (a clean-up stuck), the command ends at once. Either way one line and 130,
+    never a traceback from a KeyboardInterrupt raised inside the clean-up."""
+    argv = ["infer_onnx.py", "--model", str(tiny_onnx), "--num", "3", "--seed", "0"]
+    script = INTERRUPT_TWICE.format(after=after, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr == "interrupted\n" + ("clean-up finished\n" if finished else ""), proc.stderr[-2000:]
+
+
 def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
     target = tmp_path / "tunes.abc"
     with pytest.raises(safe_write.OutputError, match="another command"):
