@@ -25,12 +25,14 @@ from abc_music import parse_note_range
 from abc_tokens import TOKENIZERS
 from cli import UserError
 
+LEAST_LR = 1e-8  # an Adam step moves a weight by about lr: below this, float32 weights of 0.01-1 round it away
+
 FLAG_TYPES = {  # the range of every numeric setting: checked on the flags and on any Config used
     "limit": cli.int_in(1), "min_count": cli.int_in(1), "augment_key": cli.float_in(0, 1),
     "augment_rhythm": cli.float_in(0, 1), "augment_unit": cli.float_in(0, 1),
     "embedding_dim": cli.int_in(1, 4096), "hidden_dim": cli.int_in(1, 4096), "num_layers": cli.int_in(1, 16),
     "dropout": cli.float_in(0, 1, high_open=True), "batch_size": cli.int_in(1, 4096),
-    "lr": cli.float_in(0, 10, low_open=True), "warmup_steps": cli.int_in(0, 10**7), "epochs": cli.int_in(1, 10**6),
+    "lr": cli.float_in(LEAST_LR, 10), "warmup_steps": cli.int_in(0, 10**7), "epochs": cli.int_in(1, 10**6),
     "patience": cli.int_in(1, 10**6), "grad_clip": cli.float_in(0, 1e6, low_open=True),
     "max_minutes": cli.float_in(0, 10**6, low_open=True), "seed": cli.int_in(0, 2**32 - 1),
 }

@@ -330,7 +330,7 @@ def test_a_small_tmpfs_fills_up_with_one_line(tiny_onnx, tmp_path):
 
 
 BAD_TRAINING_FLAGS = [["--batch-size", "0"], ["--batch-size", "-1"], ["--hidden-dim", "0"], ["--num-layers", "0"],
-                      ["--embedding-dim", "-1"], ["--dropout", "2"], ["--lr", "-1"], ["--lr", "nan"],
+                      ["--embedding-dim", "-1"], ["--dropout", "2"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "5e-324"],
                       ["--max-minutes", "0"], ["--epochs", "0"], ["--grad-clip", "nan"], ["--limit", "0"],
                       ["--seed", "-5"], ["--hidden-dim", "4096", "--num-layers", "16"], ["--transpose-range", "x"]]
 
