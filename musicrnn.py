@@ -335,11 +335,26 @@ def build_model(cfg: Config, vocab_size: int) -> MusicRNN:
 def bf16_products(precision: str, device: torch.device) -> bool:
     """Whether training multiplies in bfloat16 (autocast; the weights and Adam stay fp32).
     auto asks for it only where the hardware has bf16 units: emulated, it is slower than fp32."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_runs_bf16_lstm():
+        raise UserError("--precision bf16: this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM "
+                        "for it: it needs AVX-512); use --precision auto or fp32")
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)  # its default counts emulated bf16
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def cpu_runs_bf16_lstm() -> bool:
+    """Whether this CPU runs an LSTM under bf16 autocast: oneDNN, which runs it, has no bf16 LSTM on
+    an AVX2 CPU. A probe, not a list of CPU features: what oneDNN supports changes with its version."""
+    lstm = nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 1, 2))  # (B, T, E)
+        return True
+    except RuntimeError:
+        return False
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,5 +1,6 @@
 """Shared fixtures: small tunes we wrote ourselves, and a tiny trained model."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,14 @@ import corpus  # noqa: E402
 import musicrnn  # noqa: E402
 
 FIXTURE_BOOK = ROOT / "tests" / "fixtures" / "tunes.abc"
+
+# the tests of Ctrl-C send SIGINT, to this process and to the commands it starts: a runner that started
+# pytest with SIGINT ignored (a shell script's `&`), which its children inherit, would make them fail
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# oneDNN, which runs the LSTM on a CPU, has no bf16 LSTM without AVX-512: those tests need a CPU that has it
+BF16_LSTM = pytest.mark.skipif(not musicrnn.cpu_runs_bf16_lstm(), reason="this CPU runs no bf16 LSTM (no AVX-512)")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 import corpus
 import distributed
 import musicrnn
-from conftest import ROOT, one_error_line, run_main, tiny_config
+from conftest import BF16_LSTM, ROOT, one_error_line, run_main, tiny_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -44,7 +44,8 @@ def val_losses(stdout: str) -> list[str]:
 # losses by at most 1e-4 (measured)
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, dropout, atol, loss_atol, launcher", [("fp32", "0.3", 1e-5, 0, "torchrun"),
-                                                                           ("bf16", "0", 4e-3, 3e-4, "--procs")])
+                                                                           pytest.param("bf16", "0", 4e-3, 3e-4, "--procs",
+                                                                                        marks=BF16_LSTM)])
 def test_two_processes_train_the_same_model_as_one(fixture_data, tmp_path, precision, dropout, atol, loss_atol,
                                                    launcher):
     settings = ("--precision", precision, "--dropout", dropout)

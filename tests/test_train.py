@@ -21,7 +21,7 @@ import sampler
 import settings
 import musicrnn
 import rendering
-from conftest import ROOT, tiny_config
+from conftest import BF16_LSTM, ROOT, one_error_line, tiny_config
 
 
 def run_cli(*args, cwd=ROOT):
@@ -322,6 +322,7 @@ def test_render_writes_midi_audio_and_svg_beside_the_tunebook(tiny_run, tmp_path
         assert "no audio: apt-get install" in messages
 
 
+@BF16_LSTM
 def test_a_bf16_step_rounds_the_products_but_keeps_fp32_weights_and_loss():
     torch.manual_seed(0)
     model = musicrnn.MusicRNN(20, 16, 64).eval()  # no dropout: both steps see the same function
@@ -362,11 +363,38 @@ def test_a_batch_split_over_processes_gets_the_dropout_masks_one_process_gives_i
 @pytest.mark.parametrize("amx, avx512_bf16, auto", [(False, False, False), (True, False, True),
                                                     (False, True, True), (True, True, True)])
 def test_precision_auto_asks_for_bf16_only_where_the_cpu_has_its_units(amx, avx512_bf16, auto, monkeypatch):
+    monkeypatch.setattr(musicrnn, "cpu_runs_bf16_lstm", lambda: amx or avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cpu = torch.device("cpu")
     assert musicrnn.bf16_products("auto", cpu) is auto
-    assert musicrnn.bf16_products("bf16", cpu) is True and musicrnn.bf16_products("fp32", cpu) is False
+    assert musicrnn.bf16_products("fp32", cpu) is False
+    if auto:
+        assert musicrnn.bf16_products("bf16", cpu) is True
+    else:  # asked for where oneDNN would fail inside the first step
+        with pytest.raises(cli.UserError, match="--precision bf16: this CPU cannot run the LSTM in bf16"):
+            musicrnn.bf16_products("bf16", cpu)
+
+
+def test_the_bf16_probe_says_what_a_bf16_lstm_step_does():
+    model = musicrnn.MusicRNN(20, 16, 64)
+    x = torch.randint(1, 20, (2, 5))                                 # (B, T)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        ran = True
+    except RuntimeError:
+        ran = False
+    assert musicrnn.cpu_runs_bf16_lstm() is ran
+
+
+def test_precision_bf16_on_a_cpu_without_a_bf16_lstm_is_one_line_before_any_file(tmp_path, fixture_data, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setattr(musicrnn, "cpu_runs_bf16_lstm", lambda: False)
+    code, err = run_main(capsys, "train", "--train-data", str(fixture_data["train"]), "--val-data",
+                         str(fixture_data["val"]), "--out", str(tmp_path / "run"), "--precision", "bf16")
+    assert one_error_line(code, err) and "--precision auto or fp32" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("units, auto", [(True, True), (False, False)])  # Ampere on; V100, T4 emulate only
