@@ -56,6 +56,10 @@ def launched(procs: int, command: list[str]) -> bool:
         return False
     if procs == 1:
         return False
+    cores = len(os.sched_getaffinity(0))
+    if procs > cores:  # each rank trains on a core of its own: more ranks only wait on each other (64 on 2
+        # cores: gloo's connections time out, measured)
+        raise UserError(f"--procs {procs}: this command has {cores} cores to run on; give at most {cores}")
     import logging
     import sys
 

@@ -952,7 +952,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--procs", type=cli.int_in(1, 256), default=1,
                    help="train as this many processes of this machine (torchrun's launcher, gloo on the CPU, the "
                         "cores shared out): the same model as one process, dropout's tune masks included; make train "
-                        "gives 2 on 2 cores (default: 1)")
+                        "gives 2 on 2 cores; at most one a core (default: 1)")
 
 
 def cmd_train(args) -> None:

@@ -277,6 +277,14 @@ def test_a_users_error_under_procs_is_one_line_from_rank_0_and_exit_2(fixture_da
     assert under_torchrun.stderr.count("error: argument --batch-size") == 1  # rank 0 alone says it
 
 
+def test_more_procs_than_cores_is_one_line_before_any_process_or_file(fixture_data, tmp_path):
+    """64 ranks on 2 cores ended in gloo's connection tracebacks (measured): refused, as one line."""
+    cores = len(os.sched_getaffinity(0))
+    code, _, err = run_main(musicrnn.main, *train_command(fixture_data, tmp_path / "run", "--procs", str(cores + 1))[1:])
+    assert one_error_line(code, err) and f"give at most {cores}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA would train")
 def test_cuda_asked_for_where_there_is_none_is_an_error_line_under_torchrun_too(fixture_data, tmp_path):
     command = train_command(fixture_data, tmp_path / "run")
