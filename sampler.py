@@ -187,7 +187,7 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
 def first_number(prompt: str) -> int:
     """The X: number a prompt gives its tune (X:42 -> 42), which the tunebook then counts on from; 1
     without one."""
-    m = re.match(r"X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)
+    m = re.search(r"(?m)^X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)  # after a comment line, too
     return int(m[1]) if m else 1
 
 
@@ -392,10 +392,12 @@ def check_start_flags(args: argparse.Namespace) -> None:
     text = header_prompt(prompt=args.prompt)
     if BLANK_LINE.search(text):  # at its end too
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
-    x_lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.startswith("X:")]
+    lines = text.split("\n")
+    x_lines = [n for n, line in enumerate(lines, start=1) if line.startswith("X:")]
     if x_lines[1:]:
         raise PromptError("--prompt has a second X: line, which starts another tune in ABC: give one tune")
-    if x_lines and x_lines[0] > 1:
+    if x_lines and not all(line.lstrip().startswith("%") for line in lines[:x_lines[0] - 1]):  # a file's
+        # %abc-2.1 line, pasted with its tune, is a comment: the model does not read it (music_only)
         raise PromptError(f"--prompt has its X: line on line {x_lines[0]}: X: starts a tune in ABC, so it comes "
                           f"first")
     if args.meter is not None and not playable_meter(args.meter):

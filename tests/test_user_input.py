@@ -330,8 +330,8 @@ def test_a_small_tmpfs_fills_up_with_one_line(tiny_onnx, tmp_path):
 
 
 BAD_TRAINING_FLAGS = [["--batch-size", "0"], ["--batch-size", "-1"], ["--hidden-dim", "0"], ["--num-layers", "0"],
-                      ["--embedding-dim", "-1"], ["--dropout", "2"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "5e-324"],
-                      ["--max-minutes", "0"], ["--epochs", "0"], ["--grad-clip", "nan"], ["--limit", "0"],
+                      ["--embedding-dim", "-1"], ["--dropout", "2"], ["--lr", "-1"], ["--lr", "nan"],
+                      ["--lr", "5e-324"], ["--max-minutes", "0"], ["--epochs", "0"], ["--grad-clip", "nan"], ["--limit", "0"],
                       ["--seed", "-5"], ["--hidden-dim", "4096", "--num-layers", "16"], ["--transpose-range", "x"]]
 
 
@@ -897,6 +897,16 @@ def test_line_breaks_before_a_prompt_carry_nothing_and_a_second_tune_is_refused(
 def test_a_prompt_whose_x_line_is_not_its_first_is_refused_in_words_that_fit(prompt, says, tiny_onnx):
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt)
     assert one_error_line(code, err) and says in err, err
+
+
+def test_a_comment_line_before_a_prompts_x_line_is_read_as_a_comment(tiny_onnx):
+    """A tune pasted from a file with its %abc-2.1 line: a comment, which the model does not read; the tunes
+    keep it, numbered from the prompt's X:."""
+    prompt = "%abc-2.1\\nX:2\\nT:x\\nM:6/8\\nL:1/8\\nK:D\\nA|"
+    code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--prompt", prompt, "--num", "2",
+                              "--max-tokens", "5")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith(("X:", "%"))] == ["X:2", "%abc-2.1", "X:3", "%abc-2.1"]
 
 
 def test_blank_lines_before_a_prompt_carry_nothing(tiny_onnx):
