@@ -410,9 +410,10 @@ def check_start_flags(args: argparse.Namespace) -> None:
 
 def check_budget(args: argparse.Namespace, form: str) -> None:
     """--max-bars, --max-tokens: what the constraint and the form asked for can be held to."""
-    if args.max_bars is not None and (form or not args.constrained):
-        raise UserError("--max-bars holds only with --constrained, and a form sets the bars itself: "
-                        + ("give --max-bars or the form, not both" if form else "add --constrained"))
+    if args.max_bars is not None and not args.constrained:
+        raise UserError("--max-bars holds only with --constrained: add --constrained")
+    if args.max_bars is not None and form:
+        raise UserError("--max-bars with a form: the form sets the bars itself; give --max-bars or the form, not both")
     if args.constrained and args.max_tokens < AbcConstraint.END_RESERVE:
         raise UserError(f"--max-tokens {args.max_tokens} is too few for --constrained, which keeps "
                         f"{AbcConstraint.END_RESERVE} tokens to finish a tune cleanly: give at least that many")

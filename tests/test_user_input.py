@@ -632,7 +632,8 @@ def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
     (["--max-bars", "5"], "add --constrained"),                                              # nothing would cap
     (["--top-k", "1", "--temperature", "0.8"], "--temperature does nothing with --top-k 1"),  # greedy: nothing drawn
     (["--temperature", "1", "--top-k", "1"], "--temperature does nothing with --top-k 1"),    # the default, typed
-    (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"], "not both"),
+    (["--constrained", "--max-bars", "5", "--meter", "6/8", "--sections", "2", "--bars", "4"],
+     "error: --max-bars with a form: the form sets the bars itself; give --max-bars or the form, not both"),
     (["--meter", "6/8", "--key", "Dog"], "not a key"), (["--meter", "6/8", "--key", "D\nK:G"], "not a key"),
     (["--meter", "6/8", "--key", "A#"], "not a key"),                                         # 10 sharps
     (["--constrained", "--prompt", "X:1\\nL:1/8\\nM:6/8\\nK:Fbm\\n"], "not 'K:Fbm'"),  # 10 flats
