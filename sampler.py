@@ -187,7 +187,7 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
 def first_number(prompt: str) -> int:
     """The X: number a prompt gives its tune (X:42 -> 42), which the tunebook then counts on from; 1
     without one."""
-    m = re.search(r"(?m)^X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)  # after a comment line, too
+    m = re.match(r"(?:[ \t]*(?:%[^\n]*)?\n)*X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)  # after comment lines too
     return int(m[1]) if m else 1
 
 

@@ -1110,6 +1110,7 @@ def test_a_prompts_own_tune_number_is_kept_and_counted_on_from(tiny_onnx):
     assert code == 0 and out.startswith("X:42\nL:1/8\nM:6/8\nK:D\n"), (out, err)
     assert re.findall(r"(?m)^X:.*$", out) == ["X:42", "X:43"]
     assert sampler.first_number("X:1\n") == 1 and sampler.first_number("T:x\nX:7\n") == 1  # X: is first or none
+    assert sampler.first_number("%abc-2.1\n\nX:7\n") == 7                                  # comments aside
 
 
 def test_an_int8_export_that_fails_replaces_neither_model(tiny_run, tmp_path, monkeypatch):
