@@ -56,7 +56,7 @@ def launched(procs: int, command: list[str]) -> bool:
         return False
     if procs == 1:
         return False
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if procs > cores:  # each rank trains on a core of its own: more ranks only wait on each other (64 on 2
         # cores: gloo's connections time out, measured)
         raise UserError(f"--procs {procs}: this command has {cores} cores to run on; give at most {cores}")
@@ -211,10 +211,15 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or `taskset`'s share)."""
+    return len(os.sched_getaffinity(0))
+
+
 def threads_per_process(local_size: int, cores: int | None = None) -> int:
     """The machine's cores shared evenly by its processes, at least one each. torchrun sets
     OMP_NUM_THREADS=1 for safety; on a CPU-only run that would leave cores idle."""
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     return max(1, cores // local_size)
 
 
