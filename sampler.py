@@ -184,10 +184,19 @@ def tunebook(bodies: list[str], first: int = 1) -> str:
     return "\n".join(tunes)
 
 
+BEFORE_X = re.compile(r"(?:[ \t]*(?:%[^\n]*)?\n)*")  # comment lines (a file's %abc-2.1, pasted with its tune;
+# the model does not read them: music_only) and blank ones
+
+
+def from_x_line(prompt: str) -> str:
+    """The prompt from where its X: line may be: past the lines ABC allows before it (BEFORE_X)."""
+    return prompt[BEFORE_X.match(prompt).end():]
+
+
 def first_number(prompt: str) -> int:
     """The X: number a prompt gives its tune (X:42 -> 42), which the tunebook then counts on from; 1
     without one."""
-    m = re.match(r"(?:[ \t]*(?:%[^\n]*)?\n)*X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", prompt)  # after comment lines too
+    m = re.match(r"X:[ \t]*(\d{1,9})[ \t]*(?:\n|\Z)", from_x_line(prompt))
     return int(m[1]) if m else 1
 
 
@@ -392,12 +401,10 @@ def check_start_flags(args: argparse.Namespace) -> None:
     text = header_prompt(prompt=args.prompt)
     if BLANK_LINE.search(text):  # at its end too
         raise PromptError("--prompt has a blank line, which ends a tune in ABC: remove it")
-    lines = text.split("\n")
-    x_lines = [n for n, line in enumerate(lines, start=1) if line.startswith("X:")]
+    x_lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.startswith("X:")]
     if x_lines[1:]:
         raise PromptError("--prompt has a second X: line, which starts another tune in ABC: give one tune")
-    if x_lines and not all(line.lstrip().startswith("%") for line in lines[:x_lines[0] - 1]):  # a file's
-        # %abc-2.1 line, pasted with its tune, is a comment: the model does not read it (music_only)
+    if x_lines and not from_x_line(text).startswith("X:"):
         raise PromptError(f"--prompt has its X: line on line {x_lines[0]}: X: starts a tune in ABC, so it comes "
                           f"first")
     if args.meter is not None and not playable_meter(args.meter):
