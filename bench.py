@@ -781,7 +781,7 @@ def bench(args) -> None:
         return
     p = input_paths(args)
     inputs = [args.large, p["val_data"]] if args.large else [p[name] for name in DEFAULTS]
-    out = check_output(OUT if args.out is None else args.out, "--out", args.overwrite, inputs=inputs)
+    out = check_output(OUT if args.out is None else args.out, "--out", args.overwrite, inputs=inputs, suffix=".json")
     if args.large:
         results = large_bench(args.large, p["val_data"])
         print("\n".join(f"| {key} | {value:,.3f} |" for key, value in results.items()))

@@ -189,9 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(args: argparse.Namespace) -> None:
-    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint])
-    if out.suffix.lower() != ".onnx":  # onnx and its quantizer read a file's format from its name
-        raise UserError(f"--out {args.out}: give a file name ending in .onnx")
+    # onnx and its quantizer read a file's format from its name
+    out = check_output(args.out, "--out", args.overwrite, inputs=[args.checkpoint], suffix=".onnx")
     int8_path = out.with_suffix(".int8.onnx")
     int8 = check_output(int8_path, "--int8", args.overwrite, inputs=[args.checkpoint]) if args.int8 else None
     if int8 and same_file(out, int8):  # a link between them: one model would replace the other

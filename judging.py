@@ -307,7 +307,7 @@ def run_command(args, torch_generator) -> None:
     inputs = [args.train_data] if "train_data" in args else []  # sweep and types read a corpus
     corpus = load_tunes(inputs[0]) if inputs else []              # refused before the model loads
     model = args.checkpoint if args.onnx is None else args.onnx  # --onnx '' is a model named wrong, not none
-    out = check_output(args.out, "--out", args.overwrite, inputs=[model, *inputs])
+    out = check_output(args.out, "--out", args.overwrite, inputs=[model, *inputs], suffix=".json")
     plot = plots.checked_plot_path(args.plot, args.overwrite, [model, *inputs, out]) \
         if getattr(args, "plot", None) is not None else None  # sweep's alone
     judge, table = {"sweep": (judge_sweep, sweep_table), "forms": (judge_forms, form_table),

@@ -22,7 +22,6 @@ import numpy as np
 from abc_form import sections
 from abc_music import header_field
 from abc_tokens import tokenize_abc
-from cli import UserError
 from safe_write import check_output, write_atomic
 
 
@@ -107,11 +106,7 @@ def plot_sweep(rows: list[dict], path: Path, overwrite: bool = False) -> None:
 
 def checked_plot_path(plot: str, overwrite: bool, inputs: list) -> Path:
     """--plot's file: a .png name, not an input, not an existing file unless overwrite (check_output)."""
-    if not plot.strip():
-        raise UserError("--plot '' names no file; give a file name ending in .png")
-    if Path(plot).suffix.lower() != ".png":
-        raise UserError(f"--plot {plot}: give a file name ending in .png")
-    return check_output(plot, "--plot", overwrite, inputs=inputs)
+    return check_output(plot, "--plot", overwrite, inputs=inputs, suffix=".png")
 
 
 def pyplot():

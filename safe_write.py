@@ -74,10 +74,13 @@ def _one_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False, inputs=(),
-                 folder: bool = False) -> Path:
-    """path, once it is sure that writing it destroys nothing the user did not ask to replace."""
+                 folder: bool = False, suffix: str = "") -> Path:
+    """path, once it is sure that writing it destroys nothing the user did not ask to replace.
+    suffix: the ending its format's files have (".abc"), so that a slip of the name cannot replace
+    a file of another kind, such as a checkpoint, even with --overwrite."""
+    ending = f" ending in {suffix}" if suffix else ""
     if not folder and (not str(path).strip() or str(path).endswith(("/", os.sep))):  # Path() would drop the "/"
-        raise OutputError(f"{flag} {str(path)!r} names no file; give a file name")
+        raise OutputError(f"{flag} {str(path)!r} names no file; give a file name{ending}")
     if folder and not str(path).strip():  # Path("") is the current folder
         raise OutputError(f"{flag} '' names no folder; give one (runs, say)")
     p = Path(path)
@@ -87,6 +90,8 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
     for source in inputs:
         if source and same_file(p, source):
             raise OutputError(f"{flag} {path} is also what this command reads ({source}); choose another name")
+    if suffix and p.suffix.lower() != suffix:
+        raise OutputError(f"{flag} {path}: give a file name{ending}")
     if folder and p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
     if not folder and _not_a_file(p):

@@ -262,7 +262,7 @@ def check_outputs(args: argparse.Namespace, model_path: str, opts: SamplingOptio
         raise UserError("--overwrite lets --out replace a file: without --out nothing is written")
     if args.out is None:
         return None
-    out = check_output(args.out, "--out", args.overwrite, inputs=[model_path])
+    out = check_output(args.out, "--out", args.overwrite, inputs=[model_path], suffix=".abc")
     if args.render:  # before any work: the tunes asked for; render_tunebook checks again the tunes written
         check_render(out, opts.num, args.overwrite, inputs=[model_path])
     return out

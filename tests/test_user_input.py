@@ -43,22 +43,26 @@ def copies(tiny_run, tiny_onnx, tmp_path, fixture_data):
     return {name: tmp_path / name for name in ("copy.pt", "copy.onnx", "train.json")}
 
 
-def writers(c, out) -> list:
-    """Every command that writes a file, aimed at out, as (main, args)."""
+FORMATS = (".abc", ".onnx", ".json", ".png")  # what the writers' files end in
+
+
+def writers(c, stem) -> list:
+    """Every command that writes a file, aimed at stem + its format's ending, as (main, args, that file)."""
     cheap = ["--num", "1", "--max-tokens", "20"]
+    abc, onnx_file, json_file, png = (Path(f"{stem}{suffix}") for suffix in FORMATS)
     return [
-        (musicrnn.main, ["generate", "--checkpoint", c["copy.pt"], "--out", out, *cheap]),
-        (infer_onnx.main, ["--model", c["copy.onnx"], "--out", out, *cheap]),
-        (export.main, ["--checkpoint", c["copy.pt"], "--out", out]),
-        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", out,
-                         "--temperatures", "1", "--num", "1", "--max-tokens", "120"]),  # its constrained rows' least
-        (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", out]),
-        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--plot", out,
+        (musicrnn.main, ["generate", "--checkpoint", c["copy.pt"], "--out", abc, *cheap], abc),
+        (infer_onnx.main, ["--model", c["copy.onnx"], "--out", abc, *cheap], abc),
+        (export.main, ["--checkpoint", c["copy.pt"], "--out", onnx_file], onnx_file),
+        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--out", json_file,
+                         "--temperatures", "1", "--num", "1", "--max-tokens", "120"], json_file),  # constrained rows' least
+        (musicrnn.main, ["stats", "--data", c["train.json"], "--plot", png], png),
+        (musicrnn.main, ["sweep", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--plot", png,
                          "--out", Path(c["copy.pt"]).with_name("sweep.json"), "--temperatures", "1", "--num", "1",
-                         "--max-tokens", "120"]),
-        (musicrnn.main, ["forms", "--checkpoint", c["copy.pt"], "--num", "1", "--out", out]),
+                         "--max-tokens", "120"], png),
+        (musicrnn.main, ["forms", "--checkpoint", c["copy.pt"], "--num", "1", "--out", json_file], json_file),
         (musicrnn.main, ["types", "--checkpoint", c["copy.pt"], "--train-data", c["train.json"], "--num", "1",
-                         "--out", out]),
+                         "--out", json_file], json_file),
     ]
 
 
@@ -66,6 +70,23 @@ def test_an_export_is_named_onnx(copies, tmp_path):
     """onnx reads a file's format from its name: an export called .json would not load again."""
     code, _, err = run_main(export.main, "--checkpoint", copies["copy.pt"], "--out", tmp_path / "model.json")
     assert one_error_line(code, err) and "ending in .onnx" in err and not (tmp_path / "model.json").exists()
+
+
+def test_an_output_is_named_for_its_format(copies, tmp_path, monkeypatch):
+    """A tunebook is .abc and a table .json, as an export is .onnx and a plot .png: a slip of the
+    name (--out best.pt, or - for the screen) cannot replace a file of another kind, even with --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    cheap = ["--num", "1", "--max-tokens", "20"]
+    cases = [(infer_onnx.main, ["--model", copies["copy.onnx"], *cheap], ".abc"),
+             (musicrnn.main, ["generate", "--checkpoint", copies["copy.pt"], *cheap], ".abc"),
+             (musicrnn.main, ["forms", "--checkpoint", copies["copy.pt"], "--num", "1"], ".json")]
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"a checkpoint")
+    for main, args, suffix in cases:
+        for out in (checkpoint, "-"):
+            code, _, err = run_main(main, *args, "--out", out, "--overwrite")
+            assert one_error_line(code, err) and f"ending in {suffix}" in err, (args, out, err)
+    assert checkpoint.read_bytes() == b"a checkpoint" and not (tmp_path / "-").exists()
 
 
 # --- 1. an output never replaces an input, even with --overwrite
@@ -90,11 +111,11 @@ def test_an_output_onto_its_own_input_is_refused_even_with_overwrite(copies):
 
 
 def test_every_writer_refuses_an_existing_file_without_overwrite(copies, tmp_path):
-    for main, args in writers(copies, tmp_path / "precious.png"):
-        (tmp_path / "precious.png").write_text("precious")
+    for main, args, out in writers(copies, tmp_path / "precious"):
+        out.write_text("precious")
         code, _, err = run_main(main, *args)
         assert one_error_line(code, err) and "pass --overwrite" in err, (args, err)
-        assert (tmp_path / "precious.png").read_text() == "precious"
+        assert out.read_text() == "precious"
 
 
 def test_with_overwrite_the_file_is_replaced_and_keeps_its_mode(copies, tmp_path):
@@ -273,11 +294,12 @@ def test_a_file_that_appears_while_a_command_runs_is_left_as_it_was(tmp_path):
 
 
 def test_a_folder_or_an_unwritable_place_as_output_is_one_line(copies, tmp_path):
-    folder = tmp_path / "folder.png"
-    folder.mkdir()
-    for target, message in [(folder, "is a folder"), ("/proc/no-such-dir/out.png", "cannot write")]:
-        train = (musicrnn.main, ["train", "--train-data", copies["train.json"], "--out", "/proc/no-such-dir/run"])
-        for main, args in writers(copies, target) + ([train] if target != folder else []):
+    folder = tmp_path / "folder"
+    for suffix in FORMATS:
+        Path(f"{folder}{suffix}").mkdir()
+    for target, message in [(folder, "is a folder"), ("/proc/no-such-dir/out", "cannot write")]:
+        train = (musicrnn.main, ["train", "--train-data", copies["train.json"], "--out", "/proc/no-such-dir/run"], None)
+        for main, args, _ in writers(copies, target) + ([train] if target != folder else []):
             code, out, err = run_main(main, *args, "--overwrite")
             assert one_error_line(code, err) and message in err, (args, err)
             assert "temperature" not in out  # refused before the work
@@ -851,13 +873,13 @@ def test_an_out_that_is_a_link_to_nowhere_is_refused_before_the_work(tiny_onnx, 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["fresh", "overwrite"])
 def test_an_out_that_is_a_pipe_or_a_link_to_one_is_never_replaced_by_a_file(tiny_onnx, tmp_path, overwrite):
-    os.mkfifo(tmp_path / "pipe")
-    (tmp_path / "link").symlink_to(tmp_path / "pipe")  # as /dev/stdout links to what stdout is
-    for name in ("pipe", "link"):
+    os.mkfifo(tmp_path / "pipe.abc")
+    (tmp_path / "link.abc").symlink_to(tmp_path / "pipe.abc")  # as /dev/stdout links to what stdout is
+    for name in ("pipe.abc", "link.abc"):
         code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
                                   tmp_path / name, *overwrite)
         assert one_error_line(code, err) and "not a regular file" in err and out == "", err
-    assert (tmp_path / "pipe").is_fifo() and (tmp_path / "link").is_symlink()
+    assert (tmp_path / "pipe.abc").is_fifo() and (tmp_path / "link.abc").is_symlink()
 
 
 def test_overwrite_through_a_link_replaces_the_file_it_leads_to_and_keeps_the_link(tiny_onnx, tmp_path):
@@ -869,9 +891,9 @@ def test_overwrite_through_a_link_replaces_the_file_it_leads_to_and_keeps_the_li
     assert code == 0, err
     assert (tmp_path / "tunes.abc").is_symlink() and (tmp_path / "v2" / "tunes.abc").read_text().startswith("X:1")
     assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == ["tunes.abc"]  # no temporary file left
-    (tmp_path / "status").symlink_to("/proc/self/status")  # as /dev/stdout leads into /proc: the system's
+    (tmp_path / "status.abc").symlink_to("/proc/self/status")  # as /dev/stdout leads into /proc: the system's
     code, out, err = run_main(infer_onnx.main, "--model", tiny_onnx, "--max-tokens", "5", "--out",
-                              tmp_path / "status", "--overwrite")
+                              tmp_path / "status.abc", "--overwrite")
     assert one_error_line(code, err) and "is a link to /proc/" in err and out == "", err
 
 
@@ -986,10 +1008,10 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
     monkeypatch.chdir(tmp_path)
     shutil.copy(tiny_run / "best.pt", "model.pt")
     shutil.copy(tiny_onnx, "model.onnx")
-    paths = ["model.pt", "model.onnx", fixture_data["train"], "missing.json", "out", "out.abc", "out.png", "/proc/x/y",
-             ".", "", "X:1\nK:D\nABc|", "6/8", "Ador"]
+    train, val = shutil.copy(fixture_data["train"], "train.json"), shutil.copy(fixture_data["val"], "val.json")
+    paths = ["model.pt", "model.onnx", train, "missing.json", "out", "out.abc", "out.json", "out.png", "/proc/x/y",
+             ".", "", "X:1\nK:D\nABc|", "6/8", "Ador"]  # copies: a fuzzed --out --overwrite may replace them
     mains = {"musicrnn.py": musicrnn.main, "infer_onnx.py": infer_onnx.main, "export.py": export.main}
-    train, val = fixture_data["train"], fixture_data["val"]
     # each line starts from the command's own inputs, which the fuzzed flags may then replace
     bases = {"musicrnn.py train": ["--train-data", train, "--val-data", val], "musicrnn.py stats": ["--data", train],
              "musicrnn.py evaluate": ["--checkpoint", "model.pt", "--data", val],
@@ -998,9 +1020,9 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
                                                                                                   "model.pt"],
              "musicrnn.py forms": ["--checkpoint", "model.pt"],
              "musicrnn.py types": ["--checkpoint", "model.pt", "--train-data", train]}
-    fresh_outputs = {"musicrnn.py train": "--out", "musicrnn.py sweep": "--out", "export.py": "--out",
-                     "musicrnn.py forms": "--out", "musicrnn.py types": "--out", "musicrnn.py generate": "--out",
-                     "infer_onnx.py": "--out"}  # generation too: --overwrite and --render need an --out
+    fresh_outputs = {"musicrnn.py train": "", "musicrnn.py sweep": ".json", "export.py": ".onnx",
+                     "musicrnn.py forms": ".json", "musicrnn.py types": ".json", "musicrnn.py generate": ".abc",
+                     "infer_onnx.py": ".abc"}  # --out's ending; generation too: --overwrite and --render need one
     # every line stays short: few tunes and tokens, one small epoch; the fuzzed values come first
     bounds = {"musicrnn.py train": ["--epochs", "1", "--max-minutes", "0.2", "--hidden-dim", "16", "--limit", "8",
                                     "--procs", "1"],  # one process: a fuzzed --procs 200 would start 200
@@ -1014,7 +1036,7 @@ def test_fuzz_drill_random_command_lines_end_in_0_or_one_error_line(tiny_run, ti
         name, parser = fuzzed[i % len(fuzzed)]
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
         chosen = rng.choice(len(actions), size=min(len(actions), int(rng.integers(1, 5))), replace=False)
-        fresh = [fresh_outputs[name], f"new{i}" + ".onnx" * (name == "export.py")] if name in fresh_outputs else []
+        fresh = ["--out", f"new{i}{fresh_outputs[name]}"] if name in fresh_outputs else []
         argv = name.split()[1:] + bases[name] + fresh + [w for j in chosen for w in [actions[j].option_strings[-1],
                                                                                      *fuzz_value(actions[j], rng, paths)]]
         code, _, err = run_main(mains[name.split()[0]], *argv, *bounds.get(name, []))
