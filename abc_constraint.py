@@ -379,8 +379,7 @@ class AbcConstraint:
             raise PromptError("--constrained: the prompt ends inside a slur: close it with ) (the model writes none)")
         tables = self._line_tables(state) if state.phase < BODY else []
         if state.pending and tables and not any(_as_written(state.pending) in table.prefixes for table, _ in tables):
-            raise PromptError(f"--constrained: the prompt ends inside a header line it cannot complete: "
-                              f"{state.pending!r} (end the line: the model writes only X:, R:, L:, M: and K: lines)")
+            raise PromptError(_why_unfinished_header(state.pending))
         return state
 
     def _read_body(self, state: TuneState, prompt: str, i: int, shown: int) -> int:
@@ -1208,6 +1207,15 @@ UNSUPPORTED = [  # pasted ABC that --constrained neither writes nor reads, and w
     (re.compile(r"-[\^_=]?[A-Ga-g][,']*[\d/]*-"), "a note that ends a tie and starts another: abc2midi miscounts "
                                                   "A-A-A, so it reads ties of two notes"),
 ]
+
+
+def _why_unfinished_header(pending: str) -> str:
+    """A prompt ends in a header line the model cannot finish: a field begun, or music before K:."""
+    if re.match(r"[A-Za-z]:", pending):
+        return (f"--constrained: the prompt ends inside a header line it cannot complete: {pending!r} "
+                f"(end the line: the model writes only X:, R:, L:, M: and K: lines)")
+    return (f"--constrained: the prompt's music {_quote(pending)} comes before a K: line, which ends the "
+            f"header: put a header before it, such as 'X:1\\nM:6/8\\nK:D\\n'")
 
 
 def _as_written(line: str) -> str:

@@ -171,6 +171,18 @@ def test_header_order_and_meter_are_checked(constraint):
     assert legal_chars(constraint, "X:1\nL:1/") == {"4", "8", "1"}
 
 
+@pytest.mark.parametrize("prompt", ["ABcd|", "X:1\nABcd|", "X:1\nM:6/8\nA", "X:1\nM:6/8\n|:"])
+def test_music_before_the_header_ends_is_named_as_such(constraint, prompt):
+    """A body with no K: line before it is music too early, not a header line the model cannot finish."""
+    with pytest.raises(PromptError, match=r"comes before a K: line, which ends the header.*X:1\\nM:6/8\\nK:D"):
+        constraint.start(prompt)
+
+
+def test_a_header_line_the_model_cannot_finish_is_named_as_such(constraint):
+    with pytest.raises(PromptError, match="ends inside a header line it cannot complete: 'T:Bad'"):
+        constraint.start("X:1\nT:Bad")
+
+
 def test_a_tune_with_a_pickup_closes_on_its_short_bar_only_after_16_notes(constraint):
     head = "X:1\nL:1/4\nM:3/4\nK:D\n"
     assert not accepts(constraint, "A|c3|c3|c3|c3|c2|]", head)  # 6 notes: the end would be a dead end
