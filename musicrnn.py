@@ -537,8 +537,11 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     run.started = time.time()
     if not has_epochs_left(run):  # a resumed run that is done
-        log(f"nothing to train: {run.progress.epoch} of --epochs {run.cfg.epochs} done, {run.progress.stale} without "
-            f"a better validation loss (--patience {run.cfg.patience}); raise either to go on")
+        p, cfg = run.progress, run.cfg
+        reached = [flag for flag, done in (("--epochs", p.epoch >= cfg.epochs), ("--patience", p.stale >= cfg.patience))
+                   if done]
+        log(f"nothing to train: {p.epoch} of --epochs {cfg.epochs} done, {p.stale} without a better validation "
+            f"loss (--patience {cfg.patience}); raise {' and '.join(reached)} to go on")
     with tensorboard_writer(out) if tensorboard and run.world.writer else contextlib.nullcontext() as writer:
         train_epochs(run, writer, log)  # the writer closed however they end: its last events reach the file
     if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
@@ -565,10 +568,15 @@ def train_epochs(run: Run, writer, log) -> None:
 
 def budget_spent_line(run: Run) -> str:
     """The line for a run whose time budget ran out between two steps: how far it got, how to go on."""
-    p = run.progress
-    cut = f" and {p.batches_done} batches of epoch {p.epoch + 1}" * bool(p.batches_done)
-    return (f"time budget reached after epoch {p.epoch}{cut} ({run.seconds() / 60:.1f} min of --max-minutes "
+    return (f"time budget reached after {work_done(run.progress)} ({run.seconds() / 60:.1f} min of --max-minutes "
             f"{run.cfg.max_minutes:g}, the run's sessions added up): --resume with more to go on")
+
+
+def work_done(p: Progress) -> str:
+    """"epoch 3", "epoch 3 and 9 batches of epoch 4" or "9 batches of epoch 1"."""
+    whole = f"epoch {p.epoch}" if p.epoch or not p.batches_done else ""
+    cut = f"{p.batches_done} batch{'es' * (p.batches_done != 1)} of epoch {p.epoch + 1}" if p.batches_done else ""
+    return " and ".join(filter(None, (whole, cut)))
 
 
 def has_epochs_left(run: Run) -> bool:
@@ -730,8 +738,8 @@ def restore(run: Run, ckpt: dict, log) -> None:
     run.progress = p = Progress(ckpt["epoch"], ckpt["step"], ckpt["best_val_loss"], history,
                                 ckpt.get("lr_scale", 1.0), epochs_since_best(history),  # early stopping counts on
                                 ckpt.get("batches_done", 0), ckpt.get("rng_state"), ckpt.get("seconds", 0.0))
-    cut = f", and {p.batches_done} batches of epoch {p.epoch + 1}, where the time budget cut it" * bool(p.batches_done)
-    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after epoch {p.epoch}{cut} (best val loss {p.best_val:.4f}, "
+    cut = ", where the time budget cut it" * bool(p.batches_done)
+    log(f"resuming {Path(run.cfg.out_dir) / 'last.pt'} after {work_done(p)}{cut} (best val loss {p.best_val:.4f}, "
         f"{p.seconds / 60:.1f} of --max-minutes {run.cfg.max_minutes:g} spent)")
 
 

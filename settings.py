@@ -191,6 +191,11 @@ def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):
     cfg = replace(old, out_dir=cfg.out_dir, **{n: getattr(cfg, n) for n in RESUME_MAY_CHANGE if n in given})
     if cfg.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {cfg.epochs}: {source} has already done {ckpt['epoch']} epochs")
+    # the budget counts the run's sessions added up; one its own budget stopped has overrun that a little
+    spent = ckpt.get("seconds", 0.0) / 60
+    if "max_minutes" in given and cfg.max_minutes < min(spent, old.max_minutes):
+        raise UserError(f"--max-minutes {cfg.max_minutes:g}: {source} has already trained for {spent:.2f} min; "
+                        f"give more to go on")
     return cfg
 
 

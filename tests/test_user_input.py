@@ -617,7 +617,8 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data, monkey
             "--hidden-dim", "16", "--embedding-dim", "8", "--epochs", "2"]
     assert run_main(musicrnn.main, *base)[0] == 0
     for extra, message in [(["--hidden-dim", "32"], "--hidden-dim 32 (it has 16)"), (["--lr", "0.1"], "--lr 0.1"),
-                           (["--tokenizer", "abc"], "--tokenizer abc"), (["--epochs", "1"], "already done 2")]:
+                           (["--tokenizer", "abc"], "--tokenizer abc"), (["--epochs", "1"], "already done 2"),
+                           (["--max-minutes", "0.00001"], "has already trained for")]:
         code, _, err = run_main(musicrnn.main, *base, "--resume", *extra)
         assert one_error_line(code, err) and message in err, (extra, err)
     code, _, err = run_main(musicrnn.main, *base, "--resume", "--overwrite")
@@ -635,6 +636,7 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data, monkey
     assert code == 0 and "resuming" in out_text, err
     code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "5", "--patience", "5")
     assert code == 0 and "nothing to train: 5 of --epochs 5 done" in out_text, out_text
+    assert "raise --epochs" in out_text, out_text  # the limit that ended it, not both
 
 
 # --- 15. meter and key checked alike, free and constrained
