@@ -52,7 +52,7 @@ def stats_text(stats: dict) -> str:
              f"unique tokens    {stats['unique_tokens']:,}"]
     for unit in ("chars", "tokens"):
         s = stats[unit]
-        lines.append(f"length ({unit:<6}) max {s['max']:,}  mean {s['mean']:.1f}  median {s['median']:.0f}")
+        lines.append(f"{f'length ({unit})':<17}max {s['max']:,}  mean {s['mean']:.1f}  median {s['median']:.0f}")
     lines.append("top 20 tokens    " + "  ".join(f"{tok!r}:{n:,}" for tok, n in stats["top_tokens"]))
     lines.append("tune types (R:)  " + "  ".join(f"{name}:{n:,}" for name, n in stats["types"]))
     lines.append("forms (bars per section, sections joined by +)    "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -165,6 +166,8 @@ def test_stats(fixture_tunes):
     assert len(stats["top_tokens"]) == 20
     assert dict(stats["forms"]) == {"8+4": 3, "16": 1, "4+4": 1, "4": 2, "7": 1} and "8+4:3" in plots.stats_text(stats)
     assert dict(stats["types"]) == {"none": 7, "reel": 1} and "tune types (R:)  none:7  reel:1" in plots.stats_text(stats)
+    lines = plots.stats_text(stats).splitlines()[:5]  # "tunes            8", ..., "length (chars)   max ..."
+    assert len({re.match(r".*?\S {2,}", line).end() for line in lines}) == 1, lines  # the figures in one column
 
 
 def test_an_fsspec_url_holding_irishman_records_with_control_codes_reads_as_hf_would(fixture_tunes):
