@@ -410,7 +410,9 @@ def check_start_flags(args: argparse.Namespace) -> None:
     if args.meter is not None and not playable_meter(args.meter):
         raise PromptError(f"--meter {args.meter}: not a meter like 6/8, 3/4, C or C|")
     if args.key is not None and not playable_key(args.key):
-        raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m")
+        capital = args.key[:1].upper() + args.key[1:]
+        hint = f" (its letter a capital: {capital})" if playable_key(capital) else ""
+        raise PromptError(f"--key {args.key}: not a key like D, Ador, Bbmix or F#m{hint}")
     if args.constrained and args.key is not None and args.meter is None:
         raise PromptError("--constrained counts bars in the meter: with --key, give --meter too (e.g. --meter 6/8)")
 

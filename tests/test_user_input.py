@@ -645,7 +645,9 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data, monkey
 @pytest.mark.parametrize("flags, message", [
     (["--key", "D", "--constrained"], "give --meter too"), (["--meter", "13/0"], "not a meter"),
     (["--meter", "13/0", "--constrained"], "not a meter"), (["--key", "H#"], "not a key"),
-    (["--key", "H#", "--meter", "6/8", "--constrained"], "not a key")], ids=" ".join)
+    (["--key", "H#", "--meter", "6/8", "--constrained"], "not a key"),
+    (["--key", "bbmix"], "not a key like D, Ador, Bbmix or F#m (its letter a capital: Bbmix)"),  # as abc2midi reads it
+    (["--key", "h"], "not a key like D, Ador, Bbmix or F#m")], ids=" ".join)
 def test_meter_and_key_are_checked_in_both_modes(flags, message, tiny_onnx):
     code, _, err = run_main(infer_onnx.main, "--model", tiny_onnx, *flags)
     assert one_error_line(code, err) and message in err
