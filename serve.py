@@ -404,6 +404,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True         # the body ends, and reading by the length would misread it
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length, without "
                                                         "Transfer-Encoding")
+        if len(set(self.headers.get_all("Content-Length", []))) > 1:  # RFC 9112: which ends the body is unknown
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "a form needs one Content-Length, not two that differ")
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a form needs its Content-Length")

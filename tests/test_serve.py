@@ -270,6 +270,8 @@ def statuses(received: bytes) -> list[int]:
     (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1\xb2\r\n\r\nmeter=6%2F8&x", 411),  # no length
     (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 23\r\n\r\n"
      b"d\r\nmeter=6%2F8&x\r\n0\r\n\r\n", 411),  # chunked beside a length: read by the length, it misreads
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 35\r\n\r\n"
+     b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # two lengths: which one ends the body is unknown
 ])
 def test_a_body_the_server_does_not_read_is_never_read_as_the_next_request(server, first, status):
     received = raw_exchange(server, first + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
