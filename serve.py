@@ -392,7 +392,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def client_gone(self) -> bool:
         """The client has closed its end of the connection: what it sent is read, and the end of
-        its stream (or a reset) is all that is left to read."""
+        its stream (or a reset) is all that is left to read. A client that only stops sending
+        (shutdown(SHUT_WR), nc -N) reads the same, and is taken as gone too, as nginx takes it."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
