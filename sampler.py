@@ -245,6 +245,9 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
         raise UserError("--max-bars: this model reads a form before each tune, which sets its bars "
                         "(S:2 B:8 E:3 B:8 when none is asked for); give --form or --sections/--bars instead")
     opts, constraint = check_against_model(opts, vocab, facts, args.type)
+    if form_unheld(opts, facts):  # a flag that would do nothing is refused (the page shows form_note's note)
+        raise UserError("--form (or --sections/--bars) holds only with --constrained on a model trained without "
+                        "control codes (train --control): add --constrained")
     note = form_note(opts, facts)
     if note:
         print("note: " + note, file=sys.stderr)
@@ -295,9 +298,14 @@ def check_against_model(opts: SamplingOptions, vocab: Vocabulary, facts: ModelFa
     return opts, constraint
 
 
+def form_unheld(opts: SamplingOptions, facts: ModelFacts) -> bool:
+    """A form is asked for that neither the model (trained without codes) nor the masks will hold."""
+    return bool(opts.form) and not facts.control_codes and not opts.constrained
+
+
 def form_note(opts: SamplingOptions, facts: ModelFacts) -> str | None:
     """What a user who asks for a form should know when nothing will hold the tunes to it."""
-    if opts.form and not facts.control_codes and not opts.constrained:
+    if form_unheld(opts, facts):
         return ("this model was trained without control codes (train --control): only --constrained holds it "
                 "to --form")
     if facts.control_codes and not opts.form:
