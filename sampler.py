@@ -376,7 +376,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--prompt", type=cli.abc_text,
                        help='start from this ABC text instead of --meter/--key/--type, e.g. '
                             '"X:1\\nL:1/8\\nM:6/8\\nK:D\\n" (\\n: a line break)')
-    form = parser.add_argument_group("form (sections and bars; exact with --constrained, which a model trained without --control needs)")
+    form = parser.add_argument_group("form (sections and bars; exact with --constrained, which a model "
+                                     "trained without --control needs)")
     form.add_argument("--form", help='an IrishMAN control code: S:sections, B:bars of the first section, then for '
                                      'each later section E:similarity (0-10) to every earlier one and its B:bars; '
                                      'lines apart by spaces, e.g. "S:2 B:8 E:3 B:8" (two parts of 8 bars)')
