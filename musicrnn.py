@@ -689,9 +689,9 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
         if ckpt:
             restore(run, ckpt, log)
     run.data_digests = {"train_data": collection_digest(train_tunes, train_codes),
-                        "val_data": collection_digest(val_tunes)}
-    if ckpt:
-        check_same_data(ckpt.get("data", {}), run.data_digests, cfg)
+                        "val_data": collection_digest(val_tunes, val_codes)}  # a --control model reads the codes
+    if ckpt:  # a checkpoint may have digested its validation tunes alone, their codes not counted
+        check_same_data(ckpt.get("data", {}), run.data_digests, cfg, {"val_data": collection_digest(val_tunes)})
     run.ddp_model = distributed.wrap(model, world, device)  # after restore: every rank starts from these weights
     run.bf16 = bf16_products(cfg.precision, device)
     describe_run(run, val_tunes, log)

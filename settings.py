@@ -199,12 +199,13 @@ def resumed_config(ckpt: dict, cfg, given: set[str] | None, source: str):
     return cfg
 
 
-def check_same_data(then: dict, now: dict, cfg) -> None:
+def check_same_data(then: dict, now: dict, cfg, also: dict | None = None) -> None:
     """--resume reads the tunes the run began with: a file changed since would train on other tunes, and
     its validation loss would be compared with a best from other tunes. A checkpoint without digests
-    cannot be checked, and is taken as it is."""
+    cannot be checked, and is taken as it is; also: a digest of the same data that a checkpoint may hold
+    instead (one that counted less of it)."""
     for name, digest in now.items():
-        if then.get(name, digest) != digest:
+        if then.get(name, digest) not in (digest, (also or {}).get(name)):
             raise UserError(f"--resume: {getattr(cfg, name)} holds other tunes than when the run began ({digest} now, "
                             f"{then[name]} then): restore it, or start afresh with --overwrite")
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import abc_form
 import abc_music
 import abc_tokens
 import checkpoint_files
 import cli
+import corpus
 import sampler
 import settings
 import musicrnn
@@ -533,6 +535,25 @@ def test_resuming_on_data_changed_since_the_run_began_is_refused(tmp_path, fixtu
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     del ckpt["data"]  # a checkpoint without the digests
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert musicrnn.train(config(2), resume=True, log=lambda *a: None)["epoch"] == 2
+
+
+def test_resuming_a_control_run_on_changed_validation_codes_is_refused(tmp_path, fixture_data, fixture_tunes):
+    """A --control model reads each tune's code first: validation codes changed in place are other data
+    too. A checkpoint whose digest covers the validation tunes alone (written before codes counted) resumes."""
+    val, tunes = tmp_path / "val.json", fixture_tunes[:2]
+    codes = [abc_form.control_code(tune) for tune in tunes]
+    corpus.write_irishman_json(val, tunes, codes)
+    config = lambda epochs: tiny_config(fixture_data, tmp_path / "run", epochs=epochs,  # noqa: E731
+                                        control=True, val_data=str(val))
+    musicrnn.train(config(1), log=lambda *a: None)
+    corpus.write_irishman_json(val, tunes, [codes[0], "S:1\nB:16\n"])  # the same tunes, one code another
+    with pytest.raises(cli.UserError, match="holds other tunes than when the run began"):
+        musicrnn.train(config(2), resume=True, log=lambda *a: None)
+    corpus.write_irishman_json(val, tunes, codes)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt["data"]["val_data"] = corpus.collection_digest(tunes)
     torch.save(ckpt, tmp_path / "run" / "last.pt")
     assert musicrnn.train(config(2), resume=True, log=lambda *a: None)["epoch"] == 2
 
