@@ -32,7 +32,11 @@ def load_tunes(path: str) -> list[str]:
     return [tune for _, tune in load_records(path)]
 
 
-def load_records(path: str) -> list[tuple[str, str]]:
+def print_note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr)
+
+
+def load_records(path: str, note=print_note) -> list[tuple[str, str]]:
     """(control code, abc notation) of each tune of a collection; "" where there is no code.
 
     path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
@@ -64,7 +68,7 @@ def load_records(path: str) -> list[tuple[str, str]]:
         kinds = " (a folder is read for its .abc and .json files)" if folder else ""
         raise UserError(f"{path}: no tunes found" + (f" ({'; '.join(why)})" if why else kinds))
     if why:
-        print(f"note: {path}: {len(records)} tunes read, {'; '.join(why)}", file=sys.stderr)
+        note(f"{path}: {len(records)} tunes read, {'; '.join(why)}")
     return records
 
 

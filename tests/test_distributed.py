@@ -1,5 +1,6 @@
 """Training under torchrun: 2 processes (gloo, 1 thread each) against 1, a rank killed, --resume."""
 
+import json
 import os
 import re
 import signal
@@ -275,6 +276,18 @@ def test_a_users_error_under_procs_is_one_line_from_rank_0_and_exit_2(fixture_da
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: argument --batch-size"), done.stderr
     under_torchrun = run(TORCHRUN + train_command(fixture_data, tmp_path / "run", "--batch-size", "0"))
     assert under_torchrun.stderr.count("error: argument --batch-size") == 1  # rank 0 alone says it
+
+
+def test_a_note_on_the_data_comes_once_from_rank_0(fixture_data, tmp_path):
+    """Every rank reads the data; only rank 0 says what it skipped (two ranks' notes ran into one line)."""
+    records = json.loads(Path(fixture_data["train"]).read_text()) + [{"control code": "", "abc notation": ""}]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(records))
+    done = run([sys.executable, *train_command({**fixture_data, "train": str(train)}, tmp_path / "run", "--procs",
+                                               "2", "--epochs", "1")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    notes = [line for line in done.stderr.splitlines() if "note:" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {train}: "), done.stderr[-2000:]
 
 
 def test_more_procs_than_cores_is_one_line_before_any_process_or_file(fixture_data, tmp_path):
