@@ -538,11 +538,7 @@ def train_loop(run: Run, tensorboard: bool, log) -> dict:
     out = Path(run.cfg.out_dir)
     run.started = time.time()
     if not has_epochs_left(run):  # a resumed run that is done
-        p, cfg = run.progress, run.cfg
-        reached = [flag for flag, done in (("--epochs", p.epoch >= cfg.epochs), ("--patience", p.stale >= cfg.patience))
-                   if done]
-        log(f"nothing to train: {p.epoch} of --epochs {cfg.epochs} done, {p.stale} without a better validation "
-            f"loss (--patience {cfg.patience}); raise {' and '.join(reached)} to go on")
+        log(nothing_to_train(run))
     with tensorboard_writer(out) if tensorboard and run.world.writer else contextlib.nullcontext() as writer:
         train_epochs(run, writer, log)  # the writer closed however they end: its last events reach the file
     if run.world.writer and not (out / "loss.png").exists():  # every epoch draws it: here only a run that had none
@@ -578,6 +574,15 @@ def work_done(p: Progress) -> str:
     whole = f"epoch {p.epoch}" if p.epoch or not p.batches_done else ""
     cut = f"{p.batches_done} batch{'es' * (p.batches_done != 1)} of epoch {p.epoch + 1}" if p.batches_done else ""
     return " and ".join(filter(None, (whole, cut)))
+
+
+def nothing_to_train(run: Run) -> str:
+    """Why a resumed run has no epoch left, and which limit to raise."""
+    p, cfg = run.progress, run.cfg
+    reached = [flag for flag, done in (("--epochs", p.epoch >= cfg.epochs), ("--patience", p.stale >= cfg.patience))
+               if done]
+    return (f"nothing to train: {p.epoch} of --epochs {cfg.epochs} done, {p.stale} without a better validation "
+            f"loss (--patience {cfg.patience}); raise {' and '.join(reached)} to go on")
 
 
 def has_epochs_left(run: Run) -> bool:
@@ -690,6 +695,9 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
                   Progress(), world, model)
         if ckpt:
             restore(run, ckpt, log)
+    typed = [f"--{name.replace('_', '-')}" for name in ("epochs", "patience", "max_minutes") if name in (given or ())]
+    if ckpt and typed and not has_epochs_left(run):  # what was typed to go on would do nothing
+        raise UserError(f"{' and '.join(typed)}: {nothing_to_train(run)}")
     run.data_digests = {"train_data": collection_digest(train_tunes, train_codes),
                         "val_data": collection_digest(val_tunes, val_codes)}  # a --control model reads the codes
     if ckpt:  # a checkpoint may have digested its validation tunes alone, their codes not counted

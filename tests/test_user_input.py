@@ -634,9 +634,12 @@ def test_resume_refuses_settings_it_cannot_honour(tmp_path, fixture_data, monkey
     relative = ["train.json" if arg == fixture_data["train"] else arg for arg in base]
     code, out_text, err = run_main(musicrnn.main, *relative, "--resume", "--epochs", "5", "--patience", "5")
     assert code == 0 and "resuming" in out_text, err
-    code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "5", "--patience", "5")
+    code, out_text, err = run_main(musicrnn.main, "train", "--out", out, "--resume")
     assert code == 0 and "nothing to train: 5 of --epochs 5 done" in out_text, out_text
     assert "raise --epochs" in out_text, out_text  # the limit that ended it, not both
+    code, out_text, err = run_main(musicrnn.main, *base, "--resume", "--epochs", "5", "--patience", "6")
+    assert one_error_line(code, err) and "--epochs and --patience: nothing to train" in err, err  # both did nothing
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 5
 
 
 # --- 15. meter and key checked alike, free and constrained
