@@ -90,6 +90,9 @@ def check_note_range(text: str, source: str) -> None:
     if low > high:
         raise UserError(f"{source}: --transpose-range {text}: its first note is above its second; give the lower one "
                         f"first")
+    if low < 0 or high > 127:  # a transposed tune would hold notes no MIDI file can
+        raise UserError(f"{source}: --transpose-range {text}: give notes among MIDI's notes, 0 to 127 (C,,,,, to "
+                        f"g''''), not {low} to {high}")
 
 
 def config_from_dict(config_class, values: dict, source: str = "checkpoint"):

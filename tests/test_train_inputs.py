@@ -138,7 +138,9 @@ def test_stats_refuses_an_overwrite_with_nothing_to_write_and_an_empty_plot(flag
 @pytest.mark.parametrize("flags, message", [
     (["--augment-key", "0", "--transpose-range", "C..c"], "--augment-key"),
     (["--transpose-range", "c..C"], "above"),
-], ids=["without augment-key", "reversed"])
+    (["--transpose-range", "C..a''''"], "MIDI's notes, 0 to 127 (C,,,,, to g''''), not 60 to 129"),
+    (["--transpose-range", "C,,,,,,..c"], "MIDI's notes, 0 to 127"),  # a transposed tune: notes no MIDI file holds
+], ids=["without augment-key", "reversed", "above MIDI", "below MIDI"])
 def test_a_transpose_range_that_does_nothing_or_is_reversed_is_one_line(flags, message, fixture_data, tmp_path):
     code, out, err = run_main(musicrnn.main, *train_args(fixture_data, tmp_path / "run", *flags))
     assert one_error_line(code, err) and "--transpose-range" in err and message in err, err
