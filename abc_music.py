@@ -7,7 +7,8 @@ Holds:
 - meters and lengths: parse_meter, default_unit (the one default-L: rule), parse_length,
   format_length;
 - tunebooks normalised into IrishMAN's form: split_tunebook, without_blank_lines, clean_body_line,
-  normalize_tune, read_tunebook; and the parts of a tune: tune_body, note_tokens;
+  normalize_tune, read_tunebook (a file header's L:, M: and R: for the tunes that lack them:
+  file_header, with_defaults); and the parts of a tune: tune_body, note_tokens;
 - keys: Key, parse_key, transpose_key;
 - transposition: transpose_tune, RewriteError, parse_note_range;
 - lengths and rhythm: scale_lengths, token_length, change_rhythm, set_unit_length.
@@ -335,9 +336,26 @@ def looks_like_music(body: str) -> bool:
 
 def read_tunebook(text: str) -> tuple[list[str], int]:
     """All usable tunes of an ABC tunebook, normalised, in order; and how many were skipped."""
-    blocks = split_tunebook(text)
+    defaults = file_header(text)
+    blocks = [with_defaults(lines, defaults) for lines in split_tunebook(text)]
     tunes = [t for t in (normalize_tune(lines) for lines in blocks) if t is not None]
     return tunes, len(blocks) - len(tunes)
+
+
+def file_header(text: str) -> list[str]:
+    """The L:, M: and R: lines of a tunebook's file header (its first block, when that is no tune),
+    which ABC applies to every tune that does not set its own."""
+    first = text.lstrip("\ufeff").split("\n\n", 1)[0].splitlines()
+    if any(line.startswith("X:") for line in first):
+        return []
+    return [line.strip() for line in first if re.match(r"[LMR]:", line.strip())]
+
+
+def with_defaults(lines: list[str], defaults: list[str]) -> list[str]:
+    """A tune's lines with the file header's lines just before its K: line, where normalize_tune reads
+    them only for the fields the tune has not set (it keeps each field's first line)."""
+    at = next((i for i, line in enumerate(lines) if line.strip().startswith("K:")), len(lines))
+    return lines[:at] + defaults + lines[at:]
 
 
 def header_field(tune: str, letter: str) -> str | None:

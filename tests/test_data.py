@@ -404,3 +404,12 @@ def test_stats_draws_its_plot_under_a_notebooks_matplotlib_backend(fixture_data,
 def test_a_device_as_data_is_refused_not_read_until_memory_runs_out():
     code, _, err = run_main(musicrnn.main, "stats", "--data", "/dev/zero")
     assert one_error_line(code, err) and "a device" in err, err
+
+
+def test_a_tunebooks_file_header_sets_what_its_tunes_leave_unset():
+    """ABC: the L:, M: and R: lines of a file header hold for each tune that gives none of its own."""
+    book = "%abc-2.1\nL:1/16\nM:2/4\nR:reel\n\nX:1\nK:D\nABcd efga|\n\nX:2\nL:1/8\nM:6/8\nK:G\nGAB cde|\n"
+    tunes, skipped = abc_music.read_tunebook(book)
+    assert skipped == 0 and tunes == ["X:1\nR:reel\nL:1/16\nM:2/4\nK:D\nABcd efga|\n",
+                                      "X:1\nR:reel\nL:1/8\nM:6/8\nK:G\nGAB cde|\n"], tunes
+    assert abc_music.read_tunebook("X:1\nL:1/8\nM:2/4\nK:D\nAB|\n\nL:1/16\n")[0] == ["X:1\nL:1/8\nM:2/4\nK:D\nAB|\n"]
