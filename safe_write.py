@@ -74,10 +74,11 @@ def _one_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False, inputs=(),
-                 folder: bool = False, suffix: str = "") -> Path:
+                 folder: bool = False, suffix: str = "", named_by: str = "name") -> Path:
     """path, once it is sure that writing it destroys nothing the user did not ask to replace.
     suffix: the ending its format's files have (".abc"), so that a slip of the name cannot replace
-    a file of another kind, such as a checkpoint, even with --overwrite."""
+    a file of another kind, such as a checkpoint, even with --overwrite. named_by: what the user
+    chooses of path ("folder" where the file's own name is fixed)."""
     ending = f" ending in {suffix}" if suffix else ""
     if not folder and (not str(path).strip() or str(path).endswith(("/", os.sep))):  # Path() would drop the "/"
         raise OutputError(f"{flag} {str(path)!r} names no file; give a file name{ending}")
@@ -102,7 +103,7 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
     if why:
         raise OutputError(f"{flag} {path} is a link to {_target(p)}, which {why}; give a file name")
     if not folder and p.exists() and not overwrite:
-        raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another name")
+        raise OutputError(f"{flag} {path} exists: pass --overwrite to replace it, or choose another {named_by}")
     probe_writable(p if folder else p.parent, flag, path)
     return p
 

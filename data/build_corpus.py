@@ -146,7 +146,8 @@ def build(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    *jsons, readme = [check_output(out / name, "--out", args.overwrite) for name in OUTPUTS]  # before the download
+    *jsons, readme = [check_output(out / name, "--out", args.overwrite, named_by="folder")  # before the download
+                      for name in OUTPUTS]
     wheel = fetch_wheel(out / "cache")
     tunes, counts = read_books(wheel, TRAINING_BOOKS)
     essen_tunes, essen_counts = read_books(wheel, OUT_OF_COLLECTION_BOOKS)

@@ -54,7 +54,7 @@ def build(args) -> None:
     if not folder.is_dir():  # checked first, to say what the folder should hold
         raise UserError(f"--data {folder}: not a folder (it should hold train.json and essen.json; `make data` writes them)")
     inputs = [folder / "train.json", folder / "essen.json"]
-    out = check_output(folder / "large.json", "--data", args.overwrite, inputs=inputs)
+    out = check_output(folder / "large.json", "--data", args.overwrite, inputs=inputs, named_by="folder")
     start = time.time()
     train, essen = (corpus.load_tunes(str(path)) for path in inputs)
     tunes, refused = twelve_keys(train)
