@@ -257,9 +257,21 @@ def first_line(e: Exception, limit: int = 160) -> str:
 def error_line(message: str, every_rank: bool = False) -> int:
     """Print `error: message` as one line (a newline the user typed into a path is shown as \\n).
     Under torchrun only rank 0 prints it, unless every_rank: each rank meets the same flags and files."""
-    if every_rank or (torchrun_worker() or {"RANK": 0})["RANK"] == 0:
+    if every_rank or _rank_0():
         _say("error: " + not_utf8_as_bytes(message).replace("\r", "\\r").replace("\n", "\\n"))
     return 2
+
+
+def note_line(message: str) -> None:
+    """Print `note: message` on stderr; under torchrun rank 0 alone, as error_line: each rank reads
+    the same data, and two ranks' notes would run into one line."""
+    if _rank_0():
+        _say("note: " + message)
+
+
+def _rank_0() -> bool:
+    """Not under torchrun, or its rank 0."""
+    return (torchrun_worker() or {"RANK": 0})["RANK"] == 0
 
 
 def not_utf8_as_bytes(text: str) -> str:

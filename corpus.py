@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 from abc_form import is_control_code
 from abc_music import header_field, read_tunebook, readable_lengths
-from cli import UserError, first_line
+from cli import UserError, first_line, note_line
 from safe_write import folder_files, write_atomic
 
 
@@ -32,11 +31,7 @@ def load_tunes(path: str) -> list[str]:
     return [tune for _, tune in load_records(path)]
 
 
-def print_note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr)
-
-
-def load_records(path: str, note=print_note) -> list[tuple[str, str]]:
+def load_records(path: str) -> list[tuple[str, str]]:
     """(control code, abc notation) of each tune of a collection; "" where there is no code.
 
     path: an IrishMAN-format JSON list of {"control code", "abc notation"} records (any
@@ -68,7 +63,7 @@ def load_records(path: str, note=print_note) -> list[tuple[str, str]]:
         kinds = " (a folder is read for its .abc and .json files)" if folder else ""
         raise UserError(f"{path}: no tunes found" + (f" ({'; '.join(why)})" if why else kinds))
     if why:
-        note(f"{path}: {len(records)} tunes read, {'; '.join(why)}")
+        note_line(f"{path}: {len(records)} tunes read, {'; '.join(why)}")
     return records
 
 

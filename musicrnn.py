@@ -62,7 +62,7 @@ from abc_music import (HIGHEST, LOWEST, NOTE_RANGE, RewriteError, change_rhythm,
 from abc_tokens import Vocabulary
 from checkpoint_files import check_finite, checkpoint_mismatch, load_checkpoint, real_weights
 from cli import UserError
-from corpus import collection_digest, load_records, load_tunes, print_note
+from corpus import collection_digest, load_records, load_tunes
 from distributed import World, rank_rows
 from safe_write import check_output, check_run_files, deferred_interrupt, folder_lock, removed_if_failed, write_atomic
 from settings import (FLAG_CHOICES, FLAG_TYPES, check_config, check_same_data, check_unused_flags,
@@ -122,11 +122,10 @@ class Config:
 # known), L:, M:, K:, then the music, with titles, comments and lyrics dropped.
 
 
-def load_collection(path: str, control: bool, limit: int | None = None,
-                    note=print_note) -> tuple[list[str], list[str] | None]:
+def load_collection(path: str, control: bool, limit: int | None = None) -> tuple[list[str], list[str] | None]:
     """The first `limit` tunes of a collection and, for a --control model, their control codes:
-    as the records give them, else computed. note: says what was skipped, and why."""
-    records = load_records(path, note)[:limit]
+    as the records give them, else computed."""
+    records = load_records(path)[:limit]
     tunes = [tune for _, tune in records]
     return tunes, [code or control_code(tune) for code, tune in records] if control else None
 
@@ -682,9 +681,8 @@ def start_run(cfg: Config, resume: bool, overwrite: bool, given: set[str] | None
     cfg, ckpt = run_settings(cfg, resume, overwrite, given)
     device = pick_device(device_name or cfg.device)
     seed_everything(cfg.seed)
-    note = print_note if world is None or world.writer else (lambda line: None)  # rank 0 alone says it
-    train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit, note)
-    val_tunes, val_codes = load_collection(cfg.val_data, cfg.control, note=note)
+    train_tunes, train_codes = load_collection(cfg.train_data, cfg.control, cfg.limit)
+    val_tunes, val_codes = load_collection(cfg.val_data, cfg.control)
     with checkpoint_mismatch(str(Path(cfg.out_dir) / "last.pt")):
         texts = train_tunes + (train_codes or [])
         vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else build_vocabulary(texts, cfg)

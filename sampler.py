@@ -250,7 +250,7 @@ def run_generation(load_model, args: argparse.Namespace, model_path: str) -> Non
                         "control codes (train --control): add --constrained")
     note = form_note(opts, facts)
     if note:
-        print("note: " + note, file=sys.stderr)
+        cli.note_line(note)
     write_tunes(generate_batches(step, vocab, opts, constraint, facts), opts.num, out, args.overwrite,
                 first_number(opts.prompt))
     if out and args.render:
