@@ -22,6 +22,7 @@ check every rewrite against abc2midi, an independent ABC parser.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -345,10 +346,12 @@ def read_tunebook(text: str) -> tuple[list[str], int]:
 def file_header(text: str) -> list[str]:
     """The L:, M: and R: lines of a tunebook's file header (its first block, when that is no tune),
     which ABC applies to every tune that does not set its own."""
-    first = text.lstrip("\ufeff").split("\n\n", 1)[0].splitlines()
+    # the first block ends at a blank line, as split_tunebook ends a tune
+    first = list(itertools.takewhile(lambda line: line.strip(), text.splitlines()))
     if any(line.startswith("X:") for line in first):
         return []
-    return [line.strip() for line in first if re.match(r"[LMR]:", line.strip())]
+    fields = [(_FIELD_LINE.match(line.strip()), line.strip()) for line in first]
+    return [line for m, line in fields if m and m[1] in "LMR"]
 
 
 def with_defaults(lines: list[str], defaults: list[str]) -> list[str]:
