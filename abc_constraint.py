@@ -6,7 +6,9 @@ Holds:
   penalty(...) -> (V,) 0/-inf, advance(state, token id); masks cached by state;
 - TuneState: where the automaton stands in one tune, and the key its masks are cached by;
 - the rules: which tokens a constrained body may hold (body_tokens), their lengths in
-  ticks (TICKS, LENGTH_TICKS), the header it writes (HEADER_LINES), bar_ticks, SECTION_ENDS.
+  ticks (TICKS, LENGTH_TICKS), the header it writes (HEADER_LINES), bar_ticks, SECTION_ENDS;
+  what may come next is what the syntax allows AND what fits in time, two halves that each
+  read their own fields (SYNTAX_FIELDS, TIME_FIELDS), the split compiled tables would key by.
 
 An automaton follows the ABC being written and gives -inf to every token that would
 make the tune invalid: a note that overflows the bar, a bar line before the bar is
@@ -764,7 +766,7 @@ class AbcConstraint:
     def _why_not_in_bar(self, s: TuneState, token: str, must_end: bool) -> str:
         """_why_refused for a token outside chords, grace groups, tuplets and ties: the bar's time,
         or the bar lines that the form or a pickup allow here."""
-        target = self._bar_target(s, must_end)
+        target = self._bar_target(s, must_end, s.mid_group())
         kind = _bar_kind(s, target)
         left = target - s.bar
         if token[0] not in "|: \n-" and token in self.body.prefixes and left <= 0:
@@ -803,7 +805,8 @@ class AbcConstraint:
         """_why_refused for a bar line with no bar before it, or one that may not close a pickup."""
         if s.repeat_open and (token in ("|:", "::") or (token in ("||", "|]") and s.bar)):
             return " (a repeat is open: :| closes it first)"
-        if token[0] not in "|:" or not (s.bar == 0 or (s.first_bar and s.bar < self._bar_target(s, must_end))):
+        pickup = s.first_bar and s.bar < self._bar_target(s, must_end, s.mid_group())
+        if token[0] not in "|:" or not (s.bar == 0 or pickup):
             return ""
         legal = self._legal(s, must_end)
         bars = " or ".join(bar for bar in BAR_LINES if bar in self.at and legal[self.at[bar]])
@@ -946,79 +949,113 @@ class AbcConstraint:
             legal[self.at[text]] = value
 
     def _legal(self, s: TuneState, must_end: bool) -> np.ndarray:
-        """(N,) bool over the body tokens: which may be committed next."""
-        rem = self._bar_target(s, must_end) - s.bar
-        if s.final:
-            legal = np.zeros(len(self.kind), dtype=bool)
-            self._put(legal, "\n", s.last != NEWLINE)
-            return legal
-        if s.grace:  # abc2midi takes L/4 a grace note from the note after them, which must outlast them
-            room = (max(s.grace, 0) + 1) * GRANULE < self._longest_note(rem)
-            legal = self.is_note & (self.ticks == TICKS) & (s.grace < 4) & room
-            self._put(legal, "}", s.grace > 0)
-            return legal
-        if s.chord:
-            return self._legal_in_chord(s, rem)
-        if s.broken_len:
-            return self.is_note & (self.ticks == s.broken_len)
-        if s.tuplet_left:
-            fits = (self.ticks == s.tuplet_len) if s.tuplet_len else (2 * self.ticks <= rem) & self.fits_granule
-            return (self.is_note | self.is_rest) & fits
-        return self._legal_in_bar(s, rem, must_end)
+        """(N,) bool over the body tokens: which may be committed next. A token is legal when the syntax
+        allows it (_syntax_legal: what is open, the kind of the last token, the repeats and endings) and
+        it fits in time (_time_legal: the bar's ticks, the lengths a group fixes, the end of the tune).
+        Each half reads its own fields of the state (SYNTAX_FIELDS, TIME_FIELDS) and a few facts of the
+        other's (_time_facts, _syntax_facts), so that each can be known by a small key."""
+        return self._syntax_legal(s, *_time_facts(s)) & self._time_legal(s, *_syntax_facts(s), must_end)
 
-    def _legal_in_chord(self, s: TuneState, rem: int) -> np.ndarray:
-        legal = np.zeros(len(self.kind), dtype=bool)
-        if max(s.chord, 0) < 4:
-            legal |= self.is_note & ((self.ticks == s.chord_len) if s.chord_len
-                                     else (self.ticks <= rem) & self.fits_granule)
-        if s.chord > 0:
-            # abc2midi takes an outer length ([CE]2) instead of the inner one, the standard
-            # multiplies them: allow an outer length only on plain inner notes, where both agree
-            length = s.chord_len * self.ticks
-            outer_ok = (self.ticks == TICKS) | (s.chord_len == TICKS and not s.swing)  # abc2midi's swing counts
-            # a chord by its inner length: under a hornpipe, [CE]2 would move the pairs it swings ([C2E2] does not)
-            legal |= (self.kind == CHORD_CLOSE) & outer_ok & (length % (TICKS * GRANULE) == 0) \
-                & (length <= rem * TICKS)
+    def _syntax_legal(self, s: TuneState, broken: bool, place: str) -> np.ndarray:
+        """(N,) the tokens the syntax allows; broken: a broken rhythm's partner is due; place: where the
+        bar stands (_bar_place)."""
+        branch = _branch(_group(s), broken, place == "after short", s.repeat_open)
+        if branch in SYNTAX_GROUPS:
+            return self._syntax_in_group(s, branch)
+        legal = self.is_note | self.is_rest
+        for text in ("[", "{", "(3") + DECORATIONS:
+            self._put(legal, text, True)
+        for text in (">", "<"):
+            self._put(legal, text, s.last == NOTE)
+        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
+        # after a line's lone letter and a space, a line break is the way on where only :| may close the bar
+        self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE) or s.line_letter)
+        for bar in BAR_LINES:  # "A:|" would read as a field line
+            self._put(legal, bar, _repeats_allow(s, bar, place) and not (s.line_letter and bar.startswith(":")))
+        self._put(legal, "-", s.last == NOTE and s.last_pitch >= 0)  # a plain note (not one that ends a tie)
         return legal
 
-    def _legal_in_bar(self, s: TuneState, rem: int, must_end: bool) -> np.ndarray:
-        """Outside chords, grace groups, tuplets and broken rhythm: rem ticks are left in the bar."""
-        if s.short_next and s.bar == 0 and not s.repeat_open:
-            legal = np.zeros(len(self.kind), dtype=bool)
-            self._put(legal, "|:", True)  # the next section opens its repeat before its pickup
+    def _syntax_in_group(self, s: TuneState, branch: str) -> np.ndarray:
+        """_syntax_legal where something begun decides what comes next (branch: _branch)."""
+        legal = np.zeros(len(self.kind), dtype=bool)
+        if branch in ("final", "section opens"):  # the tune's end; or a short section's next, before its pickup
+            self._put(legal, "|:", branch == "section opens")
             self._put(legal, "\n", s.last != NEWLINE)
-            return legal
-        # finishing the bar in few tokens (must_end): no ornaments, the longest notes that fit
-        notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
-        if s.tie_pitch >= 0:  # A2-A: the same pitch, in this bar or across a plain bar line (A2-|A2, A2-|\nA2)
-            legal = notes & (self.pitch == s.tie_pitch)
-            self._put(legal, "|", rem == 0)  # allowed when the - was (_tie_fits): a tie begun finishes
+        elif branch == "grace":
+            legal = self.is_note & (s.grace < 4)
+            self._put(legal, "}", s.grace > 0)
+        elif branch == "chord":
+            legal = (self.is_note & (max(s.chord, 0) < 4)) | ((self.kind == CHORD_CLOSE) & (s.chord > 0))
+        elif branch == "tuplet":
+            legal = self.is_note | self.is_rest
+        elif branch == "tie":  # A2-A: the same pitch, in this bar or across a plain bar line (A2-|A2, A2-|\nA2)
+            legal = self.is_note & (self.pitch == s.tie_pitch)
+            self._put(legal, "|", True)
             self._put(legal, " ", s.last == BAR)
             self._put(legal, "\n", s.last == BAR)
+        else:  # a partner note, or a decorated or graced one: abc2midi takes no roll or trill on a chord
+            legal = self.is_note.copy()
+            self._put(legal, "[", branch == "note due" and s.last != DECORATION)
+        return legal
+
+    def _time_legal(self, s: TuneState, group: str, graces: int, repeat_open: bool, open_group: bool,
+                    must_end: bool) -> np.ndarray:
+        """(N,) the tokens that fit in time (group, graces, repeat_open, open_group: _syntax_facts)."""
+        rem = self._bar_target(s, must_end, open_group or s.broken_len > 0) - s.bar
+        branch = _branch(group, s.broken_len > 0, bool(s.short_next) and s.bar == 0, repeat_open)
+        if branch in ("final", "section opens"):
+            return np.ones(len(self.kind), dtype=bool)
+        if branch in ("grace", "chord", "broken", "tuplet"):
+            return self._time_in_group(s, branch, rem, graces)
+        # finishing the bar in few tokens (must_end): no ornaments, the longest notes that fit
+        notes, sounds = self._fitting(rem, must_end and rem >= TICKS)
+        if branch == "tie":
+            legal = notes.copy()
+            self._put(legal, "|", rem == 0)  # allowed when the - was (_tie_fits): a tie begun finishes
+            self._put(legal, " ", True)
+            self._put(legal, "\n", True)
             return legal
         if s.swung_tuplet and _swung_second(s, s.bar):  # abc2midi would swing it with the tuplet's last note
             notes, sounds = notes & (self.ticks != s.swing), sounds & ~(self.is_note & (self.ticks == s.swing))
-        if s.need_note:
+        if branch == "note due":
             legal = notes & (self.ticks > s.graced * GRANULE)  # ("Grace sequence exceeds host note")
-            self._put(legal, "[", rem >= GRANULE and s.last != DECORATION and not s.graced)  # abc2midi: no rolls
-            # or trills on chords; a chord's length after grace notes is left alone
+            self._put(legal, "[", rem >= GRANULE and not s.graced)  # a chord's length after grace notes is left alone
             return legal
         legal = sounds.copy()
         self._put_marks(legal, s, rem, must_end)
         closing = must_end or self._closing_last_bar(s)
         bars = [bar for bar in self._bar_lines(s, closing and not s.form)  # a form decides the bar lines itself
-                if not (s.line_letter and bar.startswith(":")) and _form_allows(s, bar)]
+                if _form_allows(s, bar)]
         for bar in bars:
             self._put(legal, bar, True)
         self._put(legal, "-", self._tie_fits(s, rem, must_end, bars))
         return legal
 
+    def _time_in_group(self, s: TuneState, branch: str, rem: int, graces: int) -> np.ndarray:
+        """_time_legal in grace notes, a chord, a broken rhythm's partner or a tuplet."""
+        if branch == "grace":  # abc2midi takes L/4 a grace note from the note after them, which must outlast them
+            legal = (self.ticks == TICKS) & ((graces + 1) * GRANULE < self._longest_note(rem))
+            self._put(legal, "}", True)
+            return legal
+        if branch == "broken":
+            return self.ticks == s.broken_len
+        if branch == "tuplet":
+            return (self.ticks == s.tuplet_len) if s.tuplet_len else (2 * self.ticks <= rem) & self.fits_granule
+        notes = (self.ticks == s.chord_len) if s.chord_len else (self.ticks <= rem) & self.fits_granule
+        # abc2midi takes an outer length ([CE]2) instead of the inner one, the standard
+        # multiplies them: allow an outer length only on plain inner notes, where both agree
+        length = s.chord_len * self.ticks
+        outer_ok = (self.ticks == TICKS) | (s.chord_len == TICKS and not s.swing)  # abc2midi's swing counts
+        # a chord by its inner length: under a hornpipe, [CE]2 would move the pairs it swings ([C2E2] does not)
+        closes = outer_ok & (length % (TICKS * GRANULE) == 0) & (length <= rem * TICKS)
+        return np.where(self.kind == CHORD_CLOSE, closes, notes)
+
     def _tie_fits(self, s: TuneState, rem: int, must_end: bool, bars: list[str]) -> bool:
-        """A tie after a note: its second note in this bar, or (the bar full) after a plain | that the bar
-        cap does not make the last (the tie would carry the tune a bar past it), from a note that
-        TuneState.ties_across. Not when the tune must end: begun in the bar that must end it, a tie would
-        carry it to a full bar."""
-        if not (s.last == NOTE and s.last_pitch >= 0) or must_end:
+        """A tie after a note (_syntax_legal: a plain one): its second note in this bar, or (the bar full)
+        after a plain | that the bar cap does not make the last (the tie would carry the tune a bar past
+        it), from a note that TuneState.ties_across. Not when the tune must end: begun in the bar that must
+        end it, a tie would carry it to a full bar."""
+        if must_end:
             return False
         return rem > 0 or (s.ties_across() and "|" in bars and not self._near_bar_cap(s))
 
@@ -1040,7 +1077,7 @@ class AbcConstraint:
         return int(self.ticks[notes].max()) if notes.any() else 0
 
     def _put_marks(self, legal: np.ndarray, s: TuneState, rem: int, must_end: bool) -> None:
-        """Ornaments, chords, tuplets, broken rhythm, ties, spaces and line breaks: where they fit."""
+        """Where ornaments, chords, tuplets, broken rhythm, spaces and line breaks fit in time."""
         if rem >= GRANULE and not must_end:
             for text in ("[",) + DECORATIONS:
                 self._put(legal, text, True)
@@ -1048,62 +1085,128 @@ class AbcConstraint:
         self._put(legal, "{", graces_fit and not swung)  # a grace note (a roll plays as such), then a note that
         self._put(legal, "~", graces_fit and not swung)  # outlasts it (a swung second would not: "Grace sequence
         self._put(legal, "(3", rem >= 2 * GRANULE and not must_end and not swung)  # exceeds host note")
-        if s.last == NOTE and _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
+        if _undotted(s.last_note) and not must_end:  # abcm2ps draws no A3/2>B3/2 (9/4 of L)
             paired = s.last_note == s.swing and _swung_second(s, s.bar - s.last_note)
             self._put(legal, ">", rem >= s.last_note and not paired)  # room for the partner note, of the same length
             halved_outlasts_graces = s.last_note // 2 > s.last_graced * GRANULE  # ("Grace sequence exceeds host note")
             self._put(legal, "<", rem >= s.last_note and not paired and halved_outlasts_graces)
-        self._put(legal, " ", s.last not in (-1, SPACE, NEWLINE))
-        # after a line's lone letter and a space, a line break is the way on where only :| may close the bar
-        self._put(legal, "\n", s.last not in (-1, SPACE, NEWLINE) or s.line_letter)
+        self._put(legal, " ", True)
+        self._put(legal, "\n", True)
 
     @staticmethod
-    def _bar_target(s: TuneState, must_end: bool) -> int:
+    def _bar_target(s: TuneState, must_end: bool, open_group: bool) -> int:
         """Ticks the current bar must reach: a full bar, a pickup, or (ending a tune that
-        has a pickup) the short bar that completes it."""
+        has a pickup) the short bar that completes it. open_group: TuneState.mid_group."""
         if s.short_next:
             return s.short_next
         if s.form and s.section < len(s.form):  # its last bar is known from its start: short after a pickup
             last = s.section_bars + 1 == s.form[s.section]
             return s.full - s.pickup if last and s.pickup else s.full
-        if must_end and s.pickup and s.bar <= s.full - s.pickup and not s.mid_group():
+        if must_end and s.pickup and s.bar <= s.full - s.pickup and not open_group:
             return s.full - s.pickup  # (not in mid-chord: what was begun under the old target finishes)
         return s.full
 
     @staticmethod
     def _bar_lines(s: TuneState, must_end: bool) -> list[str]:
-        """The bar lines allowed now. abc2midi's reading decides the form, measured: a tune
-        with a pickup is only clean if every section ends on the short bar that completes
-        the pickup (with :| then |: and the pickup again, or |] at the very end)."""
+        """The bar lines the bar's time allows now (_repeats_allow: those the repeats allow). abc2midi's
+        reading decides the form, measured: a tune with a pickup is only clean if every section ends on
+        the short bar that completes the pickup (with :| then |: and the pickup again, or |] at the very end)."""
         if s.bar == 0:  # a repeat may open the tune or follow a section's end, before any note
-            start = s.first_bar or s.last_bar in SECTION_ENDS
-            return ["|:"] if start and not s.repeat_open and (not must_end or s.short_next) else []
+            return ["|:"] if not must_end or s.short_next else []
         if s.short_next:  # the pickup that completes the previous section's short bar
             return ["|"] if s.bar == s.short_next else []
         if s.first_bar and s.bar < s.full:  # the tune's pickup; before |: it is played once, and no bar completes it
-            opening = ["|:"] if not s.repeat_open and not must_end else []
+            opening = ["|:"] if not must_end else []
             return ["|"] + opening if s.bar % max(s.accompanied, 1) == 0 else opening
         full = s.bar == s.full
         bars = ["|"] if full and not (must_end and not s.pickup) else []
         if s.pickup:
             if s.bar == s.full - s.pickup:
                 bars.append(":|")
-                if not s.repeat_open and s.may_end_tune(must_end):
+                if s.may_end_tune(must_end):
                     bars += ["||", "|]"]  # the end of the tune: after 16 notes, or when it must end
             return bars
         if full:
-            if not s.repeat_open and not s.ending and not must_end:
-                bars.append("|:")
-            if s.ending == 0 and (s.repeat_open or not s.section_ends):
-                bars.append(":|")
-                if not must_end:
-                    bars += ["::", "|1"]
-            if s.ending == 1:
-                bars.append(":|2")
-            if not s.repeat_open and s.ending != 1:
-                bars += ["||", "|]"]
+            bars += [":|", ":|2", "||", "|]"] + ([] if must_end else ["|:", "::", "|1"])
         return bars
 
+
+# the fields each half of the rules reads (_legal); the end rule's counts, which time reads, are apart
+SYNTAX_FIELDS = frozenset({"final", "grace", "chord", "tuplet_left", "tie_pitch", "need_note", "repeat_open",
+                           "last", "last_bar", "line_letter", "ending", "section_ends", "last_pitch"})
+TIME_FIELDS = frozenset({"bar", "full", "first_bar", "pickup", "short_next", "last_note", "last_graced",
+                         "last_decorated", "tuplet_len", "broken_len", "chord_len", "graced", "swing",
+                         "swung_tuplet", "accompanied"})
+END_FIELDS = frozenset({"form", "section", "section_bars", "common_bars", "full_bars", "notes"})
+SYNTAX_GROUPS = ("final", "section opens", "grace", "chord", "tuplet", "tie", "note due", "broken")
+
+
+def _group(s: TuneState) -> str:
+    """What the syntax has open, in the order the rules look: the tune's end, grace notes, a chord, a
+    tuplet, a tie, a decorated or graced note's note; "free" where nothing is."""
+    for name, is_open in (("final", s.final), ("grace", s.grace), ("chord", s.chord), ("tuplet", s.tuplet_left),
+                          ("tie", s.tie_pitch >= 0), ("note due", s.need_note)):
+        if is_open:
+            return name
+    return "free"
+
+
+def _branch(group: str, broken: bool, after_short: bool, repeat_open: bool) -> str:
+    """Which rule decides the next token: the group open (_group), a broken rhythm's partner (after a
+    chord, before a tuplet), or a short section's next before its pickup (after_short: its bar empty)."""
+    if group in ("final", "grace", "chord"):
+        return group
+    if broken:
+        return "broken"
+    if group != "tuplet" and after_short and not repeat_open:
+        return "section opens"
+    return group
+
+
+def _syntax_facts(s: TuneState) -> tuple[str, int, bool, bool]:
+    """What _time_legal reads of the syntax: the group open, its grace notes, whether a repeat is open,
+    and whether anything is open (TuneState.mid_group, but for a broken rhythm, which time holds)."""
+    open_group = bool(s.chord or s.grace or s.tuplet_left or s.tie_pitch >= 0 or s.need_note)
+    return _group(s), max(s.grace, 0), s.repeat_open, open_group
+
+
+def _time_facts(s: TuneState) -> tuple[bool, str]:
+    """What _syntax_legal reads of time: whether a broken rhythm's partner is due, and _bar_place."""
+    return s.broken_len > 0, _bar_place(s)
+
+
+def _bar_place(s: TuneState) -> str:
+    """Where the bar stands, as far as the bar lines the repeats allow depend on it."""
+    if s.bar == 0:
+        return "opening" if s.first_bar else "after short" if s.short_next else "empty"
+    if s.short_next:
+        return "completing"
+    if s.first_bar and s.bar < s.full:
+        return "pickup"
+    if s.pickup:
+        return "short end" if s.bar == s.full - s.pickup else "after pickup"
+    return "full" if s.bar == s.full else "inside"
+
+
+def _repeats_allow(s: TuneState, bar: str, place: str) -> bool:
+    """Whether the repeats and endings let this bar line stand at this place (_bar_lines: where time lets
+    one): a |: opens the tune or follows a section's end; one repeat at a time; :| closes the repeat
+    open, or the first section; endings in order; the tune ends outside them."""
+    if place in ("opening", "empty", "after short"):
+        return bar == "|:" and (place == "opening" or s.last_bar in SECTION_ENDS) and not s.repeat_open
+    if place == "pickup":
+        return bar == "|" or (bar == "|:" and not s.repeat_open)
+    if place == "short end":
+        return bar in ("|", ":|") or (bar in ("||", "|]") and not s.repeat_open)
+    if place != "full":
+        return bar == "|"
+    if bar == "|:":
+        return not s.repeat_open and not s.ending
+    if bar in (":|", "::", "|1"):
+        return s.ending == 0 and (s.repeat_open or not s.section_ends)
+    if bar == ":|2":
+        return s.ending == 1
+    return bar == "|" or (not s.repeat_open and s.ending != 1)  # || and |]
 
 def _why_no_mark_here(s: TuneState, token: str, left: int, kind: str) -> str:
     """_why_not_in_bar for broken rhythm whose partner note would not fit, and for the marks abc2midi's

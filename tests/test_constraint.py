@@ -3,6 +3,7 @@
 import re
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -913,3 +914,46 @@ def test_a_long_refused_prompt_is_quoted_by_its_end():
     with pytest.raises(PromptError) as refused:
         AbcConstraint(VOCAB).start(SIX_EIGHT + "A|" + "dfa agf|" * 20 + "dfa agf a")
     assert f" at ...{('dfa agf|' * 8 + 'dfa agf a')[-60:]!r} (the bar is full" in str(refused.value)
+
+
+class _Reads:
+    """A TuneState that records which of its fields are read (its methods read through it too)."""
+
+    def __init__(self, state):
+        self.__dict__.update(state=state, read=set())
+
+    def __getattr__(self, name):
+        method = getattr(abc_constraint.TuneState, name, None)
+        if callable(method):
+            return types.MethodType(method, self)
+        self.read.add(name)
+        return getattr(self.state, name)
+
+
+@pytest.mark.parametrize("head, form", [(HEAD, ()), ("X:1\nR:hornpipe\nL:1/16\nM:2/4\nK:D\n", ()),
+                                        ("X:1\nL:1/8\nM:6/8\nK:D\nA|", (4, 2))])
+def test_the_rules_halves_read_only_their_own_fields(head, form):
+    """_legal is what the syntax allows AND what fits in time, each half reading its own fields and the
+    other's facts: the split the compiled tables key each half by."""
+    constraint, rng = AbcConstraint(VOCAB, max_bars=6), np.random.default_rng(5)
+    syntax_read, time_read = set(), set()
+    for _ in range(8):
+        state = constraint.start(head, form)
+        for left in range(300, 0, -1):
+            if state.phase == abc_constraint.BODY and not state.ended:
+                for must_end in (False, True):
+                    syntax, time = _Reads(state), _Reads(state)
+                    legal = (constraint._syntax_legal(syntax, *abc_constraint._time_facts(time))
+                             & constraint._time_legal(time, *abc_constraint._syntax_facts(syntax), must_end))
+                    assert np.array_equal(legal, constraint._legal(state, must_end))
+                    syntax_read |= syntax.read
+                    time_read |= time.read
+            mask = constraint.mask(state, left)
+            logits = rng.normal(size=(1, len(VOCAB))) * 3 + np.where(mask, 0.0, -np.inf)
+            token = int(sampler.sample_next(logits, [rng])[0])
+            constraint.advance(state, token)
+            if token == VOCAB.eos_id:
+                break
+    assert syntax_read <= abc_constraint.SYNTAX_FIELDS, syntax_read - abc_constraint.SYNTAX_FIELDS
+    assert time_read <= abc_constraint.TIME_FIELDS | abc_constraint.END_FIELDS
+    assert {"bar", "last", "repeat_open", "pickup"} <= syntax_read | time_read  # the recording saw the rules run
