@@ -270,10 +270,13 @@ class TuneState:
         return self.last_note > 0 and not self.last_decorated
 
     def mid_group(self) -> bool:
-        """Something begun that the next notes must finish: a chord, grace notes, a tuplet, a broken
-        rhythm's partner, a tie, or a decoration's note."""
-        return bool(self.chord or self.grace or self.tuplet_left or self.broken_len or self.tie_pitch >= 0
-                    or self.need_note)
+        """Something begun that the next notes must finish: what syntax_open says, or a broken rhythm's
+        partner."""
+        return self.syntax_open() or bool(self.broken_len)
+
+    def syntax_open(self) -> bool:
+        """A chord, grace notes, a tuplet, a tie or a decoration's note begun (the syntax's own fields)."""
+        return bool(self.chord or self.grace or self.tuplet_left or self.tie_pitch >= 0 or self.need_note)
 
     def can_end(self, must_end: bool) -> bool:
         """At a section's end, nothing open; then either the form is complete, or (with no
@@ -960,7 +963,7 @@ class AbcConstraint:
         """(N,) the tokens the syntax allows; broken: a broken rhythm's partner is due; place: where the
         bar stands (_bar_place)."""
         branch = _branch(_group(s), broken, place == "after short", s.repeat_open)
-        if branch in SYNTAX_GROUPS:
+        if branch in GROUP_BRANCHES:
             return self._syntax_in_group(s, branch)
         legal = self.is_note | self.is_rest
         for text in ("[", "{", "(3") + DECORATIONS:
@@ -1138,7 +1141,8 @@ TIME_FIELDS = frozenset({"bar", "full", "first_bar", "pickup", "short_next", "la
                          "last_decorated", "tuplet_len", "broken_len", "chord_len", "graced", "swing",
                          "swung_tuplet", "accompanied"})
 END_FIELDS = frozenset({"form", "section", "section_bars", "common_bars", "full_bars", "notes"})
-SYNTAX_GROUPS = ("final", "section opens", "grace", "chord", "tuplet", "tie", "note due", "broken")
+# the branches in which something begun decides what the syntax allows (_syntax_in_group)
+GROUP_BRANCHES = ("final", "section opens", "grace", "chord", "tuplet", "tie", "note due", "broken")
 
 
 def _group(s: TuneState) -> str:
@@ -1165,9 +1169,8 @@ def _branch(group: str, broken: bool, after_short: bool, repeat_open: bool) -> s
 
 def _syntax_facts(s: TuneState) -> tuple[str, int, bool, bool]:
     """What _time_legal reads of the syntax: the group open, its grace notes, whether a repeat is open,
-    and whether anything is open (TuneState.mid_group, but for a broken rhythm, which time holds)."""
-    open_group = bool(s.chord or s.grace or s.tuplet_left or s.tie_pitch >= 0 or s.need_note)
-    return _group(s), max(s.grace, 0), s.repeat_open, open_group
+    and whether anything is open (TuneState.syntax_open)."""
+    return _group(s), max(s.grace, 0), s.repeat_open, s.syntax_open()
 
 
 def _time_facts(s: TuneState) -> tuple[bool, str]:
@@ -1207,6 +1210,7 @@ def _repeats_allow(s: TuneState, bar: str, place: str) -> bool:
     if bar == ":|2":
         return s.ending == 1
     return bar == "|" or (not s.repeat_open and s.ending != 1)  # || and |]
+
 
 def _why_no_mark_here(s: TuneState, token: str, left: int, kind: str) -> str:
     """_why_not_in_bar for broken rhythm whose partner note would not fit, and for the marks abc2midi's
