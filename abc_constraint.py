@@ -1111,27 +1111,25 @@ class AbcConstraint:
 
     @staticmethod
     def _bar_lines(s: TuneState, must_end: bool) -> list[str]:
-        """The bar lines the bar's time allows now (_repeats_allow: those the repeats allow). abc2midi's
-        reading decides the form, measured: a tune with a pickup is only clean if every section ends on
-        the short bar that completes the pickup (with :| then |: and the pickup again, or |] at the very end)."""
-        if s.bar == 0:  # a repeat may open the tune or follow a section's end, before any note
+        """The bar lines the bar's time allows now, by where the bar stands (_bar_place, which
+        _repeats_allow reads for those the repeats allow). abc2midi's reading decides the form, measured:
+        a tune with a pickup is only clean if every section ends on the short bar that completes the
+        pickup (with :| then |: and the pickup again, or |] at the very end)."""
+        place = _bar_place(s)
+        if place in ("opening", "empty", "after short"):  # a repeat may open the tune or follow a section's end
             return ["|:"] if not must_end or s.short_next else []
-        if s.short_next:  # the pickup that completes the previous section's short bar
+        if place == "completing":  # the pickup that completes the previous section's short bar
             return ["|"] if s.bar == s.short_next else []
-        if s.first_bar and s.bar < s.full:  # the tune's pickup; before |: it is played once, and no bar completes it
+        if place == "pickup":  # the tune's pickup; before |: it is played once, and no bar completes it
             opening = ["|:"] if not must_end else []
             return ["|"] + opening if s.bar % max(s.accompanied, 1) == 0 else opening
-        full = s.bar == s.full
-        bars = ["|"] if full and not (must_end and not s.pickup) else []
-        if s.pickup:
-            if s.bar == s.full - s.pickup:
-                bars.append(":|")
-                if s.may_end_tune(must_end):
-                    bars += ["||", "|]"]  # the end of the tune: after 16 notes, or when it must end
-            return bars
-        if full:
-            bars += [":|", ":|2", "||", "|]"] + ([] if must_end else ["|:", "::", "|1"])
-        return bars
+        if place == "short end":  # the end of the tune: after 16 notes, or when it must end
+            return [":|"] + (["||", "|]"] if s.may_end_tune(must_end) else [])
+        if place == "after pickup":
+            return ["|"] if s.bar == s.full else []
+        if place == "full":
+            return [":|", ":|2", "||", "|]"] + ([] if must_end else ["|", "|:", "::", "|1"])
+        return []
 
 
 # the fields each half of the rules reads (_legal); the end rule's counts, which time reads, are apart
