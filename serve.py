@@ -74,17 +74,21 @@ def _ticked(text: str) -> bool:
     return text == "on"
 
 
+PLAIN_DIGITS = re.compile(r"-?\d+", re.ASCII)
 BROWSER_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?", re.ASCII)  # HTML's "valid floating-point number"
 
 
 def _whole(read):
     """A whole-number field read as a browser's number input sends it: the text as typed, which
     HTML's number grammar lets be "1e3" or "8.0" for 1000 and 8, values the page's own check passes.
-    Read exactly (a float would round 26 nines), and only while short: past 20 digits the text is
-    left as typed, for read's message to quote."""
+    Read exactly (a float would round 26 nines); plain digits go to read as typed, and one written
+    with an exponent or a point is refused past 20 digits ("1e400") without writing them out."""
     def check(text: str):
         number = Decimal(text) if BROWSER_NUMBER.fullmatch(text) else None
-        if number is not None and number.adjusted() < 20 and number == number.to_integral_value():
+        if number is not None and number == number.to_integral_value() and not PLAIN_DIGITS.fullmatch(text):
+            if number and number.adjusted() >= 20:  # 0e400 is 0
+                raise ArgumentTypeError(f"{cli.shown(text)} has {number.adjusted() + 1:,} digits, far past "
+                                        f"what it may be")
             text = str(int(number))
         return read(text)
     return check
