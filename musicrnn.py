@@ -101,7 +101,7 @@ class Config:
     precision: str = "auto"                     # products in "bf16", "fp32" or "auto" (bf16 where the hardware has it)
     max_minutes: float = 10.0                   # wall-clock budget of the training, from its first epoch
                                                 # (--resume's sessions added up), checked before each batch;
-                                                # stops cleanly after it
+                                                # once spent, the epoch so far is validated and saved
     # run
     out_dir: str = "runs"                       # best.pt, last.pt, loss.png go here
     seed: int = 1337                            # seeds python, numpy and torch

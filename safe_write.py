@@ -94,7 +94,7 @@ def check_output(path: str | Path, flag: str = "--out", overwrite: bool = False,
     if suffix and p.suffix.lower() != suffix:
         raise OutputError(f"{flag} {path}: give a file name{ending}")
     if folder and p.exists() and not p.is_dir():
-        raise OutputError(f"{flag} {path} is a file; a training writes a folder of checkpoints")
+        raise OutputError(f"{flag} {path} is not a folder; a training writes a folder of checkpoints")
     if not folder and _not_a_file(p):
         raise OutputError(f"{flag} {path} {_not_a_file(p)}; give a file name")
     if p.is_symlink() and not p.exists():  # the rename that writes it would fail only after the work

@@ -308,9 +308,10 @@ def test_a_folder_or_an_unwritable_place_as_output_is_one_line(copies, tmp_path)
 def test_training_into_a_file_is_refused_before_the_first_epoch(tmp_path, fixture_data):
     existing = tmp_path / "existing.abc"
     existing.write_text("X:1\n")
-    code, out, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"],
-                              "--val-data", fixture_data["val"], "--out", existing)
-    assert one_error_line(code, err) and "is a file" in err and "epoch" not in out
+    for out_dir in (existing, "/dev/null"):  # a device is no folder either
+        code, out, err = run_main(musicrnn.main, "train", "--train-data", fixture_data["train"],
+                                  "--val-data", fixture_data["val"], "--out", out_dir)
+        assert one_error_line(code, err) and f"{out_dir} is not a folder" in err and "epoch" not in out
     assert existing.read_text() == "X:1\n"
 
 
