@@ -350,8 +350,8 @@ def file_header(text: str) -> list[str]:
     first = list(itertools.takewhile(lambda line: line.strip(), text.splitlines()))
     if any(line.startswith("X:") for line in first):
         return []
-    fields = [(_FIELD_LINE.match(line.strip()), line.strip()) for line in first]
-    return [line for m, line in fields if m and m[1] in "LMR"]
+    lines = [line.strip() for line in first]
+    return [line for line in lines if (m := _FIELD_LINE.match(line)) and m[1] in "LMR"]
 
 
 def with_defaults(lines: list[str], defaults: list[str]) -> list[str]:

@@ -331,11 +331,15 @@ def _number(text: str, kind):
         value = kind(text)
     except (TypeError, ValueError):
         digits = re.fullmatch(r"\s*[+-]?(\d+)\s*", text)  # a whole number past the 4,300 digits int() reads
-        raise argparse.ArgumentTypeError(f"{shown(text)} has {len(digits[1]):,} digits, far past what it may be"
-                                         if digits else what) from None
+        raise (too_many_digits(text, len(digits[1])) if digits else argparse.ArgumentTypeError(what)) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number")
     return value
+
+
+def too_many_digits(text: str, digits: int) -> argparse.ArgumentTypeError:
+    """The refusal of a whole number too long to write out or read."""
+    return argparse.ArgumentTypeError(f"{shown(text)} has {digits:,} digits, far past what it may be")
 
 
 def int_in(low: int, high: int | None = None):

@@ -87,8 +87,7 @@ def _whole(read):
         number = Decimal(text) if BROWSER_NUMBER.fullmatch(text) else None
         if number is not None and number == number.to_integral_value() and not PLAIN_DIGITS.fullmatch(text):
             if number and number.adjusted() >= 20:  # 0e400 is 0
-                raise ArgumentTypeError(f"{cli.shown(text)} has {number.adjusted() + 1:,} digits, far past "
-                                        f"what it may be")
+                raise cli.too_many_digits(text, number.adjusted() + 1)
             text = str(int(number))
         return read(text)
     return check
