@@ -145,7 +145,7 @@ def build(args) -> None:
         raise UserError("--out '' names no folder; give one (data, say)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+        raise UserError(f"--out {out} is not a folder; give a folder")
     *jsons, readme = [check_output(out / name, "--out", args.overwrite, named_by="folder")  # before the download
                       for name in OUTPUTS]
     wheel = fetch_wheel(out / "cache")

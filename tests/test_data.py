@@ -276,6 +276,15 @@ def test_build_corpus_replaces_no_output_without_overwrite(tmp_path, offline_bui
     assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
 
 
+def test_build_corpus_into_what_is_no_folder_is_one_line(tmp_path, offline_build):
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+    for out in (mine, "/dev/null"):  # a device is no folder either
+        code, _, err = run_main(build_corpus.main, "--out", out)
+        assert one_error_line(code, err) and f"--out {out} is not a folder" in err, err
+    assert mine.read_text() == "mine" and not offline_build
+
+
 def test_build_corpus_overwrite_replaces_every_output_by_renaming(tmp_path, offline_build):
     for name in CORPUS_FILES:
         (tmp_path / name).write_text("old")
